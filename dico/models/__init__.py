@@ -1,0 +1,27 @@
+"""Backbones: DiCo (U-shaped ConvNet), DiT baselines, their parts, and the published-checkpoint loader.
+
+Pure torch: nothing here imports Lightning, the diffusion package, wandb or torch-fidelity.
+"""
+
+from . import channel_attention, mixers  # noqa: F401  (register the parts)
+from .base import DiffusionBackbone
+from .dico import DICO_CONFIGS, DiCo
+from .dit import DIT_CONFIGS, DiT
+from .official import convert_official_state_dict, load_official
+from .registry import CHANNEL_ATTENTION, MODELS, TOKEN_MIXERS, create_model, list_models, register_model
+
+__all__ = [
+    "CHANNEL_ATTENTION",
+    "DICO_CONFIGS",
+    "DIT_CONFIGS",
+    "MODELS",
+    "TOKEN_MIXERS",
+    "DiCo",
+    "DiT",
+    "DiffusionBackbone",
+    "convert_official_state_dict",
+    "create_model",
+    "list_models",
+    "load_official",
+    "register_model",
+]

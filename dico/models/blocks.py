@@ -1,0 +1,42 @@
+"""adaLN-Zero residual blocks on feature maps (B, C, H, W), conditioned on a vector c (B, C_c)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .layers import AdaLNModulation, LayerNorm2d, as_map, modulate
+
+
+class DiCoBlock(nn.Module):
+    """x + g1 * mixer(mod(norm(x))) ; x + g2 * ffn(mod(norm(x))), shifts/scales/gates from c.
+
+    The mixer and FFN are given, so the same block serves DiCo (conv module), the attention
+    ablations and the "DiT (U-shape)" skeleton.
+    """
+
+    def __init__(self, dim: int, mixer: nn.Module, ffn: nn.Module, cond_dim: int | None = None) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm2d(dim)
+        self.mixer = mixer
+        self.norm2 = LayerNorm2d(dim)
+        self.ffn = ffn
+        self.modulation = AdaLNModulation(cond_dim or dim, dim, 6)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
+        x = x + as_map(gate1) * self.mixer(modulate(self.norm1(x), shift1, scale1))
+        return x + as_map(gate2) * self.ffn(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer2d(nn.Module):
+    """Modulated non-affine LayerNorm, then a kxk conv head to the output channels."""
+
+    def __init__(self, dim: int, out_channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.norm = LayerNorm2d(dim)
+        self.modulation = AdaLNModulation(dim, dim, 2)
+        self.proj = nn.Conv2d(dim, out_channels, kernel_size=kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.modulation(c)
+        return self.proj(modulate(self.norm(x), shift, scale))

@@ -1,0 +1,59 @@
+"""Token mixers and feed-forward networks for 2-D blocks: (B, C, H, W) -> (B, C, H, W).
+
+A token mixer is any module registered in ``TOKEN_MIXERS`` whose constructor takes
+``(dim, *, block_index=0, **kwargs)``; the block index lets e.g. window attention alternate shifts.
+DiCo's mixer is :class:`ConvModule`; the ablation registers attention mixers beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from .layers import activation
+from .registry import CHANNEL_ATTENTION, TOKEN_MIXERS
+
+
+@TOKEN_MIXERS.register("conv")
+class ConvModule(nn.Module):
+    """DiCo's conv module: 1x1 -> kxk depthwise -> act -> channel attention -> 1x1."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        block_index: int = 0,
+        kernel_size: int = 3,
+        act: str = "gelu",
+        channel_attention: str = "cca",
+        channel_attention_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.pw_in = nn.Conv2d(dim, dim, kernel_size=1)
+        self.dw = nn.Conv2d(dim, dim, kernel_size=kernel_size, padding=kernel_size // 2, groups=dim)
+        self.act = activation(act)
+        self.channel_attention = CHANNEL_ATTENTION.build(channel_attention, dim, **(channel_attention_kwargs or {}))
+        self.pw_out = nn.Conv2d(dim, dim, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pw_out(self.channel_attention(self.act(self.dw(self.pw_in(x)))))
+
+
+class ConvFFN(nn.Module):
+    """Pointwise feed-forward network on a feature map: 1x1 (C -> rC) -> act -> 1x1 (rC -> C)."""
+
+    def __init__(self, dim: int, ratio: float = 2.0, act: str = "gelu") -> None:
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.fc1 = nn.Conv2d(dim, hidden, kernel_size=1)
+        self.act = activation(act)
+        self.fc2 = nn.Conv2d(hidden, dim, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def build_mixer(name: str, dim: int, block_index: int = 0, **kwargs: Any) -> nn.Module:
+    """Build a registered token mixer by name (see the module docstring for the interface)."""
+    return TOKEN_MIXERS.build(name, dim, block_index=block_index, **kwargs)

@@ -1,0 +1,182 @@
+"""The one place that knows the published checkpoints' key names.
+
+``load_official`` turns a state dict of the published DiCo (shallowdream204/DiCo) or DiT
+(facebookresearch/DiT) code, or a training checkpoint of their scripts, into our model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .dico import DiCo
+from .dit import DiT
+
+# (published pattern, our replacement); applied in order, first match wins.
+_DICO_BLOCK = {
+    "conv1": "mixer.pw_in",
+    "conv2": "mixer.dw",
+    "conv3": "mixer.pw_out",
+    "ca.1": "mixer.channel_attention.proj",
+    "conv4": "ffn.fc1",
+    "conv5": "ffn.fc2",
+    "adaLN_modulation.1": "modulation.1",
+}
+_DICO_STAGES = {
+    "encoder_level_1": "encoder1",
+    "encoder_level_2": "encoder2",
+    "latent": "middle",
+    "decoder_level_2": "decoder2",
+    "decoder_level_1": "decoder1",
+}
+DICO_KEY_MAP: list[tuple[str, str]] = [
+    (r"^x_embedder\.proj\.", "stem."),
+    *[(rf"^t_embedder_{i + 1}\.mlp\.", f"cond.{i}.timestep.mlp.") for i in range(3)],
+    (r"^y_embedder\.embedding_table_([012])\.", r"cond.\1.label."),
+    *[
+        (rf"^{old}\.(\d+)\.{re.escape(part)}\.", rf"{new}.\1.{ours}.")
+        for old, new in _DICO_STAGES.items()
+        for part, ours in _DICO_BLOCK.items()
+    ],
+    (r"^down1_2\.body\.0\.", "down1.0."),
+    (r"^down2_3\.body\.0\.", "down2.0."),
+    (r"^up3_2\.body\.0\.", "up2.0."),
+    (r"^up2_1\.body\.0\.", "up1.0."),
+    (r"^reduce_chan_level2\.", "fuse2."),
+    (r"^reduce_chan_level1\.", "fuse1."),
+    (r"^final_layer\.out_proj\.", "head.proj."),
+    (r"^final_layer\.adaLN_modulation\.1\.", "head.modulation.1."),
+]
+
+DIT_KEY_MAP: list[tuple[str, str]] = [
+    (r"^x_embedder\.proj\.", "patch_embed."),
+    (r"^t_embedder\.mlp\.", "cond.timestep.mlp."),
+    (r"^y_embedder\.embedding_table\.", "cond.label."),
+    (r"^blocks\.(\d+)\.adaLN_modulation\.1\.", r"blocks.\1.modulation.1."),
+    (r"^blocks\.(\d+)\.(attn|mlp)\.", r"blocks.\1.\2."),
+    (r"^final_layer\.linear\.", "head."),
+    (r"^final_layer\.adaLN_modulation\.1\.", "modulation_out.1."),
+]
+
+
+def official_to_ours(key: str, arch: str) -> str:
+    """Our name for a published key (DDP/compile prefixes removed). Unknown keys come back unchanged."""
+    key = key.removeprefix("module.").removeprefix("_orig_mod.")
+    for pattern, repl in DICO_KEY_MAP if _check_arch(arch) == "dico" else DIT_KEY_MAP:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+def convert_official_state_dict(state_dict: Mapping[str, Tensor], arch: str) -> dict[str, Tensor]:
+    """Rename every published key to ours."""
+    return {official_to_ours(k, arch): v for k, v in state_dict.items()}
+
+
+def _check_arch(arch: str) -> str:
+    if arch not in ("dico", "dit"):
+        raise ValueError(f"arch must be 'dico' or 'dit', got {arch!r}")
+    return arch
+
+
+def infer_config(state_dict: Mapping[str, Tensor], arch: str) -> dict[str, Any]:
+    """Read the architecture (widths, depths, classes, patch size) off a published state dict.
+
+    Label tables have one extra (null) row: the published models were all trained with label dropout.
+    """
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    if _check_arch(arch) == "dico":
+        hidden = sd["x_embedder.proj.weight"].shape[0]
+        in_channels = sd["x_embedder.proj.weight"].shape[1]
+        depth = [
+            1 + max([int(k.split(".")[1]) for k in sd if k.startswith(stage + ".")], default=-1)
+            for stage in _DICO_STAGES
+        ]
+        n_table = sd["y_embedder.embedding_table_0.weight"].shape[0]
+        out_channels = sd["final_layer.out_proj.weight"].shape[0]
+        mlp_ratio = sd["encoder_level_1.0.conv4.weight"].shape[0] / hidden if depth[0] else 2.0
+        return dict(
+            hidden_size=hidden,
+            depth=depth,
+            mlp_ratio=mlp_ratio,
+            in_channels=in_channels,
+            learn_sigma=out_channels == 2 * in_channels,
+            num_classes=n_table - 1,
+        )
+    hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    n_table = sd["y_embedder.embedding_table.weight"].shape[0]
+    out_channels = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
+    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden
+    config = dict(
+        hidden_size=hidden,
+        depth=depth,
+        patch_size=patch,
+        in_channels=in_channels,
+        mlp_ratio=mlp_ratio,
+        learn_sigma=out_channels == 2 * in_channels,
+        num_classes=n_table - 1,
+    )
+    if "pos_embed" in sd:
+        config["input_size"] = round(sd["pos_embed"].shape[1] ** 0.5) * patch
+    return config
+
+
+def unwrap_training_checkpoint(checkpoint: Mapping[str, Any], use_ema: bool = True) -> Mapping[str, Tensor]:
+    """The published scripts save ``{"model", "ema", "opt", "args"}``; released weights are a bare state dict."""
+    if "model" in checkpoint or "ema" in checkpoint:
+        key = "ema" if use_ema and "ema" in checkpoint else "model"
+        return checkpoint[key]
+    return checkpoint  # type: ignore[return-value]
+
+
+def load_official(
+    state_dict: Mapping[str, Any] | str,
+    arch: str = "dico",
+    use_ema: bool = True,
+    **config: Any,
+) -> nn.Module:
+    """Build our model from published weights; the outputs equal the published code's.
+
+    ``state_dict`` may be a path (loaded with ``weights_only=True``), a bare state dict, or a training
+    checkpoint of the published scripts (its EMA weights by default). ``config`` overrides what is read off
+    the weights (e.g. ``num_heads`` for DiT, which the weights do not reveal, ``input_size`` for DiCo).
+    Missing or unexpected keys raise a KeyError naming them.
+    """
+    if isinstance(state_dict, str):
+        state_dict = torch.load(state_dict, map_location="cpu", weights_only=True)
+    sd = unwrap_training_checkpoint(state_dict, use_ema)
+    arch = _check_arch(arch)
+    inferred = infer_config(sd, arch)
+    if arch == "dit" and "num_heads" not in config:
+        inferred["num_heads"] = _published_dit_heads(inferred["hidden_size"])
+    model: nn.Module = (DiCo if arch == "dico" else DiT)(**{**inferred, **config})
+    converted = convert_official_state_dict(sd, arch)
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(converted))
+    unexpected = sorted(set(converted) - set(ours))
+    if missing or unexpected:
+        inverse = {official_to_ours(k, arch): k for k in sd}
+        raise KeyError(
+            f"published {arch} state dict does not match the model: "
+            f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+            f"unexpected {[inverse.get(k, k) for k in unexpected[:10]]}{' ...' if len(unexpected) > 10 else ''}"
+        )
+    shapes = [(k, tuple(converted[k].shape), tuple(v.shape)) for k, v in ours.items() if converted[k].shape != v.shape]
+    if shapes:
+        raise ValueError(f"shape mismatch (key, published, ours): {shapes[:5]}")
+    model.load_state_dict(converted)
+    return model
+
+
+def _published_dit_heads(hidden: int) -> int:
+    """Head counts of the published DiT sizes; the weights themselves do not reveal it."""
+    heads = {384: 6, 768: 12, 1024: 16, 1152: 16}
+    if hidden not in heads:
+        raise ValueError(f"a DiT of width {hidden} is not a published size; pass num_heads=... to load_official")
+    return heads[hidden]

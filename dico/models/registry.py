@@ -1,0 +1,67 @@
+"""Name -> constructor registries: models, token mixers and channel-attention modules.
+
+An ablation swaps a part by name (a config line), never by copying a model file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from torch import nn
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Registry:
+    """A named table of constructors with helpful errors for unknown names."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._table: dict[str, Callable[..., Any]] = {}
+
+    def register(self, *names: str) -> Callable[[F], F]:
+        def deco(fn: F) -> F:
+            for name in names or (fn.__name__,):
+                if name in self._table:
+                    raise KeyError(f"{self.kind} {name!r} is registered twice")
+                self._table[name] = fn
+            return fn
+
+        return deco
+
+    def get(self, name: str) -> Callable[..., Any]:
+        if name not in self._table:
+            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._table))}")
+        return self._table[name]
+
+    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.get(name)(*args, **kwargs)
+
+    def names(self) -> list[str]:
+        return sorted(self._table)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._table
+
+
+MODELS = Registry("model")
+TOKEN_MIXERS = Registry("token mixer")
+CHANNEL_ATTENTION = Registry("channel attention")
+
+
+def register_model(*names: str) -> Callable[[F], F]:
+    """Register a model constructor ``fn(**overrides) -> nn.Module`` under one or more names."""
+    return MODELS.register(*names)
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build a registered model, e.g. ``create_model("DiCo-S")`` or ``create_model("DiT-XL/2", input_size=64)``.
+
+    ``overrides`` replace the named configuration's arguments (``num_classes``, ``input_size``, ...).
+    """
+    return MODELS.build(name, **overrides)
+
+
+def list_models() -> list[str]:
+    return MODELS.names()
