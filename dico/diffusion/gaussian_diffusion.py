@@ -289,7 +289,7 @@ class GaussianDiffusion:
         **step_kwargs: Any,
     ) -> Iterator[dict[str, Tensor]]:
         if device is None:
-            device = noise.device if noise is not None else next(model.parameters()).device  # type: ignore[attr-defined]
+            device = noise.device if noise is not None else _device_of(model)
         x = noise if noise is not None else torch.randn(tuple(shape), generator=generator, device=device)
         steps: Iterator[int] | range = range(self.num_timesteps - 1, -1, -1)
         if progress:
@@ -347,3 +347,13 @@ class GaussianDiffusion:
     def ddim_sample_loop(self, model: Model, shape: Sequence[int], **kwargs: Any) -> Tensor:
         """DDIM sampling; returns x_0. Keyword arguments as :meth:`ddim_sample_loop_progressive`."""
         return deque(self.ddim_sample_loop_progressive(model, shape, **kwargs), maxlen=1)[0]["sample"]
+
+
+def _device_of(model: Any) -> torch.device:
+    """The device of a module's parameters, looking through wrappers (``.model``); CPU if none."""
+    while model is not None:
+        params = getattr(model, "parameters", None)
+        if callable(params):
+            return next(params()).device
+        model = getattr(model, "model", None)
+    return torch.device("cpu")

@@ -100,7 +100,7 @@ class DiT(DiffusionBackbone):
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         grid = input_size // patch_size
         # A frozen parameter, as in the published code: it is in the state dict and the parameter count.
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(hidden_size, grid)[None], requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.empty(1, grid * grid, hidden_size), requires_grad=False)
         self.cond = ConditionEmbedder(hidden_size, num_classes, null_label=class_dropout_prob > 0)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.skip_fuse = nn.ModuleList(nn.Linear(2 * hidden_size, hidden_size) for _ in range(long_skips))

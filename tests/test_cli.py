@@ -1,0 +1,34 @@
+"""Command line: dispatch, model-info, strict argument checking."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import cli
+from tests.conftest import ROOT
+
+
+def test_model_info_json(capsys, paper):
+    assert cli.main(["model-info", "--model", "DiCo-S", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"] == paper["exact_param_counts_of_published_models"]["DiCo-S"]
+    assert info["gmacs"] == pytest.approx(paper["exact_gmacs_of_published_models_32x32x4"]["DiCo-S"], rel=1e-3)
+    assert info["input_shape"] == [4, 32, 32] and info["output_shape"] == [8, 32, 32]
+
+
+def test_model_info_at_512_as_a_script():
+    out = subprocess.run(
+        [sys.executable, "cli.py", "model-info", "--model", "DiT-S/2", "--image-size", "512", "--json"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert json.loads(out.stdout)["input_shape"] == [4, 64, 64]
+
+
+def test_unknown_command_and_option_fail(capsys):
+    assert cli.main(["nonsense"]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["model-info", "--model", "DiCo-S", "--typo", "1"])
