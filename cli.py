@@ -1,6 +1,10 @@
 """dico's command line: ``python cli.py <command> ...`` (installed as ``dico``).
 
-Tools:  model-info   parameters, Gflops and shapes of a named model
+Lightning:  fit | validate | test | predict  -c CONFIG [--section.key value ...]   (strict: unknown keys fail)
+Tools:      extract      encode an image folder into a latent cache (VAE posterior mean and std)
+            sample       generate an ADM-format .npz (and a PNG grid) from a checkpoint
+            model-info   parameters, Gflops and shapes of a named model
+
 Run ``python cli.py <command> --help`` for a command's options. This file only parses and dispatches:
 the work is done by functions in ``dico/``.
 """
@@ -12,6 +16,60 @@ import sys
 from collections.abc import Callable
 
 from jsonargparse import ArgumentParser
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def lightning(argv: list[str]) -> int:
+    from lightning.pytorch.cli import LightningCLI
+
+    from dico.data import ArrayDataModule
+    from dico.module import DiffusionModule
+
+    class DicoCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
+            # How samples become images is a property of the data (VAE id and scale, or pixels); the model
+            # stores it in its hyper-parameters so that a checkpoint alone can sample.
+            parser.link_arguments("data", "model.decoder", compute_fn=lambda dm: dm.decoder, apply_on="instantiate")
+
+    DicoCLI(
+        DiffusionModule,
+        ArrayDataModule,
+        subclass_mode_data=True,
+        args=None if argv == sys.argv[1:] else argv,
+        save_config_kwargs={"overwrite": True},
+    )
+    return 0
+
+
+def extract(argv: list[str]) -> int:
+    from dico.data.extract import ExtractConfig, extract_latents
+
+    parser = ArgumentParser(prog="dico extract", description="Encode an image folder into a latent cache.")
+    parser.add_class_arguments(ExtractConfig, as_positional=False)
+    parser.add_argument("--config", action="config")
+    cfg = parser.parse_args(argv)
+    cfg.pop("config", None)
+    manifest = extract_latents(ExtractConfig(**cfg.as_dict()))
+    if manifest is None:
+        print("[dico extract] this rank is done; other ranks still have shards to finish (rerun to resume)")
+    else:
+        skipped = sum(len(s.skipped) for s in manifest.shards)
+        print(f"[dico extract] {manifest.count} images in {cfg.out} ({skipped} unreadable, skipped)")
+    return 0
+
+
+def sample(argv: list[str]) -> int:
+    from dico.sampling import SampleJob, run_sample_job
+
+    parser = ArgumentParser(prog="dico sample", description="Generate samples from a checkpoint (EMA weights).")
+    parser.add_class_arguments(SampleJob, as_positional=False)
+    parser.add_argument("--config", action="config")
+    cfg = parser.parse_args(argv)
+    cfg.pop("config", None)
+    path = run_sample_job(SampleJob(**cfg.as_dict()))
+    print(f"[dico sample] wrote {path}")
+    return 0
 
 
 def model_info(argv: list[str]) -> int:
@@ -33,6 +91,8 @@ def model_info(argv: list[str]) -> int:
 
 
 TOOLS: dict[str, Callable[[list[str]], int]] = {
+    "extract": extract,
+    "sample": sample,
     "model-info": model_info,
 }
 
@@ -43,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     command, rest = argv[0], argv[1:]
+    if command in LIGHTNING_COMMANDS:
+        return lightning(argv)
     if command in TOOLS:
         return TOOLS[command](rest)
-    print(f"unknown command {command!r}; choose one of: {', '.join(TOOLS)}", file=sys.stderr)
+    print(f"unknown command {command!r}; choose one of: {', '.join((*LIGHTNING_COMMANDS, *TOOLS))}", file=sys.stderr)
     return 2
 
 

@@ -193,14 +193,3 @@ def test_unknown_part_names_list_the_choices():
         small_dico(mixer_kwargs={"channel_attention": "nope"})
     with pytest.raises(KeyError, match="DiCo-S"):
         create_model("DiCo-XXL")
-
-
-def test_channels_last_gives_the_same_outputs():
-    torch.manual_seed(0)
-    model = small_dico()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    fast = small_dico(channels_last=True)
-    fast.load_state_dict(model.state_dict())
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 2])
-    torch.testing.assert_close(fast.eval()(x, t, y), model.eval()(x, t, y), rtol=1e-5, atol=1e-5)

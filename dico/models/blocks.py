@@ -1,10 +1,10 @@
-"""adaLN-Zero residual blocks on feature maps (B, C, H, W), conditioned on a vector c (B, C_c)."""
+"""adaLN-Zero residual blocks on channels-last feature maps (B, H, W, C), conditioned on a vector c (B, C_c)."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .layers import AdaLNModulation, LayerNorm2d, as_map, modulate
+from .layers import AdaLNModulation, SpatialConv, broadcast, channel_norm, modulate
 
 
 class DiCoBlock(nn.Module):
@@ -16,16 +16,16 @@ class DiCoBlock(nn.Module):
 
     def __init__(self, dim: int, mixer: nn.Module, ffn: nn.Module, cond_dim: int | None = None) -> None:
         super().__init__()
-        self.norm1 = LayerNorm2d(dim)
+        self.norm1 = channel_norm(dim)
         self.mixer = mixer
-        self.norm2 = LayerNorm2d(dim)
+        self.norm2 = channel_norm(dim)
         self.ffn = ffn
         self.modulation = AdaLNModulation(cond_dim or dim, dim, 6)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
-        x = x + as_map(gate1) * self.mixer(modulate(self.norm1(x), shift1, scale1))
-        return x + as_map(gate2) * self.ffn(modulate(self.norm2(x), shift2, scale2))
+        x = x + broadcast(gate1, x) * self.mixer(modulate(self.norm1(x), shift1, scale1))
+        return x + broadcast(gate2, x) * self.ffn(modulate(self.norm2(x), shift2, scale2))
 
 
 class FinalLayer2d(nn.Module):
@@ -33,9 +33,9 @@ class FinalLayer2d(nn.Module):
 
     def __init__(self, dim: int, out_channels: int, kernel_size: int = 3) -> None:
         super().__init__()
-        self.norm = LayerNorm2d(dim)
+        self.norm = channel_norm(dim)
         self.modulation = AdaLNModulation(dim, dim, 2)
-        self.proj = nn.Conv2d(dim, out_channels, kernel_size=kernel_size, padding=kernel_size // 2)
+        self.proj = SpatialConv(dim, out_channels, kernel_size)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.modulation(c)

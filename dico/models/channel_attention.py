@@ -1,4 +1,4 @@
-"""Channel-attention modules used inside the conv module: (B, C, H, W) -> (B, C, H, W).
+"""Channel-attention modules used inside the conv module: channels-last (B, H, W, C) -> (B, H, W, C).
 
 Every entry of ``CHANNEL_ATTENTION`` takes ``(dim, **kwargs)`` and returns a module that reweights the
 channels of its input. DiCo uses :class:`CompactChannelAttention`; the ablation swaps it by name.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .layers import PointwiseConv
 from .registry import CHANNEL_ATTENTION
 
 
@@ -17,10 +18,10 @@ class CompactChannelAttention(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(dim, dim, kernel_size=1)
+        self.proj = PointwiseConv(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.proj(x.mean((2, 3), keepdim=True)).sigmoid()
+        return x * self.proj(x.mean((1, 2), keepdim=True)).sigmoid()
 
 
 @CHANNEL_ATTENTION.register("none")

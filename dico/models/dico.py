@@ -8,6 +8,9 @@ Stages run at widths D, 2D, 4D, 2D, 2D on resolutions H, H/2, H/4, H/2, H:
 
 Down = 3x3 conv (C -> C/2) + pixel-unshuffle; up = 3x3 conv (C -> 2C) + pixel-shuffle. Each width has its
 own timestep/label embedder; encoder1 is conditioned at width D, the middle at 4D, everything else at 2D.
+
+Inside, feature maps are channels-last (B, H, W, C), so the 1x1 convolutions -- most of the work -- are matrix
+products; parameters and the state dict keep the ``Conv2d`` layout, and outputs equal the published code's.
 """
 
 from __future__ import annotations
@@ -21,23 +24,23 @@ from torch import Tensor, nn
 from .base import DiffusionBackbone
 from .blocks import DiCoBlock, FinalLayer2d
 from .embeddings import ConditionEmbedder, drop_labels
-from .layers import xavier_init_, zero_init_
+from .layers import PointwiseConv, SpatialConv, xavier_init_, zero_init_
 from .mixers import ConvFFN, build_mixer
 from .registry import register_model
 
 
-class Downsample(nn.Sequential):
-    """(B, C, H, W) -> (B, 2C, H/2, W/2): 3x3 conv to C/2, then pixel-unshuffle."""
+class Resample(nn.Sequential):
+    """Channels-last (B, H, W, C) -> 3x3 conv -> pixel-(un)shuffle -> channels-last.
 
-    def __init__(self, dim: int) -> None:
-        super().__init__(nn.Conv2d(dim, dim // 2, 3, padding=1, bias=False), nn.PixelUnshuffle(2))
+    ``down``: (B, H, W, C) -> (B, H/2, W/2, 2C) (conv to C/2, unshuffle); else (B, 2H, 2W, C/2) (conv to 2C, shuffle).
+    """
 
+    def __init__(self, dim: int, down: bool) -> None:
+        conv = nn.Conv2d(dim, dim // 2 if down else dim * 2, 3, padding=1, bias=False)
+        super().__init__(conv, nn.PixelUnshuffle(2) if down else nn.PixelShuffle(2))
 
-class Upsample(nn.Sequential):
-    """(B, C, H, W) -> (B, C/2, 2H, 2W): 3x3 conv to 2C, then pixel-shuffle."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__(nn.Conv2d(dim, dim * 2, 3, padding=1, bias=False), nn.PixelShuffle(2))
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
 
 
 class DiCo(DiffusionBackbone):
@@ -59,7 +62,6 @@ class DiCo(DiffusionBackbone):
         mixer: str = "conv",
         mixer_kwargs: dict[str, Any] | None = None,
         ffn_act: str = "gelu",
-        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if len(depth) != 5:
@@ -70,7 +72,6 @@ class DiCo(DiffusionBackbone):
         self.learn_sigma = learn_sigma
         self.num_classes = num_classes
         self.class_dropout_prob = class_dropout_prob
-        self.channels_last = channels_last
         self.depth = list(depth)
         d = hidden_size
         self.hidden_size = d
@@ -81,25 +82,23 @@ class DiCo(DiffusionBackbone):
                 for i in range(n)
             )
 
-        self.stem = nn.Conv2d(in_channels, d, 3, padding=1)
+        self.stem = SpatialConv(in_channels, d, 3)
         self.cond = nn.ModuleList(
             ConditionEmbedder(w, num_classes, null_label=class_dropout_prob > 0) for w in (d, 2 * d, 4 * d)
         )
         self.encoder1 = stage(d, depth[0])
-        self.down1 = Downsample(d)
+        self.down1 = Resample(d, down=True)
         self.encoder2 = stage(2 * d, depth[1])
-        self.down2 = Downsample(2 * d)
+        self.down2 = Resample(2 * d, down=True)
         self.middle = stage(4 * d, depth[2])
-        self.up2 = Upsample(4 * d)
-        self.fuse2 = nn.Conv2d(4 * d, 2 * d, 1)
+        self.up2 = Resample(4 * d, down=False)
+        self.fuse2 = PointwiseConv(4 * d, 2 * d)
         self.decoder2 = stage(2 * d, depth[3])
-        self.up1 = Upsample(2 * d)
-        self.fuse1 = nn.Conv2d(2 * d, 2 * d, 1)
+        self.up1 = Resample(2 * d, down=False)
+        self.fuse1 = PointwiseConv(2 * d, 2 * d)
         self.decoder1 = stage(2 * d, depth[4])
         self.head = FinalLayer2d(2 * d, self.out_channels)
         self.reset_parameters()
-        if channels_last:
-            self.to(memory_format=torch.channels_last)
 
     def blocks(self) -> list[DiCoBlock]:
         return [*self.encoder1, *self.encoder2, *self.middle, *self.decoder2, *self.decoder1]
@@ -121,10 +120,8 @@ class DiCo(DiffusionBackbone):
         if (self.training and self.class_dropout_prob > 0) or force_drop is not None:
             y = drop_labels(y, self.num_classes, self.class_dropout_prob, force_drop)
         c1, c2, c3 = (cond(t, y) for cond in self.cond)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
 
-        h = self.stem(x)
+        h = self.stem(x.permute(0, 2, 3, 1))
         for block in self.encoder1:
             h = block(h, c1)
         skip1 = h
@@ -135,13 +132,13 @@ class DiCo(DiffusionBackbone):
         h = self.down2(h)
         for block in self.middle:
             h = block(h, c3)
-        h = self.fuse2(torch.cat([self.up2(h), skip2], dim=1))
+        h = self.fuse2(torch.cat([self.up2(h), skip2], dim=-1))
         for block in self.decoder2:
             h = block(h, c2)
-        h = self.fuse1(torch.cat([self.up1(h), skip1], dim=1))
+        h = self.fuse1(torch.cat([self.up1(h), skip1], dim=-1))
         for block in self.decoder1:
             h = block(h, c2)
-        return self.head(h, c2).contiguous()
+        return self.head(h, c2).permute(0, 3, 1, 2).contiguous()
 
 
 # Table 5 of the paper.

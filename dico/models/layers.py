@@ -1,4 +1,6 @@
-"""Small shared layers: channel-wise LayerNorm for feature maps, adaLN modulation helpers."""
+"""Small shared layers. Feature maps inside blocks are channels-last, (B, H, W, C): pointwise convolutions
+are then matrix products and LayerNorm needs no permutes. Weights keep the ``Conv2d`` layout of the published
+checkpoints."""
 
 from __future__ import annotations
 
@@ -6,32 +8,42 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channel axis of a (B, C, H, W) map.
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 convolution (its weights and state dict are a ``Conv2d``'s) applied to channels-last maps
+    (B, H, W, C) as a matrix product."""
 
-    On a channels-last tensor both permutes are views, so no copy is made.
-    """
-
-    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = False) -> None:
-        super().__init__(num_channels, eps=eps, elementwise_affine=affine)
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        return F.linear(x, self.weight.flatten(1), self.bias)
 
 
-def as_map(v: Tensor) -> Tensor:
-    """(B, C) -> (B, C, 1, 1), to broadcast a per-sample vector over a feature map."""
-    return v[:, :, None, None]
+class SpatialConv(nn.Conv2d):
+    """A k x k convolution (stride 1, "same" padding) on channels-last maps (B, H, W, C) -> (B, H, W, C')."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, groups: int = 1, bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, groups=groups, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # A contiguous channels-last input is a channels_last NCHW view: oneDNN keeps that layout, so the final
+        # .contiguous() is free; any other input is copied into channels-last once, here.
+        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
+
+
+def channel_norm(dim: int) -> nn.LayerNorm:
+    """The blocks' non-affine LayerNorm over channels (eps 1e-6)."""
+    return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+
+
+def broadcast(v: Tensor, x: Tensor) -> Tensor:
+    """A per-sample vector (B, C) shaped to broadcast over channels-last ``x`` (B, ..., C)."""
+    return v.view(v.shape[0], *([1] * (x.ndim - 2)), v.shape[1])
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN modulation ``x * (1 + scale) + shift``; shift/scale are (B, C), x is (B, C, ...) or (B, N, C)."""
-    if x.ndim == 4:
-        shift, scale = as_map(shift), as_map(scale)
-    else:
-        shift, scale = shift[:, None], scale[:, None]
-    return x * (1 + scale) + shift
+    """adaLN modulation ``x * (1 + scale) + shift`` of channels-last ``x`` (B, ..., C); shift/scale (B, C)."""
+    return x * (1 + broadcast(scale, x)) + broadcast(shift, x)
 
 
 class AdaLNModulation(nn.Sequential):
@@ -81,16 +93,13 @@ def xavier_init_(module: nn.Module, as_matrix: bool = False) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 __all__ = [
     "AdaLNModulation",
-    "LayerNorm2d",
+    "PointwiseConv",
+    "SpatialConv",
     "activation",
-    "as_map",
-    "count_parameters",
+    "broadcast",
+    "channel_norm",
     "modulate",
     "xavier_init_",
     "zero_init_",

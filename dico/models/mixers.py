@@ -1,4 +1,4 @@
-"""Token mixers and feed-forward networks for 2-D blocks: (B, C, H, W) -> (B, C, H, W).
+"""Token mixers and feed-forward networks for 2-D blocks: channels-last (B, H, W, C) -> (B, H, W, C).
 
 A token mixer is any module registered in ``TOKEN_MIXERS`` whose constructor takes
 ``(dim, *, block_index=0, **kwargs)``; the block index lets e.g. window attention alternate shifts.
@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .layers import activation
+from .layers import PointwiseConv, SpatialConv, activation
 from .registry import CHANNEL_ATTENTION, TOKEN_MIXERS
 
 
@@ -30,11 +30,11 @@ class ConvModule(nn.Module):
         channel_attention_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.pw_in = nn.Conv2d(dim, dim, kernel_size=1)
-        self.dw = nn.Conv2d(dim, dim, kernel_size=kernel_size, padding=kernel_size // 2, groups=dim)
+        self.pw_in = PointwiseConv(dim, dim)
+        self.dw = SpatialConv(dim, dim, kernel_size, groups=dim)
         self.act = activation(act)
         self.channel_attention = CHANNEL_ATTENTION.build(channel_attention, dim, **(channel_attention_kwargs or {}))
-        self.pw_out = nn.Conv2d(dim, dim, kernel_size=1)
+        self.pw_out = PointwiseConv(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pw_out(self.channel_attention(self.act(self.dw(self.pw_in(x)))))
@@ -46,9 +46,9 @@ class ConvFFN(nn.Module):
     def __init__(self, dim: int, ratio: float = 2.0, act: str = "gelu") -> None:
         super().__init__()
         hidden = int(dim * ratio)
-        self.fc1 = nn.Conv2d(dim, hidden, kernel_size=1)
+        self.fc1 = PointwiseConv(dim, hidden)
         self.act = activation(act)
-        self.fc2 = nn.Conv2d(hidden, dim, kernel_size=1)
+        self.fc2 = PointwiseConv(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))

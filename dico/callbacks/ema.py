@@ -1,0 +1,108 @@
+"""EMA of the weights, on top of Lightning's :class:`~lightning.pytorch.callbacks.WeightAveraging`.
+
+Lightning already keeps the averaged copy, saves it as the checkpoint's ``state_dict`` (the live weights go to
+``current_model_state``), restores both on resume, swaps it in for validation and copies it into the model when
+training ends. Added here: the published update (the average starts as the initial weights and moves by
+``1 - decay`` after every optimizer step), an optional decay warm-up, a fused foreach update, and a context
+manager that swaps the average in for sampling at any time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import WeightAveraging
+from torch import Tensor
+
+
+class EMA(WeightAveraging):
+    """Exponential moving average with ``decay`` (0.9999 in the paper).
+
+    Args:
+        decay: the EMA decay per optimizer step.
+        warmup: use ``min(decay, (1 + n) / (10 + n))`` after n updates, for short runs.
+        device: keep the average on this device (e.g. ``"cpu"`` to save accelerator memory).
+        update_every_n_steps: update after every n-th optimizer step.
+    """
+
+    def __init__(
+        self, decay: float = 0.9999, warmup: bool = False, device: str | None = None, update_every_n_steps: int = 1
+    ) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        super().__init__(device=device, use_buffers=True, multi_avg_fn=self._update)
+        self.decay = decay
+        self.warmup = warmup
+        self.update_every_n_steps = update_every_n_steps
+        self.num_updates = 0
+        self._swapped = False  # the average is in the model right now
+        self._swapped_by_validation = False
+
+    def decay_at(self, num_updates: int) -> float:
+        return min(self.decay, (1 + num_updates) / (10 + num_updates)) if self.warmup else self.decay
+
+    def _update(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        """Called once per (device, dtype) group of tensors: ``a += (1 - decay) * (c - a)``."""
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1.0 - self.decay_at(self.num_updates))
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        before = self._latest_update_step
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        if self._latest_update_step != before:
+            self.num_updates += 1
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and step_idx % self.update_every_n_steps == 0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self._average_model is not None:
+            # The average starts as the initial weights (not as the weights after the first step).
+            self._average_model.n_averaged.fill_(1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.num_updates = state_dict.get("num_updates", 0)
+
+    # -- swapping, tracked so that nested uses (sampling during validation) stay consistent ----------------
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._swapped and self._average_model is not None:
+            super().on_validation_epoch_start(trainer, pl_module)
+            self._swapped = self._swapped_by_validation = True
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._swapped_by_validation:
+            super().on_validation_epoch_end(trainer, pl_module)
+            self._swapped = self._swapped_by_validation = False
+
+    @contextmanager
+    def averaged(self, pl_module: LightningModule) -> Iterator[None]:
+        """Run the block with the averaged weights in the model (a no-op if they already are, or if there is no
+        average: outside fit the model already holds the EMA weights loaded from the checkpoint)."""
+        if self._average_model is None or self._swapped:
+            yield
+            return
+        self._swap_models(pl_module)
+        self._swapped = True
+        try:
+            yield
+        finally:
+            self._swap_models(pl_module)
+            self._swapped = False
+
+
+def ema_weights(pl_module: LightningModule) -> Any:
+    """Context manager: the EMA weights of ``pl_module``'s trainer's :class:`EMA` callback, if any."""
+    trainer = pl_module._trainer
+    for cb in trainer.callbacks if trainer is not None else []:  # type: ignore[attr-defined]
+        if isinstance(cb, EMA):
+            return cb.averaged(pl_module)
+    return nullcontext()

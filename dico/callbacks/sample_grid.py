@@ -1,0 +1,77 @@
+"""Periodic sample grids (fixed labels and noise, EMA weights), and the final sample set of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+from dico.evaluation.images import save_grid, save_npz, to_uint8
+
+
+def run_dir(trainer: Trainer) -> Path:
+    """Where a run's artifacts go: the trainer's ``default_root_dir``."""
+    return Path(trainer.default_root_dir)
+
+
+class SampleGrid(Callback):
+    """Every ``every_n_steps`` optimizer steps (and at the end of fit), sample ``per_class`` images for each of
+    ``num_classes_shown`` classes with the same labels and noise each time, save ``samples/step_N.png`` and log
+    it to wandb when a WandbLogger is attached.
+
+    ``final_per_class`` > 0 also writes the final samples (guided with the module's ``cfg_scale``) as an
+    ADM-format ``samples/final.npz`` beside ``samples/final.png``.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 5000,
+        per_class: int = 1,
+        num_classes_shown: int = 10,
+        seed: int = 0,
+        final_per_class: int = 0,
+        final_batch_size: int = 256,
+    ) -> None:
+        self.every_n_steps = every_n_steps
+        self.per_class = per_class
+        self.num_classes_shown = num_classes_shown
+        self.seed = seed
+        self.final_per_class = final_per_class
+        self.final_batch_size = final_batch_size
+
+    def _labels(self, pl_module: LightningModule, per_class: int) -> torch.Tensor:
+        n = pl_module.model.num_classes
+        shown = torch.linspace(0, n - 1, min(n, self.num_classes_shown)).round().long()
+        return shown.repeat_interleave(per_class)
+
+    def _grid(self, trainer: Trainer, pl_module: LightningModule, name: str) -> Path:
+        labels = self._labels(pl_module, self.per_class)
+        images = pl_module.sample(labels, seed=self.seed)
+        path = save_grid(run_dir(trainer) / "samples" / f"{name}.png", images, nrow=self.per_class)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
+        return path
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != getattr(self, "_last", -1):
+            self._last = step
+            self._grid(trainer, pl_module, f"step_{step:07d}")
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning's weight averaging has copied the EMA weights into the model by now.
+        self._grid(trainer, pl_module, "final")
+        if self.final_per_class > 0:
+            labels = self._labels(pl_module, self.final_per_class)
+            chunks = [
+                to_uint8(pl_module.sample(part, seed=self.seed + 1 + i))
+                for i, part in enumerate(labels.split(self.final_batch_size))
+            ]
+            save_npz(run_dir(trainer) / "samples" / "final.npz", np.concatenate(chunks), labels.numpy())

@@ -1,0 +1,25 @@
+"""Data: latent extraction (VAE), latent shards + manifest, samplers and LightningDataModules.
+
+Never imports ``dico.models`` or ``dico.diffusion``.
+"""
+
+from .datamodule import ArrayDataModule, DigitsDataModule, LatentDataModule, load_digits_arrays
+from .extract import ExtractConfig, center_crop_arr, extract_latents, list_image_folder
+from .latents import InMemoryLatents, ShardedLatents
+from .manifest import Manifest
+from .sampler import EpochSampler
+
+__all__ = [
+    "ArrayDataModule",
+    "DigitsDataModule",
+    "EpochSampler",
+    "ExtractConfig",
+    "InMemoryLatents",
+    "LatentDataModule",
+    "Manifest",
+    "ShardedLatents",
+    "center_crop_arr",
+    "extract_latents",
+    "list_image_folder",
+    "load_digits_arrays",
+]

@@ -1,0 +1,208 @@
+"""LightningDataModules serving (latent or pixel) arrays in whole batches with exact-resume state.
+
+``LatentDataModule`` reads a cache made by ``dico extract``; ``DigitsDataModule`` serves scikit-learn's bundled
+8x8 digits in pixel space (the quickstart). Both split off a seeded validation set, shard the training set
+over ranks with :class:`EpochSampler`, and keep in their checkpoint state how far into the epoch training got.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from .latents import InMemoryLatents, LatentArrays, ShardedLatents, identity_collate
+from .sampler import EpochSampler
+
+
+class SampleBatches(torch.utils.data.Dataset):
+    """The batches of a class-balanced sample set, for generation: item ``b`` is the batch of sample indices
+    ``[b * batch_size, (b + 1) * batch_size)`` with labels ``index % num_classes``.
+
+    A batch is the unit of reproducibility (its noise is seeded by its first index), so the set is the same on
+    any number of devices; ``skip`` leaves out batches already written (a resumed job).
+    """
+
+    def __init__(self, count: int, num_classes: int, batch_size: int, skip: set[int] | None = None) -> None:
+        self.count, self.num_classes, self.batch_size = count, num_classes, batch_size
+        self.batches = [b for b in range(-(-count // batch_size)) if b not in (skip or set())]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        start = self.batches[i] * self.batch_size
+        index = torch.arange(start, min(start + self.batch_size, self.count))
+        return {"index": index, "y": index % self.num_classes}
+
+
+class ArrayDataModule(LightningDataModule):
+    """Shared logic; subclasses provide :meth:`build_dataset` and :attr:`decoder`."""
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        val_fraction: float = 0.01,
+        val_batch_size: int | None = None,
+        seed: int = 0,
+        predict_samples: int = 100,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.val_batch_size = val_batch_size or batch_size
+        self.seed = seed
+        self.predict_samples = predict_samples
+        self.dataset: LatentArrays | None = None
+        self._train_sampler: EpochSampler | None = None
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already trained in it)
+        self._batches_this_epoch = 0
+        self._epoch = 0
+
+    # -- subclass interface ---------------------------------------------------------------------------
+    def build_dataset(self) -> LatentArrays:
+        raise NotImplementedError
+
+    @property
+    def decoder(self) -> dict[str, Any]:
+        """How samples of this data become images: ``{"kind": "vae", ...}`` or ``{"kind": "pixels"}``."""
+        raise NotImplementedError
+
+    # -- shapes for the model check -------------------------------------------------------------------
+    @property
+    def data(self) -> LatentArrays:
+        if self.dataset is None:
+            self.dataset = self.build_dataset()
+        return self.dataset
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return tuple(self.data.shape)  # type: ignore[return-value]
+
+    # -- splits ---------------------------------------------------------------------------------------
+    def split(self) -> tuple[Tensor, Tensor]:
+        """Seeded train / validation index split (the same on every rank and every run)."""
+        n = len(self.data)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 12345))
+        n_val = min(n - 1, round(n * self.val_fraction)) if self.val_fraction > 0 else 0
+        return order[n_val:].sort().values, order[:n_val].sort().values
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader(self, sampler: EpochSampler, batch_size: int, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            self.data,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            collate_fn=identity_collate,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        train_idx, _ = self.split()
+        world, rank = self._world()
+        if len(train_idx) < self.batch_size * world:
+            raise ValueError(
+                f"{len(train_idx)} training samples cannot fill one batch of {self.batch_size} on {world} device(s); "
+                "lower data.batch_size or val_fraction"
+            )
+        sampler = EpochSampler(
+            self.data, num_replicas=world, rank=rank, seed=self.seed, flips=self.data.flips, subset=train_idx
+        )
+        if self._resume is not None:
+            epoch, batches = self._resume
+            sampler.resume(epoch, batches * self.batch_size)
+            self._resume = None
+        self._train_sampler = sampler
+        return self._loader(sampler, self.batch_size, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        _, val_idx = self.split()
+        world, rank = self._world()
+        sampler = EpochSampler(
+            self.data, num_replicas=world, rank=rank, shuffle=False, drop_last=False, flips=1, subset=val_idx
+        )
+        return self._loader(sampler, self.val_batch_size, drop_last=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Class-balanced sample batches for generation; Lightning shards the batches over ranks."""
+        return DataLoader(SampleBatches(self.predict_samples, self.num_classes, self.val_batch_size), batch_size=None)
+
+    # -- exact resume ---------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            if trainer.current_epoch != self._epoch:
+                self._epoch, self._batches_this_epoch = trainer.current_epoch, 0
+            self._batches_this_epoch += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """How many training batches of the current epoch this rank consumed (prefetched ones excluded)."""
+        return {"epoch": self._epoch, "batches": self._batches_this_epoch, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("batch_size", self.batch_size) != self.batch_size:
+            raise ValueError(
+                f"the checkpoint was trained with data.batch_size={state['batch_size']}; resume with the same batch "
+                f"size (got {self.batch_size}) so that the data order can continue exactly"
+            )
+        self._epoch, self._batches_this_epoch = state["epoch"], state["batches"]
+        self._resume = (state["epoch"], state["batches"])
+
+
+class LatentDataModule(ArrayDataModule):
+    """Cached VAE latents written by ``dico extract`` (memory-mapped shards + manifest)."""
+
+    def __init__(self, root: str, verify_checksums: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.root = root
+        self.verify_checksums = verify_checksums
+
+    def build_dataset(self) -> LatentArrays:
+        return ShardedLatents(self.root, verify_checksums=self.verify_checksums)
+
+    @property
+    def decoder(self) -> dict[str, Any]:
+        m = self.data.manifest  # type: ignore[attr-defined]
+        return {"kind": "vae", "vae": m.vae, "scale_factor": m.scale_factor}
+
+
+class DigitsDataModule(ArrayDataModule):
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes) as 1x8x8 pixels in [-1, 1]."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("val_fraction", 0.1)
+        super().__init__(**kwargs)
+
+    def build_dataset(self) -> LatentArrays:
+        images, labels = load_digits_arrays()
+        return InMemoryLatents(images, labels, num_classes=10)
+
+    @property
+    def decoder(self) -> dict[str, Any]:
+        return {"kind": "pixels"}
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Digits as (N, 1, 8, 8) float32 in [-1, 1] and (N,) int64 labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images.astype(np.float32) / 16.0) * 2.0 - 1.0
+    return images[:, None], digits.target.astype(np.int64)

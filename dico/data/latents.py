@@ -1,0 +1,137 @@
+"""Batched readers of cached latents: memory-mapped shards, or arrays held in memory.
+
+A reader returns whole batches, ``{"x": mean (B, C, H, W), "std": (B, C, H, W) | absent, "y": (B,)}``, already
+multiplied by the latent scale factor. The training step draws ``x + std * eps`` from the VAE posterior.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .manifest import Manifest, sha256_file
+
+
+class LatentArrays(Dataset):
+    """Base class: ``__getitems__`` takes sampler keys ``2 * index + flip`` and returns one batch dict."""
+
+    flips: int = 1
+    num_classes: int
+    shape: tuple[int, int, int]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def read(self, index: np.ndarray, flip: np.ndarray) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def __getitems__(self, keys: list[int]) -> dict[str, Tensor]:
+        keys_arr = np.asarray(keys, dtype=np.int64)
+        return self.read(keys_arr // 2, keys_arr % 2)
+
+    def __getitem__(self, key: int) -> dict[str, Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([key]).items()}
+
+    def labels(self) -> np.ndarray:
+        raise NotImplementedError
+
+
+class InMemoryLatents(LatentArrays):
+    """Arrays in memory, e.g. pixel-space images: x (N, C, H, W) float, y (N,) int; no posterior std."""
+
+    def __init__(self, x: np.ndarray | Tensor, y: np.ndarray | Tensor, num_classes: int) -> None:
+        self.x = torch.as_tensor(x, dtype=torch.float32)
+        self.y = torch.as_tensor(y, dtype=torch.long)
+        self.num_classes = num_classes
+        self.shape = tuple(self.x.shape[1:])  # type: ignore[assignment]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def read(self, index: np.ndarray, flip: np.ndarray) -> dict[str, Tensor]:
+        idx = torch.from_numpy(index)
+        return {"x": self.x[idx], "y": self.y[idx]}
+
+    def labels(self) -> np.ndarray:
+        return self.y.numpy()
+
+
+class ShardedLatents(LatentArrays):
+    """A latent cache written by ``dico extract``, read through memory maps (no copy until a batch is read)."""
+
+    def __init__(self, root: str | Path, verify_checksums: bool = False) -> None:
+        self.root = Path(root)
+        self.manifest = Manifest.load(self.root)
+        m = self.manifest
+        self.flips = m.flips
+        self.num_classes = m.num_classes
+        self.shape = tuple(m.latent_shape)  # type: ignore[assignment]
+        self.scale = m.scale_factor
+        self.offsets = np.cumsum([0] + [s.count for s in m.shards])
+        self._latents: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        for shard in m.shards:
+            if shard.count == 0:  # every image of the shard was unreadable
+                self._latents.append(np.zeros((0, m.flips, 2, *m.latent_shape), np.float32))
+                self._labels.append(np.zeros(0, np.int64))
+                continue
+            lat_path = self.root / f"{shard.stem}.latents.npy"
+            lab_path = self.root / f"{shard.stem}.labels.npy"
+            if verify_checksums:
+                for path, digest in ((lat_path, shard.latents_sha256), (lab_path, shard.labels_sha256)):
+                    if sha256_file(path) != digest:
+                        raise ValueError(
+                            f"{path} does not match its checksum in the manifest: the file is corrupt. "
+                            f"Delete it and {shard.stem}.json, then re-run `dico extract` on the same folder "
+                            "to rebuild only that shard"
+                        )
+            try:
+                lat = np.load(lat_path, mmap_mode="r")
+                lab = np.load(lab_path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise ValueError(
+                    f"cannot read {lat_path.name} or {lab_path.name} in {self.root} ({e}); delete that shard's "
+                    "files and re-run `dico extract` to rebuild it"
+                ) from e
+            expected = (shard.count, m.flips, 2, *m.latent_shape)
+            if lat.shape != expected or lab.shape != (shard.count,):
+                raise ValueError(
+                    f"{lat_path.name} has shape {lat.shape}, the manifest says {expected}: the shard is truncated "
+                    "or from another extraction; delete it and re-run `dico extract`"
+                )
+            self._latents.append(lat)
+            self._labels.append(lab)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, index: np.ndarray, flip: np.ndarray) -> dict[str, Tensor]:
+        n = len(index)
+        mean = np.empty((n, *self.shape), dtype=np.float32)
+        std = np.empty((n, *self.shape), dtype=np.float32)
+        y = np.empty(n, dtype=np.int64)
+        shard_of = np.searchsorted(self.offsets, index, side="right") - 1
+        flip = np.minimum(flip, self.flips - 1)
+        for s in np.unique(shard_of):
+            rows = np.nonzero(shard_of == s)[0]
+            local = index[rows] - self.offsets[s]
+            order = np.argsort(local)  # ascending reads are kinder to the page cache
+            rows, local = rows[order], local[order]
+            pick = self._latents[s][local, flip[rows]]  # (k, 2, C, H, W): one fancy-indexed read per shard
+            mean[rows] = pick[:, 0]
+            std[rows] = pick[:, 1]
+            y[rows] = self._labels[s][local]
+        mean_t, std_t = torch.from_numpy(mean), torch.from_numpy(std)
+        return {"x": mean_t.mul_(self.scale), "std": std_t.mul_(self.scale), "y": torch.from_numpy(y)}
+
+    def labels(self) -> np.ndarray:
+        return np.concatenate([np.asarray(lab) for lab in self._labels]) if self._labels else np.zeros(0, np.int64)
+
+
+def identity_collate(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The dataset already returns whole batches (``__getitems__``)."""
+    return batch

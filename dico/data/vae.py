@@ -1,0 +1,46 @@
+"""The SD-VAE through diffusers: load (offline-aware), encode to posterior moments, decode latents to images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+SCALE_FACTOR = 0.18215
+
+
+def load_vae(path_or_id: str = DEFAULT_VAE, device: torch.device | str = "cpu") -> Any:
+    """``AutoencoderKL.from_pretrained`` from a local folder or a hub id (cached, or downloaded when online).
+
+    Offline without a cached copy, the error says which folder to pass instead.
+    """
+    from diffusers.models import AutoencoderKL
+
+    local = Path(path_or_id).expanduser()
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        vae = AutoencoderKL.from_pretrained(str(local) if local.exists() else path_or_id, local_files_only=offline)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"cannot load the VAE {path_or_id!r}{' (HF_HUB_OFFLINE is set)' if offline else ''}: {e}\n"
+            "Pass a local folder holding config.json and the weights (e.g. a `save_pretrained` copy of "
+            f"{DEFAULT_VAE}) with --vae PATH, or download it once while online."
+        ) from e
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_moments(vae: Any, images: Tensor) -> tuple[Tensor, Tensor]:
+    """Images in [-1, 1] (B, 3, H, W) -> posterior mean and std (B, 4, H/8, W/8), unscaled."""
+    dist = vae.encode(images).latent_dist
+    return dist.mean, dist.std
+
+
+@torch.no_grad()
+def decode_latents(vae: Any, latents: Tensor, scale_factor: float = SCALE_FACTOR) -> Tensor:
+    """Scaled latents -> images in [-1, 1]."""
+    return vae.decode(latents / scale_factor).sample.clamp(-1, 1)

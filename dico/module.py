@@ -1,0 +1,223 @@
+"""The LightningModule: a registry backbone trained with the diffusion hybrid loss.
+
+All randomness of a training step (posterior sample, timesteps, noise, label dropout) comes from a generator
+seeded by (seed, rank, global step, batch index), so a resumed run draws exactly what the uninterrupted run
+would have drawn.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import grad_norm
+from torch import Tensor
+
+from dico.callbacks.ema import ema_weights
+from dico.diffusion import GUIDANCE_MODES, SAMPLERS, create_diffusion, generate, sampling_diffusion
+from dico.evaluation.images import to_uint8
+from dico.models import create_model
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss is NaN or infinite; the last good checkpoint is left untouched."""
+
+
+class DiffusionModule(LightningModule):
+    """Backbone + Gaussian diffusion (linear schedule, learned sigma, hybrid loss), AdamW, sampling.
+
+    Args:
+        model: a registered model name (``DiCo-S`` ... ``DiT-XL/2``, or an ablation variant).
+        model_kwargs: overrides of the named configuration (``num_classes``, ``in_channels``, ``input_size`` ...).
+        lr, betas, weight_decay: AdamW (Table 6: 1e-4, (0.9, 0.999), 0; DiCo-H: 2e-4, (0.99, 0.99)).
+        warmup_steps: linear learning-rate warm-up (DiCo-H: 5000); constant afterwards.
+        diffusion_steps, noise_schedule: the training process (1000, ``linear``).
+        sampler, sampling_steps, cfg_scale, guidance_mode, ddim_eta: defaults of :meth:`sample`.
+        clip_denoised: clip x0 predictions to [-1, 1] while sampling (pixel space); off for latents.
+        decoder: how samples become images, ``{"kind": "pixels"}`` or ``{"kind": "vae", "vae": id, "scale_factor"}``
+            (filled in from the data by the CLI).
+        seed: seeds the per-step randomness of training and validation.
+        check_finite_every_n_steps: how often to check the loss for NaN/inf (each check waits for the device).
+        compile: ``torch.compile`` the backbone in place (same state dict).
+    """
+
+    def __init__(
+        self,
+        model: str = "DiCo-S",
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        diffusion_steps: int = 1000,
+        noise_schedule: str = "linear",
+        sampler: str = "iddpm",
+        sampling_steps: int = 250,
+        cfg_scale: float = 1.0,
+        guidance_mode: str = "official",
+        ddim_eta: float = 0.0,
+        clip_denoised: bool = False,
+        decoder: dict[str, Any] | None = None,
+        seed: int = 0,
+        check_finite_every_n_steps: int = 1,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if guidance_mode not in GUIDANCE_MODES:
+            raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {guidance_mode!r}")
+        self.save_hyperparameters()
+        self.model = create_model(model, **(model_kwargs or {}))
+        if compile:
+            self.model.compile()
+        self.diffusion = create_diffusion("", noise_schedule, diffusion_steps=diffusion_steps,
+                                          learn_sigma=self.model.learn_sigma)  # fmt: skip
+        self.decoder_spec = decoder or {"kind": "pixels"}
+        self._vae: Any = None
+
+    # ------------------------------------------------------------------ checks
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "sample_shape"):
+            return
+        c, h, w = dm.sample_shape
+        m = self.model
+        problems = []
+        if c != m.in_channels:
+            problems.append(f"the data has {c} channels, the model takes {m.in_channels} (model_kwargs.in_channels)")
+        if h % m.size_multiple or w % m.size_multiple:
+            problems.append(f"the data is {h}x{w}, the model needs multiples of {m.size_multiple}")
+        if dm.num_classes != m.num_classes:
+            problems.append(
+                f"the data has {dm.num_classes} classes, the model {m.num_classes} (model_kwargs.num_classes)"
+            )
+        if problems:
+            raise ValueError("the data does not fit the model: " + "; ".join(problems) + ". Fix the config and rerun.")
+
+    # ------------------------------------------------------------------ training
+    def _generator(self, *keys: int) -> torch.Generator:
+        seed = hash((self.hparams.seed, *keys)) & 0x7FFF_FFFF_FFFF_FFFF
+        return torch.Generator(self.device).manual_seed(seed)
+
+    def _losses(self, batch: dict[str, Tensor], g: torch.Generator, train: bool) -> dict[str, Tensor]:
+        x, y = batch["x"], batch["y"]
+        if "std" in batch and train:  # sample the VAE posterior
+            x = x + batch["std"] * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        n = x.shape[0]
+        t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=g, device=x.device)
+        noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        kwargs: dict[str, Tensor] = {"y": y}
+        p_drop = self.model.class_dropout_prob
+        if train and p_drop > 0:
+            kwargs["force_drop"] = torch.rand(n, generator=g, device=x.device) < p_drop
+        terms = self.diffusion.training_losses(self.model, x, t, model_kwargs=kwargs, noise=noise)
+        return {k: v.mean() for k, v in terms.items()}
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        g = self._generator(1, self.global_rank, self.global_step, batch_idx)
+        terms = self._losses(batch, g, train=True)
+        every = self.hparams.check_finite_every_n_steps
+        if every > 0 and self.global_step % every == 0 and not torch.isfinite(terms["loss"]):
+            self._raise_non_finite(terms)
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=False)
+        self.log("loss", terms["loss"], prog_bar=True, logger=False)
+        return terms["loss"]
+
+    def _raise_non_finite(self, terms: dict[str, Tensor]) -> None:
+        last = None
+        for cb in self.trainer.checkpoint_callbacks:
+            last = getattr(cb, "last_model_path", None) or getattr(cb, "best_model_path", None) or last
+        values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+        raise NonFiniteLossError(
+            f"non-finite training loss at step {self.global_step} ({values}). "
+            + (f"The last good checkpoint is {last}; " if last else "No checkpoint was written yet; ")
+            + "resume from it with `fit --ckpt_path last` after lowering model.lr or setting "
+            "trainer.gradient_clip_val (or try precision 32 if you trained in bf16)."
+        )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        every = self.trainer.log_every_n_steps
+        if every and self.global_step % every == 0:
+            norms = grad_norm(self.model, norm_type=2)
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        if hp.warmup_steps <= 0:
+            return optimizer
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / hp.warmup_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation (EMA weights)
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        g = self._generator(2, self.global_rank, batch_idx)  # the same draws at every validation
+        terms = self._losses(batch, g, train=False)
+        self.log_dict({f"val/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=batch["x"].shape[0])
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        g = self._generator(3, self.global_rank, batch_idx)
+        terms = self._losses(batch, g, train=False)
+        self.log_dict({f"test/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=batch["x"].shape[0])
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        """Generate one batch of a sample set: item i of the set always gets the same noise (seeded by its
+        first index), so the set does not depend on the number of devices."""
+        images = self.sample(batch["y"], seed=int(batch["index"][0]) + self.hparams.seed * 1_000_003)
+        return {"images": to_uint8(images), "labels": batch["y"].cpu().numpy(), "index": batch["index"].cpu().numpy()}
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: Tensor | list[int],
+        cfg_scale: float | None = None,
+        guidance_mode: str | None = None,
+        steps: int | None = None,
+        sampler: str | None = None,
+        seed: int = 0,
+        decode: bool = True,
+        progress: bool = False,
+    ) -> Tensor:
+        """Samples for ``labels`` with the EMA weights: images in [-1, 1] (B, C, H, W), or latents if not ``decode``.
+
+        Unset arguments take the module's configured defaults (``cfg_scale``, ``guidance_mode``, ...).
+        """
+        hp = self.hparams
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        sampler = sampler or hp.sampler
+        steps = steps or hp.sampling_steps
+        m = self.model
+        shape = (m.in_channels, m.input_size, m.input_size)
+        was_training = self.training
+        self.eval()
+        try:
+            with ema_weights(self):
+                z = generate(
+                    m, labels, shape, m.null_label,
+                    sampler=sampler, steps=steps,
+                    cfg_scale=hp.cfg_scale if cfg_scale is None else cfg_scale,
+                    guidance_mode=guidance_mode or hp.guidance_mode,
+                    eta=hp.ddim_eta, seed=seed, clip_denoised=hp.clip_denoised,
+                    diffusion=sampling_diffusion(sampler, steps, hp.diffusion_steps, hp.noise_schedule, m.learn_sigma),
+                    progress=progress,
+                )  # fmt: skip
+        finally:
+            self.train(was_training)
+        return self.decode(z) if decode else z
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Samples in model space -> images in [-1, 1] (through the VAE for latents)."""
+        spec = self.decoder_spec
+        if spec.get("kind") == "pixels":
+            return z.clamp(-1, 1)
+        if self._vae is None:
+            from dico.data.vae import load_vae
+
+            self._vae = load_vae(spec["vae"], self.device)
+        from dico.data.vae import decode_latents
+
+        return decode_latents(self._vae, z, spec.get("scale_factor", 0.18215))

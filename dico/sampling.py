@@ -1,0 +1,89 @@
+"""Sample jobs from a training checkpoint: class-balanced, reproducible on any number of devices, resumable."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader
+
+from dico.callbacks.sample_writer import SampleWriter, finished_batches, merge_parts
+from dico.data.datamodule import SampleBatches
+from dico.module import DiffusionModule
+
+
+@dataclass
+class SampleJob:
+    """A sample job. Unset sampling options take the values the checkpoint was configured with.
+
+    Args:
+        ckpt: a Lightning checkpoint of :class:`DiffusionModule` (its ``state_dict`` holds the EMA weights).
+        out: output folder: ``samples.npz`` (ADM format), ``samples.png``, ``samples.json``, ``parts/``.
+        num_samples: how many samples, class-balanced (sample i has class i % num_classes).
+        batch_size: samples per batch; keep it fixed to reproduce a set (a batch's noise is seeded by its first index).
+        unsafe_full_unpickle: load a checkpoint that needs full unpickling (only for files you trust: unpickling
+            can run arbitrary code). Off by default: checkpoints load with ``weights_only=True``.
+    """
+
+    ckpt: str
+    out: str = "samples"
+    num_samples: int = 50_000
+    batch_size: int = 64
+    cfg_scale: float | None = None
+    guidance_mode: str | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    precision: str = "32-true"
+    unsafe_full_unpickle: bool = False
+
+
+def load_module(ckpt: str, unsafe_full_unpickle: bool = False, map_location: str = "cpu") -> DiffusionModule:
+    """Load a :class:`DiffusionModule` checkpoint safely (``weights_only=True``) unless told otherwise."""
+    if not Path(ckpt).exists():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    try:
+        return DiffusionModule.load_from_checkpoint(
+            ckpt, map_location=map_location, weights_only=not unsafe_full_unpickle
+        )
+    except Exception as e:
+        if "weights_only" in str(e) or "Unpickler" in str(e):
+            raise RuntimeError(
+                f"{ckpt} holds objects that safe loading refuses ({e}). If you trust the file, pass "
+                "--unsafe_full_unpickle true (full unpickling can run arbitrary code)."
+            ) from e
+        raise
+
+
+def run_sample_job(job: SampleJob) -> Path:
+    module = load_module(job.ckpt, job.unsafe_full_unpickle)
+    hp = module.hparams
+    for key, value in (("cfg_scale", job.cfg_scale), ("guidance_mode", job.guidance_mode),
+                       ("sampler", job.sampler), ("sampling_steps", job.steps)):  # fmt: skip
+        if value is not None:
+            hp[key] = value
+    hp["seed"] = job.seed
+    out = Path(job.out)
+    record = {**asdict(job), "cfg_scale": hp.cfg_scale, "guidance_mode": hp.guidance_mode, "sampler": hp.sampler,
+              "steps": hp.sampling_steps, "model": hp.model}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    previous = out / "samples.json"
+    if previous.exists() and json.loads(previous.read_text()) != record:
+        raise ValueError(
+            f"{out} holds samples of another job ({previous}); use a new --out folder or delete the old one"
+        )
+    (out / "samples.json").write_text(json.dumps(record, indent=1))
+    done = finished_batches(out, job.batch_size)
+    batches = SampleBatches(job.num_samples, module.model.num_classes, job.batch_size, skip=done)
+    if len(batches):
+        trainer = Trainer(
+            accelerator=job.accelerator, devices=job.devices, precision=job.precision, logger=False,
+            callbacks=[SampleWriter(str(out))], enable_model_summary=False,
+        )  # fmt: skip
+        trainer.predict(module, DataLoader(batches, batch_size=None), return_predictions=False)
+        return out / "samples.npz"
+    return merge_parts(out)
