@@ -1,4 +1,4 @@
-"""Checkpoint on SIGTERM (cluster preemption) at the next step boundary, then stop cleanly."""
+"""Checkpoint on SIGTERM (cluster preemption) at the next step boundary, before Lightning exits."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 class PreemptionCheckpoint(Callback):
-    """Lightning notices SIGTERM but, on one process, only stops at the end of an epoch. This saves the
-    resumable ``last.ckpt`` (atomically, like every Lightning checkpoint) right after the current step and stops,
-    so that ``fit --ckpt_path last`` continues from there."""
+    """On SIGTERM Lightning finishes the current step and exits (``SIGTERMException``) without saving. This
+    saves the resumable ``last.ckpt`` (atomically, like every Lightning checkpoint) right after that step, so
+    that ``fit --ckpt_path last`` continues from there."""
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
         if not getattr(trainer, "received_sigterm", False):

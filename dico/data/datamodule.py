@@ -40,6 +40,28 @@ class SampleBatches(torch.utils.data.Dataset):
         return {"index": index, "y": index % self.num_classes}
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning saves and restores with the checkpoint (its ``state_dict`` protocol): the state
+    is how many batches of the current epoch were trained on (counted by the datamodule when a batch reaches the
+    training step, so prefetched batches do not count); restoring makes the sampler skip them."""
+
+    def __init__(self, *args: Any, progress: dict[str, int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        return {**self.progress, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["batch_size"] != self.batch_size:
+            raise ValueError(
+                f"the checkpoint was trained with data.batch_size={state['batch_size']}; resume with the same batch "
+                f"size (got {self.batch_size}) so that the data order continues exactly"
+            )
+        self.progress.update(epoch=state["epoch"], batches=state["batches"])
+        self.sampler.resume(state["epoch"], state["batches"] * self.batch_size)  # type: ignore[attr-defined]
+
+
 class ArrayDataModule(LightningDataModule):
     """Shared logic; subclasses provide :meth:`build_dataset` and :attr:`decoder`."""
 
@@ -60,10 +82,7 @@ class ArrayDataModule(LightningDataModule):
         self.seed = seed
         self.predict_samples = predict_samples
         self.dataset: LatentArrays | None = None
-        self._train_sampler: EpochSampler | None = None
-        self._resume: tuple[int, int] | None = None  # (epoch, batches already trained in it)
-        self._batches_this_epoch = 0
-        self._epoch = 0
+        self.progress = {"epoch": 0, "batches": 0}  # training batches consumed in the current epoch
 
     # -- subclass interface ---------------------------------------------------------------------------
     def build_dataset(self) -> LatentArrays:
@@ -101,8 +120,8 @@ class ArrayDataModule(LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def _loader(self, sampler: EpochSampler, batch_size: int, drop_last: bool) -> DataLoader:
-        return DataLoader(
+    def _loader(self, sampler: EpochSampler, batch_size: int, drop_last: bool, cls: type = DataLoader, **kw: Any):
+        return cls(
             self.data,
             batch_size=batch_size,
             sampler=sampler,
@@ -111,6 +130,7 @@ class ArrayDataModule(LightningDataModule):
             collate_fn=identity_collate,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            **kw,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -124,12 +144,7 @@ class ArrayDataModule(LightningDataModule):
         sampler = EpochSampler(
             self.data, num_replicas=world, rank=rank, seed=self.seed, flips=self.data.flips, subset=train_idx
         )
-        if self._resume is not None:
-            epoch, batches = self._resume
-            sampler.resume(epoch, batches * self.batch_size)
-            self._resume = None
-        self._train_sampler = sampler
-        return self._loader(sampler, self.batch_size, drop_last=True)
+        return self._loader(sampler, self.batch_size, True, ResumableDataLoader, progress=self.progress)
 
     def val_dataloader(self) -> DataLoader:
         _, val_idx = self.split()
@@ -147,23 +162,10 @@ class ArrayDataModule(LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
         if trainer is not None and trainer.training:
-            if trainer.current_epoch != self._epoch:
-                self._epoch, self._batches_this_epoch = trainer.current_epoch, 0
-            self._batches_this_epoch += 1
+            if trainer.current_epoch != self.progress["epoch"]:
+                self.progress.update(epoch=trainer.current_epoch, batches=0)
+            self.progress["batches"] += 1
         return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        """How many training batches of the current epoch this rank consumed (prefetched ones excluded)."""
-        return {"epoch": self._epoch, "batches": self._batches_this_epoch, "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("batch_size", self.batch_size) != self.batch_size:
-            raise ValueError(
-                f"the checkpoint was trained with data.batch_size={state['batch_size']}; resume with the same batch "
-                f"size (got {self.batch_size}) so that the data order can continue exactly"
-            )
-        self._epoch, self._batches_this_epoch = state["epoch"], state["batches"]
-        self._resume = (state["epoch"], state["batches"])
 
 
 class LatentDataModule(ArrayDataModule):

@@ -199,7 +199,8 @@ def _encode_shard(
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
         np.save(tmp, arr)
         os.replace(tmp, path)
-    record = ShardRecord(index, len(lab), sha256_file(lat_path), sha256_file(lab_path), skipped, list(lat.shape[3:]))
+    shape = list(lat.shape[3:]) if len(lab) else []  # an all-unreadable shard has no latent shape
+    record = ShardRecord(index, len(lab), sha256_file(lat_path), sha256_file(lab_path), skipped, shape)
     atomic_write_text(out / f"{stem}.json", json.dumps(asdict(record)))
     for bad in skipped:
         print(f"[dico extract] skipped unreadable image {bad['path']}: {bad['error']}")

@@ -1,0 +1,147 @@
+"""Latent extraction, the sharded cache, the sampler and the datamodules."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dico.data import DigitsDataModule, EpochSampler, ExtractConfig, LatentDataModule, ShardedLatents, extract_latents
+from dico.data.extract import center_crop_arr
+from dico.data.latents import InMemoryLatents
+from dico.data.vae import encode_moments, load_vae
+
+
+def config(image_folder, out, vae, **kw) -> ExtractConfig:
+    args = dict(image_size=16, batch_size=4, shard_size=4, num_workers=0, progress=False)
+    return ExtractConfig(str(image_folder), str(out), vae=str(vae), **{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, image_folder, tiny_vae_dir):
+    out = tmp_path_factory.mktemp("latents")
+    manifest = extract_latents(config(image_folder, out, tiny_vae_dir))
+    return out, manifest
+
+
+def test_center_crop_matches_adm_geometry():
+    img = Image.fromarray(np.arange(100 * 60 * 3, dtype=np.uint8).reshape(100, 60, 3) % 251)
+    out = center_crop_arr(img, 16)
+    assert out.size == (16, 16)
+    # box-halved twice (100x60 -> 50x30 -> 25x15 stops: 15 < 32), then bicubic to short side 16 and center crop
+    assert center_crop_arr(Image.new("RGB", (64, 32)), 16).size == (16, 16)
+
+
+def test_extract_writes_manifest_and_reports_corrupt_images(cache, image_folder, tiny_vae_dir):
+    out, manifest = cache
+    assert manifest.count == 12 and manifest.num_classes == 2 and manifest.class_names == ["ant", "bee"]
+    assert manifest.latent_shape == [4, 8, 8] and manifest.flips == 2 and manifest.scale_factor == 0.18215
+    skipped = [s for shard in manifest.shards for s in shard.skipped]
+    assert len(skipped) == 1 and skipped[0]["path"].endswith("broken.jpg")
+    # the stored moments are the VAE posterior of the crop and of its mirror image
+    vae = load_vae(str(tiny_vae_dir))
+    first = sorted((image_folder / "ant").iterdir())[0]
+    x = torch.from_numpy(np.asarray(center_crop_arr(Image.open(first).convert("RGB"), 16)).copy())
+    x = x.permute(2, 0, 1)[None].float() / 127.5 - 1
+    mean, std = encode_moments(vae, torch.cat([x, x.flip(-1)]))
+    stored = np.load(out / "shard-00000.latents.npy")[0]  # (flips, 2, C, h, w)
+    np.testing.assert_allclose(stored[:, 0], mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stored[:, 1], std.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_extract_resumes_and_ranks_write_disjoint_shards(tmp_path, image_folder, tiny_vae_dir, monkeypatch):
+    import dico.data.extract as ex
+
+    encoded = []
+    real = ex._encode_shard
+    monkeypatch.setattr(ex, "_encode_shard", lambda *a, **k: (encoded.append(a[4]), real(*a, **k))[1])
+    assert extract_latents(config(image_folder, tmp_path, tiny_vae_dir, rank=1, world_size=2)) is None
+    assert encoded == [1, 3] and not (tmp_path / "manifest.json").exists()  # rank 0's shards still missing
+    manifest = extract_latents(config(image_folder, tmp_path, tiny_vae_dir, rank=0, world_size=2))
+    assert encoded == [1, 3, 0, 2] and manifest is not None and manifest.count == 12
+    (tmp_path / "shard-00002.json").unlink()  # an interrupted shard: only it is redone
+    extract_latents(config(image_folder, tmp_path, tiny_vae_dir))
+    assert encoded == [1, 3, 0, 2, 2]
+
+
+def test_reader_returns_scaled_moments_and_labels(cache):
+    out, manifest = cache
+    data = ShardedLatents(out, verify_checksums=True)
+    raw = np.load(out / "shard-00001.latents.npy")
+    batch = data.__getitems__([2 * 5 + 1, 2 * 0])  # image 5 mirrored, image 0
+    np.testing.assert_allclose(batch["x"][0].numpy(), raw[1, 1, 0] * 0.18215, rtol=1e-6)
+    np.testing.assert_allclose(batch["std"][0].numpy(), raw[1, 1, 1] * 0.18215, rtol=1e-6)
+    assert batch["y"].tolist() == [0, 0] and len(data) == 12 and data.labels().tolist() == [0] * 6 + [1] * 6
+
+
+def test_corrupt_or_missing_cache_names_the_fix(cache, tmp_path):
+    out, _ = cache
+    with pytest.raises(FileNotFoundError, match="cli.py extract"):
+        ShardedLatents(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in out.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    lat = bad / "shard-00001.latents.npy"
+    lat.write_bytes(lat.read_bytes()[:-100])  # truncated
+    with pytest.raises(ValueError, match="shard-00001"):
+        ShardedLatents(bad)
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        ShardedLatents(bad)
+
+
+def test_checksum_mismatch_is_detected(cache, tmp_path):
+    out, _ = cache
+    for f in out.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    arr = np.load(tmp_path / "shard-00000.latents.npy")
+    arr[0, 0, 0, 0, 0, 0] += 1
+    np.save(tmp_path / "shard-00000.latents.npy", arr)
+    ShardedLatents(tmp_path)  # same size and shape: only the checksum notices
+    with pytest.raises(ValueError, match="checksum"):
+        ShardedLatents(tmp_path, verify_checksums=True)
+
+
+def test_sampler_partitions_ranks_draws_flips_and_resumes():
+    data = InMemoryLatents(np.zeros((10, 1, 4, 4)), np.arange(10) % 2, num_classes=2)
+    full = EpochSampler(data, flips=2, seed=3)
+    full.set_epoch(1)
+    keys = list(full)
+    assert sorted(k // 2 for k in keys) == list(range(10)) and {k % 2 for k in keys} == {0, 1}
+    ranks = [EpochSampler(data, num_replicas=2, rank=r, flips=2, seed=3) for r in (0, 1)]
+    for s in ranks:
+        s.set_epoch(1)
+    parts = [list(s) for s in ranks]
+    assert sorted(parts[0] + parts[1]) == sorted(keys) and not set(parts[0]) & set(parts[1])
+    resumed = EpochSampler(data, flips=2, seed=3)
+    resumed.resume(epoch=1, samples_done=4)
+    resumed.set_epoch(1)
+    assert list(resumed) == keys[4:]
+    resumed.set_epoch(2)
+    assert len(list(resumed)) == 10  # the skip applies once
+
+
+def test_digits_datamodule_split_and_state():
+    dm = DigitsDataModule(batch_size=64, seed=0)
+    train, val = dm.split()
+    assert len(train) + len(val) == 1797 and len(val) == round(0.1 * 1797) and not set(train.tolist()) & set(val.tolist())
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["x"].shape == (64, 1, 8, 8) and batch["x"].min() >= -1 and batch["x"].max() <= 1
+    assert dm.sample_shape == (1, 8, 8) and dm.num_classes == 10 and dm.decoder == {"kind": "pixels"}
+    with pytest.raises(ValueError, match="batch size"):
+        DigitsDataModule(batch_size=32).train_dataloader().load_state_dict({"epoch": 0, "batches": 3, "batch_size": 64})
+
+
+def test_latent_datamodule_reads_the_cache(cache):
+    out, _ = cache
+    dm = LatentDataModule(str(out), batch_size=4, val_fraction=0.2)
+    assert dm.sample_shape == (4, 8, 8) and dm.num_classes == 2
+    assert dm.decoder["kind"] == "vae" and dm.decoder["scale_factor"] == 0.18215
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"x", "std", "y"} and batch["x"].shape == (4, 4, 8, 8)
+    record = json.loads((out / "manifest.json").read_text())
+    assert record["count"] == 12

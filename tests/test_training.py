@@ -1,0 +1,233 @@
+"""The Lightning stack: module, EMA, exact resume, NaN handling, preemption, CLI strictness, DDP, wandb."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+import cli
+from dico.callbacks import EMA, PreemptionCheckpoint, ema_weights
+from dico.data import DigitsDataModule
+from dico.module import DiffusionModule, NonFiniteLossError
+from tests.conftest import QUICKSTART, ROOT, TINY_MODEL
+
+
+def tiny_module(**kw) -> DiffusionModule:
+    return DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, lr=1e-3, **kw)
+
+
+def trainer(tmp_path: Path, max_steps: int, callbacks: list, **kw) -> Trainer:
+    return Trainer(
+        accelerator="cpu", max_steps=max_steps, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks, **kw,
+    )  # fmt: skip
+
+
+def digits(batch_size: int = 512) -> DigitsDataModule:
+    return DigitsDataModule(batch_size=batch_size, val_fraction=0.1)  # 1,617 training images: 3 batches/epoch
+
+
+def test_exact_resume_matches_an_uninterrupted_run(tmp_path):
+    """7 steps straight == 4 steps, save, resume, 3 more: weights, EMA, optimizer, data order and RNG streams."""
+    torch.manual_seed(0)
+    straight = tiny_module()
+    init = {k: v.clone() for k, v in straight.state_dict().items()}
+    trainer(tmp_path / "a", 7, [EMA(decay=0.9)]).fit(straight, digits())
+
+    first = tiny_module()
+    first.load_state_dict(init)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=4, save_last=True)
+    trainer(tmp_path / "b", 4, [EMA(decay=0.9), ckpt]).fit(first, digits())  # stops mid-epoch 2
+    resumed = tiny_module()
+    t = trainer(tmp_path / "b", 7, [EMA(decay=0.9), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)])
+    t.fit(resumed, digits(), ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert t.global_step == 7
+    for key, value in straight.state_dict().items():  # after fit both hold the EMA weights
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_ema_follows_the_published_update(tmp_path):
+    """ema_0 = initial weights; ema_k = d * ema_{k-1} + (1 - d) * w_k after every optimizer step."""
+    seen: list[dict[str, torch.Tensor]] = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args, **kwargs):
+            seen.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
+
+    torch.manual_seed(0)
+    module = tiny_module()
+    expected = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    trainer(tmp_path, 3, [Record(), EMA(decay=0.7)]).fit(module, digits())
+    for weights in seen:
+        expected = {k: 0.7 * expected[k] + 0.3 * weights[k] for k in expected}
+    for key, value in module.model.state_dict().items():  # Lightning copied the average in at the end of fit
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert not torch.equal(seen[-1]["head.proj.weight"], module.model.head.proj.weight)
+
+
+def test_ema_weights_context_swaps_in_and_out(tmp_path):
+    class Check(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args, **kwargs):
+            if trainer.global_step == 2:
+                live = pl_module.model.head.proj.weight.detach().clone()
+                ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
+                average = ema._average_model.module.model.head.proj.weight.detach().clone()
+                with ema_weights(pl_module):
+                    assert torch.equal(pl_module.model.head.proj.weight, average)
+                    with ema_weights(pl_module):  # nested use is a no-op
+                        assert torch.equal(pl_module.model.head.proj.weight, average)
+                assert torch.equal(pl_module.model.head.proj.weight, live) and not torch.equal(live, average)
+                self.ran = True
+
+    check = Check()
+    trainer(tmp_path, 3, [EMA(decay=0.9), check]).fit(tiny_module(), digits())
+    assert check.ran
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    class Poison(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                batch["x"].fill_(float("nan"))
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True)
+    with pytest.raises(NonFiniteLossError, match=r"step 3 .*last\.ckpt.*--ckpt_path last"):
+        trainer(tmp_path, 10, [EMA(decay=0.9), ckpt, Poison()]).fit(tiny_module(), digits())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_stops(tmp_path):
+    class Preempt(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args, **kwargs):
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=100, save_last=True)
+    t = trainer(tmp_path, 50, [EMA(decay=0.9), ckpt, Preempt(), PreemptionCheckpoint()])
+    with pytest.raises(SIGTERMException):  # Lightning ends the process (SystemExit) after the step
+        t.fit(tiny_module(), digits())
+    assert t.global_step == 2
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 2 and "current_model_state" in saved  # EMA and live weights both kept
+    t2 = trainer(tmp_path, 4, [EMA(decay=0.9), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+    t2.fit(tiny_module(), digits(), ckpt_path="last")
+    assert t2.global_step == 4
+
+
+def test_data_that_does_not_fit_the_model_is_refused(tmp_path):
+    module = DiffusionModule("DiCo-S", model_kwargs={**TINY_MODEL, "num_classes": 1000})
+    with pytest.raises(ValueError, match=r"10 classes, the model 1000"):
+        trainer(tmp_path, 1, []).fit(module, digits())
+    module = DiffusionModule("DiCo-S", model_kwargs={**TINY_MODEL, "in_channels": 4})
+    with pytest.raises(ValueError, match="1 channels, the model takes 4"):
+        trainer(tmp_path, 1, []).fit(module, digits())
+
+
+def test_sample_uses_ema_weights_and_is_seeded(tmp_path):
+    module = tiny_module(sampling_steps=5, cfg_scale=2.0, guidance_mode="all", clip_denoised=True)
+    trainer(tmp_path, 2, [EMA(decay=0.9)]).fit(module, digits())
+    a = module.sample([0, 1, 2], seed=1)
+    b = module.sample([0, 1, 2], seed=1)
+    assert a.shape == (3, 1, 8, 8) and torch.equal(a, b) and a.abs().max() <= 1
+    assert not torch.equal(a, module.sample([0, 1, 2], seed=2))
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def run_cli(*args: str, cwd: Path) -> None:
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        assert cli.main(list(args)) == 0
+    finally:
+        os.chdir(old)
+
+
+TINY_CLI = ["--model.model_kwargs", yaml.safe_dump(TINY_MODEL, default_flow_style=True).strip(), "--model.sampling_steps", "10"]
+
+
+def test_fit_fast_dev_run_through_the_cli(tmp_path):
+    run_cli("fit", "-c", str(QUICKSTART), *TINY_CLI, "--trainer.fast_dev_run", "2", "--data.init_args.batch_size", "16",
+            cwd=tmp_path)  # fmt: skip
+
+
+def test_cli_rejects_unknown_keys(tmp_path):
+    with pytest.raises(SystemExit):
+        run_cli("fit", "-c", str(QUICKSTART), "--trainer.max_stepz", "3", cwd=tmp_path)
+    bad = tmp_path / "bad.yaml"
+    config = yaml.safe_load(QUICKSTART.read_text())
+    config["model"]["learning_rate"] = 0.1
+    bad.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit):
+        run_cli("fit", "-c", str(bad), cwd=tmp_path)
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_experiment_configs_parse_and_keep_the_paper_batch(config, capsys, paper):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["fit", "-c", str(config), "--print_config"])
+    assert done.value.code in (0, None)
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    if config.stem == "quickstart":
+        return
+    t, m = resolved["trainer"], resolved["model"]
+    global_batch = t["num_nodes"] * t["devices"] * resolved["data"]["init_args"]["batch_size"] * t["accumulate_grad_batches"]
+    recipe = paper["table6_training"]["DiCo-H" if m["model"] == "DiCo-H" else "DiCo-S/B/L/XL"]
+    assert global_batch == recipe["global_batch"]
+    assert m["lr"] == recipe["lr"] and list(m["betas"]) == recipe["betas"] and m["weight_decay"] == 0
+    assert m["warmup_steps"] == recipe["warmup_steps"]
+    ema = next(c for c in t["callbacks"] if c["class_path"].endswith("EMA"))
+    assert ema["init_args"]["decay"] == recipe.get("ema_decay", 0.9999)
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "fit", "-c", str(QUICKSTART), *TINY_CLI,
+         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "3",
+         "--trainer.val_check_interval", "3", "--data.init_args.batch_size", "16",
+         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+         "--trainer.callbacks.dirpath", "ddp_ckpt", "--trainer.callbacks.save_last", "true"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = torch.load(tmp_path / "ddp_ckpt" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 3
+
+
+# ---------------------------------------------------------------------------------------------- wandb
+def test_wandb_mode_follows_credentials(tmp_path, monkeypatch):
+    from dico.loggers import AutoWandbLogger, wandb_credentials_available
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert not wandb_credentials_available()
+    assert AutoWandbLogger(save_dir=str(tmp_path))._offline
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_credentials_available()
+    assert not AutoWandbLogger(save_dir=str(tmp_path))._offline  # online, but nothing is sent until used
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert AutoWandbLogger(save_dir=str(tmp_path))._offline
+
+
+def test_no_credentials_in_run_files(tmp_path, monkeypatch):
+    secret = "s3cr3t" * 7
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_cli("fit", "-c", str(QUICKSTART), *TINY_CLI, "--trainer.max_steps", "2", "--data.init_args.batch_size", "16",
+            "--trainer.val_check_interval", "2", cwd=tmp_path)  # fmt: skip
+    files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in files) and any(p.suffix == ".ckpt" for p in files)
+    assert not [p for p in files if secret.encode() in p.read_bytes()]
