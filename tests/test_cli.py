@@ -32,3 +32,12 @@ def test_unknown_command_and_option_fail(capsys):
     assert cli.main(["nonsense"]) == 2
     with pytest.raises(SystemExit):
         cli.main(["model-info", "--model", "DiCo-S", "--typo", "1"])
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    blocks = [b.split("```")[0].strip() for b in readme.split("```bash\n")[1:]]
+    test_command = next(b for b in blocks if b.endswith("pytest -q"))
+    assert test_command in (ROOT / ".ci" / "run").read_text()
+    main_command = blocks[0]
+    assert main_command.endswith("python cli.py fit -c experiments/quickstart.yaml")

@@ -128,7 +128,9 @@ def test_sampler_partitions_ranks_draws_flips_and_resumes():
 def test_digits_datamodule_split_and_state():
     dm = DigitsDataModule(batch_size=64, seed=0)
     train, val = dm.split()
-    assert len(train) + len(val) == 1797 and len(val) == round(0.1 * 1797) and not set(train.tolist()) & set(val.tolist())
+    assert (
+        len(train) + len(val) == 1797 and len(val) == round(0.1 * 1797) and not set(train.tolist()) & set(val.tolist())
+    )
     batch = next(iter(dm.train_dataloader()))
     assert batch["x"].shape == (64, 1, 8, 8) and batch["x"].min() >= -1 and batch["x"].max() <= 1
     assert dm.sample_shape == (1, 8, 8) and dm.num_classes == 10 and dm.decoder == {"kind": "pixels"}

@@ -154,7 +154,12 @@ def run_cli(*args: str, cwd: Path) -> None:
         os.chdir(old)
 
 
-TINY_CLI = ["--model.model_kwargs", yaml.safe_dump(TINY_MODEL, default_flow_style=True).strip(), "--model.sampling_steps", "10"]
+TINY_CLI = [
+    "--model.model_kwargs",
+    yaml.safe_dump(TINY_MODEL, default_flow_style=True).strip(),
+    "--model.sampling_steps",
+    "10",
+]
 
 
 def test_fit_fast_dev_run_through_the_cli(tmp_path):
@@ -182,7 +187,9 @@ def test_experiment_configs_parse_and_keep_the_paper_batch(config, capsys, paper
     if config.stem == "quickstart":
         return
     t, m = resolved["trainer"], resolved["model"]
-    global_batch = t["num_nodes"] * t["devices"] * resolved["data"]["init_args"]["batch_size"] * t["accumulate_grad_batches"]
+    global_batch = (
+        t["num_nodes"] * t["devices"] * resolved["data"]["init_args"]["batch_size"] * t["accumulate_grad_batches"]
+    )
     recipe = paper["table6_training"]["DiCo-H" if m["model"] == "DiCo-H" else "DiCo-S/B/L/XL"]
     assert global_batch == recipe["global_batch"]
     assert m["lr"] == recipe["lr"] and list(m["betas"]) == recipe["betas"] and m["weight_decay"] == 0

@@ -25,7 +25,7 @@ class PreemptionCheckpoint(Callback):
             else Path(trainer.default_root_dir) / "checkpoints"
         )
         path = dirpath / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state: optimizer, loops, callbacks
         if checkpoint is not None:
             checkpoint.last_model_path = str(path)
         rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with `fit --ckpt_path last`")
