@@ -68,7 +68,7 @@ def test_extract_resumes_and_ranks_write_disjoint_shards(tmp_path, image_folder,
 
 
 def test_reader_returns_scaled_moments_and_labels(cache):
-    out, manifest = cache
+    out, _ = cache
     data = ShardedLatents(out, verify_checksums=True)
     raw = np.load(out / "shard-00001.latents.npy")
     batch = data.__getitems__([2 * 5 + 1, 2 * 0])  # image 5 mirrored, image 0
@@ -79,7 +79,7 @@ def test_reader_returns_scaled_moments_and_labels(cache):
 
 def test_corrupt_or_missing_cache_names_the_fix(cache, tmp_path):
     out, _ = cache
-    with pytest.raises(FileNotFoundError, match="cli.py extract"):
+    with pytest.raises(FileNotFoundError, match=r"cli\.py extract"):
         ShardedLatents(tmp_path)
     bad = tmp_path / "bad"
     bad.mkdir()
