@@ -3,6 +3,8 @@
 Lightning:  fit | validate | test | predict  -c CONFIG [--section.key value ...]   (strict: unknown keys fail)
 Tools:      extract      encode an image folder into a latent cache (VAE posterior mean and std)
             sample       generate an ADM-format .npz (and a PNG grid) from a checkpoint
+            reference    compute and cache reference statistics (image folder, ADM .npz, or digits)
+            evaluate     FID / IS / precision / recall / KID of an ADM .npz against reference statistics
             model-info   parameters, Gflops and shapes of a named model
 
 Run ``python cli.py <command> --help`` for a command's options. This file only parses and dispatches:
@@ -72,6 +74,59 @@ def sample(argv: list[str]) -> int:
     return 0
 
 
+def reference(argv: list[str]) -> int:
+    from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Reference
+    from dico.evaluation.protocol import compute_reference
+
+    parser = ArgumentParser(prog="dico reference", description="Compute and cache reference statistics.")
+    parser.add_argument("--source", required=True, help="image folder, ADM .npz reference batch, or 'digits'")
+    parser.add_argument("--out", required=True, help="where to cache the statistics (.npz)")
+    parser.add_argument("--image_size", type=int | None, default=None, help="ADM center crop of folder images")
+    parser.add_argument("--feature_extractor", default=INCEPTION, choices=[INCEPTION, "dico-digits"])
+    parser.add_argument("--weights_path", type=str | None, default=None, help="local feature-extractor weights")
+    parser.add_argument("--max_features", type=int, default=50_000, help="features kept for precision/recall, KID")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    spec = FeatureSpec(args.feature_extractor, args.weights_path)
+    from pathlib import Path
+
+    if Path(args.out).exists() and not args.overwrite:
+        ref = Reference.load(args.out)
+        print(f"[dico reference] {args.out} exists ({ref.meta}); reusing it (--overwrite to recompute)")
+        return 0
+    ref = compute_reference(args.source, spec, args.image_size, args.max_features, device=args.device)
+    ref.save(args.out)
+    print(f"[dico reference] {ref.meta['count']} images -> {args.out} (sha256 {ref.sha256[:12]})")
+    return 0
+
+
+def evaluate(argv: list[str]) -> int:
+    from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Reference
+    from dico.evaluation.protocol import score_npz, write_record
+
+    parser = ArgumentParser(prog="dico evaluate", description="Score an ADM-format sample file.")
+    parser.add_argument("--samples", required=True, help="ADM .npz (arr_0 uint8 NHWC)")
+    parser.add_argument("--reference", required=True, help="statistics from `dico reference`")
+    parser.add_argument("--feature_extractor", default=INCEPTION, choices=[INCEPTION, "dico-digits"])
+    parser.add_argument("--weights_path", type=str | None, default=None)
+    parser.add_argument("--out", type=str | None, default=None, help="write the JSON record here")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    args = parser.parse_args(argv)
+    record = score_npz(args.samples, Reference.load(args.reference),
+                       FeatureSpec(args.feature_extractor, args.weights_path), args.device)  # fmt: skip
+    if args.out:
+        write_record(args.out, record)
+    print(json.dumps(record["metrics"], indent=1))
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def model_info(argv: list[str]) -> int:
     from dico.models import list_models
     from dico.profiling import model_info as info
@@ -93,6 +148,8 @@ def model_info(argv: list[str]) -> int:
 TOOLS: dict[str, Callable[[list[str]], int]] = {
     "extract": extract,
     "sample": sample,
+    "reference": reference,
+    "evaluate": evaluate,
     "model-info": model_info,
 }
 

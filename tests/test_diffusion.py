@@ -129,3 +129,22 @@ def test_wrong_output_channels_name_the_fix():
     x = torch.randn(2, 4, 8, 8)
     with pytest.raises(ValueError, match="learn_sigma"):
         diffusion.training_losses(constant_model(torch.randn(2, 4, 8, 8)), x, torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("iddpm", 250), ("ddim", 50), ("dpm++", 20)])
+def test_samplers_recover_the_data_point_with_an_oracle_denoiser(sampler, steps):
+    """Data = one point x0: the exact noise predictor is eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t), with
+    the variance channel at the posterior variance (v = -1). Every correct sampler must then land on x0; a wrong
+    schedule, timestep mapping or update rule would not."""
+    from dico.diffusion import generate
+
+    abar = torch.from_numpy(create_diffusion("").alphas_cumprod)
+    x0 = torch.linspace(-0.8, 0.8, 2 * 4 * 4 * 4).view(2, 4, 4, 4)
+
+    def oracle(x, t, y):
+        a = abar[t].float().view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return torch.cat([eps, -torch.ones_like(eps)], dim=1)
+
+    out = generate(oracle, torch.tensor([0, 1]), (4, 4, 4), null_label=None, sampler=sampler, steps=steps)
+    torch.testing.assert_close(out, x0, rtol=0, atol=2e-3)

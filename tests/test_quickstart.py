@@ -4,6 +4,7 @@ from its checkpoint (the ``sample`` tool and ``predict``) is reproducible and re
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from pathlib import Path
@@ -61,6 +62,30 @@ def test_quickstart_samples_are_the_requested_digits(quickstart, classifier):
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     accuracy = class_accuracy(classifier, x, torch.from_numpy(labels))
     assert accuracy >= 0.8, f"only {accuracy:.0%} of the guided samples are recognised as their class"
+
+
+def test_quickstart_digits_fid_falls_during_training(quickstart):
+    records = {int(p.stem.split("_")[1]): json.loads(p.read_text()) for p in (quickstart / "eval").glob("step_*.json")}
+    assert sorted(records) == [0, STEPS]
+    start = records[0]["metrics"]["frechet_inception_distance"]
+    end = records[STEPS]["metrics"]["frechet_inception_distance"]
+    assert end < 0.25 * start, f"digits FID went from {start:.1f} to {end:.1f}"
+    assert records[STEPS]["settings"]["num_samples"] == 200 and records[STEPS]["feature_extractor"] == "dico-digits"
+
+
+def test_test_protocol_writes_its_record_and_samples(quickstart, tmp_path):
+    shutil.copy(quickstart / "checkpoints" / "last.ckpt", tmp_path / "model.ckpt")
+    shutil.copytree(quickstart.parent, tmp_path / "runs", ignore=shutil.ignore_patterns("quickstart"))
+    run(tmp_path, "test", "-c", str(QUICKSTART), "--ckpt_path", "model.ckpt", "--trainer.logger", "false",
+        "--trainer.default_root_dir", "out")  # fmt: skip
+    record = json.loads((tmp_path / "out" / "test" / "record.json").read_text())
+    settings = record["settings"]
+    assert settings["num_samples"] == 500 and settings["sampler"] == "iddpm" and settings["steps"] == 100
+    assert settings["cfg_scale"] == 2.0 and settings["guidance_mode"] == "all" and settings["seed"] == 0
+    assert record["checkpoint"].endswith("model.ckpt") and len(record["reference_sha256"]) == 64
+    assert set(record["metrics"]) >= {"frechet_inception_distance", "inception_score_mean", "precision", "recall"}
+    with np.load(tmp_path / "out" / "test" / "samples.npz") as data:
+        assert data["arr_0"].shape == (500, 8, 8, 1) and data["arr_1"].tolist() == [i % 10 for i in range(500)]
 
 
 def test_sample_tool_is_reproducible_and_resumable(quickstart, tmp_path):

@@ -154,6 +154,10 @@ class ArrayDataModule(LightningDataModule):
         )
         return self._loader(sampler, self.val_batch_size, drop_last=False)
 
+    def test_dataloader(self) -> DataLoader:
+        """The held-out split (the diffusion loss); the sample-based test protocol runs in ``FIDEvaluation``."""
+        return self.val_dataloader()
+
     def predict_dataloader(self) -> DataLoader:
         """Class-balanced sample batches for generation; Lightning shards the batches over ranks."""
         return DataLoader(SampleBatches(self.predict_samples, self.num_classes, self.val_batch_size), batch_size=None)

@@ -12,8 +12,8 @@ from .factory import create_diffusion
 from .gaussian_diffusion import GaussianDiffusion
 from .guidance import GuidanceMode, guided
 
-SamplerName = Literal["iddpm", "ddim"]
-SAMPLERS: tuple[str, ...] = ("iddpm", "ddim")
+SamplerName = Literal["iddpm", "ddim", "dpm++"]
+SAMPLERS: tuple[str, ...] = ("iddpm", "ddim", "dpm++")
 
 
 def sampling_diffusion(
@@ -24,10 +24,11 @@ def sampling_diffusion(
     learn_sigma: bool = True,
 ) -> GaussianDiffusion:
     """The respaced process a sampler runs on: ``str(steps)`` sections for iDDPM; DDIM's integer stride
-    (``"ddimN"``) when one gives exactly N steps, else evenly spaced sections."""
+    (``"ddimN"``) when one gives exactly N steps, else evenly spaced sections. (DPM-Solver++ brings its own
+    timesteps; it gets the full process here.)"""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    spec = str(steps)
+    spec = str(steps) if sampler != "dpm++" else ""
     if sampler == "ddim" and any(len(range(0, diffusion_steps, s)) == steps for s in range(1, diffusion_steps)):
         spec = f"ddim{steps}"
     return create_diffusion(spec, noise_schedule, learn_sigma=learn_sigma, diffusion_steps=diffusion_steps)
@@ -61,6 +62,10 @@ def generate(
     device = labels.device
     generator = torch.Generator(device).manual_seed(seed)
     noise = torch.randn((len(labels), *shape), generator=generator, device=device)
+    if sampler == "dpm++":
+        from .dpm_solver import dpm_solver_sample
+
+        return dpm_solver_sample(net, noise, steps, {"y": labels}, diffusion.learn_sigma, progress=progress)
     kwargs = dict(noise=noise, clip_denoised=clip_denoised, model_kwargs={"y": labels}, progress=progress)
     if sampler == "ddim":
         return diffusion.ddim_sample_loop(net, noise.shape, eta=eta, generator=generator, **kwargs)

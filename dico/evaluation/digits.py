@@ -3,11 +3,19 @@ asked for, and supplies the features of the quickstart's FID."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dico.data.datamodule import load_digits_arrays
+
+try:  # torch-fidelity is a dependency; keep this module importable for the classifier alone
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import register_feature_extractor
+except ImportError:  # pragma: no cover
+    FeatureExtractorBase, register_feature_extractor = nn.Module, None  # type: ignore[misc,assignment]
 
 
 class DigitsClassifier(nn.Module):
@@ -57,3 +65,56 @@ def train_digits_classifier(seed: int = 0, epochs: int = 30, holdout: float = 0.
 def class_accuracy(classifier: DigitsClassifier, images: Tensor, labels: Tensor) -> float:
     """Fraction of ``images`` ((B, 1, 8, 8) in [-1, 1]) that the classifier assigns to their ``labels``."""
     return (classifier(images.float()).argmax(1) == labels.to(images.device)).float().mean().item()
+
+
+def load_or_train_classifier(path: str | Path | None) -> DigitsClassifier:
+    """The classifier's weights from ``path`` (``weights_only=True``), or trained now (and saved to ``path``)."""
+    model = DigitsClassifier()
+    if path is not None and Path(path).exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval().requires_grad_(False)
+    model, _ = train_digits_classifier()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    return model
+
+
+class DigitsFeatureExtractor(FeatureExtractorBase):
+    """torch-fidelity feature extractor ``dico-digits``: uint8 (B, 1, 8, 8) digits -> 64-d features (FID, KID,
+    precision/recall) and 10 logits (Inception Score), from :class:`DigitsClassifier`."""
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
+                 **kwargs: object) -> None:  # fmt: skip
+        super().__init__(name, features_list)
+        self.classifier = load_or_train_classifier(feature_extractor_weights_path)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("64", "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return {"isc": "logits", "fid": "64", "kid": "64", "prc": "64"}[metric]
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> Tensor:
+        return torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        if x.dtype != torch.uint8 or x.shape[1:] != (1, 8, 8):
+            raise ValueError(f"dico-digits takes uint8 (B, 1, 8, 8) images, got {x.dtype} {tuple(x.shape)}")
+        feats = self.classifier.features(x.float() / 127.5 - 1)
+        out = {"64": feats, "logits": self.classifier.head(feats)}
+        return tuple(out[name] for name in self.features_list)
+
+
+if register_feature_extractor is not None:
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if "dico-digits" not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor("dico-digits", DigitsFeatureExtractor)
