@@ -110,8 +110,9 @@ def test_inception_from_a_local_file_matches_torch_fidelity(inception_weights):
     extractor = build_feature_extractor(spec, ["2048", "logits_unbiased"])
     ours = score_inception(extractor, spec, gen, real)
     theirs = torch_fidelity.calculate_metrics(
-        input1=Images(gen), input2=Images(real), cuda=False, fid=True, isc=True, feature_extractor="inception-v3-compat",
-        feature_extractor_weights_path=str(inception_weights), isc_splits=2, verbose=False, cache=False,
+        input1=Images(gen), input2=Images(real), cuda=False, fid=True, isc=True,
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(inception_weights), isc_splits=2,
+        verbose=False, cache=False,
     )  # fmt: skip
     assert ours["frechet_inception_distance"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
     assert ours["inception_score_mean"] == pytest.approx(theirs["inception_score_mean"], rel=1e-6)
@@ -126,11 +127,11 @@ def test_unsafe_or_missing_inception_weights_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match=r"weights_path.*weights-inception-2015-12-05"):
         build_feature_extractor(FeatureSpec("inception-v3-compat", None), ["2048"])
-    with pytest.raises(FileNotFoundError, match="do not exist"):
+    with pytest.raises(FileNotFoundError, match=r"do not exist"):
         build_feature_extractor(FeatureSpec("inception-v3-compat", str(tmp_path / "nope.pth")), ["2048"])
     pickled = tmp_path / "evil.pth"
     torch.save({"not": object()}, pickled)  # needs full unpickling
-    with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
+    with pytest.raises(Exception, match=r"(?i)weights_only|unpickl"):
         build_feature_extractor(FeatureSpec("inception-v3-compat", str(pickled)), ["2048"])
 
 
@@ -161,7 +162,7 @@ def test_reference_and_evaluate_commands(tmp_path, digits_u8, digits_spec, capsy
     record = json.loads((tmp_path / "rec.json").read_text())
     assert record["count"] == 500 and record["reference_sha256"] == ref.sha256
     assert 0 <= record["metrics"]["frechet_inception_distance"] < 50  # real digits against real digits
-    with pytest.raises(FileNotFoundError, match="cli.py reference"):
+    with pytest.raises(FileNotFoundError, match=r"cli\.py reference"):
         Reference.load(tmp_path / "missing.npz")
 
 
@@ -173,8 +174,8 @@ def test_fid_callback_during_fit(tmp_path, digits_spec):
         weights_path=digits_spec.weights_path, at_start=True, every_n_steps=2, num_samples=40, batch_size=20,
         save_best=True,
     )  # fmt: skip
-    trainer = Trainer(accelerator="cpu", max_steps=3, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-                      limit_val_batches=0, callbacks=[EMA(decay=0.9), fid])  # fmt: skip
+    trainer = Trainer(accelerator="cpu", max_steps=3, default_root_dir=tmp_path, logger=False,
+                      enable_progress_bar=False, limit_val_batches=0, callbacks=[EMA(decay=0.9), fid])  # fmt: skip
     trainer.fit(module, DigitsDataModule(batch_size=256))
     records = sorted((tmp_path / "eval").glob("step_*.json"))
     assert [r.stem for r in records] == ["step_0000000", "step_0000002", "step_0000003"]
