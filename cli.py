@@ -133,7 +133,7 @@ def model_info(argv: list[str]) -> int:
 
     parser = ArgumentParser(prog="dico model-info", description="Parameters, Gflops (MACs) and shapes of a model.")
     parser.add_argument("--model", required=True, choices=list_models(), help="registered model name")
-    parser.add_argument("--image-size", type=int, default=256, choices=[256, 512], help="image resolution")
+    parser.add_argument("--image_size", type=int, default=256, choices=[256, 512], help="image resolution")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     result = info(args.model, image_size=args.image_size)
@@ -154,6 +154,17 @@ TOOLS: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+def normalize_options(argv: list[str]) -> list[str]:
+    """Tools accept ``--image-size`` and ``--image_size`` alike."""
+    out = []
+    for token in argv:
+        if token.startswith("--"):
+            name, eq, value = token.partition("=")
+            token = "--" + name[2:].replace("-", "_") + eq + value
+        out.append(token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if command in LIGHTNING_COMMANDS:
         return lightning(argv)
     if command in TOOLS:
-        return TOOLS[command](rest)
+        return TOOLS[command](normalize_options(rest))
     print(f"unknown command {command!r}; choose one of: {', '.join((*LIGHTNING_COMMANDS, *TOOLS))}", file=sys.stderr)
     return 2
 

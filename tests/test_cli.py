@@ -41,3 +41,12 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert test_command in (ROOT / ".ci" / "run").read_text()
     main_command = blocks[0]
     assert main_command.endswith("python cli.py fit -c experiments/quickstart.yaml")
+
+
+def test_extract_command_with_the_documented_options(tmp_path, image_folder, tiny_vae_dir, capsys):
+    out = tmp_path / "latents"
+    args = ["extract", "--data-path", str(image_folder), "--out", str(out), "--image-size", "16",
+            "--vae", str(tiny_vae_dir), "--num-workers", "0", "--shard-size", "5", "--progress", "false"]  # fmt: skip
+    assert cli.main(args) == 0
+    assert "12 images" in capsys.readouterr().out and (out / "manifest.json").exists()
+    assert cli.main(args) == 0  # a second run finds every shard done

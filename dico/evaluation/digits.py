@@ -46,7 +46,7 @@ def train_digits_classifier(seed: int = 0, epochs: int = 30, holdout: float = 0.
     order = torch.randperm(len(y), generator=g)
     n_test = int(len(y) * holdout)
     test, train = order[:n_test], order[n_test:]
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), torch.inference_mode(False), torch.enable_grad():  # callers may be in no_grad
         torch.manual_seed(seed)
         model = DigitsClassifier()
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
