@@ -1,12 +1,14 @@
-"""Backbones: DiCo (U-shaped ConvNet), DiT baselines, their parts, and the published-checkpoint loader.
+"""Backbones: DiCo (U-shaped ConvNet), DiT baselines, the isotropic DiCo skeleton, their parts (token mixers,
+channel attentions), the ablation variants of Tables 3-4 (:mod:`.ablation`) and the published-checkpoint loader.
 
 Pure torch: nothing here imports Lightning, the diffusion package, wandb or torch-fidelity.
 """
 
-from . import channel_attention, mixers  # noqa: F401  (register the parts)
+from . import ablation, attention, channel_attention, mixers  # noqa: F401  (register the parts and variants)
 from .base import DiffusionBackbone
 from .dico import DICO_CONFIGS, DiCo
 from .dit import DIT_CONFIGS, DiT
+from .isotropic import IsotropicDiCo
 from .official import convert_official_state_dict, load_official
 from .registry import CHANNEL_ATTENTION, MODELS, TOKEN_MIXERS, create_model, list_models, register_model
 
@@ -19,6 +21,7 @@ __all__ = [
     "DiCo",
     "DiT",
     "DiffusionBackbone",
+    "IsotropicDiCo",
     "convert_official_state_dict",
     "create_model",
     "list_models",

@@ -45,7 +45,8 @@ class Resample(nn.Sequential):
 
 class DiCo(DiffusionBackbone):
     """DiCo backbone. ``mixer``/``mixer_kwargs`` choose the token mixer of every block (default: the
-    conv module with compact channel attention); ``ffn_act`` the FFN activation."""
+    conv module with compact channel attention); ``ffn_act`` the FFN activation. Mixers that take a
+    ``resolution`` get their stage's (H, W) at ``input_size`` (see :func:`build_mixer`)."""
 
     size_multiple = 4
 
@@ -76,9 +77,13 @@ class DiCo(DiffusionBackbone):
         d = hidden_size
         self.hidden_size = d
 
-        def stage(dim: int, n: int) -> nn.ModuleList:
+        def stage(dim: int, n: int, size: int) -> nn.ModuleList:
             return nn.ModuleList(
-                DiCoBlock(dim, build_mixer(mixer, dim, i, **(mixer_kwargs or {})), ConvFFN(dim, mlp_ratio, ffn_act))
+                DiCoBlock(
+                    dim,
+                    build_mixer(mixer, dim, i, resolution=(size, size), **(mixer_kwargs or {})),
+                    ConvFFN(dim, mlp_ratio, ffn_act),
+                )
                 for i in range(n)
             )
 
@@ -86,17 +91,17 @@ class DiCo(DiffusionBackbone):
         self.cond = nn.ModuleList(
             ConditionEmbedder(w, num_classes, null_label=class_dropout_prob > 0) for w in (d, 2 * d, 4 * d)
         )
-        self.encoder1 = stage(d, depth[0])
+        self.encoder1 = stage(d, depth[0], input_size)
         self.down1 = Resample(d, down=True)
-        self.encoder2 = stage(2 * d, depth[1])
+        self.encoder2 = stage(2 * d, depth[1], input_size // 2)
         self.down2 = Resample(2 * d, down=True)
-        self.middle = stage(4 * d, depth[2])
+        self.middle = stage(4 * d, depth[2], input_size // 4)
         self.up2 = Resample(4 * d, down=False)
         self.fuse2 = PointwiseConv(4 * d, 2 * d)
-        self.decoder2 = stage(2 * d, depth[3])
+        self.decoder2 = stage(2 * d, depth[3], input_size // 2)
         self.up1 = Resample(2 * d, down=False)
         self.fuse1 = PointwiseConv(2 * d, 2 * d)
-        self.decoder1 = stage(2 * d, depth[4])
+        self.decoder1 = stage(2 * d, depth[4], input_size)
         self.head = FinalLayer2d(2 * d, self.out_channels)
         self.reset_parameters()
 

@@ -73,6 +73,17 @@ def activation(name: str) -> nn.Module:
     return table[name]()
 
 
+def resolve_heads(dim: int, num_heads: int | None, head_dim: int) -> int:
+    """Attention heads of a ``dim``-wide layer: ``num_heads`` if given, else ``dim // head_dim`` (at least one).
+
+    Raises a ValueError when the width does not split evenly into that many heads.
+    """
+    heads = num_heads if num_heads is not None else max(1, dim // head_dim)
+    if heads < 1 or dim % heads:
+        raise ValueError(f"width {dim} does not split into {heads} attention heads; choose num_heads or head_dim")
+    return heads
+
+
 def zero_init_(module: nn.Module) -> None:
     """Set every parameter of ``module`` to zero (adaLN-Zero and output heads)."""
     for p in module.parameters():
@@ -101,6 +112,7 @@ __all__ = [
     "broadcast",
     "channel_norm",
     "modulate",
+    "resolve_heads",
     "xavier_init_",
     "zero_init_",
 ]

@@ -1,12 +1,14 @@
 """Token mixers and feed-forward networks for 2-D blocks: channels-last (B, H, W, C) -> (B, H, W, C).
 
 A token mixer is any module registered in ``TOKEN_MIXERS`` whose constructor takes
-``(dim, *, block_index=0, **kwargs)``; the block index lets e.g. window attention alternate shifts.
+``(dim, *, block_index=0, **kwargs)``; the block index lets e.g. window attention alternate shifts. Mixers
+with resolution-sized parameters also take ``resolution=(H, W)``, which the models pass (see :func:`build_mixer`).
 DiCo's mixer is :class:`ConvModule`; the ablation registers attention mixers beside it.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import Tensor, nn
@@ -54,6 +56,24 @@ class ConvFFN(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def build_mixer(name: str, dim: int, block_index: int = 0, **kwargs: Any) -> nn.Module:
-    """Build a registered token mixer by name (see the module docstring for the interface)."""
-    return TOKEN_MIXERS.build(name, dim, block_index=block_index, **kwargs)
+def accepts_keyword(fn: Any, name: str) -> bool:
+    """Whether a constructor/function takes the keyword argument ``name`` (explicitly, not through **kwargs)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
+        return False
+
+
+def build_mixer(
+    name: str, dim: int, block_index: int = 0, resolution: tuple[int, int] | None = None, **kwargs: Any
+) -> nn.Module:
+    """Build a registered token mixer by name (see the module docstring for the interface).
+
+    ``resolution`` (the stage's (H, W)) is passed on only to mixers whose constructor takes a ``resolution``
+    keyword (those with resolution-sized parameters, e.g. learned positions); an explicit
+    ``kwargs["resolution"]`` wins.
+    """
+    ctor = TOKEN_MIXERS.get(name)
+    if resolution is not None and "resolution" not in kwargs and accepts_keyword(ctor, "resolution"):
+        kwargs["resolution"] = resolution
+    return ctor(dim, block_index=block_index, **kwargs)
