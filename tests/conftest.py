@@ -77,3 +77,23 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
             Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / name / f"{c}_{i}.png")
     (root / "bee" / "broken.jpg").write_bytes(b"this is not a jpeg")
     return root
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """Randomly initialised Inception weights saved as a plain state dict (the real file cannot be fetched here)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    original = fe.FeatureExtractorInceptionV3.load_state_dict
+    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, sd, *a, **k: None
+    real_load = fe.load_state_dict_from_url
+    fe.load_state_dict_from_url = lambda *a, **k: {}
+    try:
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        fe.FeatureExtractorInceptionV3.load_state_dict = original
+        fe.load_state_dict_from_url = real_load
+    path = tmp_path_factory.mktemp("inception") / "inception.pth"
+    torch.save(net.state_dict(), path)
+    return path

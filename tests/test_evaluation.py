@@ -82,26 +82,6 @@ def test_metrics_equal_torch_fidelity_calculate_metrics(digits_u8, digits_spec, 
         assert ours[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory):
-    """Randomly initialised Inception weights saved as a plain state dict (the real file cannot be fetched here)."""
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
-
-    original = fe.FeatureExtractorInceptionV3.load_state_dict
-    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, sd, *a, **k: None
-    real_load = fe.load_state_dict_from_url
-    fe.load_state_dict_from_url = lambda *a, **k: {}
-    try:
-        torch.manual_seed(0)
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    finally:
-        fe.FeatureExtractorInceptionV3.load_state_dict = original
-        fe.load_state_dict_from_url = real_load
-    path = tmp_path_factory.mktemp("inception") / "inception.pth"
-    torch.save(net.state_dict(), path)
-    return path
-
-
 def test_inception_from_a_local_file_matches_torch_fidelity(inception_weights):
     g = torch.Generator().manual_seed(1)
     gen = torch.randint(0, 256, (24, 3, 32, 32), generator=g, dtype=torch.uint8)

@@ -90,8 +90,9 @@ class FIDEvaluation(Callback):
     # -- one evaluation -----------------------------------------------------------------------------
     def _run(self, trainer: Trainer, pl_module: LightningModule, settings: EvalSettings, name: str,
              samples_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
+        reference = self.reference(trainer)
         with ema_weights(pl_module), torch.no_grad():
-            record = evaluate(pl_module, settings, self.reference(trainer), self.spec, trainer, samples_dir)
+            record = evaluate(pl_module, settings, reference, self.spec, trainer, samples_dir)
         record["step"] = trainer.global_step
         record["checkpoint"] = trainer.ckpt_path
         if trainer.is_global_zero:

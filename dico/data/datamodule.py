@@ -113,7 +113,7 @@ class ArrayDataModule(LightningDataModule):
         """Seeded train / validation index split (the same on every rank and every run)."""
         n = len(self.data)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 12345))
-        n_val = min(n - 1, round(n * self.val_fraction)) if self.val_fraction > 0 else 0
+        n_val = min(n - 1, max(1, round(n * self.val_fraction))) if self.val_fraction > 0 else 0
         return order[n_val:].sort().values, order[:n_val].sort().values
 
     def _world(self) -> tuple[int, int]:
