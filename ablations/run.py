@@ -128,7 +128,8 @@ def train_and_evaluate(row: AblationRow, budget: Budget, args: argparse.Namespac
     fid = FIDEvaluation(
         reference=args.reference, reference_source=args.reference_source, weights_path=args.inception_weights,
         reference_image_size=data.data.manifest.image_size,
-        every_n_steps=0, test_num_samples=budget.eval_samples, test_steps=budget.sampling_steps,
+        every_n_steps=0, num_samples=budget.eval_samples, test_num_samples=budget.eval_samples,
+        test_steps=budget.sampling_steps,
         batch_size=min(125, budget.eval_samples), test_save_samples=False,
     )  # fmt: skip
     loggers: list[Any] = [CSVLogger(run_dir, name="csv", version="")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -154,12 +155,15 @@ def run_cli(*args: str, cwd: Path) -> None:
         os.chdir(old)
 
 
-TINY_CLI = [
-    "--model.model_kwargs",
-    yaml.safe_dump(TINY_MODEL, default_flow_style=True).strip(),
-    "--model.sampling_steps",
-    "10",
-]
+# The quickstart config with a tiny model and only the callbacks these tests need (the quickstart's end-to-end test
+# runs its full callback list).
+LIGHT_CALLBACKS = json.dumps([
+    {"class_path": "dico.callbacks.EMA", "init_args": {"decay": 0.9}},
+    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+     "init_args": {"dirpath": "runs/quickstart/checkpoints", "save_last": True}},
+])  # fmt: skip
+TINY_CLI = ["--model.model_kwargs", yaml.safe_dump(TINY_MODEL, default_flow_style=True).strip(),
+            "--model.sampling_steps", "10", "--trainer.callbacks", LIGHT_CALLBACKS]  # fmt: skip
 
 
 def test_fit_fast_dev_run_through_the_cli(tmp_path):
@@ -203,13 +207,11 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "cli.py"), "fit", "-c", str(QUICKSTART), *TINY_CLI,
          "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "3",
-         "--trainer.val_check_interval", "3", "--data.init_args.batch_size", "16",
-         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-         "--trainer.callbacks.dirpath", "ddp_ckpt", "--trainer.callbacks.save_last", "true"],
+         "--trainer.val_check_interval", "3", "--data.init_args.batch_size", "16"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    saved = torch.load(tmp_path / "ddp_ckpt" / "last.ckpt", weights_only=True)
+    saved = torch.load(tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 3
 
 

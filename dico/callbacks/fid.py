@@ -20,8 +20,8 @@ from dico.evaluation.protocol import EvalSettings, compute_reference, evaluate, 
 class FIDEvaluation(Callback):
     """Scores EMA samples with FID, Inception Score, precision/recall and KID.
 
-    During ``fit``: every ``every_n_steps`` optimizer steps (and at the start if ``at_start``, and at the end)
-    on ``num_samples`` samples; metrics go to every logger as ``eval/<metric>``, a grid to wandb, a JSON record
+    During ``fit``: every ``every_n_steps`` optimizer steps (and at the start if ``at_start``, and at the end;
+    ``every_n_steps=0`` and no ``at_start`` turn periodic evaluation off) on ``num_samples`` samples; metrics go to every logger as ``eval/<metric>``, a grid to wandb, a JSON record
     to ``<run>/eval/step_N.json``; with ``save_best`` the best-FID model is kept as
     ``<run>/checkpoints/best_fid.ckpt``.
 
@@ -139,7 +139,8 @@ class FIDEvaluation(Callback):
             self._periodic(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._periodic(trainer, pl_module)  # the EMA weights are in the model by now
+        if self.every_n_steps > 0 or self.at_start:  # periodic evaluation is on: close it with the final model
+            self._periodic(trainer, pl_module)  # (the EMA weights are in the model by now)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         out = run_dir(trainer) / "test"

@@ -38,7 +38,7 @@ class DigitsClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def train_digits_classifier(seed: int = 0, epochs: int = 30, holdout: float = 0.2) -> tuple[DigitsClassifier, float]:
+def train_digits_classifier(seed: int = 0, epochs: int = 15, holdout: float = 0.2) -> tuple[DigitsClassifier, float]:
     """Fit on the real digits (seeded, about two seconds on a CPU); returns the model and its held-out accuracy."""
     g = torch.Generator().manual_seed(seed)
     images, labels = load_digits_arrays()
