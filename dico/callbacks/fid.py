@@ -21,9 +21,9 @@ class FIDEvaluation(Callback):
     """Scores EMA samples with FID, Inception Score, precision/recall and KID.
 
     During ``fit``: every ``every_n_steps`` optimizer steps (and at the start if ``at_start``, and at the end;
-    ``every_n_steps=0`` and no ``at_start`` turn periodic evaluation off) on ``num_samples`` samples; metrics go to every logger as ``eval/<metric>``, a grid to wandb, a JSON record
-    to ``<run>/eval/step_N.json``; with ``save_best`` the best-FID model is kept as
-    ``<run>/checkpoints/best_fid.ckpt``.
+    ``every_n_steps=0`` and no ``at_start`` turn periodic evaluation off) on ``num_samples`` samples; metrics go
+    to every logger as ``eval/<metric>``, a grid to wandb, a JSON record to ``<run>/eval/step_N.json``; with
+    ``save_best`` the best-FID model is kept as ``<run>/checkpoints/best_fid.ckpt``.
 
     During ``test``: the paper's protocol on ``test_num_samples`` (50,000) samples with ``test_sampler`` /
     ``test_steps`` (250-step iDDPM) and the module's guidance settings (or ``cfg_scale``/``guidance_mode``);
