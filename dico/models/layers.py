@@ -4,6 +4,7 @@ checkpoints."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -44,6 +45,29 @@ def broadcast(v: Tensor, x: Tensor) -> Tensor:
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation ``x * (1 + scale) + shift`` of channels-last ``x`` (B, ..., C); shift/scale (B, C)."""
     return x * (1 + broadcast(scale, x)) + broadcast(shift, x)
+
+
+def counting_macs() -> bool:
+    """True while ``torch.jit`` traces the model, as torchprofile does to count MACs.
+
+    The fused ops below (``addcmul``) are then replaced by the reference multiply and add, because torchprofile
+    counts every ``aten::mul`` by its output size and knows no ``addcmul``: the published MAC counts include them.
+    """
+    return torch.jit.is_tracing()
+
+
+def modulate_fused(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """:func:`modulate` as one ``addcmul`` (one pass over ``x``, one output tensor instead of two)."""
+    if counting_macs():
+        return modulate(x, shift, scale)
+    return torch.addcmul(broadcast(shift, x), x, broadcast(scale + 1, x))
+
+
+def gated_residual(x: Tensor, gate: Tensor, branch: Tensor) -> Tensor:
+    """``x + gate * branch`` (adaLN-Zero gate, (B, C)) as one ``addcmul`` on channels-last maps."""
+    if counting_macs():
+        return x + broadcast(gate, x) * branch
+    return torch.addcmul(x, broadcast(gate, x), branch)
 
 
 class AdaLNModulation(nn.Sequential):
@@ -100,7 +124,10 @@ __all__ = [
     "activation",
     "broadcast",
     "channel_norm",
+    "counting_macs",
+    "gated_residual",
     "modulate",
+    "modulate_fused",
     "xavier_init_",
     "zero_init_",
 ]

