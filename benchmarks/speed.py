@@ -6,8 +6,9 @@ DiCo implementation run beside ours (``--published-dico PATH``: your clone of sh
 the cost of guided sampling against bare model calls (``--sampling``).
 
 A training step is: forward + hybrid diffusion loss (``create_diffusion("").training_losses``) + backward + AdamW.
-The models of one row are timed in turns (A, B, A, B, ...) after a warm-up and the median is reported, so that
-noise (other jobs on the machine, clock changes) hits them alike. Throughputs are images per second.
+The models of one row are timed in turns (A, B, A, B, ...) after a warm-up; images/s are from the median time, and
+a ratio is the median over turns of the two models' time ratio within a turn, so that noise (other jobs on the
+machine, clock changes) that comes and goes hits both sides of each ratio alike.
 
 Examples::
 
@@ -190,6 +191,11 @@ def timed_in_turns(fns: dict[str, Callable[[], None]], reps: int, sync: Callable
     return times
 
 
+def paired_speedup(base: list[float], new: list[float]) -> float:
+    """How many times faster ``new`` runs than ``base``: the median over turns of base / new time."""
+    return statistics.median(b / n for b, n in zip(base, new, strict=True))
+
+
 # --------------------------------------------------------------------------------------------- the benchmark
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
@@ -317,9 +323,9 @@ class Bench:
             "warmup_seconds": first_call,
             "peak_mib": memory,
         }  # fmt: skip
-        row["ratio"] = row["images_per_s"][dico] / row["images_per_s"][dit]
-        if f"published {dico}" in row["images_per_s"]:
-            row["ours_over_published"] = row["images_per_s"][dico] / row["images_per_s"][f"published {dico}"]
+        row["ratio"] = paired_speedup(times[dit], times[dico])
+        if f"published {dico}" in times:
+            row["ours_over_published"] = paired_speedup(times[f"published {dico}"], times[dico])
         if mode == "forward":
             row["paper_ratio"] = self.paper[dico] / self.paper[dit]
         del fns, models

@@ -106,8 +106,11 @@ def test_guidance_modes_differ_only_in_the_fourth_noise_channel():
         official = ClassifierFreeGuidance(model, 4.0, 10, "official")(x, t, y)
         every = ClassifierFreeGuidance(model, 4.0, 10, "all")(x, t, y)
     expected = uncond + 4.0 * (cond - uncond)
-    torch.testing.assert_close(every[:, :4], expected[:, :4], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(official[:, :3], expected[:, :3], rtol=1e-5, atol=1e-5)
+    # The guided call runs one batch of 4, the reference two batches of 2: fp32 kernels may round differently at
+    # another batch size (vectorised main loop vs. tail, matmul blocking), and guidance multiplies such differences
+    # by up to 1 + 2 * scale = 9; hence atol 5e-5 on the guided channels.
+    torch.testing.assert_close(every[:, :4], expected[:, :4], rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(official[:, :3], expected[:, :3], rtol=1e-5, atol=5e-5)
     torch.testing.assert_close(official[:, 3:], cond[:, 3:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(every[:, 4:], cond[:, 4:], rtol=1e-5, atol=1e-5)
     assert guided(model, 1.0, 10, "all") is model
