@@ -71,7 +71,8 @@ def modulate_fused(x: Tensor, shift: Tensor, scale: Tensor, overwrite: bool = Fa
     ``overwrite`` the result is written into ``x`` (see :func:`may_overwrite`)."""
     if counting_macs():
         return modulate(x, shift, scale)
-    return torch.addcmul(broadcast(shift, x), x, broadcast(scale + 1, x), out=x if overwrite else None)
+    out = x if overwrite and _holds_result(x, shift, scale) else None
+    return torch.addcmul(broadcast(shift, x), x, broadcast(scale + 1, x), out=out)
 
 
 def gated_residual(x: Tensor, gate: Tensor, branch: Tensor, overwrite: bool = False) -> Tensor:
@@ -79,7 +80,14 @@ def gated_residual(x: Tensor, gate: Tensor, branch: Tensor, overwrite: bool = Fa
     ``overwrite`` the result is written into ``branch`` (never into the residual stream ``x``)."""
     if counting_macs():
         return x + broadcast(gate, x) * branch
-    return torch.addcmul(x, broadcast(gate, x), branch, out=branch if overwrite else None)
+    out = branch if overwrite and branch.shape == x.shape and _holds_result(branch, x, gate) else None
+    return torch.addcmul(x, broadcast(gate, x), branch, out=out)
+
+
+def _holds_result(out: Tensor, *operands: Tensor) -> bool:
+    """Whether ``out`` has the dtype of an elementwise result of itself and ``operands`` (e.g. not under autocast
+    with a bf16 ``out`` and an fp32 operand): writing into it then rounds nothing more than a new tensor would."""
+    return all(torch.promote_types(out.dtype, t.dtype) == out.dtype for t in operands)
 
 
 def activate(act: nn.Module, x: Tensor, overwrite: bool = False) -> Tensor:
