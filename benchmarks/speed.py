@@ -324,8 +324,10 @@ class Bench:
             "peak_mib": memory,
         }  # fmt: skip
         row["ratio"] = paired_speedup(times[dit], times[dico])
+        row["ratio_of_fastest"] = min(times[dit]) / min(times[dico])
         if f"published {dico}" in times:
             row["ours_over_published"] = paired_speedup(times[f"published {dico}"], times[dico])
+            row["ours_over_published_fastest"] = min(times[f"published {dico}"]) / min(times[dico])
         if mode == "forward":
             row["paper_ratio"] = self.paper[dico] / self.paper[dit]
         del fns, models
@@ -431,12 +433,18 @@ class Bench:
 
         cells = [
             row["size"], row["mode"], row["dtype"], "yes" if row["compile"] else "no", str(row["batch"]),
-            f"{ips[dit]:.2f}", f"{ips[dico]:.2f}", f"{row['ratio']:.2f}x",
+            f"{ips[dit]:.2f}", f"{ips[dico]:.2f}", f"{row['ratio']:.2f}x ({row['ratio_of_fastest']:.2f}x)",
             f"{row['paper_ratio']:.2f}x" if "paper_ratio" in row else "-",
         ]  # fmt: skip
         if self.published is not None:
             pub = ips.get(f"published {dico}")
-            cells += [f"{pub:.2f}" if pub else "-", f"{row['ours_over_published']:.2f}x" if pub else "-"]
+            if pub is None:  # published code: fp32 eager rows only
+                cells += ["-", "-"]
+            else:
+                cells += [
+                    f"{pub:.2f}",
+                    f"{row['ours_over_published']:.2f}x ({row['ours_over_published_fastest']:.2f}x)",
+                ]
         cells += [mib(dit), mib(dico)] + ([mib(f"published {dico}")] if self.published is not None else [])
         print("| " + " | ".join(cells) + " |", flush=True)
 
@@ -453,7 +461,8 @@ class Bench:
         for size, mode, w in comp:
             print(f"# compile + {self.args.warmup} warm-up call(s), {size} {mode}: "
                   + ", ".join(f"{k} {v:.0f}s" for k, v in w.items()))  # fmt: skip
-        print("# paper: Table 1 forward throughput ratio (A100, fp32, batch 64); peak MiB: a training step's peak "
+        print("# ratios: median over turns of the per-turn time ratio (in brackets: ratio of the fastest turns); "
+              "paper: Table 1 forward throughput ratio (A100, fp32, batch 64); peak MiB: a training step's peak "
               "above resident memory (CUDA allocator peak; CPU peak RSS)")  # fmt: skip
         if not self.dev.cuda and hasattr(os, "getloadavg"):
             print(f"# load average at end {os.getloadavg()[0]:.2f} ({os.cpu_count()} logical CPUs)")
