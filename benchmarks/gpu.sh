@@ -32,13 +32,13 @@ fi
 if [ "${DRY_RUN:-0}" = 1 ]; then
     # tiny: the logic of every stage on the CPU in a few minutes
     common=(--device cpu --models S --batch-forward 2 --batch-train 2 --reps 1 --warmup 1)
-    sampling=(--sampling --sample-steps 3 --sample-batch 1)
+    sampling=(--sampling --sample-steps 3 --sample-batch 1 --sample-reps 1)
     fp32_limit=300 sampling_limit=120 tf32_limit=120 bf16_limit=300 compile_limit=900 compile_budget=30
     all_sizes=(--models S) compile_sizes=(--models S)
 else
     common=(--device cuda --batch-forward 64 --batch-train 32 --reps 10 --warmup 3)
-    sampling=(--sampling --sample-steps 250 --sample-batch 32)
-    fp32_limit=130 sampling_limit=35 tf32_limit=55 bf16_limit=75 compile_limit=165 compile_budget=100
+    sampling=(--sampling --sample-steps 250 --sample-batch 16 --sample-reps 2)
+    fp32_limit=130 sampling_limit=45 tf32_limit=55 bf16_limit=70 compile_limit=160 compile_budget=95
     all_sizes=(--models S B L XL) compile_sizes=(--models S XL B L)
 fi
 

@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampling", action="store_true", help="also time guided sampling against bare model calls")
     p.add_argument("--sample-steps", type=int, default=250, help="sampling steps (iDDPM, respaced)")
     p.add_argument("--sample-batch", type=int, default=16, help="samples per sampling run (the model sees twice that)")
+    p.add_argument("--sample-reps", type=int, default=2, help="sampling runs of each kind (median reported)")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument(
         "--tf32",
@@ -363,9 +364,14 @@ class Bench:
             steps, args.sample_steps = args.sample_steps, 2
             sample(), bare()
             args.sample_steps = steps
-            times = timed_in_turns({"sampling": sample, "bare": bare}, 1, self.dev.sync)
-            s, m = times["sampling"][0], times["bare"][0]
-            out[name] = {"sampling_samples_per_s": b / s, "bare_samples_per_s": b / m, "overhead": s / m - 1}
+            times = timed_in_turns({"sampling": sample, "bare": bare}, args.sample_reps, self.dev.sync)
+            s, m = statistics.median(times["sampling"]), statistics.median(times["bare"])
+            out[name] = {
+                "sampling_samples_per_s": b / s,
+                "bare_samples_per_s": b / m,
+                "overhead": paired_speedup(times["bare"], times["sampling"]) ** -1 - 1,
+                "seconds": times,
+            }
             del model
             gc.collect()
         return out
