@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -193,3 +195,38 @@ def test_unknown_part_names_list_the_choices():
         small_dico(mixer_kwargs={"channel_attention": "nope"})
     with pytest.raises(KeyError, match="DiCo-S"):
         create_model("DiCo-XXL")
+
+
+def test_inference_overwrites_only_its_own_intermediates():
+    """Without autograd the blocks write into their own intermediates: same outputs as the autograd path, bit for
+    bit, and the caller's tensors (model input, block input) are left alone."""
+    torch.manual_seed(0)
+    model = small_dico().eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.tensor([0, 3])
+    x0 = x.clone()
+    with torch.no_grad():
+        fast = model(x, t, y)
+    assert torch.equal(fast, model(x, t, y).detach()) and torch.equal(x, x0)
+    block, h, c = model.encoder1[0], torch.randn(2, 8, 8, 16), torch.randn(2, 16)
+    h0 = h.clone()
+    with torch.inference_mode():
+        block(h, c)
+    assert torch.equal(h, h0)
+
+
+def test_mac_counting_path_computes_the_same_outputs():
+    """Under torch.jit tracing (torchprofile) the blocks take the published multiply/add ops instead of the fused
+    ones, so that the MAC counts match; both paths compute the same function."""
+    torch.manual_seed(0)
+    model = small_dico().eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.tensor([0, 3])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarning: the CPU label check becomes a constant
+        traced = torch.jit.trace(model, (x, t, y), check_trace=False)
+        ops = {n.kind() for n in traced.inlined_graph.nodes()}
+        torch.testing.assert_close(traced(x, t, y), model(x, t, y), rtol=1e-5, atol=1e-6)
+    assert "aten::addcmul" not in ops and "aten::mean" in ops

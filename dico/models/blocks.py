@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .layers import AdaLNModulation, SpatialConv, broadcast, channel_norm, modulate
+from .layers import AdaLNModulation, SpatialConv, channel_norm, gated_residual, may_overwrite, modulate_fused
 
 
 class DiCoBlock(nn.Module):
@@ -24,8 +24,9 @@ class DiCoBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
-        x = x + broadcast(gate1, x) * self.mixer(modulate(self.norm1(x), shift1, scale1))
-        return x + broadcast(gate2, x) * self.ffn(modulate(self.norm2(x), shift2, scale2))
+        own = may_overwrite()  # inference: write into the block's own intermediates, never into x
+        x = gated_residual(x, gate1, self.mixer(modulate_fused(self.norm1(x), shift1, scale1, own)))
+        return gated_residual(x, gate2, self.ffn(modulate_fused(self.norm2(x), shift2, scale2, own)), own)
 
 
 class FinalLayer2d(nn.Module):
@@ -39,4 +40,4 @@ class FinalLayer2d(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.modulation(c)
-        return self.proj(modulate(self.norm(x), shift, scale))
+        return self.proj(modulate_fused(self.norm(x), shift, scale, may_overwrite()))

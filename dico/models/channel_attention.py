@@ -25,6 +25,14 @@ class CompactChannelAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x * self.proj(x.mean((1, 2), keepdim=True)).sigmoid()
 
+    def weights(self, x: Tensor) -> Tensor:
+        """The channel weights sigmoid(W . GAP(x)), (B, 1, 1, C), of channels-last ``x`` (the conv module's fast path).
+
+        Pools with a sum, then divides the small result: the same values as ``mean`` (which sums, then divides),
+        but its backward is a broadcast view where the mean's materialises grad / (H W) at full size.
+        """
+        return self.proj(x.sum((1, 2), keepdim=True) / (x.shape[1] * x.shape[2])).sigmoid()
+
 
 @CHANNEL_ATTENTION.register("none")
 class NoChannelAttention(nn.Identity):

@@ -13,7 +13,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .layers import PointwiseConv, SpatialConv, activation
+from .channel_attention import CompactChannelAttention
+from .layers import PointwiseConv, SpatialConv, activate, activation, counting_macs, may_overwrite
 from .registry import CHANNEL_ATTENTION, TOKEN_MIXERS
 
 
@@ -39,7 +40,13 @@ class ConvModule(nn.Module):
         self.pw_out = PointwiseConv(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.pw_out(self.channel_attention(self.act(self.dw(self.pw_in(x)))))
+        own = may_overwrite()
+        h = activate(self.act, self.dw(self.pw_in(x)), own)
+        ca = self.channel_attention
+        if isinstance(ca, CompactChannelAttention) and not counting_macs():
+            w = ca.weights(h)
+            return self.pw_out(h.mul_(w) if own else h * w)
+        return self.pw_out(ca(h))
 
 
 class ConvFFN(nn.Module):
@@ -53,7 +60,7 @@ class ConvFFN(nn.Module):
         self.fc2 = PointwiseConv(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(activate(self.act, self.fc1(x), may_overwrite()))
 
 
 def accepts_keyword(fn: Any, name: str) -> bool:

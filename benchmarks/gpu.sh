@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# DiCo vs DiT throughput on one GPU (prepared for an H100/H200; about 8 minutes at most, no network needed).
+#
+#   bash benchmarks/gpu.sh [PATH_TO_YOUR_CLONE_OF_shallowdream204/DiCo]
+#
+# Writes <stage>.txt (the table) and <stage>.json (every measurement) to $OUT if set, else to
+# benchmarks/results-gpu/. Each stage has a hard time limit; a stage cut short keeps the rows it finished.
+#   1. fp32, TF32 off (strict fp32), eager: every size, forward (batch 64, the paper's setting) and training step
+#      (batch 32), the published DiCo beside ours if its path is given
+#   1b. 250-step guided sampling against bare model calls (size S, fp32, eager)
+#   2. fp32 with PyTorch's default TF32 flags (cuDNN convolutions in TF32, matmuls not: the conditions of the
+#      published throughput script), eager, forward only
+#   3. bf16 autocast, eager: every size, forward and training step
+#   4. bf16 autocast + torch.compile: S, then XL, B, L while the stage's time budget lasts
+#
+# DRY_RUN=1 runs the same stages on the CPU with tiny settings (checks the script's logic, not speed);
+# DRY_RUN_COMPILE=1 also runs stage 4 there (a few minutes of compilation).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT_DIR=${OUT:-benchmarks/results-gpu}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python}
+PUBLISHED=${1:-${PUBLISHED_DICO:-}}
+export HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
+
+published=()
+if [ -n "$PUBLISHED" ]; then
+    published=(--published-dico "$PUBLISHED")
+fi
+
+if [ "${DRY_RUN:-0}" = 1 ]; then
+    # tiny: the logic of every stage on the CPU in a few minutes
+    common=(--device cpu --models S --batch-forward 2 --batch-train 2 --reps 1 --warmup 1)
+    sampling=(--sampling --sample-steps 3 --sample-batch 1 --sample-reps 1)
+    fp32_limit=300 sampling_limit=120 tf32_limit=120 bf16_limit=300 compile_limit=900 compile_budget=30
+    all_sizes=(--models S) compile_sizes=(--models S)
+else
+    common=(--device cuda --batch-forward 64 --batch-train 32 --reps 10 --warmup 3)
+    sampling=(--sampling --sample-steps 250 --sample-batch 16 --sample-reps 2)
+    fp32_limit=130 sampling_limit=45 tf32_limit=55 bf16_limit=70 compile_limit=160 compile_budget=95
+    all_sizes=(--models S B L XL) compile_sizes=(--models S XL B L)
+fi
+
+stage() {  # stage NAME LIMIT_SECONDS ARGS...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (at most ${limit}s): speed.py $*" | tee "$OUT_DIR/$name.txt"
+    timeout --signal=INT --kill-after=10 "$limit" \
+        "$PY" benchmarks/speed.py "$@" --json "$OUT_DIR/$name.json" 2>&1 | tee -a "$OUT_DIR/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" = 0 ] || echo "== $name ended with status $rc (124/130: time limit; its finished rows are kept)" |
+        tee -a "$OUT_DIR/$name.txt"
+}
+
+{
+    date -u
+    nvidia-smi 2>&1 || echo "no nvidia-smi"
+    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
+} >"$OUT_DIR/environment.txt" 2>&1
+
+start=$(date +%s)
+stage 1_fp32_eager "$fp32_limit" "${common[@]}" "${all_sizes[@]}" --dtypes fp32 --tf32 off "${published[@]}"
+stage 1b_sampling "$sampling_limit" "${common[@]}" --models S --dtypes fp32 --tf32 off --modes "${sampling[@]}"
+stage 2_fp32_default_tf32 "$tf32_limit" "${common[@]}" "${all_sizes[@]}" --dtypes fp32 --tf32 default \
+    --modes forward "${published[@]}"
+stage 3_bf16_eager "$bf16_limit" "${common[@]}" "${all_sizes[@]}" --dtypes bf16
+if [ "${DRY_RUN:-0}" != 1 ] || [ "${DRY_RUN_COMPILE:-0}" = 1 ]; then
+    stage 4_bf16_compiled "$compile_limit" "${common[@]}" "${compile_sizes[@]}" --dtypes bf16 --compile on \
+        --time-budget "$compile_budget"
+fi
+echo "== done in $(($(date +%s) - start))s; results in $OUT_DIR" | tee "$OUT_DIR/done.txt"
