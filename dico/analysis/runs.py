@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,9 +117,10 @@ def train_quickstart(workdir: str | Path, config: dict[str, Any] | None = None, 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if config is None:
-        config = yaml.safe_load(QUICKSTART_CONFIG.read_text())
-    cfg_path = workdir / "quickstart.yaml"
-    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        config, cfg_path = yaml.safe_load(QUICKSTART_CONFIG.read_text()), QUICKSTART_CONFIG
+    else:  # outside workdir, which may be the checkout
+        cfg_path = Path(tempfile.mkdtemp(prefix="dico-quickstart-")) / "quickstart.yaml"
+        cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # as many threads as this process uses
