@@ -93,13 +93,11 @@ def markdown(rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
     trained = all(r["fid"] != "" for r in rows)
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
     for r in rows:
         ours_y = r["fid"] if trained else r["gflops"]
         paper_y = r["paper_fid"] if trained else r["paper_gflops"]
@@ -111,5 +109,4 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_title("ours (x) vs paper (o)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -19,7 +19,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,9 @@ def train_and_evaluate(row: AblationRow, budget: Budget, args: argparse.Namespac
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     budget = BUDGETS[args.budget]
+    if args.throughput_batch or args.throughput_iters:  # e.g. a quick look on a CPU
+        budget = replace(budget, throughput_batch=args.throughput_batch or budget.throughput_batch,
+                         throughput_iters=args.throughput_iters or budget.throughput_iters)  # fmt: skip
     if budget.train and not args.data:
         raise SystemExit(f"--budget {args.budget} trains: give the latent cache with --data DIR (`dico extract`)")
     if budget.train and not args.reference:
@@ -200,6 +203,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--device", help="device of the structure throughput (default: cuda if available)")
+    p.add_argument("--throughput-batch", type=int, help="batch of the throughput measurement (default: the budget's)")
+    p.add_argument("--throughput-iters", type=int, help="timed forwards of the throughput measurement")
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--loggers", nargs="+", default=["csv", "wandb"], choices=["csv", "wandb"])
     p.add_argument("--progress", action="store_true", help="show Lightning progress bars")

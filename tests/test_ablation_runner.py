@@ -92,3 +92,13 @@ def test_smoke_budget_trains_evaluates_and_resumes(tmp_path, latents, image_fold
 def test_training_budgets_need_data():
     with pytest.raises(SystemExit, match="--data"):
         run(parse(["--table", "4", "--budget", "smoke"]))
+
+
+def test_throughput_batch_and_iters_override_the_budget(tmp_path):
+    out, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    args = parse(["--table", "4", "--rows", "DiCo-S", "--out", out, "--results", results, "--device", "cpu",
+                  "--throughput-batch", "2", "--throughput-iters", "1"])  # fmt: skip
+    [result] = run(args)
+    assert result["throughput_batch"] == 2 and result["budget_settings"]["throughput_iters"] == 1
+    assert BUDGETS["structure"].throughput_batch == 64  # the budget itself is unchanged
+    assert "at batch 2 on cpu" in (tmp_path / "results" / "table4-structure.md").read_text()
