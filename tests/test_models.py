@@ -216,6 +216,30 @@ def test_inference_overwrites_only_its_own_intermediates():
     assert torch.equal(h, h0)
 
 
+def test_hooked_intermediates_keep_their_values_in_inference():
+    """A forward hook keeping a module's output (as feature analyses do) sees the value the module returned: the
+    inference fast path does not overwrite observed tensors, and every hooked module runs."""
+    torch.manual_seed(0)
+    model = small_dico().eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.tensor([0, 3])
+    block = model.encoder1[0]
+    watched = {"norm1": block.norm1, "dw": block.mixer.dw, "act": block.mixer.act, "ca": block.mixer.channel_attention,
+               "mixer": block.mixer, "ffn": block.ffn}  # fmt: skip
+    kept: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in watched}
+    handles = [m.register_forward_hook(lambda m, i, o, k=k: kept[k].append((o, o.clone()))) for k, m in watched.items()]
+    with torch.no_grad():
+        out = model(x, t, y)
+    for h in handles:
+        h.remove()
+    for name, seen in kept.items():
+        assert seen, f"{name} did not run"
+        assert all(torch.equal(o, copy) for o, copy in seen), f"{name}'s output was overwritten after it returned"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), out, rtol=0, atol=0)
+
+
 def test_mac_counting_path_computes_the_same_outputs():
     """Under torch.jit tracing (torchprofile) the blocks take the published multiply/add ops instead of the fused
     ones, so that the MAC counts match; both paths compute the same function."""

@@ -23,10 +23,11 @@ def capture_output(model: nn.Module, module: nn.Module, *args: Any, **kwargs: An
     """Run ``model(*args, **kwargs)`` and return what ``module`` (a submodule) output in that forward.
 
     The hook only records (it returns nothing, so the model's outputs are unchanged) and is removed afterwards.
-    If ``module`` runs more than once, the last output is returned.
+    If ``module`` runs more than once, the last output is returned. The output is copied when it is seen, so
+    that what later layers do to it cannot change the record.
     """
     seen: list[Tensor] = []
-    handle = module.register_forward_hook(lambda m, i, out: seen.append(out.detach()))
+    handle = module.register_forward_hook(lambda m, i, out: seen.append(out.detach().clone()))
     try:
         model(*args, **kwargs)
     finally:

@@ -24,7 +24,7 @@ class DiCoBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
-        own = may_overwrite()  # inference: write into the block's own intermediates, never into x
+        own = may_overwrite(self.norm1, self.norm2, self.ffn)  # inference: overwrite own intermediates, never x
         x = gated_residual(x, gate1, self.mixer(modulate_fused(self.norm1(x), shift1, scale1, own)))
         return gated_residual(x, gate2, self.ffn(modulate_fused(self.norm2(x), shift2, scale2, own)), own)
 
@@ -40,4 +40,4 @@ class FinalLayer2d(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.modulation(c)
-        return self.proj(modulate_fused(self.norm(x), shift, scale, may_overwrite()))
+        return self.proj(modulate_fused(self.norm(x), shift, scale, may_overwrite(self.norm)))

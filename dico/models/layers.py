@@ -56,14 +56,24 @@ def counting_macs() -> bool:
     return torch.jit.is_tracing()
 
 
-def may_overwrite() -> bool:
+def may_overwrite(*observed: nn.Module) -> bool:
     """Whether the fused ops may write into intermediate tensors they are given: only without autograd (which
-    would need them for the backward), outside torch.compile (which plans memory itself) and not while counting.
+    would need them for the backward), outside torch.compile (which plans memory itself), not while counting,
+    and only while no forward hook observes ``observed`` (the modules whose inputs or outputs would be
+    overwritten; a hook that kept them, as feature-capturing analyses do, would see them change).
 
     Inference then allocates about half as many feature maps per block; on CPU every large allocation is a fresh
     ``mmap`` paid for with page faults, so this is a large part of eager CPU inference time.
     """
-    return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not counting_macs()
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or counting_macs():
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in observed) and not _global_hooks()
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 def modulate_fused(x: Tensor, shift: Tensor, scale: Tensor, overwrite: bool = False) -> Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .channel_attention import CompactChannelAttention
-from .layers import PointwiseConv, SpatialConv, activate, activation, counting_macs, may_overwrite
+from .layers import PointwiseConv, SpatialConv, activate, activation, may_overwrite
 from .registry import CHANNEL_ATTENTION, TOKEN_MIXERS
 
 
@@ -40,12 +40,11 @@ class ConvModule(nn.Module):
         self.pw_out = PointwiseConv(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        own = may_overwrite()
-        h = activate(self.act, self.dw(self.pw_in(x)), own)
         ca = self.channel_attention
-        if isinstance(ca, CompactChannelAttention) and not counting_macs():
-            w = ca.weights(h)
-            return self.pw_out(h.mul_(w) if own else h * w)
+        own = may_overwrite(self.dw, self.act, ca)
+        h = activate(self.act, self.dw(self.pw_in(x)), own)
+        if own and isinstance(ca, CompactChannelAttention):
+            return self.pw_out(h.mul_(ca.weights(h)))
         return self.pw_out(ca(h))
 
 
@@ -60,7 +59,7 @@ class ConvFFN(nn.Module):
         self.fc2 = PointwiseConv(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(activate(self.act, self.fc1(x), may_overwrite()))
+        return self.fc2(activate(self.act, self.fc1(x), may_overwrite(self.fc1, self.act)))
 
 
 def accepts_keyword(fn: Any, name: str) -> bool:
