@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import Callback, Trainer
+from torch.utils.data import DataLoader
 
 from dico.data import LatentDataModule
 from dico.data.manifest import Manifest, ShardRecord, sha256_file, shard_stem
@@ -62,7 +63,8 @@ def lightning_rate(name: str, kwargs: dict, batch_size: int, steps: int, warmup:
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer],
         log_every_n_steps=50,
     )  # fmt: skip
-    trainer.fit(module, train_dataloaders=_batches(kwargs, batch_size, steps))
+    # batch_size=None: the loader yields the prepared dicts as they are (a bare list would read as many loaders)
+    trainer.fit(module, train_dataloaders=DataLoader(_batches(kwargs, batch_size, steps), batch_size=None))
     return (steps - warmup) * batch_size / (timer.end - timer.start)
 
 
