@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from dico.diffusion import (
     ClassifierFreeGuidance,
@@ -170,42 +171,42 @@ SYNCING_METHODS = ("item", "tolist", "numpy", "nonzero", "__bool__", "__int__", 
 DICO_DIR = str(Path(__file__).resolve().parents[1] / "dico")
 
 
-def record_host_syncs(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """Patch the syncing Tensor methods (and boolean-mask indexing) to record, for every call made from code in
-    the ``dico`` package, the ``dico`` functions on the call stack."""
-    calls: list[list[str]] = []
+class HostSyncRecorder(TorchFunctionMode):
+    """Record, for every syncing Tensor method (and boolean-mask indexing) called from code in the ``dico``
+    package, the ``dico`` functions on the call stack. A torch-function mode sees these calls without patching
+    ``torch.Tensor`` (patching its dunder methods would change the type's slots for the rest of the session)."""
 
-    def note(what: str) -> None:
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        index = args[1] if name == "__getitem__" and len(args) > 1 else None
+        parts = index if isinstance(index, tuple) else (index,)
+        if name in SYNCING_METHODS:
+            self.note(name)
+        elif any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts):
+            self.note("boolean mask indexing")
+        return func(*args, **(kwargs or {}))
+
+    def note(self, what: str) -> None:
         frames = traceback.extract_stack()
         stack = [f"{Path(f.filename).name}:{f.name}" for f in frames if f.filename.startswith(DICO_DIR)]
         if stack:
-            calls.append([what, *stack])
+            self.calls.append([what, *stack])
 
-    def patched(name: str):
-        original = getattr(torch.Tensor, name)
 
-        def method(self, *args, **kwargs):
-            note(name)
-            return original(self, *args, **kwargs)
-
-        return method
-
-    for name in SYNCING_METHODS:
-        monkeypatch.setattr(torch.Tensor, name, patched(name))
-    getitem = torch.Tensor.__getitem__
-
-    def masked_getitem(self, index):
-        parts = index if isinstance(index, tuple) else (index,)
-        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts):
-            note("boolean mask indexing")
-        return getitem(self, index)
-
-    monkeypatch.setattr(torch.Tensor, "__getitem__", masked_getitem)
-    return calls
+def test_host_sync_recorder_sees_the_syncing_calls():
+    x = torch.randn(4)
+    with HostSyncRecorder() as recorder:
+        recorder.note = lambda what: recorder.calls.append([what])  # record calls from this test file too
+        x[0].item(), bool(x[0] > 0), x.tolist(), x[x > 0]
+    assert [c[0] for c in recorder.calls] == ["item", "__bool__", "tolist", "boolean mask indexing"]
 
 
 @pytest.mark.parametrize(("sampler", "eta"), [("iddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
-def test_guided_sampling_makes_no_host_device_sync(monkeypatch, sampler, eta):
+def test_guided_sampling_makes_no_host_device_sync(sampler, eta):
     """250-step guided sampling must not wait for the device at each step: no .item(), no Python bool of a tensor,
     no tensor built from a Python list per step. (The backbone's input check converts a tensor to bool on CPU only,
     by design -- there is no device to wait for; on accelerators it asserts asynchronously: tested below.)"""
@@ -215,21 +216,22 @@ def test_guided_sampling_makes_no_host_device_sync(monkeypatch, sampler, eta):
     diffusion = sampling_diffusion(sampler, 10)
     kwargs = dict(sampler=sampler, steps=10, cfg_scale=2.0, eta=eta, diffusion=diffusion)
     generate(model, labels, (4, 8, 8), model.null_label, **kwargs)  # builds the cached device tables
-    calls = record_host_syncs(monkeypatch)
-    generate(model, labels, (4, 8, 8), model.null_label, **kwargs)
+    with HostSyncRecorder() as recorder:
+        generate(model, labels, (4, 8, 8), model.null_label, **kwargs)
+    calls = recorder.calls
     per_step = [c for c in calls if "base.py:check_inputs" not in c]
     assert per_step == [], f"host-device syncs in the sampling loop: {per_step[:3]}"
     assert len(calls) <= 10, "the CPU-only label check runs once per model call"
 
 
-def test_input_check_does_not_sync_off_cpu(monkeypatch):
+def test_input_check_does_not_sync_off_cpu():
     """On a non-CPU device (meta stands in for an accelerator) the label-range check is an asynchronous assert."""
     model = DiCo(hidden_size=16, depth=(1, 1, 1, 1, 1), num_classes=10, input_size=8)
     x, t, y = (torch.empty(2, 4, 8, 8, device="meta"), torch.zeros(2, dtype=torch.long, device="meta"),
                torch.zeros(2, dtype=torch.long, device="meta"))  # fmt: skip
-    calls = record_host_syncs(monkeypatch)
-    model.check_inputs(x, t, y)
-    assert calls == []
+    with HostSyncRecorder() as recorder:
+        model.check_inputs(x, t, y)
+    assert recorder.calls == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.set_sync_debug_mode)")
