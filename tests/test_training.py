@@ -145,6 +145,37 @@ def test_sample_uses_ema_weights_and_is_seeded(tmp_path):
     assert not torch.equal(a, module.sample([0, 1, 2], seed=2))
 
 
+def test_bf16_mixed_precision_trains_with_fp32_weights_and_ema(tmp_path):
+    """precision="bf16-mixed": the forward runs in bf16 autocast, the weights, optimizer state and EMA stay fp32,
+    the loss stays finite and falls, and a bf16 forward stays close to the fp32 one."""
+
+    class Losses(Callback):
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+            self.values.append(float(outputs["loss"]))
+
+    torch.manual_seed(0)
+    module, losses, ema = tiny_module(), Losses(), EMA(decay=0.9)
+    trainer(tmp_path, 12, [ema, losses], precision="bf16-mixed").fit(module, digits(256))
+    assert all(torch.isfinite(torch.tensor(losses.values)))
+    assert sum(losses.values[-3:]) < sum(losses.values[:3]), losses.values
+    assert {p.dtype for p in module.parameters()} == {torch.float32}
+    state = module.trainer.optimizers[0].state
+    assert {v.dtype for s in state.values() for v in s.values() if v.ndim > 0} == {torch.float32}
+    with ema_weights(module):
+        assert {p.dtype for p in module.parameters()} == {torch.float32}
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 3, 5, 9])
+    model = module.model.eval()
+    with torch.no_grad():
+        reference = model(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, t, y)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), reference, rtol=0.05, atol=0.05)
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def run_cli(*args: str, cwd: Path) -> None:
     old = os.getcwd()
