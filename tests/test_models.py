@@ -254,3 +254,23 @@ def test_mac_counting_path_computes_the_same_outputs():
         ops = {n.kind() for n in traced.inlined_graph.nodes()}
         torch.testing.assert_close(traced(x, t, y), model(x, t, y), rtol=1e-5, atol=1e-6)
     assert "aten::addcmul" not in ops and "aten::mean" in ops
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"), [("DiCo-S", {"depth": [1, 1, 1, 1, 1]}), ("DiT-S/2", {"depth": 2, "num_heads": 2})]
+)
+def test_models_trace_as_one_graph_for_torch_compile(name, shape):
+    """torch.compile(fullgraph=True) raises on any graph break (a host sync, a Python branch on a tensor value):
+    training and inference forwards must trace whole and compute what eager mode does. The "eager" backend
+    checks the tracing without paying for code generation."""
+    torch.manual_seed(0)
+    model = create_model(name, hidden_size=16, in_channels=1, input_size=8, num_classes=10, **shape)
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 3, 5, 9])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    out = compiled(x, t, y)
+    out.square().mean().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, y), out.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(model(x, t, y), out.detach(), rtol=1e-6, atol=1e-6)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
