@@ -74,18 +74,25 @@ def sample(argv: list[str]) -> int:
     return 0
 
 
+def _add_feature_arguments(parser: ArgumentParser) -> None:
+    """The feature extractor options shared by ``reference`` and ``evaluate``."""
+    from dico.evaluation.fidelity import INCEPTION
+
+    parser.add_argument("--feature_extractor", default=INCEPTION, choices=[INCEPTION, "dico-digits"])
+    parser.add_argument("--weights_path", type=str | None, default=None, help="local feature-extractor weights")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
+
 def reference(argv: list[str]) -> int:
-    from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Reference
+    from dico.evaluation.fidelity import FeatureSpec, Reference
     from dico.evaluation.protocol import compute_reference
 
     parser = ArgumentParser(prog="dico reference", description="Compute and cache reference statistics.")
     parser.add_argument("--source", required=True, help="image folder, ADM .npz reference batch, or 'digits'")
     parser.add_argument("--out", required=True, help="where to cache the statistics (.npz)")
     parser.add_argument("--image_size", type=int | None, default=None, help="ADM center crop of folder images")
-    parser.add_argument("--feature_extractor", default=INCEPTION, choices=[INCEPTION, "dico-digits"])
-    parser.add_argument("--weights_path", type=str | None, default=None, help="local feature-extractor weights")
     parser.add_argument("--max_features", type=int, default=50_000, help="features kept for precision/recall, KID")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    _add_feature_arguments(parser)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     spec = FeatureSpec(args.feature_extractor, args.weights_path)
@@ -102,16 +109,14 @@ def reference(argv: list[str]) -> int:
 
 
 def evaluate(argv: list[str]) -> int:
-    from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Reference
+    from dico.evaluation.fidelity import FeatureSpec, Reference
     from dico.evaluation.protocol import score_npz, write_record
 
     parser = ArgumentParser(prog="dico evaluate", description="Score an ADM-format sample file.")
     parser.add_argument("--samples", required=True, help="ADM .npz (arr_0 uint8 NHWC)")
     parser.add_argument("--reference", required=True, help="statistics from `dico reference`")
-    parser.add_argument("--feature_extractor", default=INCEPTION, choices=[INCEPTION, "dico-digits"])
-    parser.add_argument("--weights_path", type=str | None, default=None)
     parser.add_argument("--out", type=str | None, default=None, help="write the JSON record here")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    _add_feature_arguments(parser)
     args = parser.parse_args(argv)
     record = score_npz(args.samples, Reference.load(args.reference),
                        FeatureSpec(args.feature_extractor, args.weights_path), args.device)  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .layers import AdaLNModulation, SpatialConv, channel_norm, gated_residual, may_overwrite, modulate_fused
@@ -41,3 +42,19 @@ class FinalLayer2d(nn.Module):
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.modulation(c)
         return self.proj(modulate_fused(self.norm(x), shift, scale, may_overwrite(self.norm)))
+
+
+def run_with_long_skips(blocks: nn.ModuleList, skip_fuse: nn.ModuleList, h: Tensor, c: Tensor) -> Tensor:
+    """Apply ``blocks(h, c)`` in order with U-ViT long skips: the outputs of the first ``len(skip_fuse)`` blocks
+    are concatenated (channels last) with the inputs of the last ones in mirrored order, then reduced by
+    ``skip_fuse[j]`` (Linear 2C -> C). With no ``skip_fuse`` this is a plain chain."""
+    skips: list[Tensor] = []
+    k, n = len(skip_fuse), len(blocks)
+    for i, block in enumerate(blocks):
+        j = n - 1 - i  # mirrored index from the end
+        if j < k:
+            h = skip_fuse[j](torch.cat([h, skips.pop()], dim=-1))
+        h = block(h, c)
+        if i < k:
+            skips.append(h)
+    return h

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import DiffusionBackbone
+from .blocks import run_with_long_skips
 from .embeddings import ConditionEmbedder, drop_labels, sincos_pos_embed_2d
 from .layers import AdaLNModulation, modulate, xavier_init_, zero_init_
 from .registry import register_model
@@ -141,15 +142,7 @@ class DiT(DiffusionBackbone):
         gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.positions(gh, gw)
 
-        skips: list[Tensor] = []
-        n = len(self.blocks)
-        for i, block in enumerate(self.blocks):
-            j = n - 1 - i  # mirrored index from the end
-            if j < self.long_skips:
-                h = self.skip_fuse[j](torch.cat([h, skips.pop()], dim=-1))
-            h = block(h, c)
-            if i < self.long_skips:
-                skips.append(h)
+        h = run_with_long_skips(self.blocks, self.skip_fuse, h, c)
         shift, scale = self.modulation_out(c)
         h = self.head(modulate(self.norm_out(h), shift, scale))
         return self.unpatchify(h, gh, gw)

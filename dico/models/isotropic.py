@@ -15,11 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .base import DiffusionBackbone
-from .blocks import DiCoBlock
+from .blocks import DiCoBlock, run_with_long_skips
 from .embeddings import ConditionEmbedder, drop_labels
 from .layers import AdaLNModulation, channel_norm, modulate, xavier_init_, zero_init_
 from .mixers import ConvFFN, build_mixer
@@ -99,15 +98,7 @@ class IsotropicDiCo(DiffusionBackbone):
         c = self.cond(t, y)
         h = self.patch_embed(x).permute(0, 2, 3, 1)  # (B, H/p, W/p, C)
 
-        skips: list[Tensor] = []
-        n = len(self.blocks)
-        for i, block in enumerate(self.blocks):
-            j = n - 1 - i  # mirrored index from the end
-            if j < self.long_skips:
-                h = self.skip_fuse[j](torch.cat([h, skips.pop()], dim=-1))
-            h = block(h, c)
-            if i < self.long_skips:
-                skips.append(h)
+        h = run_with_long_skips(self.blocks, self.skip_fuse, h, c)
         shift, scale = self.modulation_out(c)
         return self.unpatchify(self.head(modulate(self.norm_out(h), shift, scale)))
 

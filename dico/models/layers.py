@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 
 class PointwiseConv(nn.Conv2d):
@@ -71,9 +72,7 @@ def may_overwrite(*observed: nn.Module) -> bool:
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module
-
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
 def modulate_fused(x: Tensor, shift: Tensor, scale: Tensor, overwrite: bool = False) -> Tensor:
