@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     command, rest = argv[0], argv[1:]
+    from dico.runtime import configure_cpu_threads
+
+    configure_cpu_threads()  # before torch loads: passive OpenMP waiting, threads = usable CPUs (user env wins)
     if command in LIGHTNING_COMMANDS:
         return lightning(argv)
     if command in TOOLS:

@@ -1,0 +1,54 @@
+"""CPU threading for dico's entry points, set before torch's OpenMP runtime starts.
+
+Two settings matter on small CPU machines that other processes share (laptops, CI runners, a node's spare cores):
+
+- ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP workers sleep instead of spinning. With other work on the machine, spinning
+  workers hold their core for a scheduler slice at every parallel region; on a loaded 2-core machine the quickstart's
+  training step ran 6-7x faster passive than spinning (benchmarks/RESULTS.md), and unloaded it costs nothing.
+- the intra-op thread count: the CPUs this process may use (its affinity mask, and a cgroup CPU quota when one is
+  set, as in containers), so that a job pinned to fewer cores does not start more threads than it has cores.
+
+The user's own ``OMP_WAIT_POLICY`` / ``OMP_NUM_THREADS`` always win; ``DICO_CPU_TUNING=0`` leaves both alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import MutableMapping
+from pathlib import Path
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (``cpu.max``) if any."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        count = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
+
+
+def configure_cpu_threads(environ: MutableMapping[str, str] = os.environ, cpus: int | None = None) -> dict[str, str]:
+    """Set ``OMP_WAIT_POLICY`` and ``OMP_NUM_THREADS`` in ``environ`` unless the user set them; returns what applies.
+
+    Call before ``import torch`` (the OpenMP runtime reads both once, when it starts); later calls still set the
+    thread count through ``torch.set_num_threads`` but cannot change the wait policy.
+    """
+    if environ.get("DICO_CPU_TUNING", "1") == "0":
+        return {}
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    environ.setdefault("OMP_NUM_THREADS", str(cpus if cpus is not None else usable_cpus()))
+    if environ is os.environ and "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(int(environ["OMP_NUM_THREADS"]))
+    return {key: environ[key] for key in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
