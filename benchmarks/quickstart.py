@@ -29,6 +29,7 @@ from dico.runtime import configure_cpu_threads  # noqa: E402
 configure_cpu_threads()  # as cli.main does, before torch loads (the profiler below imports it)
 
 from lightning.pytorch.profilers import Profiler  # noqa: E402
+
 EVENTS: list[tuple[str, float, float]] = []  # (action, start in s since the child started, duration in s)
 T0 = time.perf_counter()
 
@@ -61,7 +62,7 @@ def child(events_path: str, extra: list[str]) -> int:
 def phases(events: list[tuple[str, float, float]], end: float) -> list[tuple[str, float]]:
     """Sum the recorded actions into the quickstart's phases (callback names as Lightning's ``state_key``)."""
 
-    def total(pred) -> float:  # noqa: ANN001
+    def total(pred) -> float:
         return sum(d for a, _, d in events if pred(a))
 
     def calls(prefix: str, hook: str, min_s: float = 0.05) -> list[float]:

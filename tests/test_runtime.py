@@ -36,7 +36,8 @@ def test_usable_cpus_follow_the_affinity_mask_and_a_cgroup_quota(tmp_path):
 
 def test_the_cli_runs_pinned_to_one_cpu_with_one_passive_thread():
     code = (
-        "import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); sys.argv = ['cli', 'model-info', '--help'];"
+        "import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))});"
+        "sys.argv = ['cli', 'model-info', '--help'];"
         "import cli, contextlib, io\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    try: cli.main()\n"
