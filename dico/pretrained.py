@@ -378,16 +378,17 @@ def checkpoint_info(
 
 
 def released_ckpt_path_to_model(module: DiffusionModule, ckpt_path: str | None) -> str | None:
-    """``test --ckpt_path FILE`` with a published (non-Lightning) file: load it into ``module`` as ``pretrained``
-    would and return None (nothing left for Lightning to restore); any other ``ckpt_path`` comes back as it was."""
-    if not ckpt_path or not Path(ckpt_path).is_file():
+    """``test --ckpt_path FILE_OR_RELEASE`` with a published (non-Lightning) file or a release name: load it into
+    ``module`` as ``pretrained`` would and return None (nothing left for Lightning to restore); any other
+    ``ckpt_path`` (``last``, a Lightning checkpoint) comes back as it was."""
+    if not ckpt_path or (ckpt_path not in CATALOGUE and not Path(ckpt_path).is_file()):
         return ckpt_path
-    try:
-        fmt = checkpoint_format(read_checkpoint(ckpt_path))
-    except (RuntimeError, ValueError):
-        return ckpt_path  # let Lightning load it and report
-    if fmt == LIGHTNING:
-        return ckpt_path
+    if ckpt_path not in CATALOGUE:
+        try:
+            if checkpoint_format(read_checkpoint(ckpt_path)) == LIGHTNING:
+                return ckpt_path
+        except (RuntimeError, ValueError):
+            return ckpt_path  # let Lightning load it and report
     loaded = apply_pretrained(module, ckpt_path)
     module._training_weights = None
     print(f"[dico] {loaded.describe()}")

@@ -59,8 +59,8 @@ def load_module(ckpt: str, unsafe_full_unpickle: bool = False, map_location: str
     if not Path(ckpt).exists():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
     try:
-        return DiffusionModule.load_from_checkpoint(
-            ckpt, map_location=map_location, weights_only=not unsafe_full_unpickle
+        return DiffusionModule.load_from_checkpoint(  # its weights are in the file: no released ones to fetch
+            ckpt, map_location=map_location, weights_only=not unsafe_full_unpickle, pretrained=None
         )
     except Exception as e:
         if "weights_only" in str(e) or "Unpickler" in str(e):

@@ -246,3 +246,48 @@ def test_fine_tuning_starts_from_the_released_model_and_ema(standins, golden, tm
     torch.testing.assert_close(seen["ema"], sd["x_embedder.proj.weight"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="the weights are DiCo-S"):
         DiffusionModule("DiCo-S", model_kwargs={"hidden_size": 16}, pretrained=str(standins["dico-state-dict"]))
+
+
+def test_the_test_protocol_on_a_released_file(golden, image_folder, tiny_vae_dir, inception_weights, tmp_path, capsys):
+    """``test --ckpt_path RELEASED_FILE``: the weights go into the configured model, the FID protocol samples with
+    them (equal to ``load_official`` + our sampler) and the published figure is printed beside ours."""
+    from dico.data import ExtractConfig, extract_latents
+
+    latents = tmp_path / "latents"  # 4-channel 8x8 latents of 2 classes (the tiny VAE halves 16x16 images)
+    extract_latents(ExtractConfig(str(image_folder), str(latents), image_size=16, vae=str(tiny_vae_dir),
+                                  num_workers=0, progress=False))  # fmt: skip
+    two_classes = dict(golden["dico"]["state_dict"])  # the golden DiCo cut to classes 0, 1 and the null label
+    for i in range(3):
+        key = f"y_embedder.embedding_table_{i}.weight"
+        two_classes[key] = two_classes[key][[0, 1, 10]].clone()
+    released = tmp_path / "DiCo-S-400K-256x256.pt"
+    torch.save(two_classes, released)
+    reference = tmp_path / "reference.npz"
+    spec = ["--weights_path", str(inception_weights), "--device", "cpu"]
+    batch = save_npz(tmp_path / "batch.npz", np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+    assert cli.main(["reference", "--source", str(batch), "--out", str(reference), *spec]) == 0
+    config = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "default_root_dir": str(tmp_path / "run"),
+                    "enable_progress_bar": False, "callbacks": [{"class_path": "dico.callbacks.FIDEvaluation",
+                    "init_args": {"reference": str(reference), "weights_path": str(inception_weights),
+                                  "test_num_samples": 4, "batch_size": 2, "test_steps": STEPS}}]},
+        "model": {"model": "DiCo-S", "cfg_scale": 1.0,
+                  "model_kwargs": {"hidden_size": 32, "depth": [1] * 5, "num_classes": 2, "input_size": 8}},
+        "data": {"class_path": "dico.data.LatentDataModule",
+                 "init_args": {"root": str(latents), "batch_size": 4, "val_fraction": 0.5}},
+    }  # fmt: skip
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert cli.main(["test", "-c", str(tmp_path / "config.yaml"), "--ckpt_path", str(released)]) == 0
+    said = capsys.readouterr().out
+    assert "DiCo-S-400K-256x256.pt (release DiCo-S-400K): a published DiCo state dict" in said
+    assert "DiCo-S-400K: FID" in said and "(published 49.97)" in said and "ours used 4 samples, 3 iddpm" in said
+
+    model = load_official(two_classes, "dico", input_size=8).eval()
+    vae, want = load_vae(str(tiny_vae_dir)), []
+    for start in (0, 2):
+        z = generate(model, torch.tensor([0, 1]), (4, 8, 8), model.null_label, steps=STEPS, seed=start,
+                     diffusion=sampling_diffusion("iddpm", STEPS))  # fmt: skip
+        want.append(to_uint8(decode_latents(vae, z)))
+    images, _ = load_npz(tmp_path / "run" / "test" / "samples.npz")
+    assert_same_images(images, np.concatenate(want))
