@@ -154,6 +154,19 @@ def _from_url(release: Release) -> Path:
     return dest
 
 
+def check_vae_available(vae: str) -> None:
+    """Fail before sampling, not after the first batch, when the VAE cannot be loaded offline."""
+    if Path(vae).expanduser().exists() or not _offline():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(vae, "config.json"), str):
+        raise WeightsNotFoundError(
+            f"the VAE {vae} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set. "
+            f"Download it once: `hf download {vae}`, or pass a local copy (a `save_pretrained` folder) with --vae PATH."
+        )
+
+
 def read_checkpoint(path: str | Path, unsafe_full_unpickle: bool = False) -> Mapping[str, Any]:
     """``torch.load`` on the CPU, memory-mapped where the file allows, ``weights_only`` unless told otherwise."""
     mmap = zipfile.is_zipfile(path)
@@ -327,10 +340,13 @@ def load_for_sampling(
         if vae is not None and module.decoder_spec.get("kind") == "vae":
             module.decoder_spec = {**module.decoder_spec, "vae": vae}
     else:
+        check_vae_available(vae or SD_VAE)
         decoder = {"kind": "vae", "vae": vae or SD_VAE, "scale_factor": SD_SCALE_FACTOR}
         cfg = loaded.release.cfg_scale if loaded.release else 1.0
         module = DiffusionModule(loaded.model, loaded.model_kwargs, cfg_scale=cfg, decoder=decoder)
         load_weights(module.model, loaded, loaded.model)
+    if module.decoder_spec.get("kind") == "vae":
+        check_vae_available(module.decoder_spec["vae"])
     module.weights_source = loaded
     return module.eval()
 

@@ -215,6 +215,10 @@ def test_release_names_resolve_through_the_hub_cache_offline(standins, golden, t
     stand_in = load_official(golden["dico"]["state_dict"], "dico")
     assert info["params"] == sum(p.numel() for p in stand_in.parameters())
 
+    no_vae = run_cli("sample", "--pretrained", "DiCo-S-400K", "--out", str(tmp_path / "s"), home=home)
+    assert no_vae.returncode == 1 and "Traceback" not in no_vae.stderr and not (tmp_path / "s").exists()
+    assert "`hf download stabilityai/sd-vae-ft-ema`" in no_vae.stderr and "--vae PATH" in no_vae.stderr
+
     missing = run_cli("model-info", "--pretrained", "DiCo-XL-3750K", home=home)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert "DiCo-XL-3750K-256x256.pt" in missing.stderr
