@@ -200,7 +200,6 @@ class LoadedWeights:
     model_kwargs: dict[str, Any]
     state_dict: Mapping[str, Tensor] = field(repr=False)
     training_state_dict: Mapping[str, Tensor] | None = field(default=None, repr=False)
-    hyper_parameters: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def describe(self) -> str:
         kinds = {
@@ -244,10 +243,11 @@ def inspect_checkpoint(
         hp = dict(checkpoint.get("hyper_parameters", {}))
         return LoadedWeights(path, release or find_release(hp.get("pretrained")), fmt, "ours",
                              "the weights in its state_dict (EMA when trained with the EMA callback)",
-                             hp.get("model", "?"), dict(hp.get("model_kwargs") or {}), checkpoint["state_dict"],
-                             hyper_parameters=hp)  # fmt: skip
-    args = checkpoint.get("args") if fmt == TRAINING else None
+                             hp.get("model", "?"), dict(hp.get("model_kwargs") or {}),
+                             checkpoint["state_dict"])  # fmt: skip
+    args = None
     if fmt == TRAINING:
+        args = checkpoint.get("args")  # the published scripts' argparse options (image_size, model)
         chosen = "ema" if use_ema and "ema" in checkpoint else "model"
         weights = "EMA weights" if chosen == "ema" else "non-EMA (model) weights"
         state_dict = checkpoint[chosen]
