@@ -2,10 +2,10 @@
 
 Lightning:  fit | validate | test | predict  -c CONFIG [--section.key value ...]   (strict: unknown keys fail)
 Tools:      extract      encode an image folder into a latent cache (VAE posterior mean and std)
-            sample       generate an ADM-format .npz (and a PNG grid) from a checkpoint
+            sample       generate an ADM-format .npz (and a PNG grid) from a checkpoint or a released model
             reference    compute and cache reference statistics (image folder, ADM .npz, or digits)
             evaluate     FID / IS / precision / recall / KID of an ADM .npz against reference statistics
-            model-info   parameters, Gflops and shapes of a named model
+            model-info   parameters, Gflops and shapes of a named model or of a checkpoint
 
 Run ``python cli.py <command> --help`` for a command's options. This file only parses and dispatches:
 the work is done by functions in ``dico/``.
@@ -33,6 +33,21 @@ def lightning(argv: list[str]) -> int:
             # How samples become images is a property of the data (VAE id and scale, or pixels); the model
             # stores it in its hyper-parameters so that a checkpoint alone can sample.
             parser.link_arguments("data", "model.decoder", compute_fn=lambda dm: dm.decoder, apply_on="instantiate")
+
+        def before_test(self) -> None:
+            # `test --ckpt_path` also takes a released checkpoint (any published format): its weights go into
+            # the configured model, as --model.pretrained would put them.
+            from dico.pretrained import released_ckpt_path_to_model
+
+            config = self.config_init[self.subcommand]
+            config["ckpt_path"] = released_ckpt_path_to_model(self.model, config.get("ckpt_path"))
+
+        def after_test(self) -> None:
+            from dico.pretrained import compare_test_record
+
+            line = compare_test_record(self.trainer, self.model)
+            if line:
+                print(f"[dico test] {line}")
 
     DicoCLI(
         DiffusionModule,
@@ -116,6 +131,12 @@ def evaluate(argv: list[str]) -> int:
     parser.add_argument("--samples", required=True, help="ADM .npz (arr_0 uint8 NHWC)")
     parser.add_argument("--reference", required=True, help="statistics from `dico reference`")
     parser.add_argument("--out", type=str | None, default=None, help="write the JSON record here")
+    parser.add_argument(
+        "--pretrained",
+        type=str | None,
+        default=None,
+        help="release to compare with (default: the one named by samples.json beside the samples)",
+    )
     _add_feature_arguments(parser)
     args = parser.parse_args(argv)
     record = score_npz(args.samples, Reference.load(args.reference),
@@ -123,6 +144,11 @@ def evaluate(argv: list[str]) -> int:
     if args.out:
         write_record(args.out, record)
     print(json.dumps(record["metrics"], indent=1))
+    from dico.pretrained import compare_sample_record
+
+    line = compare_sample_record(args.samples, record, args.pretrained)
+    if line:
+        print(f"[dico evaluate] {line}")
     return 0
 
 
@@ -137,11 +163,25 @@ def model_info(argv: list[str]) -> int:
     from dico.profiling import model_info as info
 
     parser = ArgumentParser(prog="dico model-info", description="Parameters, Gflops (MACs) and shapes of a model.")
-    parser.add_argument("--model", required=True, choices=list_models(), help="registered model name")
-    parser.add_argument("--image_size", type=int, default=256, choices=[256, 512], help="image resolution")
+    parser.add_argument("--model", type=str | None, default=None, choices=[*list_models(), None],
+                        help="registered model name (or the architecture of --ckpt/--pretrained)")  # fmt: skip
+    parser.add_argument("--ckpt", type=str | None, default=None, help="a checkpoint file, any published format")
+    parser.add_argument("--pretrained", type=str | None, default=None, help="a release name (hub cache)")
+    parser.add_argument("--model_kwargs", type=dict | None, default=None, help="architecture overrides")
+    parser.add_argument("--image_size", type=int | None, default=None, help="image resolution (default 256)")
+    parser.add_argument("--use_ema", type=bool, default=True, help="EMA weights of a training checkpoint")
+    parser.add_argument("--unsafe_full_unpickle", type=bool, default=False, help="only for files you trust")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    result = info(args.model, image_size=args.image_size)
+    if args.ckpt or args.pretrained:
+        from dico.pretrained import checkpoint_info
+
+        result = checkpoint_info(args.ckpt or args.pretrained, args.model, args.model_kwargs, args.image_size,
+                                 args.use_ema, args.unsafe_full_unpickle)  # fmt: skip
+    elif args.model:
+        result = info(args.model, image_size=args.image_size or 256, **(args.model_kwargs or {}))
+    else:
+        parser.error("give --model NAME, --ckpt PATH or --pretrained NAME")
     if args.json:
         print(json.dumps(result))
     else:
@@ -182,7 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     if command in LIGHTNING_COMMANDS:
         return lightning(argv)
     if command in TOOLS:
-        return TOOLS[command](normalize_options(rest))
+        from dico.pretrained import WeightsNotFoundError
+
+        try:
+            return TOOLS[command](normalize_options(rest))
+        except WeightsNotFoundError as e:  # a released checkpoint is not here: the message says how to get it
+            print(f"[dico {command}] error: {e}", file=sys.stderr)
+            return 1
     print(f"unknown command {command!r}; choose one of: {', '.join((*LIGHTNING_COMMANDS, *TOOLS))}", file=sys.stderr)
     return 2
 

@@ -40,6 +40,10 @@ class DiffusionModule(LightningModule):
         seed: seeds the per-step randomness of training and validation.
         check_finite_every_n_steps: how often to check the loss for NaN/inf (each check waits for the device).
         compile: ``torch.compile`` the backbone in place (same state dict).
+        pretrained: start from released weights: a release name (``DiCo-XL-3750K``, see
+            :data:`dico.pretrained.CATALOGUE`) or a checkpoint file in any published format. The model gets the
+            EMA weights; ``fit`` then trains on from the non-EMA ones where the file has both (the EMA callback
+            starts from the EMA ones).
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class DiffusionModule(LightningModule):
         seed: int = 0,
         check_finite_every_n_steps: int = 1,
         compile: bool = False,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
@@ -70,6 +75,12 @@ class DiffusionModule(LightningModule):
             raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {guidance_mode!r}")
         self.save_hyperparameters()
         self.model = create_model(model, **(model_kwargs or {}))
+        self.weights_source: Any = None  # what `pretrained` loaded (dico.pretrained.LoadedWeights)
+        self._training_weights: dict[str, Tensor] | None = None
+        if pretrained:
+            from dico.pretrained import apply_pretrained
+
+            apply_pretrained(self, pretrained)
         if compile:
             self.model.compile()
         self.diffusion = create_diffusion("", noise_schedule, diffusion_steps=diffusion_steps,
@@ -79,6 +90,9 @@ class DiffusionModule(LightningModule):
 
     # ------------------------------------------------------------------ checks
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self._training_weights is not None:  # fine-tuning a released training checkpoint
+            self.model.load_state_dict(self._training_weights)
+            self._training_weights = None
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is None or not hasattr(dm, "sample_shape"):
             return

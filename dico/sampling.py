@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
@@ -19,7 +20,12 @@ class SampleJob:
     """A sample job. Unset sampling options take the values the checkpoint was configured with.
 
     Args:
-        ckpt: a Lightning checkpoint of :class:`DiffusionModule` (its ``state_dict`` holds the EMA weights).
+        ckpt: a checkpoint file: ours (Lightning; its ``state_dict`` holds the EMA weights) or a published one
+            (DiCo/DiT state dict, or a training checkpoint ``{model, ema, opt, args}``: its EMA weights unless
+            ``use_ema`` is false). ``pretrained``: a release name instead (``DiCo-XL-3750K``; hub cache).
+        model, model_kwargs, image_size: the architecture, when the published weights do not tell it
+            (inferred from keys and shapes; DiCo's latent side is ``image_size / 8``).
+        vae: the VAE that decodes published models' samples (a hub id or a local folder).
         out: output folder: ``samples.npz`` (ADM format), ``samples.png``, ``samples.json``, ``parts/``.
         num_samples: how many samples, class-balanced (sample i has class i % num_classes).
         batch_size: samples per batch; keep it fixed to reproduce a set (a batch's noise is seeded by its first index).
@@ -27,7 +33,13 @@ class SampleJob:
             can run arbitrary code). Off by default: checkpoints load with ``weights_only=True``.
     """
 
-    ckpt: str
+    ckpt: str | None = None
+    pretrained: str | None = None
+    model: str | None = None
+    model_kwargs: dict[str, Any] | None = None
+    image_size: int | None = None
+    vae: str | None = None
+    use_ema: bool = True
     out: str = "samples"
     num_samples: int = 50_000
     batch_size: int = 64
@@ -47,8 +59,8 @@ def load_module(ckpt: str, unsafe_full_unpickle: bool = False, map_location: str
     if not Path(ckpt).exists():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
     try:
-        return DiffusionModule.load_from_checkpoint(
-            ckpt, map_location=map_location, weights_only=not unsafe_full_unpickle
+        return DiffusionModule.load_from_checkpoint(  # its weights are in the file: no released ones to fetch
+            ckpt, map_location=map_location, weights_only=not unsafe_full_unpickle, pretrained=None
         )
     except Exception as e:
         if "weights_only" in str(e) or "Unpickler" in str(e):
@@ -60,7 +72,14 @@ def load_module(ckpt: str, unsafe_full_unpickle: bool = False, map_location: str
 
 
 def run_sample_job(job: SampleJob) -> Path:
-    module = load_module(job.ckpt, job.unsafe_full_unpickle)
+    from dico.pretrained import load_for_sampling
+
+    if (job.ckpt is None) == (job.pretrained is None):
+        raise ValueError("give exactly one of --ckpt PATH and --pretrained NAME")
+    module = load_for_sampling(job.ckpt or job.pretrained, job.model, job.model_kwargs, job.image_size,  # type: ignore[arg-type]
+                               job.vae, job.use_ema, job.unsafe_full_unpickle)  # fmt: skip
+    source = module.weights_source
+    print(f"[dico sample] {source.describe()}")
     hp = module.hparams
     for key, value in (("cfg_scale", job.cfg_scale), ("guidance_mode", job.guidance_mode),
                        ("sampler", job.sampler), ("sampling_steps", job.steps)):  # fmt: skip
@@ -69,7 +88,8 @@ def run_sample_job(job: SampleJob) -> Path:
     hp["seed"] = job.seed
     out = Path(job.out)
     record = {**asdict(job), "cfg_scale": hp.cfg_scale, "guidance_mode": hp.guidance_mode, "sampler": hp.sampler,
-              "steps": hp.sampling_steps, "model": hp.model}  # fmt: skip
+              "steps": hp.sampling_steps, "model": hp.model,
+              "pretrained": source.release.name if source.release else None}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     previous = out / "samples.json"
     if previous.exists() and json.loads(previous.read_text()) != record:

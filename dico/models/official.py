@@ -1,7 +1,9 @@
-"""The one place that knows the published checkpoints' key names.
+"""The one place that knows the published checkpoints' key names and formats.
 
 ``load_official`` turns a state dict of the published DiCo (shallowdream204/DiCo) or DiT
 (facebookresearch/DiT) code, or a training checkpoint of their scripts, into our model.
+``checkpoint_format`` / ``infer_arch`` / ``infer_config`` / ``registered_name`` tell what a file is and which
+of our models it is, from its keys and shapes alone.
 """
 
 from __future__ import annotations
@@ -135,6 +137,66 @@ def unwrap_training_checkpoint(checkpoint: Mapping[str, Any], use_ema: bool = Tr
     return checkpoint  # type: ignore[return-value]
 
 
+#: What :func:`checkpoint_format` reports.
+LIGHTNING, TRAINING, STATE_DICT = "lightning", "training", "state-dict"
+
+
+def checkpoint_format(checkpoint: Mapping[str, Any]) -> str:
+    """``"lightning"`` (a checkpoint of our module), ``"training"`` (the published scripts' ``{"model", "ema",
+    "opt", "args"}``) or ``"state-dict"`` (bare published weights); a ValueError for anything else."""
+    if "state_dict" in checkpoint and ("pytorch-lightning_version" in checkpoint or "hyper_parameters" in checkpoint):
+        return LIGHTNING
+    if "model" in checkpoint or "ema" in checkpoint:
+        return TRAINING
+    if checkpoint and all(isinstance(v, Tensor) for v in checkpoint.values()):
+        return STATE_DICT
+    raise ValueError(
+        f"not a checkpoint dico knows (top-level keys {sorted(map(str, checkpoint))[:8]}): expected a dico Lightning "
+        "checkpoint, a published training checkpoint {model, ema, opt, args} or a published state dict"
+    )
+
+
+def infer_arch(state_dict: Mapping[str, Tensor]) -> str:
+    """``"dico"`` or ``"dit"`` from the published key names (DDP/compile prefixes ignored)."""
+    keys = {k.removeprefix("module.").removeprefix("_orig_mod.") for k in state_dict}
+    if "t_embedder_1.mlp.0.weight" in keys or "y_embedder.embedding_table_0.weight" in keys:
+        return "dico"
+    if "y_embedder.embedding_table.weight" in keys and any(k.startswith("blocks.") for k in keys):
+        return "dit"
+    sample = sorted(keys)[:6]
+    raise ValueError(
+        f"these weights are neither a published DiCo nor a published DiT state dict (keys {sample} ...); "
+        "pass the model name with --model if they are ours"
+    )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+def registered_name(arch: str, config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The registered model a published configuration is, and what differs from it.
+
+    ``config`` is :func:`infer_config`'s output (plus ``num_heads`` for DiT). Returns ``(name, overrides)``
+    with ``create_model(name, **overrides)`` the model of these weights: the named size when widths and depths
+    match one (``DiCo-XL``, ``DiT-XL/2``; overrides then hold only e.g. ``input_size``), else the family's
+    smallest name with every architecture argument overridden.
+    """
+    from .dico import DICO_CONFIGS
+    from .dit import DIT_CONFIGS
+
+    table = DICO_CONFIGS if _check_arch(arch) == "dico" else DIT_CONFIGS
+    defaults = {"in_channels": 4, "learn_sigma": True, "num_classes": 1000, "input_size": 32}
+    for name, named in table.items():
+        if all(_same(config[k], v) for k, v in named.items() if k in config):
+            overrides = {k: v for k, v in config.items() if k not in named and not _same(defaults.get(k), v)}
+            return name, overrides
+    name = next(iter(table))
+    return name, {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
+
+
 def load_official(
     state_dict: Mapping[str, Any] | str,
     arch: str = "dico",
@@ -156,6 +218,12 @@ def load_official(
     if arch == "dit" and "num_heads" not in config:
         inferred["num_heads"] = _published_dit_heads(inferred["hidden_size"])
     model: nn.Module = (DiCo if arch == "dico" else DiT)(**{**inferred, **config})
+    return load_converted(model, sd, arch)
+
+
+def load_converted(model: nn.Module, sd: Mapping[str, Tensor], arch: str) -> nn.Module:
+    """Load published weights (a bare state dict of ``arch``) into one of our models, strictly: missing or
+    unexpected keys raise a KeyError naming them, wrong shapes a ValueError."""
     converted = convert_official_state_dict(sd, arch)
     ours = model.state_dict()
     missing = sorted(set(ours) - set(converted))
