@@ -75,9 +75,10 @@ def adm_inception_score(logits: np.ndarray, split_size: int) -> float:
 
 
 def adm_precision_recall(ref: np.ndarray, sample: np.ndarray, k: int = 3) -> tuple[float, float]:
-    def dist(u, v):
-        u16, v16 = u.astype(np.float16), v.astype(np.float16)
-        d = np.maximum((u16**2).sum(1)[:, None] - 2 * u16 @ v16.T + (v16**2).sum(1)[None], 0)
+    def dist(u, v):  # float16 inputs, float32 accumulation, float16 result (a GPU's half matmul)
+        u16, v16 = u.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
+        nu, nv = (u16**2).sum(1).astype(np.float16), (v16**2).sum(1).astype(np.float16)
+        d = np.maximum(nu[:, None] - np.float16(2) * (u16 @ v16.T).astype(np.float16) + nv[None], np.float16(0))
         if not np.isfinite(d).all():
             d = np.maximum((u**2).sum(1)[:, None] - 2 * u @ v.T + (v**2).sum(1)[None], 0)
         return d.astype(np.float32)

@@ -245,3 +245,53 @@ def test_dpm_solver_clips_the_denoised_prediction():
     with pytest.raises(ValueError, match="respaced"):
         generate(oracle, torch.tensor([0]), (1, 2, 2), None, sampler="dpm++", steps=10,
                  diffusion=sampling_diffusion("iddpm", 10))  # fmt: skip
+
+
+class GlooTrainer:
+    """The few trainer attributes the protocol uses, over a gloo process group."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.global_rank, self.world_size = rank, world_size
+        self.strategy = self
+
+    root_device = torch.device("cpu")
+
+    def broadcast(self, obj, src: int = 0):
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+
+def _evaluate_on_rank(rank: int, world_size: int, port: int, weights: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size)  # fmt: skip
+    torch.set_num_threads(1)
+    featurizer = Featurizer(FeatureSpec("dico-digits", weights))
+    reference = compute_reference("digits", featurizer, max_features=300)
+    record = evaluate(tiny_module(), SampleSet(20, 10, 6, seed=2), reference, featurizer,
+                      trainer=GlooTrainer(rank, world_size), samples_dir=out, source="ddp")  # fmt: skip
+    Path(out, f"record{rank}.json").write_text(json.dumps(record["metrics"]))
+    torch.distributed.destroy_process_group()
+
+
+def test_protocol_gives_the_same_metrics_and_samples_on_two_processes(tmp_path, digits_featurizer):
+    """Batches split over two gloo ranks, features gathered through torchmetrics, scored once on rank 0 and
+    broadcast: the same metrics on both ranks as on one process, and the same samples.npz."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    weights = digits_featurizer.spec.weights_path
+    args = (2, port, weights, str(tmp_path / "two"))  # fork: the children need not import torch again
+    torch.multiprocessing.start_processes(_evaluate_on_rank, args=args, nprocs=2, start_method="fork")
+    reference = compute_reference("digits", digits_featurizer, max_features=300)
+    one = evaluate(tiny_module(), SampleSet(20, 10, 6, seed=2), reference,
+                   digits_featurizer, samples_dir=tmp_path / "one", source="ddp")  # fmt: skip
+    two = [json.loads((tmp_path / "two" / f"record{r}.json").read_text()) for r in (0, 1)]
+    assert two[0] == two[1] == pytest.approx(one["metrics"], rel=1e-12, abs=1e-12)
+    with np.load(tmp_path / "one" / "samples.npz") as a, np.load(tmp_path / "two" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])

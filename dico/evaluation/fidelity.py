@@ -188,21 +188,6 @@ class Featurizer:
         return {k: torch.cat(v) for k, v in out.items()}
 
 
-def extract_features(extractor: Any, images: Tensor | np.ndarray, batch_size: int = 100) -> dict[str, Tensor]:
-    """uint8 images through a bare torch-fidelity extractor -> {its feature name: (N, D) float32 on CPU}."""
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images).permute(0, 3, 1, 2)
-    device = next(extractor.parameters()).device
-    out: dict[str, list[Tensor]] = {name: [] for name in extractor.get_requested_features_list()}
-    for chunk in images.split(batch_size):
-        chunk = chunk.to(device)
-        if chunk.shape[1] == 1 and extractor.get_name() == INCEPTION:
-            chunk = chunk.expand(-1, 3, -1, -1)
-        for name, value in extractor.convert_features_tuple_to_dict(extractor(chunk)).items():
-            out[name].append(value.float().cpu())
-    return {name: torch.cat(values) for name, values in out.items()}
-
-
 # ---------------------------------------------------------------------------------------------------- metrics
 def gaussian_statistics(features: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, D) float32 features -> mean (D,) and covariance (D, D) as ADM's evaluator (and torch-fidelity) compute
@@ -237,13 +222,15 @@ def inception_score_adm(logits: Tensor, split_size: int = 5000) -> dict[str, flo
 
 
 def _squared_distances(u: Tensor, v: Tensor) -> Tensor:
-    """ADM's pairwise distances: max(|u|^2 - 2 u.v + |v|^2, 0) in float16 when all finite, else float32."""
-    for dtype in (torch.float16, torch.float32):
-        a, b = u.to(dtype), v.to(dtype)
-        d = (a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1)[None]).clamp_min(0)
-        if dtype == torch.float32 or torch.isfinite(d).all():
-            return d.float()
-    raise AssertionError("unreachable")
+    """ADM's pairwise distances max(|u|^2 - 2 u.v + |v|^2, 0) in float16 (float32 if that overflows): inputs
+    rounded to float16, products accumulated in float32 and rounded to float16 (as a GPU's half matmul does;
+    this also keeps CPUs, which have no fast half matmul, at float32 speed)."""
+    a, b = u.half().float(), v.half().float()
+    d = (a.square().sum(1).half()[:, None] - 2 * (a @ b.T).half() + b.square().sum(1).half()[None]).clamp_min(0)
+    if torch.isfinite(d).all():
+        return d.float()
+    u, v = u.float(), v.float()
+    return (u.square().sum(1)[:, None] - 2 * u @ v.T + v.square().sum(1)[None]).clamp_min(0)
 
 
 def _manifold_radii(features: Tensor, k: int, block: int) -> Tensor:
