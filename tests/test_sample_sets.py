@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import cli
 from dico.callbacks import EMA, FIDEvaluation
 from dico.data import DigitsDataModule
-from dico.evaluation import FeatureSpec, Featurizer, SampleSet, SamplingOptions, compute_reference
+from dico.evaluation import FeatureSpec, Featurizer, Reference, SampleSet, SamplingOptions, compute_reference
 from dico.evaluation.images import iter_npz_images
 from dico.evaluation.protocol import evaluate, sample_batch
 from dico.module import DiffusionModule
@@ -295,3 +295,14 @@ def test_protocol_gives_the_same_metrics_and_samples_on_two_processes(tmp_path, 
     assert two[0] == two[1] == pytest.approx(one["metrics"], rel=1e-12, abs=1e-12)
     with np.load(tmp_path / "one" / "samples.npz") as a, np.load(tmp_path / "two" / "samples.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_an_outdated_reference_is_recomputed_from_its_source(tmp_path, digits_featurizer):
+    old_meta = np.array(json.dumps({"feature_extractor": "dico-digits"}))  # format 1: no sFID statistics
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(64), sigma=np.eye(64), features=np.zeros((2, 64)), meta=old_meta)
+    with pytest.raises(ValueError, match=r"older dico reference.*--overwrite"):
+        Reference.load(tmp_path / "ref.npz")
+    callback = fid_callback(tmp_path, digits_featurizer.spec)
+    trainer = Trainer(accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path)
+    module = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL)
+    assert callback.reference(trainer, module).mu_s.shape == (112,)

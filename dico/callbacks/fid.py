@@ -17,7 +17,7 @@ from dico.callbacks.sample_grid import run_dir
 from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Featurizer, MetricOptions
 from dico.evaluation.images import save_grid
 from dico.evaluation.protocol import evaluate, write_record
-from dico.evaluation.reference import Reference, compute_reference
+from dico.evaluation.reference import OutdatedReference, Reference, compute_reference
 from dico.evaluation.sample_set import SampleSet, SamplingOptions
 
 
@@ -106,7 +106,8 @@ class FIDEvaluation(Callback):
             self._featurizer = Featurizer(self.spec, pl_module.device)
         if self._reference is None:
             path = Path(self.reference_path)
-            if not path.exists() and self.reference_source is not None:
+            missing = self.reference_source is not None and (not path.exists() or _outdated(path))
+            if trainer.strategy.broadcast(missing, src=0):  # one decision: every rank meets the barrier
                 if trainer.is_global_zero:
                     rank_zero_info(f"computing reference statistics of {self.reference_source} -> {path}")
                     compute_reference(self.reference_source, self._featurizer, self.reference_image_size).save(path)
@@ -204,3 +205,12 @@ class FIDEvaluation(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_fid = state_dict.get("best_fid", float("inf"))
         self.last_evaluated_step = state_dict.get("last_evaluated_step", -1)
+
+
+def _outdated(path: Path) -> bool:
+    """Whether ``path`` is a reference of an older dico format (then it is recomputed from its source)."""
+    try:
+        Reference.load(path)
+    except OutdatedReference:
+        return True
+    return False

@@ -26,6 +26,10 @@ from .fidelity import Featurizer, gaussian_statistics
 FORMAT = 2  # 2: sFID statistics, weights hash, resolution
 
 
+class OutdatedReference(ValueError):
+    """A reference file of an older dico format: recompute it."""
+
+
 @dataclass
 class Reference:
     """FID statistics (``mu``, ``sigma``), sFID statistics (``mu_s``, ``sigma_s``), float64, and (N, D)
@@ -89,8 +93,9 @@ class Reference:
                     )
                 meta = json.loads(str(d["meta"]))
                 if meta.get("format") != FORMAT:
-                    raise ValueError(f"{path} is an older dico reference (no sFID statistics); recompute it with "
-                                     f"{make} --overwrite")  # fmt: skip
+                    raise OutdatedReference(
+                        f"{path} is an older dico reference (no sFID statistics); recompute it with {make} --overwrite"
+                    )
                 arrays = {k: d[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "features")}
         except (KeyError, OSError) as e:
             raise ValueError(f"{path} is not a dico reference-statistics file ({e}); recompute it with {make}") from e
