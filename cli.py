@@ -77,7 +77,7 @@ def extract(argv: list[str]) -> int:
 
 
 def sample(argv: list[str]) -> int:
-    from dico.sampling import SampleJob, run_sample_job
+    from dico.sample_jobs import SampleJob, run_sample_job
 
     parser = ArgumentParser(prog="dico sample", description="Generate samples from a checkpoint (EMA weights).")
     parser.add_class_arguments(SampleJob, as_positional=False)
@@ -96,36 +96,40 @@ def _add_feature_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--feature_extractor", default=INCEPTION, choices=[INCEPTION, "dico-digits"])
     parser.add_argument("--weights_path", type=str | None, default=None, help="local feature-extractor weights")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--batch_size", type=int, default=100, help="images per feature-extractor batch")
 
 
 def reference(argv: list[str]) -> int:
-    from dico.evaluation.fidelity import FeatureSpec, Reference
-    from dico.evaluation.protocol import compute_reference
+    from pathlib import Path
+
+    from dico.evaluation.fidelity import FeatureSpec, Featurizer
+    from dico.evaluation.reference import Reference, compute_reference
 
     parser = ArgumentParser(prog="dico reference", description="Compute and cache reference statistics.")
-    parser.add_argument("--source", required=True, help="image folder, ADM .npz reference batch, or 'digits'")
+    parser.add_argument("--source", required=True, help="ADM .npz reference batch, image folder, or 'digits'")
     parser.add_argument("--out", required=True, help="where to cache the statistics (.npz)")
     parser.add_argument("--image_size", type=int | None, default=None, help="ADM center crop of folder images")
     parser.add_argument("--max_features", type=int, default=50_000, help="features kept for precision/recall, KID")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random subset of kept features")
     _add_feature_arguments(parser)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    spec = FeatureSpec(args.feature_extractor, args.weights_path)
-    from pathlib import Path
-
     if Path(args.out).exists() and not args.overwrite:
         ref = Reference.load(args.out)
         print(f"[dico reference] {args.out} exists ({ref.meta}); reusing it (--overwrite to recompute)")
         return 0
-    ref = compute_reference(args.source, spec, args.image_size, args.max_features, device=args.device)
+    featurizer = Featurizer(FeatureSpec(args.feature_extractor, args.weights_path), args.device)
+    ref = compute_reference(args.source, featurizer, args.image_size, args.max_features, args.seed, args.batch_size)
     ref.save(args.out)
-    print(f"[dico reference] {ref.meta['count']} images -> {args.out} (sha256 {ref.sha256[:12]})")
+    print(f"[dico reference] {ref.meta['count']} images -> {args.out} ({ref.meta['statistics']}; sha256 "
+          f"{ref.sha256[:12]})")  # fmt: skip
     return 0
 
 
 def evaluate(argv: list[str]) -> int:
-    from dico.evaluation.fidelity import FeatureSpec, Reference
+    from dico.evaluation.fidelity import CONVENTIONS, FeatureSpec, Featurizer, MetricOptions
     from dico.evaluation.protocol import score_npz, write_record
+    from dico.evaluation.reference import Reference
 
     parser = ArgumentParser(prog="dico evaluate", description="Score an ADM-format sample file.")
     parser.add_argument("--samples", required=True, help="ADM .npz (arr_0 uint8 NHWC)")
@@ -137,10 +141,12 @@ def evaluate(argv: list[str]) -> int:
         default=None,
         help="release to compare with (default: the one named by samples.json beside the samples)",
     )
+    parser.add_argument("--convention", default="adm", choices=list(CONVENTIONS), help="IS splits, P/R distances")
     _add_feature_arguments(parser)
     args = parser.parse_args(argv)
-    record = score_npz(args.samples, Reference.load(args.reference),
-                       FeatureSpec(args.feature_extractor, args.weights_path), args.device)  # fmt: skip
+    reference = Reference.load(args.reference)
+    featurizer = Featurizer(FeatureSpec(args.feature_extractor, args.weights_path), args.device)
+    record = score_npz(args.samples, reference, featurizer, MetricOptions(args.convention), args.batch_size)
     if args.out:
         write_record(args.out, record)
     print(json.dumps(record["metrics"], indent=1))

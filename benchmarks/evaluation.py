@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from dico.diffusion import generate, sampling_diffusion
-from dico.evaluation.fidelity import FeatureSpec
-from dico.evaluation.protocol import EvalSettings, compute_reference, evaluate
+from dico.evaluation import FeatureSpec, Featurizer, SampleSet, SamplingOptions, compute_reference
+from dico.evaluation.protocol import evaluate
 from dico.models import create_model
 from dico.module import DiffusionModule
 
@@ -68,11 +68,11 @@ def periodic_evaluation(samples: int, steps: int) -> None:
     module = DiffusionModule("DiCo-S", model_kwargs=QUICKSTART_MODEL, cfg_scale=2.0, guidance_mode="all",
                              clip_denoised=True).eval()  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        spec = FeatureSpec("dico-digits", str(Path(tmp) / "classifier.pt"))
-        reference = compute_reference("digits", spec)
-        settings = EvalSettings(num_samples=samples, batch_size=250, steps=steps)
+        featurizer = Featurizer(FeatureSpec("dico-digits", str(Path(tmp) / "classifier.pt")))
+        reference = compute_reference("digits", featurizer)
+        sample_set = SampleSet(samples, 10, batch_size=250, options=SamplingOptions(steps=steps))
         start = time.perf_counter()
-        record = evaluate(module, settings, reference, spec)
+        record = evaluate(module, sample_set, reference, featurizer)
         elapsed = time.perf_counter() - start
     print(f"\nOne periodic evaluation: M = {samples} guided samples, {steps}-step iDDPM, quickstart DiCo, "
           "digits features (CPU)")  # fmt: skip

@@ -177,10 +177,10 @@ class DiffusionModule(LightningModule):
         terms = self._losses(batch, g, train=False)
         self.log_dict({f"test/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=batch["x"].shape[0])
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
-        """Generate one batch of a sample set: item i of the set always gets the same noise (seeded by its
-        first index), so the set does not depend on the number of devices."""
-        images = self.sample(batch["y"], seed=int(batch["index"][0]) + self.hparams.seed * 1_000_003)
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Generate one batch of a :class:`~dico.evaluation.sample_set.SampleSet` (its labels, seed and sampling
+        options), so the set does not depend on the number of devices."""
+        images = self.sample(batch["y"], seed=int(batch["seed"]), **batch.get("options", {}))
         return {"images": to_uint8(images), "labels": batch["y"].cpu().numpy(), "index": batch["index"].cpu().numpy()}
 
     # ------------------------------------------------------------------ sampling
@@ -193,6 +193,7 @@ class DiffusionModule(LightningModule):
         steps: int | None = None,
         sampler: str | None = None,
         seed: int = 0,
+        eta: float | None = None,
         decode: bool = True,
         progress: bool = False,
     ) -> Tensor:
@@ -215,7 +216,7 @@ class DiffusionModule(LightningModule):
                     sampler=sampler, steps=steps,
                     cfg_scale=hp.cfg_scale if cfg_scale is None else cfg_scale,
                     guidance_mode=guidance_mode or hp.guidance_mode,
-                    eta=hp.ddim_eta, seed=seed, clip_denoised=hp.clip_denoised,
+                    eta=hp.ddim_eta if eta is None else eta, seed=seed, clip_denoised=hp.clip_denoised,
                     diffusion=sampling_diffusion(sampler, steps, hp.diffusion_steps, hp.noise_schedule, m.learn_sigma),
                     progress=progress,
                 )  # fmt: skip

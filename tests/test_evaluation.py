@@ -1,4 +1,5 @@
-"""Evaluation: torch-fidelity metrics in memory, reference statistics, the protocol's sample set, FID callback."""
+"""Evaluation: features and metrics against independent NumPy versions of ADM's formulas, ADM-format reference
+batches, reference checks, torch-fidelity parity, and the non-degenerate Inception path."""
 
 from __future__ import annotations
 
@@ -8,24 +9,15 @@ import numpy as np
 import pytest
 import torch
 import torch_fidelity
-from lightning.pytorch import Trainer
+from scipy import linalg
 
 import cli
-from dico.callbacks import EMA, FIDEvaluation
-from dico.data import DigitsDataModule, load_digits_arrays
-from dico.evaluation.fidelity import (
-    FeatureSpec,
-    Reference,
-    build_feature_extractor,
-    compute_metrics,
-    extract_features,
-    feature_names,
-    reference_from_features,
-)
+from dico.data import load_digits_arrays
+from dico.evaluation import FeatureSpec, Featurizer, MetricOptions, Reference, compute_metrics, compute_reference
+from dico.evaluation.fidelity import gaussian_statistics, inception_score_adm, precision_recall_adm
 from dico.evaluation.images import save_npz
-from dico.evaluation.protocol import EvalSettings, rank_batches, sample_batch
-from dico.module import DiffusionModule
-from tests.conftest import TINY_MODEL
+from dico.evaluation.protocol import score_npz
+from dico.evaluation.reference import subsample
 
 
 class Images(torch.utils.data.Dataset):
@@ -41,6 +33,7 @@ class Images(torch.utils.data.Dataset):
 
 @pytest.fixture(scope="module")
 def digits_u8() -> torch.Tensor:
+    """All 1797 digits, uint8 (N, 1, 8, 8)."""
     return torch.from_numpy(((load_digits_arrays()[0] + 1) * 127.5).round().astype(np.uint8))
 
 
@@ -50,116 +43,245 @@ def digits_spec(tmp_path_factory) -> FeatureSpec:
 
 
 @pytest.fixture(scope="module")
-def digits_extractor(digits_spec):
-    return build_feature_extractor(digits_spec, ["64", "logits"])
+def featurizer(digits_spec) -> Featurizer:
+    return Featurizer(digits_spec)
 
 
-def score(extractor, spec, generated: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
-    ref = reference_from_features(extract_features(extractor, real)["64"], spec, "test")
-    return compute_metrics(extract_features(extractor, generated), ref, feature_names(extractor))
+def nhwc(images: torch.Tensor) -> np.ndarray:
+    return images.permute(0, 2, 3, 1).numpy()
 
 
-def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(digits_u8, digits_spec, digits_extractor):
+# ------------------------------------------------------------------------------ independent NumPy versions of ADM
+def adm_fid(mu1, sigma1, mu2, sigma2) -> float:
+    """ADM's ``FIDStatistics.frechet_distance`` (scipy's sqrtm)."""
+    diff = mu1 - mu2
+    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
+
+
+def adm_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.mean(features, axis=0), np.cov(features, rowvar=False)
+
+
+def adm_inception_score(logits: np.ndarray, split_size: int) -> float:
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    preds = e / e.sum(1, keepdims=True)
+    scores = []
+    for i in range(0, len(preds), split_size):
+        part = preds[i : i + split_size]
+        kl = np.mean(np.sum(part * (np.log(part) - np.log(np.mean(part, 0, keepdims=True))), 1))
+        scores.append(np.exp(kl))
+    return float(np.mean(scores))
+
+
+def adm_precision_recall(ref: np.ndarray, sample: np.ndarray, k: int = 3) -> tuple[float, float]:
+    def dist(u, v):  # float16 inputs, float32 accumulation, float16 result (a GPU's half matmul)
+        u16, v16 = u.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
+        nu, nv = (u16**2).sum(1).astype(np.float16), (v16**2).sum(1).astype(np.float16)
+        d = np.maximum(nu[:, None] - np.float16(2) * (u16 @ v16.T).astype(np.float16) + nv[None], np.float16(0))
+        if not np.isfinite(d).all():
+            d = np.maximum((u**2).sum(1)[:, None] - 2 * u @ v.T + (v**2).sum(1)[None], 0)
+        return d.astype(np.float32)
+
+    r_ref = np.partition(dist(ref, ref), k, axis=1)[:, k]
+    r_sample = np.partition(dist(sample, sample), k, axis=1)[:, k]
+    d = dist(ref, sample)  # (ref, sample)
+    precision = (d <= r_ref[:, None]).any(0).mean()
+    recall = (d <= r_sample[None]).any(1).mean()
+    return float(precision), float(recall)
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(digits_u8, featurizer):
     real = digits_u8[:800]
-    assert abs(score(digits_extractor, digits_spec, real, real)["frechet_inception_distance"]) < 1e-6
+    ref, cheap = compute_reference_from(featurizer, real), MetricOptions(kid_subset_size=50)
+    assert abs(compute_metrics(featurizer.run([real]), ref, cheap)["frechet_inception_distance"]) < 1e-6
     g = torch.Generator().manual_seed(0)
     fids = []
     for sigma in (10, 40, 80):
         noisy = (real.float() + sigma * torch.randn(real.shape, generator=g)).clamp(0, 255).round().to(torch.uint8)
-        fids.append(score(digits_extractor, digits_spec, noisy, real)["frechet_inception_distance"])
+        fids.append(compute_metrics(featurizer.run([noisy]), ref, cheap)["frechet_inception_distance"])
     assert 0 < fids[0] < fids[1] < fids[2]
 
 
-def test_metrics_equal_torch_fidelity_calculate_metrics(digits_u8, digits_spec, digits_extractor):
+def compute_reference_from(featurizer: Featurizer, images: torch.Tensor, batch_size: int = 100) -> Reference:
+    """A reference of ``images`` through the ``.npz`` path (no ADM statistics inside: computed from the images)."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp()) / "images.npz"
+    save_npz(path, nhwc(images))
+    return compute_reference(str(path), featurizer, batch_size=batch_size)
+
+
+def test_metrics_equal_torch_fidelity_calculate_metrics(digits_u8, digits_spec, featurizer):
     gen, real = digits_u8[1000:1600], digits_u8[:1000]
-    ours = score(digits_extractor, digits_spec, gen, real)
+    # batches of 64 as torch-fidelity's, so that the float32 features are the same to the bit
+    ours = compute_metrics(featurizer.run(gen.split(64)), compute_reference_from(featurizer, real, 64),
+                           MetricOptions("torch-fidelity", kid_subset_size=600))  # fmt: skip
     theirs = torch_fidelity.calculate_metrics(
         input1=Images(gen), input2=Images(real), cuda=False, fid=True, isc=True, kid=True, prc=True,
         feature_extractor="dico-digits", feature_extractor_weights_path=digits_spec.weights_path,
         kid_subset_size=600, verbose=False, cache=False, datasets_root=None,
     )  # fmt: skip
-    for key, value in theirs.items():
-        assert ours[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    for key, value in theirs.items():  # torch-fidelity subtracts the means in float32, ADM in float64
+        assert ours[key] == pytest.approx(value, rel=1e-6 if "frechet" in key else 1e-12, abs=1e-12), key
 
 
-def test_inception_from_a_local_file_matches_torch_fidelity(inception_weights):
-    g = torch.Generator().manual_seed(1)
-    gen = torch.randint(0, 256, (24, 3, 32, 32), generator=g, dtype=torch.uint8)
-    real = torch.randint(0, 256, (24, 3, 32, 32), generator=g, dtype=torch.uint8)
-    spec = FeatureSpec("inception-v3-compat", str(inception_weights))
-    extractor = build_feature_extractor(spec, ["2048", "logits_unbiased"])
-    ours = score_inception(extractor, spec, gen, real)
-    theirs = torch_fidelity.calculate_metrics(
-        input1=Images(gen), input2=Images(real), cuda=False, fid=True, isc=True,
-        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(inception_weights), isc_splits=2,
-        verbose=False, cache=False,
-    )  # fmt: skip
-    assert ours["frechet_inception_distance"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
-    assert ours["inception_score_mean"] == pytest.approx(theirs["inception_score_mean"], rel=1e-6)
+def test_adm_reference_batch_gives_the_adm_fid_and_sfid(tmp_path, digits_u8, featurizer):
+    """An ADM-format reference batch: mu/sigma (mu_s/sigma_s) over the full set, float64, and a 150-image arr_0.
+    FID/sFID must use the batch's statistics (not arr_0's), equal ADM's formulas on the same features, and
+    precision/recall must use arr_0's features."""
+    clf = featurizer.extractor.classifier
+    x = digits_u8.float() / 127.5 - 1
+    with torch.no_grad():
+        pool_all = clf.features(x).double().numpy()
+        spatial_all = clf.body[:5](x)[:, :7].permute(0, 2, 3, 1).flatten(1).double().numpy()  # NHWC, as ADM
+    mu, sigma = adm_stats(pool_all)
+    mu_s, sigma_s = adm_stats(spatial_all)
+    batch = tmp_path / "VIRTUAL_digits_labeled.npz"
+    np.savez(batch, arr_0=nhwc(digits_u8[:150]), mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    assert mu.dtype == np.float64
+    ref = compute_reference(str(batch), featurizer)
+    assert ref.meta["count"] == 150 and ref.features.shape == (150, 64) and ref.meta["image_size"] == [8, 8]
+
+    samples = digits_u8[1000:1400]
+    with torch.no_grad():
+        xs = samples.float() / 127.5 - 1
+        pool, spatial = clf.features(xs).numpy(), clf.body[:5](xs)[:, :7].permute(0, 2, 3, 1).flatten(1).numpy()
+    out = compute_metrics(featurizer.run([samples]), ref)
+    expected_fid = adm_fid(*adm_stats(pool), mu, sigma)  # float32 features, as ADM's TF graph gives them
+    expected_sfid = adm_fid(*adm_stats(spatial), mu_s, sigma_s)
+    assert out["frechet_inception_distance"] == pytest.approx(expected_fid, rel=1e-6)
+    assert out["spatial_frechet_inception_distance"] == pytest.approx(expected_sfid, rel=1e-6)
+    arr0_fid = adm_fid(*adm_stats(pool), *adm_stats(pool_all[:150]))
+    assert abs(arr0_fid - expected_fid) > 0.1 * expected_fid  # the arr_0 statistics would give another number
+    precision, recall = adm_precision_recall(ref.features, pool)
+    assert out["precision"] == pytest.approx(precision, abs=1e-12)
+    assert out["recall"] == pytest.approx(recall, abs=1e-12)
 
 
-def score_inception(extractor, spec, gen, real):
-    ref = reference_from_features(extract_features(extractor, real)["2048"], spec, "test")
-    return compute_metrics(extract_features(extractor, gen), ref, feature_names(extractor), isc_splits=2)
+def test_adm_inception_score_and_precision_recall_equal_numpy():
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(23, 10, generator=g)
+    assert inception_score_adm(logits, 7)["inception_score_mean"] == pytest.approx(
+        adm_inception_score(logits.double().numpy(), 7), rel=1e-12
+    )  # splits of 7, 7, 7, 2 in sample order
+    real, fake = torch.randn(60, 16, generator=g), 1.3 * torch.randn(45, 16, generator=g) + 0.3
+    ours = precision_recall_adm(real, fake, block=16)  # several row and column blocks
+    precision, recall = adm_precision_recall(real.numpy(), fake.numpy())
+    assert (ours["precision"], ours["recall"]) == pytest.approx((precision, recall), abs=1e-12)
+    assert 0 < precision < 1 and 0 < recall < 1
 
 
-def test_unsafe_or_missing_inception_weights_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match=r"weights_path.*weights-inception-2015-12-05"):
-        build_feature_extractor(FeatureSpec("inception-v3-compat", None), ["2048"])
-    with pytest.raises(FileNotFoundError, match=r"do not exist"):
-        build_feature_extractor(FeatureSpec("inception-v3-compat", str(tmp_path / "nope.pth")), ["2048"])
-    pickled = tmp_path / "evil.pth"
-    torch.save({"not": object()}, pickled)  # needs full unpickling
-    with pytest.raises(Exception, match=r"(?i)weights_only|unpickl"):
-        build_feature_extractor(FeatureSpec("inception-v3-compat", str(pickled)), ["2048"])
+def test_reference_subset_is_random_seeded_and_keeps_every_class():
+    labels = torch.arange(10).repeat_interleave(100)  # a folder listed class by class
+    features = torch.nn.functional.one_hot(labels).float()
+    kept, index = subsample(features, 100, seed=0)
+    assert len(set(labels[index].tolist())) == 10 and len(kept) == 100
+    assert np.array_equal(subsample(features, 100, seed=0)[1], index)
+    assert not np.array_equal(subsample(features, 100, seed=1)[1], index)
+    assert np.array_equal(subsample(features, 5000, seed=0)[1], np.arange(1000))
 
 
-def test_sample_set_is_the_same_on_one_and_two_processes():
-    torch.manual_seed(0)
-    module = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, sampling_steps=4, clip_denoised=True)
-    for p in module.model.head.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    settings = EvalSettings(num_samples=10, batch_size=3, seed=5)
-    one = {int(i[0]): sample_batch(module, i, settings) for i in rank_batches(settings, 0, 1)}
-    two = {int(i[0]): sample_batch(module, i, settings) for r in (0, 1) for i in rank_batches(settings, r, 2)}
-    assert sorted(one) == sorted(two) == [0, 3, 6, 9]
-    assert all(torch.equal(one[k], two[k]) for k in one)
-    assert [len(b) for b in rank_batches(settings, 1, 2)] == [3, 1]
+def test_bad_references_are_refused_before_any_sample_is_featurised(tmp_path, digits_u8, featurizer, monkeypatch):
+    ref = compute_reference_from(featurizer, digits_u8[:300])
+    ref.save(tmp_path / "ref.npz")
+    big = save_npz(tmp_path / "big.npz", np.zeros((4, 16, 16, 1), np.uint8))
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("featurised before the checks")
+
+    monkeypatch.setattr(Featurizer, "__call__", no_features)
+    with pytest.raises(ValueError, match=r"samples are 16x16, the reference .* is 8x8.*VIRTUAL_imagenet16"):
+        score_npz(big, Reference.load(tmp_path / "ref.npz"), featurizer)
+    state = featurizer.extractor.classifier.state_dict()
+    torch.save({**state, "head.weight": 2 * state["head.weight"]}, tmp_path / "other.pt")
+    other = Featurizer(FeatureSpec("dico-digits", str(tmp_path / "other.pt")))  # same name, other weights
+    with pytest.raises(ValueError, match=r"weights_sha256.*cli\.py reference --overwrite"):
+        score_npz(big, Reference.load(tmp_path / "ref.npz"), other)
+    adm_batch = tmp_path / "VIRTUAL_x.npz"
+    np.savez(adm_batch, arr_0=np.zeros((2, 8, 8, 1), np.uint8), mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ValueError, match=r"ADM reference batch.*cli\.py reference --source"):
+        Reference.load(adm_batch)
+    with pytest.raises(FileNotFoundError, match=r"cli\.py reference"):
+        Reference.load(tmp_path / "missing.npz")
+    with pytest.raises(ValueError, match="metric convention"):
+        MetricOptions("tf")
 
 
 def test_reference_and_evaluate_commands(tmp_path, digits_u8, digits_spec, capsys):
     ref_path = tmp_path / "ref.npz"
     args = ["--feature_extractor", "dico-digits", "--weights_path", digits_spec.weights_path]
-    assert cli.main(["reference", "--source", "digits", "--out", str(ref_path), *args]) == 0
+    assert cli.main(["reference", "--source", "digits", "--out", str(ref_path), "--max_features", "500", *args]) == 0
     ref = Reference.load(ref_path)
-    assert ref.meta["count"] == 1797 and ref.mu.shape == (64,) and ref.features.shape == (1797, 64)
+    assert ref.meta["count"] == 1797 and ref.mu.shape == (64,) and ref.features.shape == (500, 64)
+    assert ref.mu_s.shape == (112,) and ref.sigma_s.shape == (112, 112)
     assert cli.main(["reference", "--source", "digits", "--out", str(ref_path), *args]) == 0
     assert "reusing" in capsys.readouterr().out
-    samples = save_npz(tmp_path / "s.npz", digits_u8[:500].permute(0, 2, 3, 1).numpy())
+    samples = save_npz(tmp_path / "s.npz", nhwc(digits_u8[:500]))
     assert cli.main(["evaluate", "--samples", str(samples), "--reference", str(ref_path), *args,
-                     "--out", str(tmp_path / "rec.json")]) == 0  # fmt: skip
+                     "--batch_size", "64", "--out", str(tmp_path / "rec.json")]) == 0  # fmt: skip
     record = json.loads((tmp_path / "rec.json").read_text())
     assert record["count"] == 500 and record["reference_sha256"] == ref.sha256
+    assert record["conventions"]["convention"] == "adm" and record["conventions"]["prc_neighborhood"] == 3
     assert 0 <= record["metrics"]["frechet_inception_distance"] < 50  # real digits against real digits
-    with pytest.raises(FileNotFoundError, match=r"cli\.py reference"):
-        Reference.load(tmp_path / "missing.npz")
+    assert 0 <= record["metrics"]["spatial_frechet_inception_distance"] < 50
 
 
-def test_fid_callback_during_fit(tmp_path, digits_spec):
-    module = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, lr=1e-3, sampling_steps=5, cfg_scale=1.0,
-                             clip_denoised=True)  # fmt: skip
-    fid = FIDEvaluation(
-        reference=str(tmp_path / "ref.npz"), reference_source="digits", feature_extractor="dico-digits",
-        weights_path=digits_spec.weights_path, at_start=True, every_n_steps=2, num_samples=40, batch_size=20,
-        save_best=True,
-    )  # fmt: skip
-    trainer = Trainer(accelerator="cpu", max_steps=3, default_root_dir=tmp_path, logger=False,
-                      enable_progress_bar=False, limit_val_batches=0, callbacks=[EMA(decay=0.9), fid])  # fmt: skip
-    trainer.fit(module, DigitsDataModule(batch_size=256))
-    records = sorted((tmp_path / "eval").glob("step_*.json"))
-    assert [r.stem for r in records] == ["step_0000000", "step_0000002", "step_0000003"]
-    record = json.loads(records[-1].read_text())
-    assert record["settings"]["num_samples"] == 40 and record["settings"]["steps"] == 5
-    assert record["feature_extractor"] == "dico-digits" and len(record["reference_sha256"]) == 64
-    assert (tmp_path / "checkpoints" / "best_fid.ckpt").exists()
+# ---------------------------------------------------------------------------------------------- Inception path
+@pytest.fixture(scope="module")
+def calibrated_inception(inception_weights, tmp_path_factory):
+    """Random Inception weights made non-degenerate: every batch norm's statistics are set from a batch of
+    images (so each layer's output has unit scale, as with trained weights) and the classifier is scaled so
+    that its predictions are confident. The real file cannot be fetched here."""
+    net = Featurizer(FeatureSpec("inception-v3-compat", str(inception_weights))).extractor
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: the statistics of the calibration batch
+    g = torch.Generator().manual_seed(0)
+    net.train()
+    with torch.no_grad():
+        net(torch.randint(0, 256, (4, 3, 32, 32), generator=g, dtype=torch.uint8))
+        net.fc.weight.mul_(30)
+    path = tmp_path_factory.mktemp("calibrated") / "inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_features_sfid_hook_and_metrics(calibrated_inception):
+    g = torch.Generator().manual_seed(1)
+    gen = torch.randint(0, 256, (3, 3, 32, 32), generator=g, dtype=torch.uint8)
+    real = torch.randint(0, 256, (3, 1, 32, 32), generator=g, dtype=torch.uint8) // 2  # grey: expanded to RGB
+    featurizer = Featurizer(FeatureSpec("inception-v3-compat", str(calibrated_inception)))
+    branch = []  # TF's mixed_6/conv = the 1x1 branch of Mixed_6d: the first 192 channels of its output
+    featurizer.extractor.Mixed_6d.branch1x1.register_forward_hook(lambda m, a, out: branch.append(out))
+    feats = featurizer(gen)
+    assert feats["pool"].shape == (3, 2048) and feats["spatial"].shape == (3, 17 * 17 * 7)  # ADM's 2023 dims
+    torch.testing.assert_close(feats["spatial"], branch[0][:, :7].permute(0, 2, 3, 1).flatten(1))
+    assert 0.1 < feats["pool"].std().item() < 10 and feats["spatial"].std().item() > 0.1  # unit scale
+    plain = featurizer.extractor(gen)  # torch-fidelity's own forward: the features we score are its features
+    torch.testing.assert_close(feats["pool"], plain[0])
+    torch.testing.assert_close(feats["logits"], plain[1])
+    is_mean = inception_score_adm(feats["logits"])["inception_score_mean"]
+    assert is_mean > 1.5  # confident and varied predictions (at most 3 for 3 images): a test that can fail
+    ref_feats = featurizer(real)
+    mu, sigma = gaussian_statistics(ref_feats["pool"])
+    mu_s, sigma_s = gaussian_statistics(ref_feats["spatial"])
+    ref = Reference(mu, sigma, mu_s, sigma_s, ref_feats["pool"].numpy(), {})
+    out = compute_metrics(feats, ref, MetricOptions(kid_subset_size=3))
+    assert out["frechet_inception_distance"] > 1 and out["spatial_frechet_inception_distance"] > 1
+    assert out["inception_score_mean"] == pytest.approx(is_mean)
+
+
+def test_unsafe_or_missing_inception_weights_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"weights_path.*weights-inception-2015-12-05"):
+        Featurizer(FeatureSpec("inception-v3-compat", None))
+    with pytest.raises(FileNotFoundError, match=r"do not exist"):
+        Featurizer(FeatureSpec("inception-v3-compat", str(tmp_path / "nope.pth")))
+    pickled = tmp_path / "evil.pth"
+    torch.save({"not": object()}, pickled)  # needs full unpickling
+    with pytest.raises(Exception, match=r"(?i)weights_only|unpickl"):
+        Featurizer(FeatureSpec("inception-v3-compat", str(pickled)))

@@ -96,8 +96,10 @@ def test_sample_tool_is_reproducible_and_resumable(quickstart, tmp_path):
     with np.load(tmp_path / "a" / "samples.npz") as data:
         first, labels = data["arr_0"], data["arr_1"]
     assert first.shape == (30, 8, 8, 1) and labels.tolist() == [i % 10 for i in range(30)]
-    assert sorted(p.name for p in (tmp_path / "a" / "parts").iterdir()) == [f"{i:09d}.npz" for i in (0, 8, 16, 24)]
-    (tmp_path / "a" / "parts" / "000000016.npz").unlink()  # an interrupted job: only the missing batch is redone
+    parts = sorted((tmp_path / "a" / "parts").glob("*/*"))  # one folder, keyed by the job
+    assert [p.name for p in parts] == [f"{i:09d}.npz" for i in (0, 8, 16, 24)]
+    parts[2].unlink()  # an interrupted job: only the missing batch is redone ...
+    parts[2].with_name(".000000016.npz.tmp").write_bytes(b"half")  # ... and its half-written part is ignored
     (tmp_path / "a" / "samples.npz").unlink()
     run(tmp_path, *args, "--out", "a")
     with np.load(tmp_path / "a" / "samples.npz") as data:

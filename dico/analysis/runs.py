@@ -147,7 +147,7 @@ def train_or_load_quickstart(
 
     Returns (module with EMA weights, run folder, whether it was trained now).
     """
-    from dico.sampling import load_module
+    from dico.sample_jobs import load_module
 
     run_dir = run_dir_of(workdir, config)
     ckpt = run_dir / "checkpoints" / "last.ckpt"

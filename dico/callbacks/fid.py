@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,30 +14,40 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from dico.callbacks.ema import ema_weights
 from dico.callbacks.sample_grid import run_dir
-from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Reference
+from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Featurizer, MetricOptions
 from dico.evaluation.images import save_grid
-from dico.evaluation.protocol import EvalSettings, compute_reference, evaluate, write_record
+from dico.evaluation.protocol import evaluate, write_record
+from dico.evaluation.reference import OutdatedReference, Reference, compute_reference
+from dico.evaluation.sample_set import SampleSet, SamplingOptions
 
 
 class FIDEvaluation(Callback):
-    """Scores EMA samples with FID, Inception Score, precision/recall and KID.
+    """Scores EMA samples with FID, sFID, Inception Score, precision/recall and KID.
 
-    During ``fit``: every ``every_n_steps`` optimizer steps (and at the start if ``at_start``, and at the end;
-    ``every_n_steps=0`` and no ``at_start`` turn periodic evaluation off) on ``num_samples`` samples; metrics go
-    to every logger as ``eval/<metric>``, a grid to wandb, a JSON record to ``<run>/eval/step_N.json``; with
-    ``save_best`` the best-FID model is kept as ``<run>/checkpoints/best_fid.ckpt``.
+    During ``fit``: every ``every_n_steps`` optimizer steps (once per step, also with gradient accumulation; a
+    step already evaluated before a resume is not evaluated again), at the start if ``at_start``, and at the
+    end (``every_n_steps=0`` and no ``at_start`` turn periodic evaluation off) on ``num_samples`` samples;
+    metrics go to every logger as ``eval/<metric>``, a grid to wandb, a JSON record to
+    ``<run>/eval/step_N.json``; with ``save_best`` the best-FID model is kept as ``<run>/checkpoints/best_fid.ckpt``.
 
     During ``test``: the paper's protocol on ``test_num_samples`` (50,000) samples with ``test_sampler`` /
     ``test_steps`` (250-step iDDPM) and the module's guidance settings (or ``cfg_scale``/``guidance_mode``);
-    writes ``<run>/test/record.json`` (sampler, steps, scale, mode, seeds, count, reference hash, checkpoint)
-    next to the metrics and the samples as an ADM-format ``<run>/test/samples.npz``.
+    writes ``<run>/test/record.json`` (sample set, options, seeds, reference and its hash, conventions, the
+    checkpoint and its step) next to the metrics, and exactly these samples as ``<run>/test/samples.npz``.
+
+    The reference is loaded (or computed) and checked against the extractor and its weights when the trainer
+    sets up, before any sampling.
 
     Args:
         reference: reference statistics (``python cli.py reference``); computed from ``reference_source``
             and cached there when missing and a source is given.
-        reference_source: image folder, ADM ``.npz`` reference batch, or ``digits``.
+        reference_source: ADM ``.npz`` reference batch, image folder, or ``digits``.
+        reference_image_size: the center crop of an image-folder source.
         feature_extractor / weights_path: see :class:`~dico.evaluation.fidelity.FeatureSpec`; Inception weights
             come from a local file when offline.
+        labels: ``balanced`` or ``uniform`` class labels (see :class:`~dico.evaluation.sample_set.SampleSet`).
+        convention: ``adm`` (the paper's numbers) or ``torch-fidelity``, see
+            :class:`~dico.evaluation.fidelity.MetricOptions`.
     """
 
     def __init__(
@@ -54,6 +66,8 @@ class FIDEvaluation(Callback):
         cfg_scale: float | None = None,
         guidance_mode: str | None = None,
         seed: int = 0,
+        labels: str = "balanced",
+        convention: str = "adm",
         save_best: bool = False,
         test_num_samples: int = 50_000,
         test_sampler: str = "iddpm",
@@ -66,43 +80,71 @@ class FIDEvaluation(Callback):
         self.spec = FeatureSpec(feature_extractor, weights_path)
         self.every_n_steps = every_n_steps
         self.at_start = at_start
-        self.settings = EvalSettings(num_samples, batch_size, sampler, steps, cfg_scale, guidance_mode, seed)
-        self.test_settings = EvalSettings(test_num_samples, batch_size, test_sampler, test_steps, cfg_scale,
-                                          guidance_mode, seed)  # fmt: skip
+        self.metric_options = MetricOptions(convention)
+        options = SamplingOptions(sampler, steps, cfg_scale, guidance_mode)
+        test_options = SamplingOptions(test_sampler, test_steps, cfg_scale, guidance_mode)
+        # Validated now (a bad count fails at start-up); the class count is the model's, set in ``setup``.
+        self.sample_set = SampleSet(num_samples, 1, batch_size, seed, labels, options)
+        self.test_set = SampleSet(test_num_samples, 1, batch_size, seed, labels, test_options)
         self.save_best = save_best
         self.test_save_samples = test_save_samples
         self.best_fid = float("inf")
-        self._last_step = -1
+        self.last_evaluated_step = -1
+        self._checkpoint_step: int | None = None
         self._reference: Reference | None = None
+        self._featurizer: Featurizer | None = None
 
     # -- reference ----------------------------------------------------------------------------------
-    def reference(self, trainer: Trainer) -> Reference:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage in ("fit", "test"):
+            self.reference(trainer, pl_module)
+
+    def reference(self, trainer: Trainer, pl_module: LightningModule) -> Reference:
+        """The reference statistics (computed on rank 0 if missing and a source is given), checked against the
+        feature extractor and its weights."""
+        if self._featurizer is None:
+            self._featurizer = Featurizer(self.spec, pl_module.device)
         if self._reference is None:
             path = Path(self.reference_path)
-            if not path.exists() and self.reference_source is not None:
+            missing = self.reference_source is not None and (not path.exists() or _outdated(path))
+            if trainer.strategy.broadcast(missing, src=0):  # one decision: every rank meets the barrier
                 if trainer.is_global_zero:
                     rank_zero_info(f"computing reference statistics of {self.reference_source} -> {path}")
-                    compute_reference(self.reference_source, self.spec, self.reference_image_size).save(path)
+                    compute_reference(self.reference_source, self._featurizer, self.reference_image_size).save(path)
                 trainer.strategy.barrier()
             self._reference = Reference.load(path)
+            self._reference.check(self._featurizer.identity)
         return self._reference
 
     # -- one evaluation -----------------------------------------------------------------------------
-    def _run(self, trainer: Trainer, pl_module: LightningModule, settings: EvalSettings, name: str,
+    def _run(self, trainer: Trainer, pl_module: LightningModule, sample_set: SampleSet, name: str,
              samples_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
-        reference = self.reference(trainer)
+        reference = self.reference(trainer, pl_module)
+        assert self._featurizer is not None
+        self._featurizer.extractor.to(pl_module.device)
+        sample_set = replace(sample_set, num_classes=pl_module.model.num_classes)
+        step = self._step(trainer)
+        source = json.dumps({"checkpoint": str(trainer.ckpt_path), "step": step})
         with ema_weights(pl_module), torch.no_grad():
-            record = evaluate(pl_module, settings, reference, self.spec, trainer, samples_dir)
-        record["step"] = trainer.global_step
+            record = evaluate(pl_module, sample_set, reference, self._featurizer, self.metric_options, trainer,
+                              samples_dir, source)  # fmt: skip
+        record["step"] = step
         record["checkpoint"] = trainer.ckpt_path
         if trainer.is_global_zero:
             write_record(run_dir(trainer) / name, record)
         return record
 
+    def _step(self, trainer: Trainer) -> int:
+        """The optimizer step of the weights: the trainer's during fit, the checkpoint's during test."""
+        if trainer.state.fn == "fit" or self._checkpoint_step is None:
+            return trainer.global_step
+        return self._checkpoint_step
+
     def _log(self, trainer: Trainer, pl_module: LightningModule, record: dict[str, Any]) -> None:
         short = {
-            "frechet_inception_distance": "fid", "inception_score_mean": "is", "precision": "precision",
-            "recall": "recall", "kernel_inception_distance_mean": "kid",
+            "frechet_inception_distance": "fid", "spatial_frechet_inception_distance": "sfid",
+            "inception_score_mean": "is", "precision": "precision", "recall": "recall",
+            "kernel_inception_distance_mean": "kid",
         }  # fmt: skip
         metrics = {f"eval/{short[k]}": v for k, v in record["metrics"].items() if k in short}
         if trainer.is_global_zero:
@@ -111,7 +153,7 @@ class FIDEvaluation(Callback):
             labels = torch.arange(min(16, pl_module.model.num_classes))
             with ema_weights(pl_module):
                 grid = save_grid(run_dir(trainer) / "eval" / f"step_{trainer.global_step:07d}.png",
-                                 pl_module.sample(labels, seed=self.settings.seed), nrow=8)  # fmt: skip
+                                 pl_module.sample(labels, seed=self.sample_set.seed), nrow=8)  # fmt: skip
             for logger in trainer.loggers:
                 if hasattr(logger, "log_image"):
                     logger.log_image(key="eval/samples", images=[str(grid)], step=trainer.global_step)
@@ -119,10 +161,10 @@ class FIDEvaluation(Callback):
 
     def _periodic(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
-        if step == self._last_step:
+        if step == self.last_evaluated_step:
             return
-        self._last_step = step
-        record = self._run(trainer, pl_module, self.settings, f"eval/step_{step:07d}.json")
+        self.last_evaluated_step = step
+        record = self._run(trainer, pl_module, self.sample_set, f"eval/step_{step:07d}.json")
         self._log(trainer, pl_module, record)
         fid = record["metrics"]["frechet_inception_distance"]
         if self.save_best and fid < self.best_fid:
@@ -135,24 +177,40 @@ class FIDEvaluation(Callback):
             self._periodic(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
-        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+        # With gradient accumulation this runs for every micro-batch: only a step > 0 that the optimizer has just
+        # reached and that was not evaluated yet (``last_evaluated_step`` is restored on resume) is due.
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
             self._periodic(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.every_n_steps > 0 or self.at_start:  # periodic evaluation is on: close it with the final model
             self._periodic(trainer, pl_module)  # (the EMA weights are in the model by now)
 
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._checkpoint_step = int(checkpoint.get("global_step", 0))
+
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         out = run_dir(trainer) / "test"
         samples = out if self.test_save_samples else None
-        record = self._run(trainer, pl_module, self.test_settings, "test/record.json", samples)
+        record = self._run(trainer, pl_module, self.test_set, "test/record.json", samples)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics({f"test/{k}": v for k, v in record["metrics"].items()}, step=trainer.global_step)
-        rank_zero_info(f"test protocol ({self.test_settings.num_samples} samples): {record['metrics']}")
+                logger.log_metrics({f"test/{k}": v for k, v in record["metrics"].items()}, step=record["step"])
+        rank_zero_info(f"test protocol ({self.test_set.num_samples} samples): {record['metrics']}")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_fid": self.best_fid}
+        return {"best_fid": self.best_fid, "last_evaluated_step": self.last_evaluated_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_fid = state_dict.get("best_fid", float("inf"))
+        self.last_evaluated_step = state_dict.get("last_evaluated_step", -1)
+
+
+def _outdated(path: Path) -> bool:
+    """Whether ``path`` is a reference of an older dico format (then it is recomputed from its source)."""
+    try:
+        Reference.load(path)
+    except OutdatedReference:
+        return True
+    return False

@@ -6,29 +6,43 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from dico.evaluation.images import save_grid, save_npz
+from dico.evaluation.sample_set import SampleSet
 
 
-def finished_batches(out_dir: str | Path, batch_size: int) -> set[int]:
-    """Batches of a sample job whose part file exists (for resuming)."""
-    parts = Path(out_dir) / "parts"
-    return {int(p.stem) // batch_size for p in parts.glob("*.npz")} if parts.exists() else set()
+def predicted_sample_set(trainer: Trainer) -> SampleSet:
+    """The :class:`SampleSet` behind the trainer's predict loader (``SampleSet.dataset()``)."""
+    loaders = trainer.predict_dataloaders
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+    sample_set = getattr(getattr(loader, "dataset", None), "sample_set", None)
+    if sample_set is None:
+        raise TypeError("SampleWriter writes the batches of a SampleSet: predict with DataLoader(set.dataset())")
+    return sample_set
 
 
 class SampleWriter(BasePredictionWriter):
-    """Each predicted batch goes to ``out_dir/parts/<first index>.npz`` as soon as it is made (so an
-    interrupted job loses at most one batch per device); at the end rank 0 merges the parts in index order into
-    ``out_dir/samples.npz`` (``arr_0`` uint8 NHWC, ``arr_1`` labels) and draws ``samples.png``."""
+    """Each predicted batch of a :class:`SampleSet` goes to ``out_dir/parts/<job key>/<first index>.npz`` as soon
+    as it is made (an interrupted job loses at most one batch per device; the key names the set and
+    ``source``, so parts of another job never mix in); at the end rank 0 merges exactly the set's parts into
+    ``out_dir/samples.npz`` (``arr_0`` uint8 NHWC, ``arr_1`` labels) and draws ``samples.png``.
 
-    def __init__(self, out_dir: str = "samples", grid_size: int = 100) -> None:
+    Args:
+        out_dir: output folder.
+        grid_size: samples shown in ``samples.png``.
+        source: what made the samples (e.g. the checkpoint); ``None``: the trainer's ``ckpt_path``.
+    """
+
+    def __init__(self, out_dir: str = "samples", grid_size: int = 100, source: str | None = None) -> None:
         super().__init__(write_interval="batch")
         self.out_dir = Path(out_dir)
         self.grid_size = grid_size
+        self.source = source
+
+    def _key(self, trainer: Trainer) -> tuple[SampleSet, str]:
+        sample_set = predicted_sample_set(trainer)
+        return sample_set, sample_set.job_key(self.source if self.source is not None else str(trainer.ckpt_path))
 
     def write_on_batch_end(
         self,
@@ -40,27 +54,12 @@ class SampleWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        first = int(prediction["index"][0])
-        save_npz(self.out_dir / "parts" / f"{first:09d}.npz", prediction["images"], prediction["labels"])
+        sample_set, key = self._key(trainer)
+        b = int(prediction["index"][0]) // sample_set.batch_size
+        sample_set.write_part(self.out_dir, key, b, prediction["images"], prediction["labels"])
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            merge_parts(self.out_dir, self.grid_size)
-
-
-def merge_parts(out_dir: str | Path, grid_size: int = 100) -> Path:
-    out_dir = Path(out_dir)
-    parts = sorted((out_dir / "parts").glob("*.npz"))
-    if not parts:
-        raise FileNotFoundError(f"no sample parts in {out_dir / 'parts'}")
-    images, labels = [], []
-    for part in parts:
-        with np.load(part) as data:
-            images.append(data["arr_0"])
-            labels.append(data["arr_1"])
-    all_images = np.concatenate(images)
-    path = save_npz(out_dir / "samples.npz", all_images, np.concatenate(labels))
-    shown = torch.from_numpy(all_images[:grid_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    save_grid(out_dir / "samples.png", shown, nrow=max(1, int(len(shown) ** 0.5)))
-    return path
+            sample_set, key = self._key(trainer)
+            sample_set.merge(self.out_dir, key, self.grid_size)

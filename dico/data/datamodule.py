@@ -19,27 +19,6 @@ from .latents import InMemoryLatents, LatentArrays, ShardedLatents, identity_col
 from .sampler import EpochSampler
 
 
-class SampleBatches(torch.utils.data.Dataset):
-    """The batches of a class-balanced sample set, for generation: item ``b`` is the batch of sample indices
-    ``[b * batch_size, (b + 1) * batch_size)`` with labels ``index % num_classes``.
-
-    A batch is the unit of reproducibility (its noise is seeded by its first index), so the set is the same on
-    any number of devices; ``skip`` leaves out batches already written (a resumed job).
-    """
-
-    def __init__(self, count: int, num_classes: int, batch_size: int, skip: set[int] | None = None) -> None:
-        self.count, self.num_classes, self.batch_size = count, num_classes, batch_size
-        self.batches = [b for b in range(-(-count // batch_size)) if b not in (skip or set())]
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        start = self.batches[i] * self.batch_size
-        index = torch.arange(start, min(start + self.batch_size, self.count))
-        return {"index": index, "y": index % self.num_classes}
-
-
 class ResumableDataLoader(DataLoader):
     """A DataLoader that Lightning saves and restores with the checkpoint (its ``state_dict`` protocol): the state
     is how many batches of the current epoch were trained on (counted by the datamodule when a batch reaches the
@@ -159,8 +138,11 @@ class ArrayDataModule(LightningDataModule):
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        """Class-balanced sample batches for generation; Lightning shards the batches over ranks."""
-        return DataLoader(SampleBatches(self.predict_samples, self.num_classes, self.val_batch_size), batch_size=None)
+        """The batches of a class-balanced sample set (seeded by ``seed``); Lightning shards them over ranks."""
+        from dico.evaluation.sample_set import SampleSet
+
+        sample_set = SampleSet(self.predict_samples, self.num_classes, self.val_batch_size, seed=self.seed)
+        return DataLoader(sample_set.dataset(), batch_size=None)
 
     # -- exact resume ---------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

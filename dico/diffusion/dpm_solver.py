@@ -1,4 +1,4 @@
-"""DPM-Solver++ through diffusers' ``DPMSolverMultistepScheduler``, configured to match our training process."""
+"""DPM-Solver++ through diffusers' ``DPMSolverMultistepScheduler``, configured from our own training process."""
 
 from __future__ import annotations
 
@@ -7,39 +7,56 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .gaussian_diffusion import GaussianDiffusion
+
 
 def dpm_solver_sample(
     model: Callable[..., Tensor],
     noise: Tensor,
     steps: int,
+    diffusion: GaussianDiffusion,
     model_kwargs: dict | None = None,
-    learn_sigma: bool = True,
+    clip_denoised: bool = False,
     order: int = 2,
     progress: bool = False,
 ) -> Tensor:
     """Sample with DPM-Solver++ (multistep, order ``order``) in ``steps`` model evaluations.
 
-    The scheduler gets the same linear beta schedule (1e-4 .. 0.02 over 1000 steps) and the noise prediction,
-    the model's first C output channels. (We slice them here: diffusers' ``variance_type="learned_range"`` keeps
-    ``[:, :3]``, which is only right for 3-channel images.)
+    The scheduler is built from ``diffusion.betas`` (the module's own schedule and length, e.g. cosine or
+    T=500), so its timesteps index the process the model was trained on. The model's noise prediction (its
+    first C output channels when it learns sigma) is turned into the x0 prediction here, clipped to [-1, 1]
+    when ``clip_denoised``, and handed to the scheduler as ``prediction_type="sample"``: DPM-Solver++ steps
+    on x0, so this is the same update with ADM's clipping.
     """
     from diffusers import DPMSolverMultistepScheduler
 
+    if diffusion.respaced:
+        raise ValueError(
+            "DPM-Solver++ picks its own timesteps: give it the full training process (sampling_diffusion('dpm++', "
+            "...)), not a respaced one"
+        )
+    if steps < 1 or steps > diffusion.num_timesteps:
+        raise ValueError(f"DPM-Solver++ steps must be in 1..{diffusion.num_timesteps}, got {steps}")
     scheduler = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-        algorithm_type="dpmsolver++", solver_order=order, prediction_type="epsilon",
-        lower_order_final=True,
+        num_train_timesteps=diffusion.num_timesteps, trained_betas=diffusion.betas.tolist(),
+        algorithm_type="dpmsolver++", solver_order=order, prediction_type="sample", lower_order_final=True,
     )  # fmt: skip
     scheduler.set_timesteps(steps, device=noise.device)
+    abar = torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float64, device=noise.device)
     x = noise
     timesteps = scheduler.timesteps
     if progress:
         from tqdm.auto import tqdm
 
         timesteps = tqdm(timesteps, desc="sampling (DPM-Solver++)")
+    channels = x.shape[1]
     with torch.no_grad():
         for t in timesteps:
             out = model(x, t.expand(x.shape[0]).long(), **(model_kwargs or {}))
-            eps = out[:, : x.shape[1]] if learn_sigma else out
-            x = scheduler.step(eps, t, x).prev_sample
+            eps = out[:, :channels] if diffusion.learn_sigma else out
+            a = abar[t.long()]
+            x0 = ((x.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()).to(x.dtype)
+            if clip_denoised:
+                x0 = x0.clamp(-1, 1)
+            x = scheduler.step(x0, t, x).prev_sample
     return x

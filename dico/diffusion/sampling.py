@@ -65,7 +65,7 @@ def generate(
     if sampler == "dpm++":
         from .dpm_solver import dpm_solver_sample
 
-        return dpm_solver_sample(net, noise, steps, {"y": labels}, diffusion.learn_sigma, progress=progress)
+        return dpm_solver_sample(net, noise, steps, diffusion, {"y": labels}, clip_denoised, progress=progress)
     kwargs = dict(noise=noise, clip_denoised=clip_denoised, model_kwargs={"y": labels}, progress=progress)
     if sampler == "ddim":
         return diffusion.ddim_sample_loop(net, noise.shape, eta=eta, generator=generator, **kwargs)

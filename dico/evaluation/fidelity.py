@@ -1,15 +1,17 @@
-"""FID, Inception Score, precision/recall and KID through torch-fidelity, in memory, against cached reference
-features.
+"""Features and metrics: FID, sFID, Inception Score, precision/recall and KID, in memory, against a cached
+reference.
 
-torch-fidelity supplies the feature extractors and the metric formulas; this module feeds them uint8 image
-tensors (no image files), caches the reference side once (``compute_reference``), and loads feature-extractor
-weights safely from local files (``weights_only=True``: torch-fidelity itself would fully unpickle them).
+torch-fidelity supplies the feature extractors (its Inception is a bit-exact port of the TF graph ADM uses) and
+the FID/KID formulas; the spatial features of sFID come from a forward hook on the same network (ADM:
+``mixed_6/conv``, first 7 channels, flattened in TF's NHWC order = torch-fidelity's ``Mixed_6d``). Where ADM's
+evaluator (``guided-diffusion/evaluations/evaluator.py``, the paper's numbers) differs from torch-fidelity --
+Inception Score splits and precision/recall distances -- :class:`MetricOptions` picks one and the record says
+which. Feature-extractor weights load from local files with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from collections.abc import Iterable
@@ -24,6 +26,8 @@ from torch import Tensor
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 DIGITS = "dico-digits"
+SPATIAL_CHANNELS = 7  # ADM's sFID: mixed_6/conv[..., :7]
+CONVENTIONS = ("adm", "torch-fidelity")
 
 
 @dataclass
@@ -39,6 +43,30 @@ class FeatureSpec:
 
     name: str = INCEPTION
     weights_path: str | None = None
+
+
+@dataclass(frozen=True)
+class MetricOptions:
+    """How the metrics are computed where ADM's evaluator and torch-fidelity differ.
+
+    Args:
+        convention: ``adm`` (the paper's numbers): Inception Score over contiguous splits of ``isc_split_size``
+            samples in sample order, no shuffling; precision/recall with ADM's manifold estimator (squared
+            distances computed in float16 when finite, k-th neighbour radii, blocks of 10,000). ``torch-fidelity``:
+            ``isc_splits`` equal splits after a seeded shuffle; precision/recall from float32 ``cdist``.
+        prc_neighborhood: k of the k-NN manifold radii (3 in both).
+        kid_subset_size: KID subsets (torch-fidelity's formula; ADM does not report KID).
+    """
+
+    convention: str = "adm"
+    isc_split_size: int = 5000
+    isc_splits: int = 10
+    prc_neighborhood: int = 3
+    kid_subset_size: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.convention not in CONVENTIONS:
+            raise ValueError(f"metric convention must be one of {CONVENTIONS}, got {self.convention!r}")
 
 
 def _safe_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -91,95 +119,173 @@ def feature_names(extractor: Any) -> dict[str, str]:
     return {m: extractor.get_default_feature_layer_for_metric(m) for m in ("fid", "isc", "kid", "prc")}
 
 
-@torch.no_grad()
-def extract_features(extractor: Any, images: Tensor | np.ndarray, batch_size: int = 100) -> dict[str, Tensor]:
-    """uint8 images (N, C, H, W) tensor or (N, H, W, C) array -> {feature name: (N, D) float32 on CPU}
-    (float32, as torch-fidelity keeps them, so that our metrics equal its own)."""
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images).permute(0, 3, 1, 2)
-    if images.dtype != torch.uint8:
-        raise ValueError(f"feature extraction takes uint8 images, got {images.dtype}")
-    device = next(extractor.parameters()).device
-    out: dict[str, list[Tensor]] = {name: [] for name in extractor.get_requested_features_list()}
-    for chunk in images.split(batch_size):
-        chunk = chunk.to(device)
-        if chunk.shape[1] == 1 and extractor.get_name() == INCEPTION:
-            chunk = chunk.expand(-1, 3, -1, -1)
-        feats = extractor.convert_features_tuple_to_dict(extractor(chunk))
-        for name, value in feats.items():
-            out[name].append(value.float().cpu())
-    return {name: torch.cat(values) if values else torch.zeros(0) for name, values in out.items()}
+def weights_sha256(module: torch.nn.Module) -> str:
+    """A hash of a network's parameters and buffers (names, shapes, values): which weights made the features."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
-@dataclass
-class Reference:
-    """Cached reference side of the metrics: FID statistics and features for precision/recall and KID."""
+class Featurizer:
+    """uint8 images -> the features of every metric: ``pool`` (N, D) for FID, precision/recall and KID,
+    ``spatial`` (N, S) for sFID and ``logits`` (N, K) for the Inception Score, as float32 on the CPU.
 
-    mu: np.ndarray
-    sigma: np.ndarray
-    features: np.ndarray  # (N, D) of the FID/PRC/KID layer (possibly a subset, see ``max_features``)
-    meta: dict[str, Any]
+    For Inception, ``spatial`` is ADM's: the first 7 channels of ``Mixed_6d`` (TF ``mixed_6``, 17x17 at 299
+    pixels) flattened in NHWC order (N, 2023); for ``dico-digits`` the first 7 channels of its pooled conv
+    features (N, 112).
+    """
+
+    def __init__(self, spec: FeatureSpec, device: torch.device | str = "cpu") -> None:
+        self.spec = spec
+        requested = ["2048", "logits_unbiased"] if spec.name == INCEPTION else ["64", "logits"]
+        self.extractor = build_feature_extractor(spec, requested, device)
+        self.layers = feature_names(self.extractor)
+        self.weights_sha256 = weights_sha256(self.extractor)
+        hooked = self.extractor.Mixed_6d if spec.name == INCEPTION else self.extractor.classifier.body[4]
+        self._spatial: list[Tensor] = []
+        hooked.register_forward_hook(lambda mod, args, out: self._spatial.append(out[:, :SPATIAL_CHANNELS]))
 
     @property
-    def sha256(self) -> str:
-        h = hashlib.sha256()
-        for a in (self.mu, self.sigma, self.features):
-            h.update(np.ascontiguousarray(a).tobytes())
-        return h.hexdigest()
+    def identity(self) -> dict[str, str]:
+        """What the features depend on: extractor name and weights hash."""
+        return {"feature_extractor": self.spec.name, "weights_sha256": self.weights_sha256}
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, features=self.features, meta=np.array(json.dumps(self.meta)))
-        tmp.replace(path)
-        return path
+    @property
+    def device(self) -> torch.device:
+        return next(self.extractor.parameters()).device
 
-    @classmethod
-    def load(cls, path: str | Path) -> Reference:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"reference statistics {path} do not exist; compute them once with "
-                "`python cli.py reference --source IMAGES_OR_NPZ --out " + str(path) + "`"
-            )
-        try:
-            with np.load(path, allow_pickle=False) as d:
-                return cls(d["mu"], d["sigma"], d["features"], json.loads(str(d["meta"])))
-        except (KeyError, ValueError, OSError) as e:
-            raise ValueError(f"{path} is not a dico reference-statistics file ({e}); recompute it") from e
+    @torch.no_grad()
+    def __call__(self, images: Tensor | np.ndarray) -> dict[str, Tensor]:
+        """One batch: uint8 (B, C, H, W) tensor or (B, H, W, C) array."""
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        if images.dtype != torch.uint8:
+            raise ValueError(f"feature extraction takes uint8 images, got {images.dtype}")
+        # Fresh default strides: the memory layout picks the kernels, and the features should not depend on it.
+        x = images.to(self.device).clone(memory_format=torch.contiguous_format)
+        if x.shape[1] == 1 and self.spec.name == INCEPTION:
+            x = x.expand(-1, 3, -1, -1)
+        self._spatial.clear()
+        feats = self.extractor.convert_features_tuple_to_dict(self.extractor(x))
+        spatial = self._spatial.pop()
+        return {
+            "pool": feats[self.layers["fid"]].float().cpu(),
+            "logits": feats[self.layers["isc"]].float().cpu(),
+            "spatial": spatial.permute(0, 2, 3, 1).flatten(1).float().cpu(),
+        }
+
+    def run(self, batches: Iterable[Tensor | np.ndarray]) -> dict[str, Tensor]:
+        """All batches' features, concatenated."""
+        out: dict[str, list[Tensor]] = {}
+        for batch in batches:
+            for k, v in self(batch).items():
+                out.setdefault(k, []).append(v)
+        if not out:
+            raise ValueError("no images to featurise")
+        return {k: torch.cat(v) for k, v in out.items()}
 
 
-def reference_from_features(features: Tensor, spec: FeatureSpec, source: str, max_features: int = 50_000) -> Reference:
-    from torch_fidelity.metric_fid import fid_features_to_statistics
+# ---------------------------------------------------------------------------------------------------- metrics
+def gaussian_statistics(features: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) float32 features -> mean (D,) and covariance (D, D) as ADM's evaluator (and torch-fidelity) compute
+    them: ``np.mean`` in float32, ``np.cov(rowvar=False)`` in float64; both returned as float64."""
+    x = np.asarray(features.numpy() if isinstance(features, Tensor) else features, dtype=np.float32)
+    return x.mean(axis=0).astype(np.float64), np.cov(x, rowvar=False)
 
-    stats = fid_features_to_statistics(features)
-    keep = features[:max_features].numpy()
-    meta = {"feature_extractor": spec.name, "count": len(features), "source": source}
-    return Reference(stats["mu"], stats["sigma"], keep, meta)
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """The Fréchet distance of two Gaussians (torch-fidelity's formula, in float64 whatever the inputs)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    def f64(a: np.ndarray) -> np.ndarray:
+        return np.asarray(a, dtype=np.float64)
+
+    out = fid_statistics_to_metric({"mu": f64(mu1), "sigma": f64(sigma1)}, {"mu": f64(mu2), "sigma": f64(sigma2)},
+                                   verbose=False)  # fmt: skip
+    return float(out[KEY_METRIC_FID])
+
+
+def inception_score_adm(logits: Tensor, split_size: int = 5000) -> dict[str, float]:
+    """ADM's Inception Score: softmax, then exp(mean KL(p || mean p)) over contiguous splits of ``split_size``
+    samples in sample order (the last split holds the rest), averaged; float64."""
+    p = logits.double().softmax(dim=1)
+    log_p = logits.double().log_softmax(dim=1)
+    scores = []
+    for start in range(0, len(p), split_size):
+        part, log_part = p[start : start + split_size], log_p[start : start + split_size]
+        kl = (part * (log_part - part.mean(0, keepdim=True).log())).sum(1).mean()
+        scores.append(kl.exp().item())
+    return {"inception_score_mean": float(np.mean(scores)), "inception_score_std": float(np.std(scores))}
+
+
+def _squared_distances(u: Tensor, v: Tensor) -> Tensor:
+    """ADM's pairwise distances max(|u|^2 - 2 u.v + |v|^2, 0) in float16 (float32 if that overflows): inputs
+    rounded to float16, products accumulated in float32 and rounded to float16 (as a GPU's half matmul does;
+    this also keeps CPUs, which have no fast half matmul, at float32 speed)."""
+    a, b = u.half().float(), v.half().float()
+    d = (a.square().sum(1).half()[:, None] - 2 * (a @ b.T).half() + b.square().sum(1).half()[None]).clamp_min(0)
+    if torch.isfinite(d).all():
+        return d.float()
+    u, v = u.float(), v.float()
+    return (u.square().sum(1)[:, None] - 2 * u @ v.T + v.square().sum(1)[None]).clamp_min(0)
+
+
+def _manifold_radii(features: Tensor, k: int, block: int) -> Tensor:
+    """Squared distance of each feature to its k-th nearest neighbour in the set (itself at rank 0)."""
+    radii = []
+    for rows in features.split(block):
+        d = torch.cat([_squared_distances(rows, cols) for cols in features.split(block)], dim=1)
+        radii.append(d.kthvalue(k + 1, dim=1).values)
+    return torch.cat(radii)
+
+
+def _fraction_inside(queries: Tensor, support: Tensor, radii: Tensor, block: int) -> float:
+    """Fraction of ``queries`` within the radius of some ``support`` point."""
+    inside = []
+    for rows in queries.split(block):
+        hit = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+        for cols, r in zip(support.split(block), radii.split(block), strict=True):
+            hit |= (_squared_distances(rows, cols) <= r[None]).any(1)
+        inside.append(hit)
+    return torch.cat(inside).double().mean().item()
+
+
+def precision_recall_adm(real: Tensor, fake: Tensor, k: int = 3, block: int = 10_000) -> dict[str, float]:
+    """ADM's improved precision/recall (its ``ManifoldEstimator``): precision = fraction of samples inside the
+    real manifold (k-NN hyperspheres), recall = fraction of real features inside the samples' manifold."""
+    real_radii, fake_radii = _manifold_radii(real, k, block), _manifold_radii(fake, k, block)
+    return {
+        "precision": _fraction_inside(fake, real, real_radii, block),
+        "recall": _fraction_inside(real, fake, fake_radii, block),
+    }
 
 
 def compute_metrics(
-    generated: dict[str, Tensor],
-    reference: Reference,
-    layers: dict[str, str],
-    isc_splits: int = 10,
-    kid_subset_size: int = 1000,
-    prc_neighborhood: int = 3,
+    generated: dict[str, Tensor], reference: Any, options: MetricOptions = MetricOptions()
 ) -> dict[str, float]:
-    """FID, IS, precision/recall and KID of generated features against the reference (torch-fidelity's formulas)."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    """FID, sFID, IS, precision/recall and KID of generated features (:class:`Featurizer` output) against a
+    :class:`~dico.evaluation.reference.Reference`."""
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
 
-    feats = generated[layers["fid"]]
-    ref_feats = torch.from_numpy(reference.features)
-    stats = fid_features_to_statistics(feats)
-    out = dict(fid_statistics_to_metric(stats, {"mu": reference.mu, "sigma": reference.sigma}, verbose=False))
-    if layers["isc"] in generated:
-        out.update(isc_features_to_metric(generated[layers["isc"]], splits=min(isc_splits, len(feats))))
-    n = min(len(feats), len(ref_feats))
-    out.update(kid_features_to_metric(feats, ref_feats, kid_subset_size=min(kid_subset_size, n), verbose=False))
-    out.update(prc_features_to_metric(feats, ref_feats, prc_neighborhood=min(prc_neighborhood, n - 1), verbose=False))
-    return {k: float(v) for k, v in out.items()}
+    pool = generated["pool"]
+    ref_pool = torch.from_numpy(np.asarray(reference.features, dtype=np.float32))
+    out = {"frechet_inception_distance": frechet_distance(*gaussian_statistics(pool), reference.mu, reference.sigma)}
+    out["spatial_frechet_inception_distance"] = frechet_distance(
+        *gaussian_statistics(generated["spatial"]), reference.mu_s, reference.sigma_s
+    )
+    n = min(len(pool), len(ref_pool))
+    k = min(options.prc_neighborhood, n - 1)
+    if options.convention == "adm":
+        out.update(inception_score_adm(generated["logits"], options.isc_split_size))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        out.update(precision_recall_adm(ref_pool.to(device), pool.to(device), k))
+    else:
+        out.update(isc_features_to_metric(generated["logits"], splits=min(options.isc_splits, len(pool))))
+        out.update(prc_features_to_metric(pool, ref_pool, prc_neighborhood=k, verbose=False))
+    out.update(kid_features_to_metric(pool, ref_pool, kid_subset_size=min(options.kid_subset_size, n), verbose=False))
+    return {key: float(v) for key, v in out.items()}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,3 +54,29 @@ def save_grid(path: str | Path, images: Tensor, nrow: int, min_size: int = 64) -
         x = torch.nn.functional.interpolate(x, scale_factor=max(1, min_size // x.shape[-1]), mode="nearest")
     save_image(x, path, nrow=nrow, padding=2, pad_value=1.0)
     return path
+
+
+def npz_images_shape(path: str | Path) -> tuple[int, ...]:
+    """The shape of ``arr_0`` in an ADM-format ``.npz``, read from its header (no image is loaded)."""
+    with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+        return _read_header(f)[0]
+
+
+def iter_npz_images(path: str | Path, batch_size: int) -> Iterator[np.ndarray]:
+    """uint8 (B, H, W, C) batches of ``arr_0`` streamed from an ADM-format ``.npz`` (memory: one batch), as ADM's
+    evaluator reads its 50k x 512^2 sample files."""
+    with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+        shape, dtype = _read_header(f)
+        per_image = int(np.prod(shape[1:])) * dtype.itemsize
+        for start in range(0, shape[0], batch_size):
+            n = min(batch_size, shape[0] - start)
+            yield np.frombuffer(f.read(n * per_image), dtype=dtype).reshape(n, *shape[1:])
+
+
+def _read_header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    if fortran or dtype != np.uint8 or len(shape) != 4:
+        raise ValueError(f"arr_0 must be uint8 (N, H, W, C) in C order, got {dtype} {shape}")
+    return shape, dtype

@@ -1,154 +1,129 @@
-"""The evaluation protocol: generate a class-balanced sample set with the EMA weights, shard it over ranks,
-extract features, gather them, and score them against reference statistics.
+"""The evaluation protocol: generate a :class:`SampleSet` with the EMA weights, split over ranks, featurise it,
+and score it once against a :class:`Reference`.
 
-Sample i has class ``i % num_classes``; samples are made in fixed batches of ``batch_size`` whose noise is
-seeded by their first index, and batch b runs on rank ``b % world_size``: the same checkpoint and settings give
-the same images, hence the same metrics, on any number of devices.
+Every rank makes its share of the batches (the same images on any number of devices), features are gathered
+with torchmetrics' DDP-synchronised ``CatMetric`` state, rank 0 computes the metrics once (the N x N distances
+of precision/recall are not repeated on every rank) and broadcasts them. The reference is checked against the
+extractor, its weights and the samples' resolution before any sample is featurised.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .fidelity import (
-    FeatureSpec,
-    Reference,
-    build_feature_extractor,
-    compute_metrics,
-    extract_features,
-    feature_names,
-    reference_from_features,
-)
-from .images import save_npz, to_uint8
+from .fidelity import Featurizer, MetricOptions, compute_metrics
+from .images import iter_npz_images, npz_images_shape, to_uint8
+from .reference import Reference
+from .sample_set import SampleSet
+
+CONVENTIONS_NOTE = {
+    "adm": "ADM evaluator: FID/sFID against the reference's mu/sigma, IS over contiguous 5000-sample splits, "
+    "precision/recall with its manifold estimator (k=3, float16 distances)",
+    "torch-fidelity": "torch-fidelity: IS over 10 shuffled splits, precision/recall from float32 cdist (k=3)",
+}
 
 
-@dataclass
-class EvalSettings:
-    """What a sample set is: its size and batch layout, sampler, guidance and seed (None: the module's default)."""
-
-    num_samples: int = 1000
-    batch_size: int = 64
-    sampler: str | None = None
-    steps: int | None = None
-    cfg_scale: float | None = None
-    guidance_mode: str | None = None
-    seed: int = 0
-
-    def resolved(self, module: Any) -> dict[str, Any]:
-        hp = module.hparams
-        return {
-            **asdict(self),
-            "sampler": self.sampler or hp.sampler,
-            "steps": self.steps or hp.sampling_steps,
-            "cfg_scale": hp.cfg_scale if self.cfg_scale is None else self.cfg_scale,
-            "guidance_mode": self.guidance_mode or hp.guidance_mode,
-        }
+def sample_batch(module: Any, sample_set: SampleSet, b: int) -> tuple[Tensor, Tensor]:
+    """uint8 (B, C, H, W) images and labels (B,) of batch ``b`` of ``sample_set``."""
+    batch = sample_set.batch(b)
+    images = module.sample(batch["y"], seed=batch["seed"], **batch["options"])
+    return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2), batch["y"]
 
 
-def sample_batch(module: Any, index: Tensor, settings: EvalSettings) -> Tensor:
-    """uint8 (B, C, H, W) images of the samples ``index`` (consecutive, starting a batch)."""
-    labels = index % module.model.num_classes
-    images = module.sample(
-        labels, cfg_scale=settings.cfg_scale, guidance_mode=settings.guidance_mode, steps=settings.steps,
-        sampler=settings.sampler, seed=settings.seed * 1_000_003 + int(index[0]),
-    )  # fmt: skip
-    return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)
+def _gathered(trainer: Any, local: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Every rank's rows of ``local`` (the same keys everywhere), through torchmetrics' synchronised state."""
+    from torchmetrics.aggregation import CatMetric
 
-
-def rank_batches(settings: EvalSettings, rank: int, world_size: int) -> list[Tensor]:
-    n = settings.num_samples
-    starts = range(0, n, settings.batch_size)
-    return [torch.arange(s, min(s + settings.batch_size, n)) for b, s in enumerate(starts) if b % world_size == rank]
-
-
-def _gather(trainer: Any, local: dict[str, Tensor], index: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-    """All ranks' features, ordered by sample index (ranks hold different counts: pad, gather, trim)."""
     if trainer is None or trainer.world_size == 1:
-        order = index.argsort()
-        return {k: v[order] for k, v in local.items()}, index[order]
-    strategy = trainer.strategy
-    counts = strategy.all_gather(torch.tensor([len(index)], device=strategy.root_device)).flatten().tolist()
-    longest = max(counts)
-
-    def gather(t: Tensor) -> Tensor:
-        padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype)
-        padded[: len(t)] = t
-        out = strategy.all_gather(padded.to(strategy.root_device)).cpu()
-        return torch.cat([out[r, : counts[r]] for r in range(len(counts))])
-
-    all_index = gather(index)
-    order = all_index.argsort()
-    return {k: gather(v)[order] for k, v in local.items()}, all_index[order]
+        return local
+    out = {}
+    for key in sorted(local):
+        metric = CatMetric(nan_strategy="disable").to(trainer.strategy.root_device)
+        metric.update(local[key].to(trainer.strategy.root_device))
+        out[key] = metric.compute().cpu()
+    return out
 
 
 def evaluate(
     module: Any,
-    settings: EvalSettings,
+    sample_set: SampleSet,
     reference: Reference,
-    spec: FeatureSpec,
+    featurizer: Featurizer,
+    metrics: MetricOptions | None = None,
     trainer: Any = None,
     samples_dir: str | Path | None = None,
+    source: str = "",
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Generate, featurise and score a sample set on every rank of ``trainer`` (or alone); returns the record
-    (settings, reference hash, metrics) on every rank. ``samples_dir``: also write the images as resumable parts
-    and, on rank 0, one ADM-format ``samples.npz``."""
+    """Generate, featurise and score ``sample_set`` (its options resolved against ``module``) on every rank of
+    ``trainer`` (or alone); returns the record (set, reference, conventions, metrics) on every rank.
+
+    ``samples_dir``: also write the images as parts keyed by this job (``source`` names what made them, e.g.
+    the checkpoint and step) and merge exactly this set into ``samples_dir/samples.npz`` on rank 0."""
     rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-    if reference.meta.get("feature_extractor") != spec.name:
+    metrics = metrics or MetricOptions()
+    reference.check(featurizer.identity)
+    if sample_set.num_batches < world:
         raise ValueError(
-            f"the reference statistics were computed with {reference.meta.get('feature_extractor')!r} features, "
-            f"the evaluation uses {spec.name!r}: recompute the reference or change feature_extractor"
+            f"{sample_set.num_batches} batches of {sample_set.batch_size} cannot feed {world} devices: lower the "
+            "evaluation batch_size or raise num_samples"
         )
-    extractor = build_feature_extractor(spec, _requested(spec), module.device)
-    layers = feature_names(extractor)
+    sample_set = sample_set.with_options(sample_set.options.resolved(module.hparams))
+    key = sample_set.job_key(source)
     start = time.perf_counter()
-    batches = rank_batches(settings, rank, world)
+    batches = sample_set.rank_batches(rank, world)
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=f"evaluating ({settings.num_samples} samples)")
+        batches = tqdm(batches, desc=f"evaluating ({sample_set.num_samples} samples)")
     feats: dict[str, list[Tensor]] = {}
-    for index in batches:
-        images = sample_batch(module, index, settings)
+    for b in batches:
+        images, labels = sample_batch(module, sample_set, b)
+        reference.check(featurizer.identity, tuple(images.shape[-2:]))
         if samples_dir is not None:
-            save_npz(Path(samples_dir) / "parts" / f"{int(index[0]):09d}.npz",
-                     images.permute(0, 2, 3, 1).numpy(), (index % module.model.num_classes).numpy())  # fmt: skip
-        for k, v in extract_features(extractor, images).items():
+            sample_set.write_part(samples_dir, key, b, images.permute(0, 2, 3, 1).numpy(), labels.numpy())
+        for k, v in featurizer(images).items():
             feats.setdefault(k, []).append(v)
-    local = {k: torch.cat(v) for k, v in feats.items()} if feats else {k: torch.zeros(0) for k in set(layers.values())}
-    index = torch.cat(list(rank_batches(settings, rank, world)) or [torch.zeros(0, dtype=torch.long)])
-    everything, _ = _gather(trainer, local, index)
-    metrics = compute_metrics(everything, reference, layers)
-    record = {
-        "settings": settings.resolved(module),
-        "feature_extractor": spec.name,
-        "reference": reference.meta,
-        "reference_sha256": reference.sha256,
-        "metrics": metrics,
-        "seconds": round(time.perf_counter() - start, 1),
-        "world_size": world,
-    }
-    if samples_dir is not None and rank == 0:
+        feats.setdefault("index", []).append(sample_set.batch_index(b).double()[:, None])
+    local = {k: torch.cat(v) for k, v in feats.items()}
+    everything = _gathered(trainer, local)
+    order = everything.pop("index")[:, 0].argsort()
+    record: dict[str, Any] = {}
+    if rank == 0:
+        scores = compute_metrics({k: v[order] for k, v in everything.items()}, reference, metrics)
+        record = {
+            "sample_set": sample_set.record(),
+            "settings": {**asdict(sample_set.options), "num_samples": sample_set.num_samples,
+                         "batch_size": sample_set.batch_size, "seed": sample_set.seed, "labels": sample_set.labels},
+            **_reference_record(reference, metrics),
+            "metrics": scores,
+            "seconds": round(time.perf_counter() - start, 1),
+            "world_size": world,
+        }  # fmt: skip
+    if trainer is not None and world > 1:
+        record = trainer.strategy.broadcast(record, src=0)
+    if samples_dir is not None:
         if trainer is not None:
             trainer.strategy.barrier()
-        from dico.callbacks.sample_writer import merge_parts
-
-        record["samples"] = str(merge_parts(samples_dir))
-    elif samples_dir is not None and trainer is not None:
-        trainer.strategy.barrier()
+        if rank == 0:
+            record["samples"] = str(sample_set.merge(samples_dir, key))
     return record
 
 
-def _requested(spec: FeatureSpec) -> list[str]:
-    return ["2048", "logits_unbiased"] if spec.name == "inception-v3-compat" else ["64", "logits"]
+def _reference_record(reference: Reference, metrics: MetricOptions) -> dict[str, Any]:
+    return {
+        "feature_extractor": reference.meta["feature_extractor"],
+        "reference": reference.meta,
+        "reference_sha256": reference.sha256,
+        "conventions": {**asdict(metrics), "description": CONVENTIONS_NOTE[metrics.convention]},
+    }
 
 
 def write_record(path: str | Path, record: dict[str, Any]) -> Path:
@@ -158,61 +133,19 @@ def write_record(path: str | Path, record: dict[str, Any]) -> Path:
     return path
 
 
-def compute_reference(
-    source: str, spec: FeatureSpec, image_size: int | None = None, max_features: int = 50_000, batch_size: int = 100,
-    device: str = "cpu",
-) -> Reference:  # fmt: skip
-    """Reference statistics from an image folder (ADM center crop to ``image_size``), an ADM ``.npz`` reference
-    batch, or ``digits`` (scikit-learn's digits, for the quickstart)."""
-    extractor = build_feature_extractor(spec, _requested(spec), device)
-    layer = feature_names(extractor)["fid"]
-    if source == "digits":
-        from dico.data.datamodule import load_digits_arrays
-
-        images = torch.from_numpy(((load_digits_arrays()[0] + 1) * 127.5).round().astype(np.uint8))
-        feats = extract_features(extractor, images, batch_size)[layer]
-    elif source.endswith(".npz"):
-        from .images import load_npz
-
-        feats = extract_features(extractor, load_npz(source)[0], batch_size)[layer]
-    else:
-        feats = _folder_features(source, extractor, layer, image_size, batch_size)
-    reference = reference_from_features(feats, spec, source, max_features)
-    reference.meta["image_size"] = image_size
-    return reference
-
-
-def _folder_features(root: str, extractor: Any, layer: str, image_size: int | None, batch_size: int) -> Tensor:
-    from PIL import Image
-
-    from dico.data.extract import center_crop_arr, list_image_folder
-
-    items, _ = list_image_folder(root)
-    out, chunk = [], []
-    for path, _label in items:
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-                arr = np.asarray(center_crop_arr(img, image_size) if image_size else img)
-        except Exception as e:
-            print(f"[dico reference] skipped unreadable image {path}: {e}")
-            continue
-        chunk.append(arr)
-        if len(chunk) == batch_size:
-            out.append(extract_features(extractor, np.stack(chunk), batch_size)[layer])
-            chunk = []
-    if chunk:
-        out.append(extract_features(extractor, np.stack(chunk), batch_size)[layer])
-    return torch.cat(out)
-
-
-def score_npz(samples: str | Path, reference: Reference, spec: FeatureSpec, device: str = "cpu") -> dict[str, Any]:
-    """Metrics of an ADM-format sample file (e.g. from ``dico sample``) against reference statistics."""
-    from .images import load_npz
-
-    images, _ = load_npz(samples)
-    extractor = build_feature_extractor(spec, _requested(spec), device)
-    layers = feature_names(extractor)
-    metrics = compute_metrics(extract_features(extractor, images), reference, layers)
-    return {"samples": str(samples), "count": len(images), "feature_extractor": spec.name,
-            "reference": reference.meta, "reference_sha256": reference.sha256, "metrics": metrics}  # fmt: skip
+def score_npz(
+    samples: str | Path,
+    reference: Reference,
+    featurizer: Featurizer,
+    metrics: MetricOptions | None = None,
+    batch_size: int = 100,
+) -> dict[str, Any]:
+    """Metrics of an ADM-format sample file (e.g. from ``dico sample``), streamed in batches. The reference is
+    checked against the extractor and the file's resolution (read from its header) first."""
+    metrics = metrics or MetricOptions()
+    shape = npz_images_shape(samples)
+    reference.check(featurizer.identity, tuple(shape[1:3]))
+    feats = featurizer.run(iter_npz_images(samples, batch_size))
+    scores = compute_metrics(feats, reference, metrics)
+    return {"samples": str(samples), "count": int(shape[0]), **_reference_record(reference, metrics),
+            "metrics": scores}  # fmt: skip

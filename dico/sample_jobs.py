@@ -10,8 +10,8 @@ from typing import Any
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
-from dico.callbacks.sample_writer import SampleWriter, finished_batches, merge_parts
-from dico.data.datamodule import SampleBatches
+from dico.callbacks.sample_writer import SampleWriter
+from dico.evaluation.sample_set import SampleSet, SamplingOptions
 from dico.module import DiffusionModule
 
 
@@ -27,8 +27,10 @@ class SampleJob:
             (inferred from keys and shapes; DiCo's latent side is ``image_size / 8``).
         vae: the VAE that decodes published models' samples (a hub id or a local folder).
         out: output folder: ``samples.npz`` (ADM format), ``samples.png``, ``samples.json``, ``parts/``.
-        num_samples: how many samples, class-balanced (sample i has class i % num_classes).
+        num_samples: how many samples.
         batch_size: samples per batch; keep it fixed to reproduce a set (a batch's noise is seeded by its first index).
+        labels: ``balanced`` (sample i has class i % num_classes) or ``uniform`` (random, as DiT's sample_ddp.py).
+        cfg_scale, guidance_mode, sampler, steps, eta: see :class:`~dico.evaluation.sample_set.SamplingOptions`.
         unsafe_full_unpickle: load a checkpoint that needs full unpickling (only for files you trust: unpickling
             can run arbitrary code). Off by default: checkpoints load with ``weights_only=True``.
     """
@@ -43,15 +45,24 @@ class SampleJob:
     out: str = "samples"
     num_samples: int = 50_000
     batch_size: int = 64
+    labels: str = "balanced"
     cfg_scale: float | None = None
     guidance_mode: str | None = None
     sampler: str | None = None
     steps: int | None = None
+    eta: float | None = None
     seed: int = 0
     accelerator: str = "auto"
     devices: int | str = "auto"
     precision: str = "32-true"
     unsafe_full_unpickle: bool = False
+
+    @property
+    def options(self) -> SamplingOptions:
+        return SamplingOptions(self.sampler, self.steps, self.cfg_scale, self.guidance_mode, self.eta)
+
+    def sample_set(self, num_classes: int) -> SampleSet:
+        return SampleSet(self.num_samples, num_classes, self.batch_size, self.seed, self.labels, self.options)
 
 
 def load_module(ckpt: str, unsafe_full_unpickle: bool = False, map_location: str = "cpu") -> DiffusionModule:
@@ -72,38 +83,36 @@ def load_module(ckpt: str, unsafe_full_unpickle: bool = False, map_location: str
 
 
 def run_sample_job(job: SampleJob) -> Path:
+    """Make (or finish) the job's sample set in ``job.out``; returns the merged ``samples.npz``."""
     from dico.pretrained import load_for_sampling
 
     if (job.ckpt is None) == (job.pretrained is None):
         raise ValueError("give exactly one of --ckpt PATH and --pretrained NAME")
+    job.sample_set(1)  # bad counts or options fail here, before anything is loaded or written
     module = load_for_sampling(job.ckpt or job.pretrained, job.model, job.model_kwargs, job.image_size,  # type: ignore[arg-type]
                                job.vae, job.use_ema, job.unsafe_full_unpickle)  # fmt: skip
     source = module.weights_source
     print(f"[dico sample] {source.describe()}")
-    hp = module.hparams
-    for key, value in (("cfg_scale", job.cfg_scale), ("guidance_mode", job.guidance_mode),
-                       ("sampler", job.sampler), ("sampling_steps", job.steps)):  # fmt: skip
-        if value is not None:
-            hp[key] = value
-    hp["seed"] = job.seed
+    sample_set = job.sample_set(module.model.num_classes)
+    sample_set = sample_set.with_options(sample_set.options.resolved(module.hparams))
     out = Path(job.out)
-    record = {**asdict(job), "cfg_scale": hp.cfg_scale, "guidance_mode": hp.guidance_mode, "sampler": hp.sampler,
-              "steps": hp.sampling_steps, "model": hp.model,
+    record = {**asdict(job), **asdict(sample_set.options), "model": module.hparams.model,
               "pretrained": source.release.name if source.release else None}  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
     previous = out / "samples.json"
     if previous.exists() and json.loads(previous.read_text()) != record:
         raise ValueError(
             f"{out} holds samples of another job ({previous}); use a new --out folder or delete the old one"
         )
-    (out / "samples.json").write_text(json.dumps(record, indent=1))
-    done = finished_batches(out, job.batch_size)
-    batches = SampleBatches(job.num_samples, module.model.num_classes, job.batch_size, skip=done)
-    if len(batches):
+    out.mkdir(parents=True, exist_ok=True)
+    previous.write_text(json.dumps(record, indent=1))
+    key = sample_set.job_key(json.dumps(record, sort_keys=True))
+    pending = sample_set.dataset(skip=sample_set.finished(out, key))
+    if len(pending):
         trainer = Trainer(
             accelerator=job.accelerator, devices=job.devices, precision=job.precision, logger=False,
-            callbacks=[SampleWriter(str(out))], enable_model_summary=False,
+            callbacks=[SampleWriter(str(out), source=json.dumps(record, sort_keys=True))],
+            enable_model_summary=False,
         )  # fmt: skip
-        trainer.predict(module, DataLoader(batches, batch_size=None), return_predictions=False)
+        trainer.predict(module, DataLoader(pending, batch_size=None), return_predictions=False)
         return out / "samples.npz"
-    return merge_parts(out)
+    return sample_set.merge(out, key)

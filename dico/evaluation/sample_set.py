@@ -1,0 +1,231 @@
+"""One reproducible sample set: what to draw (layout, labels, seeds, sampling options) and its files.
+
+Sample ``i`` of a set has class ``i % num_classes`` (``balanced``) or a label drawn from the batch's seed
+(``uniform``, as DiT's ``sample_ddp.py``). Samples are made in fixed batches of ``batch_size``; batch ``b`` is
+seeded by :meth:`SampleSet.batch_seed` and runs on rank ``b % world_size``, so a checkpoint and a set give the
+same images on any number of devices. Each finished batch is one part file under ``<out>/parts/<job key>/``;
+:meth:`SampleSet.merge` streams exactly this set's parts into one ADM-format ``samples.npz``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+LABEL_LAYOUTS = ("balanced", "uniform")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How each sample is drawn; ``None`` takes the module's configured default (see :meth:`resolved`)."""
+
+    sampler: str | None = None
+    steps: int | None = None
+    cfg_scale: float | None = None
+    guidance_mode: str | None = None
+    eta: float | None = None
+
+    def __post_init__(self) -> None:
+        from dico.diffusion import GUIDANCE_MODES, SAMPLERS
+
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.guidance_mode is not None and self.guidance_mode not in GUIDANCE_MODES:
+            raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {self.guidance_mode!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 (e.g. --steps 250), got {self.steps}")
+        if self.cfg_scale is not None and not self.cfg_scale >= 0:
+            raise ValueError(
+                f"cfg_scale must be >= 0 (1 = no guidance, the paper's guided runs use 1.5), got {self.cfg_scale}"
+            )
+        if self.eta is not None and not 0 <= self.eta <= 1:
+            raise ValueError(f"eta (DDIM) must be in [0, 1], got {self.eta}")
+
+    def resolved(self, hparams: Any) -> SamplingOptions:
+        """Every unset option filled in from a :class:`~dico.module.DiffusionModule`'s hyper-parameters."""
+        return SamplingOptions(
+            sampler=self.sampler or hparams["sampler"],
+            steps=self.steps or hparams["sampling_steps"],
+            cfg_scale=hparams["cfg_scale"] if self.cfg_scale is None else self.cfg_scale,
+            guidance_mode=self.guidance_mode or hparams["guidance_mode"],
+            eta=hparams["ddim_eta"] if self.eta is None else self.eta,
+        )
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The set options, as keyword arguments of ``DiffusionModule.sample``."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """A class-labelled, seeded sample set split into fixed batches.
+
+    Args:
+        num_samples: how many samples (>= 1).
+        num_classes: the model's number of classes.
+        batch_size: samples per batch (>= 1); keep it fixed to reproduce a set.
+        seed: the set's seed; batch ``b`` draws its noise from :meth:`batch_seed`.
+        labels: ``balanced`` (sample i has class i % num_classes: exactly balanced, our protocol) or ``uniform``
+            (labels drawn uniformly at random per batch, as DiT's ``sample_ddp.py``).
+        options: the sampling options (resolve them against the module before recording a set).
+    """
+
+    num_samples: int
+    num_classes: int
+    batch_size: int
+    seed: int = 0
+    labels: str = "balanced"
+    options: SamplingOptions = field(default_factory=SamplingOptions)
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1 (the paper's protocol uses 50000), got {self.num_samples}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (e.g. 64; lower it if memory runs out), got {self.batch_size}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.labels not in LABEL_LAYOUTS:
+            raise ValueError(f"labels must be one of {LABEL_LAYOUTS}, got {self.labels!r}")
+
+    # -- layout -------------------------------------------------------------------------------------
+    @property
+    def num_batches(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def batch_seed(self, b: int) -> int:
+        """The noise seed of batch ``b`` (a function of the set's seed and the batch's first index only)."""
+        return self.seed * 1_000_003 + b * self.batch_size
+
+    def batch_index(self, b: int) -> Tensor:
+        return torch.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples))
+
+    def batch(self, b: int) -> dict[str, Any]:
+        """Batch ``b``: sample ``index`` (B,), labels ``y`` (B,), its ``seed`` and the sampling ``options``."""
+        index = self.batch_index(b)
+        if self.labels == "balanced":
+            y = index % self.num_classes
+        else:
+            g = torch.Generator().manual_seed(self.batch_seed(b))
+            y = torch.randint(0, self.num_classes, (len(index),), generator=g)
+        return {"index": index, "y": y, "seed": self.batch_seed(b), "options": self.options.as_kwargs()}
+
+    def rank_batches(self, rank: int, world_size: int) -> list[int]:
+        """The batches rank ``rank`` of ``world_size`` makes (round robin)."""
+        return list(range(rank, self.num_batches, world_size))
+
+    def dataset(self, skip: set[int] | frozenset[int] = frozenset()) -> Dataset:
+        """The batches not in ``skip`` as a map-style dataset (use ``DataLoader(..., batch_size=None)``)."""
+        return SampleBatches(self, [b for b in range(self.num_batches) if b not in skip])
+
+    def with_options(self, options: SamplingOptions) -> SampleSet:
+        return replace(self, options=options)
+
+    def record(self) -> dict[str, Any]:
+        return {**asdict(self), "options": asdict(self.options)}
+
+    def job_key(self, source: str) -> str:
+        """A short hash of this set and what made it (``source``: checkpoint, step ...): names its part folder."""
+        text = json.dumps({"set": self.record(), "source": source}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    # -- files ----------------------------------------------------------------------------------------
+    @staticmethod
+    def parts_dir(out_dir: str | Path, key: str) -> Path:
+        return Path(out_dir) / "parts" / key
+
+    def part_path(self, out_dir: str | Path, key: str, b: int) -> Path:
+        return self.parts_dir(out_dir, key) / f"{b * self.batch_size:09d}.npz"
+
+    def write_part(self, out_dir: str | Path, key: str, b: int, images: np.ndarray, labels: np.ndarray) -> Path:
+        """Batch ``b``'s uint8 (B, H, W, C) images and labels, written atomically (temp file, then rename)."""
+        if len(images) != len(self.batch_index(b)) or len(labels) != len(images):
+            raise ValueError(f"batch {b} has {len(self.batch_index(b))} samples, got {len(images)} images")
+        path = self.part_path(out_dir, key, b)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")  # not *.npz: an interrupted write is never taken for a part
+        with open(tmp, "wb") as f:
+            np.savez(f, images, np.asarray(labels, dtype=np.int64))
+        os.replace(tmp, path)
+        return path
+
+    def finished(self, out_dir: str | Path, key: str) -> set[int]:
+        """Batches whose part file exists (a resumed job makes only the others)."""
+        folder = self.parts_dir(out_dir, key)
+        if not folder.exists():
+            return set()
+        done = set()
+        for p in folder.glob("[0-9]*.npz"):
+            first = int(p.stem)
+            if first % self.batch_size == 0 and first < self.num_samples:
+                done.add(first // self.batch_size)
+        return done
+
+    def iter_parts(self, out_dir: str | Path, key: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(images, labels) of every batch in order; raises if a part is missing or has the wrong count."""
+        missing = sorted(set(range(self.num_batches)) - self.finished(out_dir, key))
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {self.num_batches} batches of this sample set are missing in "
+                f"{self.parts_dir(out_dir, key)} (first: batch {missing[0]}); rerun the job to make them"
+            )
+        for b in range(self.num_batches):
+            with np.load(self.part_path(out_dir, key, b), allow_pickle=False) as data:
+                images, labels = data["arr_0"], data["arr_1"]
+            if len(images) != len(self.batch_index(b)) or len(labels) != len(images):
+                raise ValueError(f"part {b} of {self.parts_dir(out_dir, key)} holds {len(images)} samples, "
+                                 f"expected {len(self.batch_index(b))}: delete it and rerun")  # fmt: skip
+            yield images, labels
+
+    def merge(self, out_dir: str | Path, key: str, grid_size: int = 100) -> Path:
+        """Stream this set's parts (exactly ``num_samples``, in index order) into ``<out_dir>/samples.npz``
+        (ADM format: ``arr_0`` uint8 NHWC, ``arr_1`` int64 labels) and draw ``samples.png``; memory stays at
+        one part whatever the set's size."""
+        from .images import save_grid
+
+        out_dir = Path(out_dir)
+        first_images, _ = next(self.iter_parts(out_dir, key))
+        shape, count = first_images.shape[1:], 0
+        path, tmp = out_dir / "samples.npz", out_dir / ".samples.npz.tmp"
+        labels = np.empty(self.num_samples, dtype=np.int64)
+        with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                header = {"descr": "|u1", "fortran_order": False, "shape": (self.num_samples, *shape)}
+                np.lib.format.write_array_header_1_0(f, header)
+                for images, part_labels in self.iter_parts(out_dir, key):
+                    if images.shape[1:] != shape or images.dtype != np.uint8:
+                        raise ValueError(f"parts of {self.parts_dir(out_dir, key)} differ in shape or dtype")
+                    f.write(np.ascontiguousarray(images).tobytes())
+                    labels[count : count + len(images)] = part_labels
+                    count += len(images)
+            if count != self.num_samples:  # cannot happen after the per-part checks; never write a wrong file
+                raise ValueError(f"merged {count} samples, the set has {self.num_samples}")
+            with zf.open("arr_1.npy", "w") as f:
+                np.lib.format.write_array(f, labels)
+        os.replace(tmp, path)
+        shown = torch.from_numpy(first_images[:grid_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        save_grid(out_dir / "samples.png", shown, nrow=max(1, int(len(shown) ** 0.5)))
+        return path
+
+
+class SampleBatches(Dataset):
+    """Selected batches of a :class:`SampleSet` (item i is the batch dict of ``batches[i]``)."""
+
+    def __init__(self, sample_set: SampleSet, batches: list[int]) -> None:
+        self.sample_set, self.batches = sample_set, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.sample_set.batch(self.batches[i])
