@@ -34,27 +34,69 @@ def trainer(tmp_path: Path, max_steps: int, callbacks: list, **kw) -> Trainer:
     )  # fmt: skip
 
 
-def digits(batch_size: int = 512) -> DigitsDataModule:
-    return DigitsDataModule(batch_size=batch_size, val_fraction=0.1)  # 1,617 training images: 3 batches/epoch
+def digits(batch_size: int = 512, num_workers: int = 0) -> DigitsDataModule:
+    return DigitsDataModule(batch_size=batch_size, val_fraction=0.1, num_workers=num_workers)  # 3 batches/epoch
 
 
-def test_exact_resume_matches_an_uninterrupted_run(tmp_path):
-    """7 steps straight == 4 steps, save, resume, 3 more: weights, EMA, optimizer, data order and RNG streams."""
-    torch.manual_seed(0)
-    straight = tiny_module()
-    init = {k: v.clone() for k, v in straight.state_dict().items()}
-    trainer(tmp_path / "a", 7, [EMA(decay=0.9)]).fit(straight, digits())
+class SigtermAfter(Callback):
+    """Sends this process SIGTERM (a cluster preemption) after the n-th training batch of this fit."""
 
-    first = tiny_module()
-    first.load_state_dict(init)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=4, save_last=True)
-    trainer(tmp_path / "b", 4, [EMA(decay=0.9), ckpt]).fit(first, digits())  # stops mid-epoch 2
-    resumed = tiny_module()
-    t = trainer(tmp_path / "b", 7, [EMA(decay=0.9), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)])
-    t.fit(resumed, digits(), ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    def __init__(self, batches: int) -> None:
+        self.batches, self.seen = batches, 0
+
+    def on_train_batch_end(self, trainer, pl_module, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.seen += 1
+        if self.seen == self.batches:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def fit_to_last(
+    root: Path, max_steps: int, callbacks: list, ckpt_path: str | None = None, num_workers: int = 0, every: int = 100,
+    **kw,
+) -> Trainer:
+    """Fit with EMA, a ``last.ckpt`` keeper (every ``every`` steps and at the end) and the preemption save (listed
+    first: it must still run after the EMA update)."""
+    keeper = ModelCheckpoint(dirpath=root, every_n_train_steps=every, save_last=True)
+    t = trainer(root, max_steps, [*callbacks, PreemptionCheckpoint(), EMA(decay=0.9), keeper], **kw)
+    torch.manual_seed(0)  # the same initial weights in every run
+    t.fit(tiny_module(), digits(num_workers=num_workers), ckpt_path=ckpt_path)
+    return t
+
+
+@pytest.mark.parametrize(
+    ("workers", "accumulate", "sigterm_after"),
+    [(2, 1, None), (0, 1, 2), (0, 2, 4)],
+    ids=["workers-mid-epoch", "sigterm-before-first-save", "sigterm-mid-accumulation"],
+)
+def test_exact_resume_matches_an_uninterrupted_run(tmp_path, workers, accumulate, sigterm_after):
+    """7 optimizer steps straight == interrupted + resumed: live and EMA weights, optimizer, data order, RNG streams.
+
+    Interrupted by max_steps=4 (mid-epoch 1, so the loader must restore the epoch before its workers prefetch),
+    or by SIGTERM before any periodic save (then ``last.ckpt`` itself must be the newest checkpoint), or by SIGTERM
+    after the first micro-batch of an accumulation (the save must wait for the optimizer step)."""
+    kw = {"accumulate_grad_batches": accumulate, "num_workers": workers}
+    fit_to_last(tmp_path / "a", 7, [], **kw)  # saves last.ckpt at the end only
+    kw["every"] = 4 if sigterm_after is None else 100
+    if sigterm_after is None:
+        fit_to_last(tmp_path / "b", 4, [], **kw)
+    else:
+        with pytest.raises(SIGTERMException):
+            fit_to_last(tmp_path / "b", 7, [SigtermAfter(sigterm_after)], **kw)
+        saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+        assert saved["global_step"] == (2 if accumulate == 1 else 3)  # after the step that was running
+    t = fit_to_last(tmp_path / "b", 7, [], ckpt_path="last", **kw)
     assert t.global_step == 7
-    for key, value in straight.state_dict().items():  # after fit both hold the EMA weights
-        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+    assert not list((tmp_path / "b").glob("last-v*.ckpt"))  # last.ckpt itself is the newest
+    straight = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == straight["global_step"] == 7
+    for part in ("state_dict", "current_model_state"):  # EMA weights, live weights
+        for key, value in straight[part].items():
+            assert torch.equal(resumed[part][key], value), (part, key)
+    live, ema = resumed["current_model_state"], resumed["state_dict"]
+    assert not torch.equal(live["model.head.proj.weight"], ema["model.head.proj.weight"])  # EMA is not the live one
+    for a, b in zip(straight["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ema_follows_the_published_update(tmp_path):
