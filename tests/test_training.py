@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -244,6 +246,50 @@ def test_fit_fast_dev_run_through_the_cli(tmp_path):
             cwd=tmp_path)  # fmt: skip
 
 
+def cli_status(*args: str, cwd: Path) -> int | None:
+    """``cli.main``'s exit status (what ``python cli.py`` would exit with)."""
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return cli.main(list(args))
+    except SystemExit as e:  # what an uncaught SIGTERMException would end the process with
+        return e.code
+    finally:
+        os.chdir(old)
+
+
+def test_preempted_cli_run_exits_non_zero_and_resumes_in_place(tmp_path, monkeypatch):
+    """``python cli.py fit`` preempted before its first periodic save: exit status 75, ``last.ckpt`` written
+    through the atomic checkpoint IO; ``--ckpt_path last`` continues it, updates that same ``last.ckpt`` and keeps
+    the metrics logged before the preemption in ``csv/metrics.csv``."""
+    from dico.callbacks.preemption import PREEMPTED_EXIT_CODE
+    from dico.checkpoint_io import AtomicCheckpointIO
+
+    saves = []
+    real_save = AtomicCheckpointIO.save_checkpoint
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", lambda self, *a, **k: (saves.append(a[1]), real_save(self, *a, **k))[1])
+    callbacks = [
+        {"class_path": "dico.callbacks.EMA", "init_args": {"decay": 0.9}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": "runs/quickstart/checkpoints", "save_last": True, "every_n_train_steps": 100}},
+        {"class_path": "dico.callbacks.PreemptionCheckpoint"},
+    ]  # fmt: skip
+    args = ["fit", "-c", str(QUICKSTART), *TINY_CLI[:-2], "--trainer.max_steps", "4", "--trainer.log_every_n_steps",
+            "1", "--data.init_args.batch_size", "16"]  # fmt: skip
+    preempt = [{"class_path": "tests.test_training.SigtermAfter", "init_args": {"batches": 2}}, *callbacks]
+    assert cli_status(*args, "--trainer.callbacks", json.dumps(preempt), cwd=tmp_path) == PREEMPTED_EXIT_CODE
+    checkpoints = tmp_path / "runs" / "quickstart" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert saves and all(Path(p).name == "last.ckpt" for p in saves)
+    status = cli_status(*args, "--trainer.callbacks", json.dumps(callbacks), "--ckpt_path", "last", cwd=tmp_path)
+    assert status in (0, None)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 4
+    with open(tmp_path / "runs" / "quickstart" / "csv" / "metrics.csv", newline="") as f:
+        steps = sorted({int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")})
+    assert steps == [0, 1, 2, 3]
+
+
 def test_cli_rejects_unknown_keys(tmp_path):
     with pytest.raises(SystemExit):
         run_cli("fit", "-c", str(QUICKSTART), "--trainer.max_stepz", "3", cwd=tmp_path)
@@ -290,11 +336,14 @@ def test_ddp_on_two_cpu_processes(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- wandb
 def test_wandb_mode_follows_credentials(tmp_path, monkeypatch):
+    import dico.loggers
     from dico.loggers import AutoWandbLogger, wandb_credentials_available
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setattr(dico.loggers, "wandb_server_reachable", lambda url, timeout: True)
     assert not wandb_credentials_available()
     assert AutoWandbLogger(save_dir=str(tmp_path))._offline
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
@@ -302,6 +351,41 @@ def test_wandb_mode_follows_credentials(tmp_path, monkeypatch):
     assert not AutoWandbLogger(save_dir=str(tmp_path))._offline  # online, but nothing is sent until used
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert AutoWandbLogger(save_dir=str(tmp_path))._offline
+
+
+@pytest.mark.parametrize("host", ["api.forge.coreweave.com", "api.wandb.ai"])
+def test_wandb_credentials_stored_for_the_default_host_are_found(tmp_path, monkeypatch, host):
+    """``wandb login`` (0.31) stores the key for its default server, api.forge.coreweave.com; keys stored for the
+    W&B API host behind it (older wandb) still count, as wandb itself accepts them."""
+    from dico.loggers import wandb_credentials_available
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    (tmp_path / "netrc").write_text(f"machine {host}\n  login user\n  password {'k' * 40}\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert wandb_credentials_available()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a self-hosted server: other credentials
+    assert not wandb_credentials_available()
+
+
+def test_wandb_with_credentials_but_no_network_trains_offline_within_seconds(tmp_path, monkeypatch):
+    """A compute node without internet: the server (here TEST-NET-1, an address nothing answers on) cannot be
+    reached, so the logger goes offline instead of waiting for wandb's 90 s init timeout."""
+    from dico.loggers import AutoWandbLogger
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "d" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://192.0.2.1")
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    start = time.monotonic()
+    logger = AutoWandbLogger(save_dir=str(tmp_path), probe_timeout=5.0)
+    assert logger._offline
+    t = Trainer(accelerator="cpu", max_steps=1, default_root_dir=tmp_path, logger=logger, enable_progress_bar=False,
+                enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)  # fmt: skip
+    t.fit(tiny_module(), digits(64))
+    assert t.global_step == 1 and time.monotonic() - start < 15
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
 def test_no_credentials_in_run_files(tmp_path, monkeypatch):
