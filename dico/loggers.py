@@ -44,7 +44,7 @@ def _netrc_hosts(base_url: str) -> list[str]:
         from wandb.sdk.lib.urls import forge_upstream_url
     except ImportError:
         return hosts
-    return hosts + [urlsplit(forge_upstream_url(base_url)).netloc]
+    return [*hosts, urlsplit(forge_upstream_url(base_url)).netloc]
 
 
 def wandb_credentials_available() -> bool:

@@ -53,7 +53,12 @@ class SigtermAfter(Callback):
 
 
 def fit_to_last(
-    root: Path, max_steps: int, callbacks: list, ckpt_path: str | None = None, num_workers: int = 0, every: int = 100,
+    root: Path,
+    max_steps: int,
+    callbacks: list,
+    ckpt_path: str | None = None,
+    num_workers: int = 0,
+    every: int = 100,
     **kw,
 ) -> Trainer:
     """Fit with EMA, a ``last.ckpt`` keeper (every ``every`` steps and at the end) and the preemption save (listed
@@ -97,7 +102,8 @@ def test_exact_resume_matches_an_uninterrupted_run(tmp_path, workers, accumulate
             assert torch.equal(resumed[part][key], value), (part, key)
     live, ema = resumed["current_model_state"], resumed["state_dict"]
     assert not torch.equal(live["model.head.proj.weight"], ema["model.head.proj.weight"])  # EMA is not the live one
-    for a, b in zip(straight["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
+    adam_a, adam_b = (c["optimizer_states"][0]["state"] for c in (straight, resumed))
+    for a, b in zip(adam_a.values(), adam_b.values(), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -267,7 +273,12 @@ def test_preempted_cli_run_exits_non_zero_and_resumes_in_place(tmp_path, monkeyp
 
     saves = []
     real_save = AtomicCheckpointIO.save_checkpoint
-    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", lambda self, *a, **k: (saves.append(a[1]), real_save(self, *a, **k))[1])
+
+    def spy(self, checkpoint, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        saves.append(path)
+        return real_save(self, checkpoint, path, *args, **kwargs)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", spy)
     callbacks = [
         {"class_path": "dico.callbacks.EMA", "init_args": {"decay": 0.9}},
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
