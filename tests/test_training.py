@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import cli
 from dico.callbacks import EMA, PreemptionCheckpoint, ema_weights
 from dico.data import DigitsDataModule
-from dico.module import DiffusionModule, NonFiniteLossError
+from dico.module import DiffusionModule, DivergedWeightsError, NonFiniteLossError
 from tests.conftest import QUICKSTART, ROOT, TINY_MODEL
 
 
@@ -152,11 +153,36 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
                 batch["x"].fill_(float("nan"))
 
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True)
-    with pytest.raises(NonFiniteLossError, match=r"step 3 .*last\.ckpt.*--ckpt_path last"):
+    with pytest.raises(NonFiniteLossError, match=r"step 3 .*last\.ckpt.*--ckpt_path .*last\.ckpt"):
         trainer(tmp_path, 10, [EMA(decay=0.9), ckpt, Poison()]).fit(tiny_module(), digits())
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+
+
+def test_diverged_weights_stop_training_and_the_named_checkpoint_is_sound(tmp_path):
+    """Weights blown up before step 3 (the loss stays finite): the check at step 4 (every 2 steps) stops training
+    and names the step-3 checkpoint, not the newer ones that already hold the diverged weights."""
+
+    class Blowup(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    pl_module.model.head.proj.weight[0, 0] = 5e3
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, save_last=True)
+    module = tiny_module(check_finite_every_n_steps=2, max_abs_weight=1e3)
+    with pytest.raises(DivergedWeightsError, match=r"step 4: max \|w\| = 5\d\d\d.*sound weights is (\S+);") as err:
+        trainer(tmp_path, 10, [EMA(decay=0.9), ckpt, Blowup()]).fit(module, digits())
+    named = Path(re.search(r"sound weights is (\S+);", str(err.value)).group(1))
+    saved = torch.load(named, weights_only=True)
+    assert saved["global_step"] == 3 and named.name != "last.ckpt"
+    for part in ("state_dict", "current_model_state"):
+        assert all(
+            torch.isfinite(v).all() and v.abs().max() < 1e3 for v in saved[part].values() if v.is_floating_point()
+        )
+    newest = torch.load(tmp_path / "last.ckpt", weights_only=True)  # step 4: diverged live weights
+    assert newest["global_step"] == 4 and newest["current_model_state"]["model.head.proj.weight"].abs().max() > 1e3
 
 
 def test_sigterm_saves_a_resumable_checkpoint_and_stops(tmp_path):
@@ -183,6 +209,9 @@ def test_data_that_does_not_fit_the_model_is_refused(tmp_path):
         trainer(tmp_path, 1, []).fit(module, digits())
     module = DiffusionModule("DiCo-S", model_kwargs={**TINY_MODEL, "in_channels": 4})
     with pytest.raises(ValueError, match="1 channels, the model takes 4"):
+        trainer(tmp_path, 1, []).fit(module, digits())
+    module = DiffusionModule("DiCo-S", model_kwargs={**TINY_MODEL, "input_size": 16})  # would sample 16x16
+    with pytest.raises(ValueError, match=r"data is 8x8, the model is built for 16x16 \(set model_kwargs.input_size: 8"):
         trainer(tmp_path, 1, []).fit(module, digits())
 
 
