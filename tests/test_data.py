@@ -106,6 +106,25 @@ def test_checksum_mismatch_is_detected(cache, tmp_path):
         ShardedLatents(tmp_path, verify_checksums=True)
 
 
+def test_zeroed_bytes_in_a_shard_are_detected_without_checksums(cache, tmp_path):
+    """A zeroed region keeps the file's size and shape (only checksums would notice); reading it fails, naming the
+    shard, while the other shards read normally."""
+    out, _ = cache
+    for f in out.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    path = tmp_path / "shard-00001.latents.npy"
+    raw = bytearray(path.read_bytes())
+    per_image = 2 * 2 * 4 * 8 * 8 * 4  # flips x (mean, std) x latent (4, 8, 8) x float32
+    start = len(raw) - 3 * per_image  # the second image of the shard (cache index 5)
+    raw[start : start + 512] = bytes(512)
+    path.write_bytes(raw)
+    data = ShardedLatents(tmp_path)
+    all_keys = [2 * i + f for i in range(len(data)) for f in (0, 1)]
+    data.__getitems__([k for k in all_keys if k // 2 != 5])
+    with pytest.raises(ValueError, match=r"shard-00001\.latents\.npy holds zeroed bytes \(image 1 of the shard\)"):
+        data.__getitems__(all_keys)
+
+
 def test_sampler_partitions_ranks_draws_flips_and_resumes():
     data = InMemoryLatents(np.zeros((10, 1, 4, 4)), np.arange(10) % 2, num_classes=2)
     full = EpochSampler(data, flips=2, seed=3)
