@@ -22,8 +22,10 @@ class PreemptionCheckpoint(Checkpoint):
       save between micro-batches would lose the gradients accumulated so far.
     - The save goes through the :class:`ModelCheckpoint` that has ``save_last`` (its path, its state), so the
       resumed run keeps updating the same ``last.ckpt`` instead of writing ``last-v1.ckpt`` beside it.
-    - Being a :class:`Checkpoint`, Lightning runs it after the other callbacks' ``on_train_batch_end`` (the EMA
-      update of this step is in the checkpoint whatever the callback order in the config).
+    - Being a :class:`Checkpoint` (like Lightning's ``OnExceptionCheckpoint``), Lightning runs it after the other
+      callbacks' ``on_train_batch_end``: the EMA update of this step is in the checkpoint whatever the callback
+      order in the config. As for any checkpoint callback, ``enable_checkpointing=False`` refuses it, and Lightning
+      adds no default ``ModelCheckpoint`` beside it (configs list their own).
 
     Under DDP every rank must receive the signal (SLURM and torchrun send it to every task).
     """
