@@ -411,6 +411,8 @@ def test_wandb_credentials_stored_for_the_default_host_are_found(tmp_path, monke
 def test_wandb_with_credentials_but_no_network_trains_offline_within_seconds(tmp_path, monkeypatch):
     """A compute node without internet: the server (here TEST-NET-1, an address nothing answers on) cannot be
     reached, so the logger goes offline instead of waiting for wandb's 90 s init timeout."""
+    import wandb
+
     from dico.loggers import AutoWandbLogger
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -418,6 +420,7 @@ def test_wandb_with_credentials_but_no_network_trains_offline_within_seconds(tmp
     monkeypatch.setenv("WANDB_BASE_URL", "https://192.0.2.1")
     monkeypatch.delenv("HTTPS_PROXY", raising=False)
     monkeypatch.delenv("https_proxy", raising=False)
+    wandb.finish()  # an earlier test's run may still be open in this process (WandbLogger would reuse it)
     start = time.monotonic()
     logger = AutoWandbLogger(save_dir=str(tmp_path), probe_timeout=5.0)
     assert logger._offline
@@ -425,7 +428,8 @@ def test_wandb_with_credentials_but_no_network_trains_offline_within_seconds(tmp
                 enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)  # fmt: skip
     t.fit(tiny_module(), digits(64))
     assert t.global_step == 1 and time.monotonic() - start < 15
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert list((tmp_path / "wandb").glob("offline-run-*")) and logger.experiment.settings._offline
+    wandb.finish()
 
 
 def test_no_credentials_in_run_files(tmp_path, monkeypatch):
