@@ -124,18 +124,33 @@ class AutoWandbLogger(WandbLogger):
 
 
 class _AppendingExperimentWriter(ExperimentWriter):
-    """Keeps an existing ``metrics.csv`` (and its columns) instead of deleting it."""
+    """Keeps an existing ``metrics.csv`` (and its columns) instead of deleting it. The rows of steps the resumed
+    run logs again (a killed run got past its last checkpoint) are dropped at the first new row."""
 
     def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
+        self._resumed_file = self._fs.isfile(self.metrics_file_path)
+        if self._resumed_file:
             with self._fs.open(self.metrics_file_path, "r", newline="") as file:
                 self.metrics_keys = next(csv.reader(file), [])
+
+    def log_metrics(self, metrics_dict: dict[str, float], step: int | None = None) -> None:
+        if self._resumed_file and step is not None:
+            self._resumed_file = False
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                rows = list(csv.DictReader(file))
+            kept = [row for row in rows if not row.get("step") or int(float(row["step"])) < step]
+            if len(kept) < len(rows):
+                with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+                    writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+                    writer.writeheader()
+                    writer.writerows(kept)
+        super().log_metrics(metrics_dict, step)
 
 
 class CSVLogger(LightningCSVLogger):
     """Lightning's :class:`~lightning.pytorch.loggers.CSVLogger` for resumable runs: with a fixed version
     (``version: ""``) a resumed run appends to the ``metrics.csv`` it finds rather than deleting it, so the curves
-    keep their history. (Rows logged after the last checkpoint of a killed run stay, and are logged again.)
+    keep their history (rows a killed run logged after its last checkpoint are replaced by the resumed run's).
 
     ``python cli.py`` uses it in place of Lightning's class in any config."""
 

@@ -330,6 +330,23 @@ def test_preempted_cli_run_exits_non_zero_and_resumes_in_place(tmp_path, monkeyp
     assert steps == [0, 1, 2, 3]
 
 
+def test_csv_logger_keeps_the_history_and_replaces_steps_logged_again(tmp_path):
+    """A run killed at step 5 whose last checkpoint is step 3: the resumed run's rows replace steps 3-5."""
+    from dico.loggers import CSVLogger
+
+    first = CSVLogger(str(tmp_path), name="csv", version="")
+    for step in range(6):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.save()
+    resumed = CSVLogger(str(tmp_path), name="csv", version="")
+    for step in (3, 4):
+        resumed.log_metrics({"train/loss": 10.0 + step, "train/grad_norm": 1.0}, step=step)
+    resumed.save()
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        rows = [(int(r["step"]), float(r["train/loss"]), r["train/grad_norm"]) for r in csv.DictReader(f)]
+    assert rows == [(0, 0.0, ""), (1, 1.0, ""), (2, 2.0, ""), (3, 13.0, "1.0"), (4, 14.0, "1.0")]
+
+
 def test_cli_rejects_unknown_keys(tmp_path):
     with pytest.raises(SystemExit):
         run_cli("fit", "-c", str(QUICKSTART), "--trainer.max_stepz", "3", cwd=tmp_path)
