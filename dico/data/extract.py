@@ -25,8 +25,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .manifest import (
-    MADE_WITH,
     MANIFEST,
+    MUST_MATCH,
     Manifest,
     ShardRecord,
     atomic_write_text,
@@ -148,7 +148,7 @@ def _device(cfg: ExtractConfig) -> torch.device:
 
 def _check_made_with(out: Path, record: ShardRecord, made_with: dict[str, Any]) -> None:
     """Refuse a finished shard made with other settings: the cache would mix two encodings."""
-    differ = {k: (record.made_with.get(k), made_with[k]) for k in MADE_WITH if record.made_with.get(k) != made_with[k]}
+    differ = {k: (record.made_with.get(k), made_with[k]) for k in MUST_MATCH if record.made_with.get(k) != made_with[k]}
     if differ:
         what = "; ".join(f"{k}: {old!r} in the cache, {new!r} now" for k, (old, new) in differ.items())
         raise ValueError(

@@ -56,7 +56,9 @@ class ShardRecord:
 
 
 MADE_WITH = ("vae", "vae_sha256", "image_size", "flips", "dtype", "scale_factor")
-"""The settings that make shards of one cache comparable: a shard made with other values cannot join it."""
+"""What a shard records about how it was made."""
+MUST_MATCH = MADE_WITH[1:]
+"""The settings shards of one cache must share (the VAE by its weights: another path to the same VAE is fine)."""
 
 
 def images_sha256(items: list[tuple[str, int]], root: str | Path) -> str:
