@@ -23,16 +23,23 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def lightning(argv: list[str]) -> int:
+    """LightningCLI with dico's defaults: atomic checkpoint files (``trainer.plugins``), a CSV logger that keeps its
+    history on resume, and exit status ``PREEMPTED_EXIT_CODE`` (75) after a SIGTERM so that requeue loops rerun."""
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from dico.callbacks.preemption import PREEMPTED_EXIT_CODE
     from dico.data import ArrayDataModule
     from dico.module import DiffusionModule
+
+    csv_loggers = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger")
 
     class DicoCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
             # How samples become images is a property of the data (VAE id and scale, or pixels); the model
             # stores it in its hyper-parameters so that a checkpoint alone can sample.
             parser.link_arguments("data", "model.decoder", compute_fn=lambda dm: dm.decoder, apply_on="instantiate")
+            parser.set_defaults({"trainer.plugins": [{"class_path": "dico.checkpoint_io.AtomicCheckpointIO"}]})
 
         def before_test(self) -> None:
             # `test --ckpt_path` also takes a released checkpoint (any published format): its weights go into
@@ -49,13 +56,24 @@ def lightning(argv: list[str]) -> int:
             if line:
                 print(f"[dico test] {line}")
 
-    DicoCLI(
-        DiffusionModule,
-        ArrayDataModule,
-        subclass_mode_data=True,
-        args=None if argv == sys.argv[1:] else argv,
-        save_config_kwargs={"overwrite": True},
-    )
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            loggers = config.trainer.logger
+            for logger in loggers if isinstance(loggers, list) else [loggers]:
+                if getattr(logger, "class_path", None) in csv_loggers:
+                    logger.class_path = "dico.loggers.CSVLogger"  # same arguments; appends on resume
+
+    try:
+        DicoCLI(
+            DiffusionModule,
+            ArrayDataModule,
+            subclass_mode_data=True,
+            args=None if argv == sys.argv[1:] else argv,
+            save_config_kwargs={"overwrite": True},
+        )
+    except SIGTERMException:
+        print(f"[dico] preempted (SIGTERM); exit status {PREEMPTED_EXIT_CODE}: rerun with --ckpt_path last to resume")
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

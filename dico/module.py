@@ -7,6 +7,7 @@ would have drawn.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,8 +21,39 @@ from dico.evaluation.images import to_uint8
 from dico.models import create_model
 
 
-class NonFiniteLossError(FloatingPointError):
+class TrainingDivergedError(FloatingPointError):
+    """Training diverged; the message names the newest checkpoint whose weights are sound to resume from."""
+
+
+class NonFiniteLossError(TrainingDivergedError):
     """Raised when the training loss is NaN or infinite; the last good checkpoint is left untouched."""
+
+
+class DivergedWeightsError(TrainingDivergedError):
+    """Raised when a weight is non-finite or larger than ``max_abs_weight`` (the loss may still look finite)."""
+
+
+def weights_are_sound(state_dict: dict[str, Tensor], max_abs_weight: float, prefix: str = "model.") -> bool:
+    """Whether every floating tensor under ``prefix`` is finite and within ``max_abs_weight`` (0: no bound)."""
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and value.is_floating_point() and value.numel():
+            largest = value.detach().abs().max()
+            if not torch.isfinite(largest) or (max_abs_weight > 0 and largest > max_abs_weight):
+                return False
+    return True
+
+
+def newest_sound_checkpoint(paths: list[Path], max_abs_weight: float) -> Path | None:
+    """The newest of ``paths`` whose live and EMA weights are all sound (checkpoints are memory-mapped)."""
+    for path in sorted((p for p in paths if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # a truncated or foreign file is not a checkpoint to resume from
+            continue
+        states = [ckpt.get("state_dict", {}), ckpt.get("current_model_state", {})]
+        if all(weights_are_sound(s, max_abs_weight) for s in states):
+            return path
+    return None
 
 
 class DiffusionModule(LightningModule):
@@ -38,7 +70,9 @@ class DiffusionModule(LightningModule):
         decoder: how samples become images, ``{"kind": "pixels"}`` or ``{"kind": "vae", "vae": id, "scale_factor"}``
             (filled in from the data by the CLI).
         seed: seeds the per-step randomness of training and validation.
-        check_finite_every_n_steps: how often to check the loss for NaN/inf (each check waits for the device).
+        check_finite_every_n_steps: how often to check the loss for NaN/inf and the weights for divergence (each
+            check waits for the device); 0 turns the checks off.
+        max_abs_weight: a weight beyond this magnitude (or NaN/inf) stops training as diverged; 0: finiteness only.
         compile: ``torch.compile`` the backbone in place (same state dict).
         pretrained: start from released weights: a release name (``DiCo-XL-3750K``, see
             :data:`dico.pretrained.CATALOGUE`) or a checkpoint file in any published format. The model gets the
@@ -65,6 +99,7 @@ class DiffusionModule(LightningModule):
         decoder: dict[str, Any] | None = None,
         seed: int = 0,
         check_finite_every_n_steps: int = 1,
+        max_abs_weight: float = 1e3,
         compile: bool = False,
         pretrained: str | None = None,
     ) -> None:
@@ -103,6 +138,11 @@ class DiffusionModule(LightningModule):
             problems.append(f"the data has {c} channels, the model takes {m.in_channels} (model_kwargs.in_channels)")
         if h % m.size_multiple or w % m.size_multiple:
             problems.append(f"the data is {h}x{w}, the model needs multiples of {m.size_multiple}")
+        elif (h, w) != (m.input_size, m.input_size):  # it would train at the data's size but sample at its own
+            problems.append(
+                f"the data is {h}x{w}, the model is built for {m.input_size}x{m.input_size} (set "
+                f"model_kwargs.input_size: {h}, or point the data at a cache of the model's resolution)"
+            )
         if dm.num_classes != m.num_classes:
             problems.append(
                 f"the data has {dm.num_classes} classes, the model {m.num_classes} (model_kwargs.num_classes)"
@@ -133,21 +173,42 @@ class DiffusionModule(LightningModule):
         g = self._generator(1, self.global_rank, self.global_step, batch_idx)
         terms = self._losses(batch, g, train=True)
         every = self.hparams.check_finite_every_n_steps
-        if every > 0 and self.global_step % every == 0 and not torch.isfinite(terms["loss"]):
-            self._raise_non_finite(terms)
+        if every > 0 and self.global_step % every == 0:
+            self._check_divergence(terms)
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=False)
         self.log("loss", terms["loss"], prog_bar=True, logger=False)
         return terms["loss"]
 
-    def _raise_non_finite(self, terms: dict[str, Tensor]) -> None:
-        last = None
+    def _check_divergence(self, terms: dict[str, Tensor]) -> None:
+        """Stop on a non-finite loss, or on weights (those of this step's forward) that are non-finite or beyond
+        ``max_abs_weight``: a diverged model can still give a finite loss for a while. One device sync."""
+        params = [p.detach() for p in self.model.parameters() if p.is_floating_point()]
+        largest = torch.stack(torch._foreach_norm(params, float("inf"))).max().float()
+        loss_finite, weight = torch.stack([torch.isfinite(terms["loss"]).float(), largest]).tolist()
+        limit = self.hparams.max_abs_weight
+        if not loss_finite:
+            values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+            self._raise_diverged(NonFiniteLossError, f"non-finite training loss at step {self.global_step} ({values})")
+        if not (weight < float("inf") and (limit <= 0 or weight <= limit)):  # NaN fails every comparison
+            self._raise_diverged(
+                DivergedWeightsError,
+                f"diverged weights at step {self.global_step}: max |w| = {weight:.4g}"
+                + (f" > model.max_abs_weight = {limit:g}" if limit > 0 else ""),
+            )
+
+    def _raise_diverged(self, error: type[TrainingDivergedError], what: str) -> None:
+        candidates: set[Path] = set()
         for cb in self.trainer.checkpoint_callbacks:
-            last = getattr(cb, "last_model_path", None) or getattr(cb, "best_model_path", None) or last
-        values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-        raise NonFiniteLossError(
-            f"non-finite training loss at step {self.global_step} ({values}). "
-            + (f"The last good checkpoint is {last}; " if last else "No checkpoint was written yet; ")
-            + "resume from it with `fit --ckpt_path last` after lowering model.lr or setting "
+            for name in ("last_model_path", "best_model_path"):
+                if path := getattr(cb, name, None):
+                    candidates.add(Path(path))
+            if dirpath := getattr(cb, "dirpath", None):
+                candidates.update(Path(dirpath).glob("*.ckpt"))
+        good = newest_sound_checkpoint(sorted(candidates), self.hparams.max_abs_weight)
+        raise error(
+            f"{what}. "
+            + (f"The newest checkpoint with sound weights is {good}; " if good else "No sound checkpoint was found; ")
+            + f"resume from it with `fit --ckpt_path {good or 'PATH'}` after lowering model.lr or setting "
             "trainer.gradient_clip_val (or try precision 32 if you trained in bf16)."
         )
 

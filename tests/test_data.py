@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -67,6 +68,59 @@ def test_extract_resumes_and_ranks_write_disjoint_shards(tmp_path, image_folder,
     assert encoded == [1, 3, 0, 2, 2]
 
 
+@pytest.fixture(scope="module")
+def other_vae_dir(tmp_path_factory, tiny_vae_dir):
+    """The tiny VAE with other weights and a config scaling factor of 0.5."""
+    from diffusers.models import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_vae_dir)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(2)
+    vae.register_to_config(scaling_factor=0.5)
+    path = tmp_path_factory.mktemp("vae") / "other-vae"
+    vae.save_pretrained(path)
+    return path
+
+
+def test_extract_refuses_to_mix_vaes_or_settings_in_one_cache(cache, tmp_path, image_folder, other_vae_dir):
+    """Resuming a cache with another VAE (weights), image size, flips or dtype stops before encoding anything;
+    the manifest records the VAE's weights hash and the scale factor of the VAE's config."""
+    out, manifest = cache
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for f in out.iterdir():
+        (resumed / f.name).write_bytes(f.read_bytes())
+    (resumed / "manifest.json").unlink()
+    for change, match in (({"vae": str(other_vae_dir)}, "vae_sha256"), ({"image_size": 24}, "image_size: 16"),
+                          ({"flips": False}, "flips: 2"), ({"dtype": "float16"}, "dtype")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"shard-00000\.json was made with other settings .*{match}.*new --out"):
+            extract_latents(config(image_folder, resumed, change.pop("vae", manifest.vae), **change))
+    assert not (resumed / "manifest.json").exists()
+    other = extract_latents(config(image_folder, tmp_path / "other", other_vae_dir))
+    assert other.scale_factor == 0.5 and manifest.scale_factor == 0.18215  # the tiny VAE's config default
+    assert len(other.vae_sha256) == 64 and other.vae_sha256 != manifest.vae_sha256
+    assert extract_latents(config(image_folder, resumed, manifest.vae)).vae_sha256 == manifest.vae_sha256
+
+
+def test_extract_resume_reencodes_shards_whose_images_changed(tmp_path, image_folder, tiny_vae_dir):
+    """Two images added inside the folder shift every later shard's images: resuming the old cache gives exactly
+    the cache a fresh extraction of the new folder gives."""
+    import shutil
+
+    folder = tmp_path / "images"
+    shutil.copytree(image_folder, folder)
+    extract_latents(config(folder, tmp_path / "cache", tiny_vae_dir))
+    for name in ("0_1a.png", "0_1b.png"):  # sorted between ant/0_1.png and ant/0_2.png
+        Image.fromarray(np.full((20, 20, 3), 7 * len(name), np.uint8)).save(folder / "ant" / name)
+    resumed = extract_latents(config(folder, tmp_path / "cache", tiny_vae_dir))
+    fresh = extract_latents(config(folder, tmp_path / "fresh", tiny_vae_dir))
+    assert resumed.count == fresh.count == 14
+    assert [asdict(r) for r in resumed.shards] == [asdict(r) for r in fresh.shards]
+    a, b = ShardedLatents(tmp_path / "cache"), ShardedLatents(tmp_path / "fresh")
+    keys = list(range(2 * len(b)))
+    assert all(torch.equal(a.__getitems__(keys)[k], b.__getitems__(keys)[k]) for k in ("x", "std", "y"))
+
+
 def test_reader_returns_scaled_moments_and_labels(cache):
     out, _ = cache
     data = ShardedLatents(out, verify_checksums=True)
@@ -104,6 +158,25 @@ def test_checksum_mismatch_is_detected(cache, tmp_path):
     ShardedLatents(tmp_path)  # same size and shape: only the checksum notices
     with pytest.raises(ValueError, match="checksum"):
         ShardedLatents(tmp_path, verify_checksums=True)
+
+
+def test_zeroed_bytes_in_a_shard_are_detected_without_checksums(cache, tmp_path):
+    """A zeroed region keeps the file's size and shape (only checksums would notice); reading it fails, naming the
+    shard, while the other shards read normally."""
+    out, _ = cache
+    for f in out.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    path = tmp_path / "shard-00001.latents.npy"
+    raw = bytearray(path.read_bytes())
+    per_image = 2 * 2 * 4 * 8 * 8 * 4  # flips x (mean, std) x latent (4, 8, 8) x float32
+    start = len(raw) - 3 * per_image  # the second image of the shard (cache index 5)
+    raw[start : start + 512] = bytes(512)
+    path.write_bytes(raw)
+    data = ShardedLatents(tmp_path)
+    all_keys = [2 * i + f for i in range(len(data)) for f in (0, 1)]
+    data.__getitems__([k for k in all_keys if k // 2 != 5])
+    with pytest.raises(ValueError, match=r"shard-00001\.latents\.npy holds zeroed bytes \(image 1 of the shard\)"):
+        data.__getitems__(all_keys)
 
 
 def test_sampler_partitions_ranks_draws_flips_and_resumes():

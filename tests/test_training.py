@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import cli
 from dico.callbacks import EMA, PreemptionCheckpoint, ema_weights
 from dico.data import DigitsDataModule
-from dico.module import DiffusionModule, NonFiniteLossError
+from dico.module import DiffusionModule, DivergedWeightsError, NonFiniteLossError
 from tests.conftest import QUICKSTART, ROOT, TINY_MODEL
 
 
@@ -34,27 +37,75 @@ def trainer(tmp_path: Path, max_steps: int, callbacks: list, **kw) -> Trainer:
     )  # fmt: skip
 
 
-def digits(batch_size: int = 512) -> DigitsDataModule:
-    return DigitsDataModule(batch_size=batch_size, val_fraction=0.1)  # 1,617 training images: 3 batches/epoch
+def digits(batch_size: int = 512, num_workers: int = 0) -> DigitsDataModule:
+    return DigitsDataModule(batch_size=batch_size, val_fraction=0.1, num_workers=num_workers)  # 3 batches/epoch
 
 
-def test_exact_resume_matches_an_uninterrupted_run(tmp_path):
-    """7 steps straight == 4 steps, save, resume, 3 more: weights, EMA, optimizer, data order and RNG streams."""
-    torch.manual_seed(0)
-    straight = tiny_module()
-    init = {k: v.clone() for k, v in straight.state_dict().items()}
-    trainer(tmp_path / "a", 7, [EMA(decay=0.9)]).fit(straight, digits())
+class SigtermAfter(Callback):
+    """Sends this process SIGTERM (a cluster preemption) after the n-th training batch of this fit."""
 
-    first = tiny_module()
-    first.load_state_dict(init)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=4, save_last=True)
-    trainer(tmp_path / "b", 4, [EMA(decay=0.9), ckpt]).fit(first, digits())  # stops mid-epoch 2
-    resumed = tiny_module()
-    t = trainer(tmp_path / "b", 7, [EMA(decay=0.9), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)])
-    t.fit(resumed, digits(), ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    def __init__(self, batches: int) -> None:
+        self.batches, self.seen = batches, 0
+
+    def on_train_batch_end(self, trainer, pl_module, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.seen += 1
+        if self.seen == self.batches:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def fit_to_last(
+    root: Path,
+    max_steps: int,
+    callbacks: list,
+    ckpt_path: str | None = None,
+    num_workers: int = 0,
+    every: int = 100,
+    **kw,
+) -> Trainer:
+    """Fit with EMA, a ``last.ckpt`` keeper (every ``every`` steps and at the end) and the preemption save (listed
+    first: it must still run after the EMA update)."""
+    keeper = ModelCheckpoint(dirpath=root, every_n_train_steps=every, save_last=True)
+    t = trainer(root, max_steps, [*callbacks, PreemptionCheckpoint(), EMA(decay=0.9), keeper], **kw)
+    torch.manual_seed(0)  # the same initial weights in every run
+    t.fit(tiny_module(), digits(num_workers=num_workers), ckpt_path=ckpt_path)
+    return t
+
+
+@pytest.mark.parametrize(
+    ("workers", "accumulate", "sigterm_after"),
+    [(2, 1, None), (0, 1, 2), (0, 2, 4)],
+    ids=["workers-mid-epoch", "sigterm-before-first-save", "sigterm-mid-accumulation"],
+)
+def test_exact_resume_matches_an_uninterrupted_run(tmp_path, workers, accumulate, sigterm_after):
+    """7 optimizer steps straight == interrupted + resumed: live and EMA weights, optimizer, data order, RNG streams.
+
+    Interrupted by max_steps=4 (mid-epoch 1, so the loader must restore the epoch before its workers prefetch),
+    or by SIGTERM before any periodic save (then ``last.ckpt`` itself must be the newest checkpoint), or by SIGTERM
+    after the first micro-batch of an accumulation (the save must wait for the optimizer step)."""
+    kw = {"accumulate_grad_batches": accumulate, "num_workers": workers}
+    fit_to_last(tmp_path / "a", 7, [], **kw)  # saves last.ckpt at the end only
+    kw["every"] = 4 if sigterm_after is None else 100
+    if sigterm_after is None:
+        fit_to_last(tmp_path / "b", 4, [], **kw)
+    else:
+        with pytest.raises(SIGTERMException):
+            fit_to_last(tmp_path / "b", 7, [SigtermAfter(sigterm_after)], **kw)
+        saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+        assert saved["global_step"] == (2 if accumulate == 1 else 3)  # after the step that was running
+    t = fit_to_last(tmp_path / "b", 7, [], ckpt_path="last", **kw)
     assert t.global_step == 7
-    for key, value in straight.state_dict().items():  # after fit both hold the EMA weights
-        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+    assert not list((tmp_path / "b").glob("last-v*.ckpt"))  # last.ckpt itself is the newest
+    straight = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == straight["global_step"] == 7
+    for part in ("state_dict", "current_model_state"):  # EMA weights, live weights
+        for key, value in straight[part].items():
+            assert torch.equal(resumed[part][key], value), (part, key)
+    live, ema = resumed["current_model_state"], resumed["state_dict"]
+    assert not torch.equal(live["model.head.proj.weight"], ema["model.head.proj.weight"])  # EMA is not the live one
+    adam_a, adam_b = (c["optimizer_states"][0]["state"] for c in (straight, resumed))
+    for a, b in zip(adam_a.values(), adam_b.values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ema_follows_the_published_update(tmp_path):
@@ -102,11 +153,36 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
                 batch["x"].fill_(float("nan"))
 
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True)
-    with pytest.raises(NonFiniteLossError, match=r"step 3 .*last\.ckpt.*--ckpt_path last"):
+    with pytest.raises(NonFiniteLossError, match=r"step 3 .*last\.ckpt.*--ckpt_path .*last\.ckpt"):
         trainer(tmp_path, 10, [EMA(decay=0.9), ckpt, Poison()]).fit(tiny_module(), digits())
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+
+
+def test_diverged_weights_stop_training_and_the_named_checkpoint_is_sound(tmp_path):
+    """Weights blown up before step 3 (the loss stays finite): the check at step 4 (every 2 steps) stops training
+    and names the step-3 checkpoint, not the newer ones that already hold the diverged weights."""
+
+    class Blowup(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    pl_module.model.head.proj.weight[0, 0] = 5e3
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, save_last=True)
+    module = tiny_module(check_finite_every_n_steps=2, max_abs_weight=1e3)
+    with pytest.raises(DivergedWeightsError, match=r"step 4: max \|w\| = 5\d\d\d.*sound weights is (\S+);") as err:
+        trainer(tmp_path, 10, [EMA(decay=0.9), ckpt, Blowup()]).fit(module, digits())
+    named = Path(re.search(r"sound weights is (\S+);", str(err.value)).group(1))
+    saved = torch.load(named, weights_only=True)
+    assert saved["global_step"] == 3 and named.name != "last.ckpt"
+    for part in ("state_dict", "current_model_state"):
+        assert all(
+            torch.isfinite(v).all() and v.abs().max() < 1e3 for v in saved[part].values() if v.is_floating_point()
+        )
+    newest = torch.load(tmp_path / "last.ckpt", weights_only=True)  # step 4: diverged live weights
+    assert newest["global_step"] == 4 and newest["current_model_state"]["model.head.proj.weight"].abs().max() > 1e3
 
 
 def test_sigterm_saves_a_resumable_checkpoint_and_stops(tmp_path):
@@ -133,6 +209,9 @@ def test_data_that_does_not_fit_the_model_is_refused(tmp_path):
         trainer(tmp_path, 1, []).fit(module, digits())
     module = DiffusionModule("DiCo-S", model_kwargs={**TINY_MODEL, "in_channels": 4})
     with pytest.raises(ValueError, match="1 channels, the model takes 4"):
+        trainer(tmp_path, 1, []).fit(module, digits())
+    module = DiffusionModule("DiCo-S", model_kwargs={**TINY_MODEL, "input_size": 16})  # would sample 16x16
+    with pytest.raises(ValueError, match=r"data is 8x8, the model is built for 16x16 \(set model_kwargs.input_size: 8"):
         trainer(tmp_path, 1, []).fit(module, digits())
 
 
@@ -202,6 +281,72 @@ def test_fit_fast_dev_run_through_the_cli(tmp_path):
             cwd=tmp_path)  # fmt: skip
 
 
+def cli_status(*args: str, cwd: Path) -> int | None:
+    """``cli.main``'s exit status (what ``python cli.py`` would exit with)."""
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return cli.main(list(args))
+    except SystemExit as e:  # what an uncaught SIGTERMException would end the process with
+        return e.code
+    finally:
+        os.chdir(old)
+
+
+def test_preempted_cli_run_exits_non_zero_and_resumes_in_place(tmp_path, monkeypatch):
+    """``python cli.py fit`` preempted before its first periodic save: exit status 75, ``last.ckpt`` written
+    through the atomic checkpoint IO; ``--ckpt_path last`` continues it, updates that same ``last.ckpt`` and keeps
+    the metrics logged before the preemption in ``csv/metrics.csv``."""
+    from dico.callbacks.preemption import PREEMPTED_EXIT_CODE
+    from dico.checkpoint_io import AtomicCheckpointIO
+
+    saves = []
+    real_save = AtomicCheckpointIO.save_checkpoint
+
+    def spy(self, checkpoint, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        saves.append(path)
+        return real_save(self, checkpoint, path, *args, **kwargs)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", spy)
+    callbacks = [
+        {"class_path": "dico.callbacks.EMA", "init_args": {"decay": 0.9}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": "runs/quickstart/checkpoints", "save_last": True, "every_n_train_steps": 100}},
+        {"class_path": "dico.callbacks.PreemptionCheckpoint"},
+    ]  # fmt: skip
+    args = ["fit", "-c", str(QUICKSTART), *TINY_CLI[:-2], "--trainer.max_steps", "4", "--trainer.log_every_n_steps",
+            "1", "--data.init_args.batch_size", "16"]  # fmt: skip
+    preempt = [{"class_path": "tests.test_training.SigtermAfter", "init_args": {"batches": 2}}, *callbacks]
+    assert cli_status(*args, "--trainer.callbacks", json.dumps(preempt), cwd=tmp_path) == PREEMPTED_EXIT_CODE
+    checkpoints = tmp_path / "runs" / "quickstart" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert saves and all(Path(p).name == "last.ckpt" for p in saves)
+    status = cli_status(*args, "--trainer.callbacks", json.dumps(callbacks), "--ckpt_path", "last", cwd=tmp_path)
+    assert status in (0, None)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 4
+    with open(tmp_path / "runs" / "quickstart" / "csv" / "metrics.csv", newline="") as f:
+        steps = sorted({int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")})
+    assert steps == [0, 1, 2, 3]
+
+
+def test_csv_logger_keeps_the_history_and_replaces_steps_logged_again(tmp_path):
+    """A run killed at step 5 whose last checkpoint is step 3: the resumed run's rows replace steps 3-5."""
+    from dico.loggers import CSVLogger
+
+    first = CSVLogger(str(tmp_path), name="csv", version="")
+    for step in range(6):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.save()
+    resumed = CSVLogger(str(tmp_path), name="csv", version="")
+    for step in (3, 4):
+        resumed.log_metrics({"train/loss": 10.0 + step, "train/grad_norm": 1.0}, step=step)
+    resumed.save()
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        rows = [(int(r["step"]), float(r["train/loss"]), r["train/grad_norm"]) for r in csv.DictReader(f)]
+    assert rows == [(0, 0.0, ""), (1, 1.0, ""), (2, 2.0, ""), (3, 13.0, "1.0"), (4, 14.0, "1.0")]
+
+
 def test_cli_rejects_unknown_keys(tmp_path):
     with pytest.raises(SystemExit):
         run_cli("fit", "-c", str(QUICKSTART), "--trainer.max_stepz", "3", cwd=tmp_path)
@@ -248,11 +393,14 @@ def test_ddp_on_two_cpu_processes(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- wandb
 def test_wandb_mode_follows_credentials(tmp_path, monkeypatch):
+    import dico.loggers
     from dico.loggers import AutoWandbLogger, wandb_credentials_available
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setattr(dico.loggers, "wandb_server_reachable", lambda url, timeout: True)
     assert not wandb_credentials_available()
     assert AutoWandbLogger(save_dir=str(tmp_path))._offline
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
@@ -260,6 +408,45 @@ def test_wandb_mode_follows_credentials(tmp_path, monkeypatch):
     assert not AutoWandbLogger(save_dir=str(tmp_path))._offline  # online, but nothing is sent until used
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert AutoWandbLogger(save_dir=str(tmp_path))._offline
+
+
+@pytest.mark.parametrize("host", ["api.forge.coreweave.com", "api.wandb.ai"])
+def test_wandb_credentials_stored_for_the_default_host_are_found(tmp_path, monkeypatch, host):
+    """``wandb login`` (0.31) stores the key for its default server, api.forge.coreweave.com; keys stored for the
+    W&B API host behind it (older wandb) still count, as wandb itself accepts them."""
+    from dico.loggers import wandb_credentials_available
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    (tmp_path / "netrc").write_text(f"machine {host}\n  login user\n  password {'k' * 40}\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert wandb_credentials_available()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a self-hosted server: other credentials
+    assert not wandb_credentials_available()
+
+
+def test_wandb_with_credentials_but_no_network_trains_offline_within_seconds(tmp_path, monkeypatch):
+    """A compute node without internet: the server (here TEST-NET-1, an address nothing answers on) cannot be
+    reached, so the logger goes offline instead of waiting for wandb's 90 s init timeout."""
+    import wandb
+
+    from dico.loggers import AutoWandbLogger
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "d" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://192.0.2.1")
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    wandb.finish()  # an earlier test's run may still be open in this process (WandbLogger would reuse it)
+    start = time.monotonic()
+    logger = AutoWandbLogger(save_dir=str(tmp_path), probe_timeout=5.0)
+    assert logger._offline
+    t = Trainer(accelerator="cpu", max_steps=1, default_root_dir=tmp_path, logger=logger, enable_progress_bar=False,
+                enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)  # fmt: skip
+    t.fit(tiny_module(), digits(64))
+    assert t.global_step == 1 and time.monotonic() - start < 15
+    assert list((tmp_path / "wandb").glob("offline-run-*")) and logger.experiment.settings._offline
+    wandb.finish()
 
 
 def test_no_credentials_in_run_files(tmp_path, monkeypatch):

@@ -41,6 +41,7 @@ class EMA(WeightAveraging):
         self.num_updates = 0
         self._swapped = False  # the average is in the model right now
         self._swapped_by_validation = False
+        self._ended = False  # fit ended: the model holds the average, the averaging copy the live weights
 
     def decay_at(self, num_updates: int) -> float:
         return min(self.decay, (1 + num_updates) / (10 + num_updates)) if self.warmup else self.decay
@@ -61,6 +62,8 @@ class EMA(WeightAveraging):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._swapped = self._swapped_by_validation = self._ended = False
         if self._average_model is not None:
             # The average starts as the initial weights (not as the weights after the first step).
             self._average_model.n_averaged.fill_(1)
@@ -71,6 +74,25 @@ class EMA(WeightAveraging):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.num_updates = state_dict.get("num_updates", 0)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The model ends fit with the average in it, as in Lightning, but swapped rather than copied in: the live
+        weights stay in the averaging copy, so a checkpoint written after this (``ModelCheckpoint``'s last save
+        at the end of training) still holds both and resumes exactly."""
+        if self._average_model is None:
+            return
+        if not self._swapped:
+            self._swap_models(pl_module)
+        self._swapped, self._swapped_by_validation, self._ended = True, False, True
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if not self._ended or self._average_model is None:
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+            return
+        # the checkpoint's state_dict (the model's) already is the average
+        live = self._average_model.state_dict()
+        checkpoint["current_model_state"] = {k[7:]: v for k, v in live.items() if k.startswith("module.")}
+        checkpoint["averaging_state"] = {k: v for k, v in live.items() if not k.startswith("module.")}
 
     # -- swapping, tracked so that nested uses (sampling during validation) stay consistent ----------------
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -22,7 +22,11 @@ from .sampler import EpochSampler
 class ResumableDataLoader(DataLoader):
     """A DataLoader that Lightning saves and restores with the checkpoint (its ``state_dict`` protocol): the state
     is how many batches of the current epoch were trained on (counted by the datamodule when a batch reaches the
-    training step, so prefetched batches do not count); restoring makes the sampler skip them."""
+    training step, so prefetched batches do not count); restoring makes the sampler skip them.
+
+    Restoring also sets the sampler's epoch: Lightning loads this state and then builds the iterator, and with
+    ``num_workers > 0`` building it already draws the first indices from the sampler, before the loop's own
+    ``set_epoch`` call for the resumed epoch."""
 
     def __init__(self, *args: Any, progress: dict[str, int], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -38,6 +42,7 @@ class ResumableDataLoader(DataLoader):
                 f"size (got {self.batch_size}) so that the data order continues exactly"
             )
         self.progress.update(epoch=state["epoch"], batches=state["batches"])
+        self.sampler.set_epoch(state["epoch"])  # type: ignore[attr-defined]
         self.sampler.resume(state["epoch"], state["batches"] * self.batch_size)  # type: ignore[attr-defined]
 
 

@@ -1,8 +1,13 @@
 """Encode an image folder into a sharded latent cache (see :mod:`dico.data.manifest` for the layout).
 
 Safe to run on many processes (``torchrun`` or a SLURM array: each rank encodes the shards ``s`` with
-``s % world_size == rank`` and writes only those files), resumable (finished shards are skipped), and an image
-that cannot be read is reported in its shard's record and skipped, never failing the run.
+``s % world_size == rank`` and writes only those files), resumable, and an image that cannot be read is reported
+in its shard's record and skipped, never failing the run.
+
+Each shard records what made it. On resume a finished shard is kept only if it was made with the same VAE
+(id and weights), image size, flips, dtype and scale factor -- otherwise the run stops rather than mix two
+encodings in one cache -- and from the same list of images; a shard whose images changed (files added or
+removed) is encoded again.
 """
 
 from __future__ import annotations
@@ -19,8 +24,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .manifest import MANIFEST, Manifest, ShardRecord, atomic_write_text, sha256_file, shard_stem
-from .vae import DEFAULT_VAE, SCALE_FACTOR, encode_moments, load_vae
+from .manifest import (
+    MANIFEST,
+    MUST_MATCH,
+    Manifest,
+    ShardRecord,
+    atomic_write_text,
+    images_sha256,
+    sha256_file,
+    shard_stem,
+)
+from .vae import DEFAULT_VAE, encode_moments, load_vae, vae_scale_factor, vae_weights_sha256
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jpe", ".gif")
 
@@ -132,6 +146,17 @@ def _device(cfg: ExtractConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def _check_made_with(out: Path, record: ShardRecord, made_with: dict[str, Any]) -> None:
+    """Refuse a finished shard made with other settings: the cache would mix two encodings."""
+    differ = {k: (record.made_with.get(k), made_with[k]) for k in MUST_MATCH if record.made_with.get(k) != made_with[k]}
+    if differ:
+        what = "; ".join(f"{k}: {old!r} in the cache, {new!r} now" for k, (old, new) in differ.items())
+        raise ValueError(
+            f"{out / record.stem}.json was made with other settings ({what}). One cache holds one encoding: pass a "
+            f"new --out for these settings, or rerun with the cache's settings to resume it"
+        )
+
+
 def extract_latents(cfg: ExtractConfig) -> Manifest | None:
     """Encode this rank's unfinished shards; returns the manifest once every shard of the cache is done."""
     if cfg.image_size % 8:
@@ -144,11 +169,25 @@ def extract_latents(cfg: ExtractConfig) -> Manifest | None:
     out.mkdir(parents=True, exist_ok=True)
     rank, world = _rank_and_world(cfg)
     n_shards = -(-len(items) // cfg.shard_size)
-    todo = [s for s in range(rank, n_shards, world) if _shard_done(out, s) is None]
+
+    device = _device(cfg)
+    vae = load_vae(cfg.vae, device)  # also to check finished shards against its weights
+    made_with = {
+        "vae": cfg.vae, "vae_sha256": vae_weights_sha256(vae), "image_size": cfg.image_size,
+        "flips": 2 if cfg.flips else 1, "dtype": cfg.dtype, "scale_factor": vae_scale_factor(vae),
+    }  # fmt: skip
+    todo = []
+    for s in range(rank, n_shards, world):
+        shard_items = items[s * cfg.shard_size : (s + 1) * cfg.shard_size]
+        record = _shard_done(out, s)
+        if record is not None and record.made_with:
+            _check_made_with(out, record, made_with)
+        if record is None or record.images_sha256 != images_sha256(shard_items, cfg.data_path):
+            if record is not None:
+                print(f"[dico extract] the images of {record.stem} changed since it was encoded; encoding it again")
+            todo.append(s)
 
     if todo:
-        device = _device(cfg)
-        vae = load_vae(cfg.vae, device)
         progress = None
         if cfg.progress:
             from tqdm.auto import tqdm
@@ -156,12 +195,11 @@ def extract_latents(cfg: ExtractConfig) -> Manifest | None:
             total = sum(min(cfg.shard_size, len(items) - s * cfg.shard_size) for s in todo)
             progress = tqdm(total=total, desc=f"extract (rank {rank}/{world})", unit="img")
         for s in todo:
-            _encode_shard(
-                cfg, vae, device, items[s * cfg.shard_size : (s + 1) * cfg.shard_size], s, out, dtype, progress
-            )
+            shard_items = items[s * cfg.shard_size : (s + 1) * cfg.shard_size]
+            _encode_shard(cfg, vae, device, shard_items, s, out, dtype, progress, made_with)
         if progress is not None:
             progress.close()
-    return finalize_manifest(cfg, classes, n_shards)
+    return finalize_manifest(cfg, classes, n_shards, items)
 
 
 def _encode_shard(
@@ -173,6 +211,7 @@ def _encode_shard(
     out: Path,
     dtype: np.dtype,
     progress: Any,
+    made_with: dict[str, Any],
 ) -> None:
     loader = DataLoader(
         _ImageList(items, cfg.image_size), batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=_collate
@@ -200,37 +239,48 @@ def _encode_shard(
         np.save(tmp, arr)
         os.replace(tmp, path)
     shape = list(lat.shape[3:]) if len(lab) else []  # an all-unreadable shard has no latent shape
-    record = ShardRecord(index, len(lab), sha256_file(lat_path), sha256_file(lab_path), skipped, shape)
+    record = ShardRecord(
+        index, len(lab), sha256_file(lat_path), sha256_file(lab_path), skipped, shape,
+        made_with=made_with, images_sha256=images_sha256(list(items), cfg.data_path),
+    )  # fmt: skip
     atomic_write_text(out / f"{stem}.json", json.dumps(asdict(record)))
     for bad in skipped:
         print(f"[dico extract] skipped unreadable image {bad['path']}: {bad['error']}")
 
 
-def finalize_manifest(cfg: ExtractConfig, classes: list[str], n_shards: int) -> Manifest | None:
-    """Write ``manifest.json`` when every shard has its record (whichever rank finishes last does it)."""
+def finalize_manifest(
+    cfg: ExtractConfig, classes: list[str], n_shards: int, items: Sequence[tuple[str, int]]
+) -> Manifest | None:
+    """Write ``manifest.json`` when every shard has its record, all made with the same settings from the current
+    image list (whichever rank finishes last does it)."""
     out = Path(cfg.out)
     records, shapes = [], set()
     for s in range(n_shards):
         rec = _shard_done(out, s)
-        if rec is None:
-            return None
+        shard_items = list(items[s * cfg.shard_size : (s + 1) * cfg.shard_size])
+        if rec is None or rec.images_sha256 != images_sha256(shard_items, cfg.data_path):
+            return None  # another rank still has it to (re)do
         if rec.count:
             shapes.add(tuple(rec.latent_shape))
         records.append(rec)
+    for rec in records[1:]:
+        _check_made_with(out, rec, records[0].made_with)
     if len(shapes) > 1:
         raise ValueError(
             f"shards in {out} disagree on the latent shape {sorted(shapes)}: they come from different runs"
         )
+    made_with = records[0].made_with
     manifest = Manifest(
-        vae=cfg.vae,
-        scale_factor=SCALE_FACTOR,
-        image_size=cfg.image_size,
+        vae=made_with["vae"],
+        scale_factor=made_with["scale_factor"],
+        image_size=made_with["image_size"],
         latent_shape=list(shapes.pop()) if shapes else [],
         num_classes=len(classes),
         class_names=classes,
-        flips=2 if cfg.flips else 1,
-        dtype=cfg.dtype,
+        flips=made_with["flips"],
+        dtype=made_with["dtype"],
         shards=records,
+        vae_sha256=made_with["vae_sha256"],
     )
     manifest.save(out)
     return manifest

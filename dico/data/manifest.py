@@ -3,7 +3,8 @@
 A cache folder holds ``manifest.json`` plus shards ``shard-NNNNN.latents.npy`` (K, F, 2, C, H, W) -- for each
 image its F flips (1, or 2 with the horizontal mirror) and for each the VAE posterior mean and std -- and
 ``shard-NNNNN.labels.npy`` (K,) int64. Each finished shard also has a ``shard-NNNNN.json`` record (count,
-checksums, skipped images); the manifest is assembled from those records once every shard is done.
+checksums, skipped images, and what made it: VAE id and weights hash, image size, flips, dtype, scale factor, and a
+hash of its list of images); the manifest is assembled from those records once every shard is done.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 
 @dataclass
 class ShardRecord:
-    """One finished shard: its images, their count and checksums, and the images that could not be read."""
+    """One finished shard: its images, their count and checksums, the images that could not be read, and
+    ``made_with``: the extraction settings (:data:`MADE_WITH` keys) and ``images_sha256``, the hash of its image list.
+    Records written before provenance was recorded have an empty ``made_with``."""
 
     index: int
     count: int
@@ -44,10 +47,24 @@ class ShardRecord:
     labels_sha256: str
     skipped: list[dict[str, str]] = field(default_factory=list)
     latent_shape: list[int] = field(default_factory=list)
+    made_with: dict[str, Any] = field(default_factory=dict)
+    images_sha256: str = ""
 
     @property
     def stem(self) -> str:
         return shard_stem(self.index)
+
+
+MADE_WITH = ("vae", "vae_sha256", "image_size", "flips", "dtype", "scale_factor")
+"""What a shard records about how it was made."""
+MUST_MATCH = MADE_WITH[1:]
+"""The settings shards of one cache must share (the VAE by its weights: another path to the same VAE is fine)."""
+
+
+def images_sha256(items: list[tuple[str, int]], root: str | Path) -> str:
+    """Hash of a shard's image list: (path relative to the image folder, label) pairs in order."""
+    rel = [[os.path.relpath(path, root), label] for path, label in items]
+    return hashlib.sha256(json.dumps(rel).encode()).hexdigest()
 
 
 def shard_stem(index: int) -> str:
@@ -67,6 +84,7 @@ class Manifest:
     flips: int
     dtype: str
     shards: list[ShardRecord]
+    vae_sha256: str = ""  # sha256 of the VAE's weights (its state dict); empty in caches made before it was kept
     format: str = FORMAT
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,21 @@ def load_vae(path_or_id: str = DEFAULT_VAE, device: torch.device | str = "cpu") 
             f"{DEFAULT_VAE}) with --vae PATH, or download it once while online."
         ) from e
     return vae.to(device).eval().requires_grad_(False)
+
+
+def vae_weights_sha256(vae: Any) -> str:
+    """sha256 of a VAE's weights: every state-dict entry's name, dtype, shape and bytes, in order."""
+    h = hashlib.sha256()
+    for name, tensor in vae.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def vae_scale_factor(vae: Any) -> float:
+    """The latent scale factor from the VAE's config (``scaling_factor``), else SD's 0.18215."""
+    return float(getattr(getattr(vae, "config", None), "scaling_factor", None) or SCALE_FACTOR)
 
 
 @torch.no_grad()
