@@ -1,14 +1,14 @@
-"""Parameter and multiply-accumulate counts (the paper's "Gflops": torchprofile MACs of one forward)."""
+"""Parameter and multiply-accumulate counts (the paper's "Gflops": torchprofile MACs of one forward).
+
+A leaf: it counts any ``model(x, t, y)`` and imports nothing of dico (``dico.models.info`` builds named models).
+"""
 
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import torch
 from torch import nn
-
-VAE_DOWNSAMPLING = 8  # SD-VAE: a 256x256 image is a 32x32 latent
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -33,26 +33,3 @@ def count_macs(model: nn.Module, input_size: int, in_channels: int = 4, batch_si
             return int(profile_macs(model, (x, t, y)))
     finally:
         model.train(was_training)
-
-
-def model_info(name: str, image_size: int = 256, macs: bool = True, **overrides: Any) -> dict[str, Any]:
-    """Parameters, Gflops (MACs) and I/O shapes of a registered model at an image resolution."""
-    from dico.models import create_model
-
-    if image_size % VAE_DOWNSAMPLING:
-        raise ValueError(f"image size must be a multiple of {VAE_DOWNSAMPLING} (the VAE's downsampling)")
-    latent = image_size // VAE_DOWNSAMPLING
-    model = create_model(name, input_size=latent, **overrides)
-    c = model.in_channels
-    info: dict[str, Any] = {
-        "model": name,
-        "image_size": image_size,
-        "input_shape": [c, latent, latent],
-        "output_shape": [model.out_channels, latent, latent],
-        "num_classes": model.num_classes,
-        "params": count_parameters(model),
-        "params_M": round(count_parameters(model) / 1e6, 2),
-    }
-    if macs:
-        info["gmacs"] = round(count_macs(model, latent, c) / 1e9, 3)
-    return info
