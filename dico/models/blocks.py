@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .layers import AdaLNModulation, channel_norm, modulate
+from .layers import AdaLNModulation, channel_norm, gated_residual, modulate
 
 
 class DiCoBlock(nn.Module):
@@ -24,8 +24,8 @@ class DiCoBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
-        x = x + gate1 * self.mixer(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2 * self.ffn(modulate(self.norm2(x), shift2, scale2))
+        x = gated_residual(x, gate1, self.mixer(modulate(self.norm1(x), shift1, scale1)))
+        return gated_residual(x, gate2, self.ffn(modulate(self.norm2(x), shift2, scale2)))
 
 
 class FinalLayer(nn.Module):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .isotropic import IsotropicBackbone
-from .layers import AdaLNModulation, channel_norm, modulate
+from .layers import AdaLNModulation, channel_norm, gated_residual, modulate
 from .registry import register_model
 
 
@@ -57,8 +57,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = gated_residual(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1)))
+        return gated_residual(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
 
 class DiT(IsotropicBackbone):
