@@ -90,6 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tuned: OMP_WAIT_POLICY=PASSIVE and glibc malloc without mmap/trim (set before torch loads)",
     )
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="cpu: CPU seconds of this process instead of wall time; on a shared, loaded CPU with --threads 1 it\n"
+        "measures the work done rather than the share of the machine the run got",
+    )
     p.add_argument("--time-budget", type=float, help="seconds; rows that would start later are skipped")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write every measurement as JSON")
@@ -187,16 +194,21 @@ class Device:
         return (field("VmHWM:") - before) / 1024
 
 
-def timed_in_turns(fns: dict[str, Callable[[], None]], reps: int, sync: Callable[[], None]) -> dict[str, list[float]]:
+def timed_in_turns(
+    fns: dict[str, Callable[[], None]],
+    reps: int,
+    sync: Callable[[], None],
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
     """Seconds per call of each function, calling them in turns (one rep of each, then the next rep)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return times
 
 
@@ -343,7 +355,8 @@ class Bench:
             self.dev.sync()
             first_call[name] = time.perf_counter() - t0
             fns[name], models[name] = fn, model
-        times = timed_in_turns(fns, args.reps, self.dev.sync)
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        times = timed_in_turns(fns, args.reps, self.dev.sync, clock)
         med = {k: statistics.median(v) for k, v in times.items()}
         memory = {}
         if mode == "train" and not args.no_memory:
@@ -456,7 +469,8 @@ class Bench:
         if not self.dev.cuda and hasattr(os, "getloadavg"):
             extra = f", load average at start {os.getloadavg()[0]:.2f}"
         print(f"# torch {torch.__version__}, python {platform.python_version()}{extra}")
-        print(f"# reps {args.reps} (median), warm-up {args.warmup}, image {args.image_size}px (latent {self.latent})")
+        print(f"# reps {args.reps} (median), warm-up {args.warmup}, image {args.image_size}px (latent {self.latent}), "
+              f"{args.clock} clock")  # fmt: skip
         cols = ["size", "mode", "dtype", "compile", "batch", "DiT img/s", "DiCo img/s", "DiCo/DiT", "paper"]
         if self.published is not None:
             cols += ["published img/s", "ours/published"]
