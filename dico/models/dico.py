@@ -25,7 +25,7 @@ from .base import DiffusionBackbone
 from .blocks import DiCoBlock, FinalLayer
 from .layers import PointwiseConv, SpatialConv
 from .mixers import ConvFFN, build_mixer
-from .registry import register_model
+from .registry import register_configs
 
 
 class Resample(nn.Sequential):
@@ -130,13 +130,4 @@ DICO_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _register(name: str, config: dict[str, Any]) -> None:
-    @register_model(name)
-    def _build(**overrides: Any) -> DiCo:
-        return DiCo(**{**config, **overrides})
-
-    _build.__doc__ = f"{name}: {config}"
-
-
-for _name, _config in DICO_CONFIGS.items():
-    _register(_name, _config)
+register_configs(DiCo, DICO_CONFIGS)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .isotropic import IsotropicBackbone
 from .layers import AdaLNModulation, channel_norm, gated_residual, modulate
-from .registry import register_model
+from .registry import register_configs
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -84,13 +84,4 @@ DIT_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _register(name: str, config: dict[str, Any]) -> None:
-    @register_model(name)
-    def _build(**overrides: Any) -> DiT:
-        return DiT(**{**config, **overrides})
-
-    _build.__doc__ = f"{name}: {config}"
-
-
-for _name, _config in DIT_CONFIGS.items():
-    _register(_name, _config)
+register_configs(DiT, DIT_CONFIGS)
