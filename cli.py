@@ -184,7 +184,7 @@ def _cuda() -> bool:
 
 def model_info(argv: list[str]) -> int:
     from dico.models import list_models
-    from dico.profiling import model_info as info
+    from dico.models.info import model_info as info
 
     parser = ArgumentParser(prog="dico model-info", description="Parameters, Gflops (MACs) and shapes of a model.")
     parser.add_argument("--model", type=str | None, default=None, choices=[*list_models(), None],

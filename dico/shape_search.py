@@ -21,7 +21,6 @@ Run ``python -m dico.shape_search`` to print the search for every adjusted row (
 from __future__ import annotations
 
 import itertools
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dico.profiling import count_macs, count_parameters
+from dico.profiling import count_macs, count_parameters, profile_macs
 
 DICO_S_DEPTH = (5, 4, 4, 4, 4)
 
@@ -58,13 +57,9 @@ class _BlockProbe(nn.Module):
 
 def block_counts(block: nn.Module, dim: int, size: int) -> tuple[int, int]:
     """(parameters, MACs) of one channels-last block on a (1, size, size, dim) map with a (1, dim) condition."""
-    from torchprofile import profile_macs
-
     probe = _BlockProbe(block).eval()
     x, c = torch.randn(1, size, size, dim), torch.randn(1, dim)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return count_parameters(block), int(profile_macs(probe, (x, c)))
+    return count_parameters(block), profile_macs(probe, (x, c))
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from dico.diffusion import create_diffusion
 from dico.models import TOKEN_MIXERS, DiCo, create_model, list_models
-from dico.models.ablation import ABLATION_ROWS, DEVIATIONS, SEARCHES, SHAPE_CHOICES, TABLE3, TABLE4, VARIANTS
+from dico.models.ablation import ABLATION_ROWS, SEARCHES, SHAPE_CHOICES, TABLE3, TABLE4, VARIANTS
 from dico.models.attention import (
     AgentAttention2d,
     FocusedLinearAttention2d,
@@ -78,12 +78,8 @@ def test_row_counts_match_the_paper(key, paper):
     ref = paper_rows(paper, row.table)[row.row]
     params, macs = full_size_counts(row.model)
     assert (params, macs) == (row.variant.params, row.variant.macs), "recorded counts are stale"
-    deviation = (DEVIATIONS.get(row.model) or {}).get("counts")
-    if deviation is None:
-        assert params / 1e6 == pytest.approx(ref["params_M"], rel=0.01)
-        assert macs / 1e9 == pytest.approx(ref["gflops"], rel=0.01)
-    else:  # a documented miss: the record must say what we really get
-        assert (params, macs) == (deviation["params"], deviation["macs"])
+    assert params / 1e6 == pytest.approx(ref["params_M"], rel=0.01)
+    assert macs / 1e9 == pytest.approx(ref["gflops"], rel=0.01)
 
 
 def test_skip_variants_add_exactly_five_linear_skips():

@@ -70,10 +70,11 @@ def test_captured_attention_rows_sum_to_one_and_reproduce_the_attention_output()
     torch.testing.assert_close(probs.sum(-1), torch.ones(3, 4, 64))
     assert (probs >= 0).all()
     # softmax(QK^T / sqrt(d)) V, heads merged, projected == what the block's attention returned
-    b, n, c = seen["x"].shape
-    v = block.qkv(seen["x"]).view(b, n, 3, 4, c // 4)[:, :, 2].transpose(1, 2)  # (B, heads, N, d)
+    tokens = seen["x"].flatten(1, 2)  # DiT's blocks run on a channels-last token grid (B, h, w, C)
+    b, n, c = tokens.shape
+    v = block.qkv(tokens).view(b, n, 3, 4, c // 4)[:, :, 2].transpose(1, 2)  # (B, heads, N, d)
     out = block.proj((probs @ v).transpose(1, 2).reshape(b, n, c))
-    torch.testing.assert_close(out, seen["out"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, seen["out"].flatten(1, 2), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(probs, torch.full_like(probs, 1 / 64), atol=1e-3)  # not trivially uniform
 
 
