@@ -23,6 +23,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def lightning(argv: list[str]) -> int:
+    from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
 
     from dico.data import ArrayDataModule
@@ -34,12 +35,16 @@ def lightning(argv: list[str]) -> int:
             # stores it in its hyper-parameters so that a checkpoint alone can sample.
             parser.link_arguments("data", "model.decoder", compute_fn=lambda dm: dm.decoder, apply_on="instantiate")
 
+    # Configs compose (`-c base.yaml -c overlay.yaml`) and may refer to other keys of the merged result, e.g.
+    # `dirpath: ${trainer.default_root_dir}/checkpoints`, so that an overlay moves a whole run with one line.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     DicoCLI(
         DiffusionModule,
         ArrayDataModule,
         subclass_mode_data=True,
         args=None if argv == sys.argv[1:] else argv,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf+"},
     )
     return 0
 
