@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ablations.rows import TABLES, rows_of
+from ablations.rows import TABLES, canonical, rows_of
 from dico.models.ablation import paper_row
 
 COLUMNS = [
@@ -60,12 +60,12 @@ def table_rows(table: str, budget: str, results: list[dict[str, Any]]) -> list[d
     ref_paper = _reference_paper(table)
     by_model: dict[str, list[dict[str, Any]]] = {}
     for r in results:
-        by_model.setdefault(r["model"], []).append(r)
+        by_model.setdefault(canonical(r["model"]), []).append(r)
     reference_counts = next((r[0]["trained_size"] for m, r in by_model.items() if m == "DiCo-S"), None)
     out = []
     for row in rows_of(table, budget):
         paper = paper_row(TABLES[table], row.row)
-        runs = sorted(by_model.get(row.model, []), key=lambda r: r["seed"])
+        runs = sorted(by_model.get(canonical(row.model), []), key=lambda r: r["seed"])
         rec: dict[str, Any] = {
             "row": row.row, "model": row.model, "seeds": len(runs), "paper_fid": paper["fid"],
             "paper_params_ratio": round(paper["params_M"] / ref_paper["params_M"], 3),

@@ -39,14 +39,22 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
+def canonical(model: str) -> str:
+    """The first registered variant identical to ``model`` (same constructor and arguments): ``DiCo-S-SelfAttn``
+    (Table 4 "CM->Self-Attn") -> ``DiT-U`` (Table 3 "DiT (U-shape)"). Runs are keyed by it."""
+    v = VARIANTS[model]
+    return next(n for n, w in VARIANTS.items() if (w.arch, dict(w.kwargs)) == (v.arch, dict(v.kwargs)))
+
+
 @dataclass(frozen=True)
 class Row:
     """One training run: a paper row's model at a budget and seed. Runs are keyed by (budget, model, seed), not by
-    table row, so a model in both tables (DiCo-S, the U-shaped DiT) trains once."""
+    table row, so a model in both tables (DiCo-S; the U-shaped DiT = CM->Self-Attn, see :func:`canonical`) trains
+    once."""
 
     table: str  # "3" or "4"
     row: str  # the paper's row name
-    model: str  # registry name
+    model: str  # registry name (the row overlay names it)
     budget: str
     seed: int = 0
 
@@ -56,7 +64,7 @@ class Row:
 
     @property
     def key(self) -> str:
-        return f"{self.budget}/{slug(self.model)}/seed{self.seed}"
+        return f"{self.budget}/{slug(canonical(self.model))}/seed{self.seed}"
 
     def overlay(self) -> Path:
         sub = "rows/digits" if self.budget in DIGITS_BUDGETS else "rows"

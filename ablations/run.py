@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from ablations.rows import BUDGETS, TABLES, Row, rows_of  # noqa: E402
+from ablations.rows import BUDGETS, TABLES, Row, canonical, rows_of  # noqa: E402
 
 DEFAULT_OUT = ROOT / "ablations" / "runs"
 DEFAULT_RESULTS = ROOT / "ablations" / "results"
@@ -114,6 +114,11 @@ def stages(row: Row, out: Path, extra: list[str], trains: bool) -> list[list[str
     last = last_checkpoint(row.run_dir(out))
     resume = ["--ckpt_path", str(last)] if last.exists() else []
     return [["fit", *row.cli_args(out, extra), *resume], ["test", *row.cli_args(out, extra), "--ckpt_path", str(last)]]
+
+
+def stage_lines(rows: list[Row], out: Path, extra: list[str]) -> list[str]:
+    """Each row's commands (``--dry-run``)."""
+    return [f"python cli.py {' '.join(stage)}" for row in rows for stage in stages(row, out, extra, True)]
 
 
 def finalize(
@@ -241,19 +246,24 @@ class RowJob:
         return submitit.helpers.DelayedSubmission(RowJob(self.row, self.out, self.args, self.extra))
 
 
+def slurm_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """submitit ``AutoExecutor`` parameters: one task per GPU on every node (Lightning's SLURM environment)."""
+    gpus = args.gpus_per_node or 1
+    params: dict[str, Any] = {"nodes": args.nodes or 1, "tasks_per_node": gpus, "timeout_min": args.time,
+                              "name": "dico-ablation"}  # fmt: skip
+    if args.cluster in (None, "slurm"):
+        slurm = {"gpus_per_node": gpus, "slurm_partition": args.partition, "slurm_account": args.account,
+                 "slurm_additional_parameters": {"requeue": True}}  # fmt: skip
+        params.update({k: v for k, v in slurm.items() if v is not None})
+    return params
+
+
 def submit_slurm(rows: list[Row], out: Path, args: argparse.Namespace) -> list[Any]:
     """One submitit job per row; returns the jobs (``job.job_id``)."""
     import submitit
 
     executor = submitit.AutoExecutor(folder=out / "submitit" / "%j", cluster=args.cluster)
-    gpus = args.gpus_per_node or 1
-    params: dict[str, Any] = {"nodes": args.nodes or 1, "tasks_per_node": gpus, "timeout_min": args.time,
-                              "name": "dico-ablation"}  # fmt: skip
-    if executor.cluster == "slurm":
-        params.update(gpus_per_node=gpus, slurm_partition=args.partition, slurm_account=args.account,
-                      slurm_additional_parameters={"requeue": True})  # fmt: skip
-        params = {k: v for k, v in params.items() if v is not None}
-    executor.update_parameters(**params)
+    executor.update_parameters(**slurm_parameters(args))
     jobs = []
     with executor.batch():
         for row in rows:
@@ -301,11 +311,11 @@ def row_status(row: Row, out: Path) -> str:
 
 def finished_results(table: str, budget: str, out: Path) -> list[dict[str, Any]]:
     """Every finished run of the table's models at this budget (all seeds), wherever it was launched from."""
-    models = {r.model for r in rows_of(table, budget)}
+    models = {canonical(r.model) for r in rows_of(table, budget)}
     results = []
     for path in sorted((out / budget).glob("*/seed*/result.json")):
         result = json.loads(path.read_text())
-        if result["model"] in models:
+        if canonical(result["model"]) in models:
             results.append(result)
     return results
 
@@ -370,9 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         collect(args.table, args.budget, out, args.results, command)
         return 0
     if args.dry_run:
-        for row in rows:
-            for stage in stages(row, out, args.extra, True):
-                print(f"python cli.py {' '.join(stage)}")
+        print("\n".join(stage_lines(rows, out, args.extra)))
         return 0
     todo = []
     for row in dict.fromkeys(rows):  # rows are unique by (budget, model, seed)
