@@ -359,21 +359,25 @@ def test_read_results_parses_the_runner_csv(tmp_path):
     from ablations.report import write_report
 
     results = []
-    for key, throughput, fid in [((TABLE4, "DiCo-S"), 10.0, 50.0), ((TABLE4, "w/o CCA"), 12.0, None)]:
+    for key, ratio, fid in [((TABLE4, "DiCo-S"), 1.0, 50.0), ((TABLE4, "w/o CCA"), 1.2, None)]:
         row = ABLATION_ROWS[key]
-        r = {"row": row.row, "model": row.model, "note": row.note, "deviation": row.deviation, "paper": row.paper,
-             "params": 33e6, "gmacs": 4.2, "throughput": throughput, "throughput_batch": 2,
-             "device": "cpu"}  # fmt: skip
+        size = {"params": 33_000_000, "gmacs": 4.2}
+        r = {"row": row.row, "model": row.model, "seed": 0, "note": row.note, "shape": row.variant.shape,
+             "deviation": row.deviation, "paper": row.paper, "model_kwargs": {}, "trained_size": size,
+             "reference_size": size, "throughput_ratio": ratio, "throughput_batch": 2, "sdpa_kernel": "math",
+             "device": "cpu", "run_dir": "runs/x", "command": "python cli.py fit ..."}  # fmt: skip
         if fid is not None:
             r["metrics"] = {"frechet_inception_distance": fid}
         results.append(r)
-    write_report(results, tmp_path, "table4-structure")
+    write_report("4", "structure", results, tmp_path, "python ablations/run.py ...")
     (tmp_path / "unrelated.csv").write_text("a,b\n1,2\n")
     [table] = read_results(tmp_path)
-    assert (table.table, table.budget) == ("4", "structure") and table.column("row") == ["DiCo-S", "w/o CCA"]
-    assert table.rows[1]["throughput_ratio"] == pytest.approx(1.2) and table.rows[0]["fid"] == 50.0
-    assert math.isnan(table.rows[1]["fid"]) and not table.trained
-    assert table.rows[0]["paper_fid"] == ABLATION_ROWS[TABLE4, "DiCo-S"].paper["fid"]
+    assert (table.table, table.budget) == ("4", "structure") and table.column("row")[:2] == ["DiCo-S", "GELU->ReLU"]
+    by_row = {r["row"]: r for r in table.rows}
+    assert by_row["w/o CCA"]["throughput_ratio"] == pytest.approx(1.2) and by_row["DiCo-S"]["fid"] == 50.0
+    assert math.isnan(by_row["w/o CCA"]["fid"]) and math.isnan(by_row["GELU->ReLU"]["throughput_ratio"])
+    assert table.trained  # some row was scored (the rest of the table is not finished)
+    assert by_row["DiCo-S"]["paper_fid"] == ABLATION_ROWS[TABLE4, "DiCo-S"].paper["fid"]
     with pytest.raises(ValueError, match="table3"):
         read_result_csv(tmp_path / "unrelated.csv")
 
