@@ -54,13 +54,15 @@ def resolve(row: Row, out: Path, extra: list[str]) -> dict[str, Any]:
 
     import cli
 
-    buf, argv = io.StringIO(), sys.argv
+    buf, argv, cwd = io.StringIO(), sys.argv, Path.cwd()
     sys.argv = [str(ROOT / "cli.py")]  # LightningCLI warns when given both args and a command line
+    os.chdir(ROOT)  # the configs' relative paths are relative to the checkout, where the rows run
     try:
         with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
             cli.main(["fit", *row.cli_args(out, extra), "--print_config"])
     finally:
         sys.argv = argv
+        os.chdir(cwd)
     config = yaml.safe_load(buf.getvalue())
     if not isinstance(config, dict) or "model" not in config:
         raise SystemExit(f"could not compose the config of {row.model}: {buf.getvalue()[-2000:]}")
@@ -88,12 +90,20 @@ def placement(config: dict[str, Any], nodes: int | None, devices: int | None) ->
             "--data.init_args.batch_size", str(share)]  # fmt: skip
 
 
-def fid_reference(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The FIDEvaluation callback's settings of a composed config."""
-    for cb in config["trainer"].get("callbacks") or []:
-        if cb["class_path"].endswith("FIDEvaluation"):
-            return cb["init_args"]
-    return None
+def prepare_reference(config: dict[str, Any]) -> None:
+    """Compute the FID reference statistics (and, for the digits FID, train its classifier) once, before rows that
+    would each compute them at the same time are launched: ``python cli.py reference`` with the config's settings."""
+    fid = fid_settings(config)
+    if not fid.get("reference_source") or (ROOT / fid["reference"]).exists():
+        return
+    command = [sys.executable, str(ROOT / "cli.py"), "reference", "--source", fid["reference_source"], "--out",
+               fid["reference"], "--feature_extractor", fid["feature_extractor"], "--device", "cpu"]  # fmt: skip
+    if fid.get("weights_path"):
+        command += ["--weights_path", fid["weights_path"]]
+    if fid.get("reference_image_size"):
+        command += ["--image_size", str(fid["reference_image_size"])]
+    print(f"[ablations] FID reference: python {' '.join(command[1:])}", flush=True)
+    subprocess.run(command, cwd=ROOT, check=True)
 
 
 # --------------------------------------------------------------------------------------------- one row
@@ -107,23 +117,42 @@ def wandb_env(row: Row, out: Path) -> dict[str, str]:
     return {"WANDB_RUN_ID": f"{row.key.replace('/', '-')}-{digest}", "WANDB_RESUME": "allow"}
 
 
-def stages(row: Row, out: Path, extra: list[str], trains: bool) -> list[list[str]]:
-    """The ``cli.py`` argument lists of a row: fit (resuming when a ``last.ckpt`` exists), then test."""
-    if not trains:
+def fid_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The FIDEvaluation callback's settings of a composed config (empty without one)."""
+    return next((cb.get("init_args") or {} for cb in config["trainer"].get("callbacks") or []
+                 if cb["class_path"].endswith("FIDEvaluation")), {})  # fmt: skip
+
+
+def stages(row: Row, out: Path, extra: list[str], config: dict[str, Any]) -> list[list[str]]:
+    """The ``cli.py`` argument lists of a row: fit (resuming when a ``last.ckpt`` exists), then test when the budget
+    scores with the test protocol (``test_num_samples`` > 0; else its final periodic FID is the score)."""
+    if config["trainer"]["max_steps"] == 0:
         return []
     last = last_checkpoint(row.run_dir(out))
     resume = ["--ckpt_path", str(last)] if last.exists() else []
-    return [["fit", *row.cli_args(out, extra), *resume], ["test", *row.cli_args(out, extra), "--ckpt_path", str(last)]]
+    fit = ["fit", *row.cli_args(out, extra), *resume]
+    if fid_settings(config).get("test_num_samples", 0) > 0:
+        return [fit, ["test", *row.cli_args(out, extra), "--ckpt_path", str(last)]]
+    return [fit]
+
+
+def score_record(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The row's evaluation record: the test protocol's, or the final periodic one (``eval/step_<max_steps>``)."""
+    if fid_settings(config).get("test_num_samples", 0) > 0:
+        return json.loads((run_dir / "test" / "record.json").read_text())
+    return json.loads((run_dir / "eval" / f"step_{config['trainer']['max_steps']:07d}.json").read_text())
 
 
 def stage_lines(rows: list[Row], out: Path, extra: list[str]) -> list[str]:
     """Each row's commands (``--dry-run``)."""
-    return [f"python cli.py {' '.join(stage)}" for row in rows for stage in stages(row, out, extra, True)]
+    return [
+        f"python cli.py {' '.join(stage)}"
+        for row in rows
+        for stage in stages(row, out, extra, resolve(row, out, extra))
+    ]
 
 
-def finalize(
-    row: Row, out: Path, config: dict[str, Any], args: argparse.Namespace, extra: list[str], trains: bool
-) -> dict[str, Any]:
+def finalize(row: Row, out: Path, config: dict[str, Any], args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     """Rank 0, after training: counts, the interleaved throughput ratio, the test record -> ``result.json``."""
     import torch
     import yaml
@@ -150,12 +179,13 @@ def finalize(
     }  # fmt: skip
     result.update(throughput_ratio(model, kwargs, REFERENCE_MODEL, reference_kwargs, batch=batch, turns=turns,
                                    device=device, sdpa=args.sdpa_kernel, seed=row.seed))  # fmt: skip
-    if trains:
-        record = json.loads((run_dir / "test" / "record.json").read_text())
+    if config["trainer"]["max_steps"] != 0:
+        record = score_record(run_dir, config)
+        steps = torch.load(last_checkpoint(run_dir), map_location="cpu", weights_only=True)["global_step"]
         result.update(
             metrics=record["metrics"],
             eval=record["settings"],
-            steps=record.get("step"),
+            steps=steps,
             eval_samples=record["settings"]["num_samples"],
             feature_extractor=record["feature_extractor"],
         )
@@ -190,11 +220,10 @@ def run_local(row: Row, out: Path, args: argparse.Namespace) -> bool:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "failed.json").unlink(missing_ok=True)
     config = resolve(row, out, args.extra)
-    trains = config["trainer"]["max_steps"] != 0
     log = run_dir / "run.log"
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, **wandb_env(row, out), "PYTHONPATH": path}
-    for stage in stages(row, out, args.extra, trains):
+    for stage in stages(row, out, args.extra, config):
         print(f"[ablations] {row.key}: python cli.py {' '.join(stage)}", flush=True)
         with open(log, "a") as f:
             f.write(f"\n$ python cli.py {' '.join(stage)}\n")
@@ -205,7 +234,7 @@ def run_local(row: Row, out: Path, args: argparse.Namespace) -> bool:
             (run_dir / "failed.json").write_text(json.dumps({"stage": stage[0], "returncode": code, "log": str(log)}))
             print(f"[ablations] {row.key}: {stage[0]} failed ({code}); see {log}", flush=True)
             return False
-    finalize(row, out, config, args, args.extra, trains)
+    finalize(row, out, config, args, args.extra)
     return True
 
 
@@ -227,16 +256,15 @@ class RowJob:
         run_dir = self.row.run_dir(self.out)
         run_dir.mkdir(parents=True, exist_ok=True)
         config = resolve(self.row, self.out, self.extra)
-        trains = config["trainer"]["max_steps"] != 0
         try:
-            for stage in stages(self.row, self.out, self.extra, trains):
+            for stage in stages(self.row, self.out, self.extra, config):
                 if cli.main(stage) not in (0, None):
                     raise RuntimeError(f"cli.py {stage[0]} failed")
         except BaseException:
             (run_dir / "failed.json").write_text(json.dumps({"stage": "job", "log": str(run_dir / "slurm")}))
             raise
         if submitit.JobEnvironment().global_rank == 0:
-            finalize(self.row, self.out, config, self.args, self.extra, trains)
+            finalize(self.row, self.out, config, self.args, self.extra)
         return str(run_dir)
 
     def checkpoint(self) -> Any:
@@ -388,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[ablations] {row.row} ({row.key}): finished earlier", flush=True)
         else:
             todo.append(row)
+    if todo:
+        prepare_reference(resolve(todo[0], out, args.extra))
     if args.launcher == "slurm":
         submit_slurm(todo, out, args)
         print("[ablations] follow with `python ablations/run.py status ...`; tables: `... collect ...`")

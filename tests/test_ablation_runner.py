@@ -121,9 +121,11 @@ def test_local_runner_trains_like_the_cli_resumes_a_killed_row_and_skips_finishe
             "--", "--trainer.max_steps", "30"]  # fmt: skip
     run_dir = out / "smoke" / "dico-s-nocca" / "seed0"
     # 1. kill the runner mid-row: its training process checkpoints on the way out
-    proc = subprocess.Popen(runner(*argv), cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "runner.log", "w") as log:
+        proc = subprocess.Popen(runner(*argv), cwd=tmp_path, env=ENV, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
-    while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
+    while not (run_dir / "checkpoints" / "last.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "runner.log").read_text()[-3000:]
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
