@@ -237,3 +237,75 @@ def test_report_from_every_finished_run_without_the_reference_row(tmp_path):
     assert "wandb sync runs/DiCo-S-SE" in md and paths[2].exists()
     # the CCA claim needs DiCo-S: not checked yet; the conv-vs-attention speed claim reads our ratio
     assert "Not checked" in md and "1 of 1 attention rows slower" in md
+
+
+# ------------------------------------------------------------------------------------------ ranks, status
+SMOKE_CONFIG = {"trainer": {"max_steps": 4, "callbacks": [
+    {"class_path": "dico.callbacks.FIDEvaluation", "init_args": {"test_num_samples": 0}}]}}  # fmt: skip
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_0_of_a_job_measures_and_writes_the_result(tmp_path, monkeypatch, rank):
+    """Every task of a SLURM job trains (one DDP group); only global rank 0 counts, times and writes result.json."""
+    import submitit
+
+    import cli
+
+    calls, finalized = [], []
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv[0]) or 0)
+    monkeypatch.setattr(run, "resolve", lambda *a: SMOKE_CONFIG)
+    monkeypatch.setattr(run, "finalize", lambda *a: finalized.append(a[0]))
+    monkeypatch.setattr(submitit, "JobEnvironment", lambda: type("Env", (), {"global_rank": rank})())
+    monkeypatch.chdir(tmp_path)
+    row = rows_of("4", "smoke", ["DiCo-S"])[0]
+    run.RowJob(row, tmp_path, run.parse(["--table", "4"]), [])()
+    assert calls == ["fit"]  # the proxy-style budget scores at its last step: no test stage
+    assert finalized == ([row] if rank == 0 else [])
+
+
+def test_status_of_pending_running_failed_and_finished_rows(tmp_path):
+    rows = rows_of("4", "smoke", ["DiCo-S", "GELU->ReLU", "3x3->5x5 DWC", "3x3->7x7 DWC"])
+    dirs = [r.run_dir(tmp_path) for r in rows]
+    for d in dirs[1:]:
+        d.mkdir(parents=True)
+    (dirs[1] / "csv").mkdir()
+    (dirs[1] / "csv" / "metrics.csv").write_text("epoch,step,train/loss\n0,9,0.5\n0,19,0.25\n")
+    (dirs[2] / "failed.json").write_text(json.dumps({"stage": "fit", "log": str(dirs[2] / "run.log")}))
+    (dirs[3] / "result.json").write_text(json.dumps({"metrics": {"frechet_inception_distance": 12.345}}))
+    states = [run.row_status(r, tmp_path) for r in rows]
+    assert states[0] == "pending"
+    assert states[1] == "running or interrupted (step 19, loss 0.2500)"
+    assert states[2] == f"failed (log: {dirs[2] / 'run.log'})"
+    assert states[3] == "finished (FID 12.35)"
+
+
+def test_the_score_is_the_test_record_or_the_final_periodic_one(tmp_path):
+    (tmp_path / "test").mkdir()
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "test" / "record.json").write_text('{"metrics": {"frechet_inception_distance": 1.0}}')
+    (tmp_path / "eval" / "step_0000004.json").write_text('{"metrics": {"frechet_inception_distance": 2.0}}')
+    periodic = SMOKE_CONFIG
+    protocol = {"trainer": {"max_steps": 4, "callbacks": [{"class_path": "x.FIDEvaluation",
+                                                           "init_args": {"test_num_samples": 20}}]}}  # fmt: skip
+    assert run.score_record(tmp_path, periodic)["metrics"]["frechet_inception_distance"] == 2.0
+    assert run.score_record(tmp_path, protocol)["metrics"]["frechet_inception_distance"] == 1.0
+
+
+def test_structure_budget_counts_full_size_rows_beside_the_paper(tmp_path):
+    argv = ["--table", "4", "--budget", "structure", "--rows", "DiCo-S", "w/o CCA", "--out", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "results"), "--device", "cpu", "--throughput-batch", "1",
+            "--throughput-turns", "1"]  # fmt: skip
+    assert run.main(argv) == 0
+    rows = {r["row"]: r for r in read_csv(tmp_path / "results" / "table4-structure.csv")}
+    for name in ("DiCo-S", "w/o CCA"):
+        result = json.loads((tmp_path / "runs" / "structure" / slug(ABLATION_ROWS[TABLE4, name].model) / "seed0" /
+                             "result.json").read_text())  # fmt: skip
+        paper = ABLATION_ROWS[TABLE4, name].paper
+        assert result["trained_size"] == result["full_size"]
+        assert result["full_size"]["params"] / 1e6 == pytest.approx(paper["params_M"], rel=0.01)
+        assert result["full_size"]["gmacs"] == pytest.approx(paper["gflops"], rel=0.01)
+        assert result["sdpa_kernel"] == "math" and "metrics" not in result
+    assert float(rows["w/o CCA"]["params_ratio"]) == pytest.approx(32.99 / 33.14, abs=2e-3)
+    assert rows["GELU->ReLU"]["seeds"] == "0"
+    md = (tmp_path / "results" / "table4-structure.md").read_text()
+    assert "(PARTIAL)" in md and "No training at this budget" in md
