@@ -120,6 +120,8 @@ def test_local_runner_trains_like_the_cli_resumes_a_killed_row_and_skips_finishe
     argv = ["--table", "4", "--budget", "smoke", "--rows", "w/o CCA", "--out", str(out), "--results", str(results),
             "--", "--trainer.max_steps", "30"]  # fmt: skip
     run_dir = out / "smoke" / "dico-s-nocca" / "seed0"
+    # the row's fit command as `--dry-run` prints it for a researcher to run by hand
+    [fit, _] = run.stage_lines(rows_of("4", "smoke", ["w/o CCA"]), out, argv[-2:])
     # 1. kill the runner mid-row: its training process checkpoints on the way out
     with open(tmp_path / "runner.log", "w") as log:
         proc = subprocess.Popen(runner(*argv), cwd=tmp_path, env=ENV, stdout=log, stderr=subprocess.STDOUT)
@@ -140,11 +142,10 @@ def test_local_runner_trains_like_the_cli_resumes_a_killed_row_and_skips_finishe
     assert f"--ckpt_path {run_dir}/checkpoints/last.ckpt" in (run_dir / "run.log").read_text().split("$ ")[-2]
     assert result["metrics"]["frechet_inception_distance"] > 0 and result["eval_samples"] == 20
     # 3. the same row through `python cli.py fit` with the runner's configs: the same first losses
-    fit = next(line for line in run.stage_lines(rows_of("4", "smoke", ["w/o CCA"]), out, argv[-2:]) if " fit " in line)
     cli_dir = tmp_path / "by-hand"
     cmd = fit.replace(str(run_dir), str(cli_dir)).split()[1:]
     assert cmd[:2] == ["cli.py", "fit"]
-    by_hand = subprocess.run([sys.executable, str(ROOT / "cli.py"), *cmd[2:], "--trainer.max_steps", "2"], cwd=ROOT,
+    by_hand = subprocess.run([sys.executable, str(ROOT / "cli.py"), *cmd[1:], "--trainer.max_steps", "2"], cwd=ROOT,
                              env=ENV, capture_output=True, text=True)  # fmt: skip
     assert by_hand.returncode == 0, by_hand.stderr[-2000:]
     step, loss = first_loss(cli_dir)
