@@ -9,6 +9,8 @@ attention rows were not FlashAttention-accelerated: ``math`` by default) and rec
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -91,3 +93,10 @@ def throughput_ratio(
         "sdpa_kernel": sdpa,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
+
+
+def machine() -> str:
+    """The machine a row ran on, in words."""
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPUs{gpu}; Python {platform.python_version()}, torch {torch.__version__}"

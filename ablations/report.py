@@ -11,8 +11,6 @@ from __future__ import annotations
 import csv
 import datetime
 import math
-import os
-import platform
 import statistics
 from pathlib import Path
 from typing import Any
@@ -168,25 +166,20 @@ def findings(table: str, rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} CPUs{gpu}; Python {platform.python_version()}, torch {torch.__version__}"
-
-
 def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[dict[str, Any]], command: str) -> str:
     missing = [r["row"] for r in rows if not r["seeds"]]
+    dates = [r["finished"] for r in results if r.get("finished")]
     title = f"# Table {table} at the `{budget}` budget" + (" (PARTIAL)" if missing else "")
     device = results[0]["device"] if results else "?"
     kernel = results[0].get("sdpa_kernel", "?") if results else "?"
     batch = results[0].get("throughput_batch", "?") if results else "?"
     lines = [
         title, "",
-        f"Command: `{command}`  ",
-        f"Machine: {_machine()}  ",
-        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
+        f"Tables rebuilt by `{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC from "
+        f"{len(results)} finished run(s).", "",
+        "Rows trained by:", *sorted({f"- `{r.get('launched_by') or '?'}`" for r in results}), "",
+        "Machine(s):", *sorted({f"- {r.get('machine') or '?'}" for r in results}), "",
+        "Finished: " + (f"{min(dates)} to {max(dates)}" if dates else "-"), "",
         f"> {CAVEATS[budget]}", "",
     ]  # fmt: skip
     if missing:

@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -157,7 +158,7 @@ def finalize(row: Row, out: Path, config: dict[str, Any], args: argparse.Namespa
     import torch
     import yaml
 
-    from ablations.measure import counts, throughput_ratio
+    from ablations.measure import counts, machine, throughput_ratio
     from dico.models.ablation import VARIANTS
 
     run_dir = row.run_dir(out)
@@ -176,6 +177,8 @@ def finalize(row: Row, out: Path, config: dict[str, Any], args: argparse.Namespa
         "command": "python cli.py fit " + " ".join(row.cli_args(out, extra)),
         "full_size": counts(model, {}), "trained_size": counts(model, kwargs),
         "reference_size": counts(REFERENCE_MODEL, reference_kwargs),
+        "launched_by": getattr(args, "command_line", ""), "machine": machine(),
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }  # fmt: skip
     result.update(throughput_ratio(model, kwargs, REFERENCE_MODEL, reference_kwargs, batch=batch, turns=turns,
                                    device=device, sdpa=args.sdpa_kernel, seed=row.seed))  # fmt: skip
@@ -399,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     out = args.out.resolve()
     rows = rows_of(args.table, args.budget, args.rows, args.seeds)
-    command = "python ablations/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python ablations/run.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    args.command_line = command
     if args.command == "status":
         for row in rows:
             print(f"{row.row:<26} {row.key:<40} {row_status(row, out)}")
