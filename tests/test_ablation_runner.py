@@ -115,7 +115,7 @@ def runner(*argv: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_local_runner_trains_like_the_cli_resumes_a_killed_row_and_skips_finished_ones(tmp_path):
+def test_local_runner_trains_like_the_cli_resumes_a_killed_row_and_skips_finished_ones(tmp_path, capsys):
     out, results = tmp_path / "runs", tmp_path / "results"
     argv = ["--table", "4", "--budget", "smoke", "--rows", "w/o CCA", "--out", str(out), "--results", str(results),
             "--", "--trainer.max_steps", "30"]  # fmt: skip
@@ -151,10 +151,11 @@ def test_local_runner_trains_like_the_cli_resumes_a_killed_row_and_skips_finishe
     step, loss = first_loss(cli_dir)
     assert (step, loss) == pytest.approx(runner_first_loss, rel=1e-6)
     # 4. a finished row is skipped
-    again = subprocess.run(runner(*argv), cwd=tmp_path, env=ENV, capture_output=True, text=True)
-    assert "finished earlier" in again.stdout and "cli.py fit" not in again.stdout
-    status = subprocess.run(runner("status", *argv[:8]), cwd=tmp_path, env=ENV, capture_output=True, text=True)
-    assert "finished (FID" in status.stdout
+    capsys.readouterr()
+    assert run.main(argv) == 0
+    assert "finished earlier" in capsys.readouterr().out
+    assert run.main(["status", *argv[:8]]) == 0
+    assert "finished (FID" in capsys.readouterr().out
 
 
 @pytest.mark.slow
