@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ablations.rows import TABLES, canonical, rows_of
+from ablations.rows import ROOT, TABLES, canonical, rows_of
 from dico.models.ablation import paper_row
 
 COLUMNS = [
@@ -216,7 +216,8 @@ def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[
     lines += ["", "## Shapes", ""]
     lines += [f"- `{m}`: {r['shape']}" + (f" Deviation: {r['deviation']}." if r["deviation"] else "")
               + f" Trained: {r['model_kwargs'] or 'full size'}." for m, r in sorted(shapes.items())]  # fmt: skip
-    return "\n".join(lines) + "\n"
+    # paths inside the checkout as the commands run them (from its root)
+    return "\n".join(lines).replace(f"{ROOT}/", "") + "\n"
 
 
 def plot(table: str, budget: str, rows: list[dict[str, Any]], path: Path) -> Path:
