@@ -426,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         submit_slurm(todo, out, args)
         print("[ablations] follow with `python ablations/run.py status ...`; tables: `... collect ...`")
         return 0
-    if args.devices:
-        args.extra = [*args.extra, *placement(resolve(todo[0], out, args.extra), None, args.devices)] if todo else []
+    if args.devices and todo:
+        args.extra = [*args.extra, *placement(resolve(todo[0], out, args.extra), None, args.devices)]
     failed = [row for row in todo if not run_local(row, out, args)]
     collect(args.table, args.budget, out, args.results, command)
     if failed:
