@@ -29,6 +29,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -217,10 +218,50 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def claim(run_dir: Path) -> bool:
+    """Take the row for this process (``running.json``: host and pid), unless a live process already has it: two
+    invocations sharing a row (DiCo-S is in both tables) never train it at once."""
+    lock = run_dir / "running.json"
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = json.loads(lock.read_text() or "{}")
+            if holder.get("host") == me["host"] and _alive(holder.get("pid", -1)) and holder["pid"] != me["pid"]:
+                return False
+            lock.unlink(missing_ok=True)  # left by a process that is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError, OverflowError):
+        return False
+    return True
+
+
 def run_local(row: Row, out: Path, args: argparse.Namespace) -> bool:
-    """Train, score and finalize one row in subprocesses of ``cli.py``; True when it finished."""
+    """Train, score and finalize one row in subprocesses of ``cli.py``; True when it finished (or another live
+    invocation is training it)."""
     run_dir = row.run_dir(out)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not claim(run_dir):
+        print(f"[ablations] {row.key}: being trained by another invocation; skipped here", flush=True)
+        return True
+    try:
+        return _run_claimed(row, out, args)
+    finally:
+        (run_dir / "running.json").unlink(missing_ok=True)
+
+
+def _run_claimed(row: Row, out: Path, args: argparse.Namespace) -> bool:
+    run_dir = row.run_dir(out)
     (run_dir / "failed.json").unlink(missing_ok=True)
     config = resolve(row, out, args.extra)
     log = run_dir / "run.log"
@@ -335,6 +376,10 @@ def row_status(row: Row, out: Path) -> str:
         return f"failed (log: {json.loads((run_dir / 'failed.json').read_text())['log']})"
     job = json.loads((run_dir / "job.json").read_text())["job_id"] if (run_dir / "job.json").exists() else None
     done = progress(run_dir)
+    if (run_dir / "running.json").exists():
+        holder = json.loads((run_dir / "running.json").read_text() or "{}")
+        where = f"pid {holder.get('pid')} on {holder.get('host')}"
+        return f"running ({where}" + (f", step {done[0]}, loss {done[1]:.4f})" if done else ")")
     if done is not None:
         return f"running or interrupted (step {done[0]}, loss {done[1]:.4f})" + (f", job {job}" if job else "")
     return "pending" + (f" (job {job})" if job else "")

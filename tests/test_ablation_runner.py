@@ -311,3 +311,20 @@ def test_structure_budget_counts_full_size_rows_beside_the_paper(tmp_path):
     assert rows["GELU->ReLU"]["seeds"] == "0"
     md = (tmp_path / "results" / "table4-structure.md").read_text()
     assert "(PARTIAL)" in md and "No training at this budget" in md
+
+
+def test_a_row_is_trained_by_one_invocation_at_a_time(tmp_path):
+    """Parallel invocations sharing a row (DiCo-S is in both tables): a live holder keeps it, a dead one does not."""
+    import socket
+
+    assert run.claim(tmp_path)
+    held = json.loads((tmp_path / "running.json").read_text())
+    assert held == {"host": socket.gethostname(), "pid": os.getpid()}
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "running.json").write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid}))
+        assert not run.claim(tmp_path)
+    finally:
+        other.kill()
+        other.wait()
+    assert run.claim(tmp_path)  # the holder is gone
