@@ -25,6 +25,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 def lightning(argv: list[str]) -> int:
     """LightningCLI with dico's defaults: atomic checkpoint files (``trainer.plugins``), a CSV logger that keeps its
     history on resume, and exit status ``PREEMPTED_EXIT_CODE`` (75) after a SIGTERM so that requeue loops rerun."""
+    from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -63,6 +64,9 @@ def lightning(argv: list[str]) -> int:
                 if getattr(logger, "class_path", None) in csv_loggers:
                     logger.class_path = "dico.loggers.CSVLogger"  # same arguments; appends on resume
 
+    # Configs compose (`-c base.yaml -c overlay.yaml`) and may refer to other keys of the merged result, e.g.
+    # `dirpath: ${trainer.default_root_dir}/checkpoints`, so that an overlay moves a whole run with one line.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     try:
         DicoCLI(
             DiffusionModule,
@@ -70,6 +74,7 @@ def lightning(argv: list[str]) -> int:
             subclass_mode_data=True,
             args=None if argv == sys.argv[1:] else argv,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "omegaconf+"},
         )
     except SIGTERMException:
         print(f"[dico] preempted (SIGTERM); exit status {PREEMPTED_EXIT_CODE}: rerun with --ckpt_path last to resume")
@@ -184,7 +189,7 @@ def _cuda() -> bool:
 
 def model_info(argv: list[str]) -> int:
     from dico.models import list_models
-    from dico.profiling import model_info as info
+    from dico.models.info import model_info as info
 
     parser = ArgumentParser(prog="dico model-info", description="Parameters, Gflops (MACs) and shapes of a model.")
     parser.add_argument("--model", type=str | None, default=None, choices=[*list_models(), None],

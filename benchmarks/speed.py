@@ -2,8 +2,10 @@
 
 One table: for each size (S, B, L, XL) and setting, images/s of DiT and of DiCo side by side, their ratio and the
 paper's ratio (Table 1: A100, fp32, batch 64, forward), the peak memory of a training step, optionally the published
-DiCo implementation run beside ours (``--published-dico PATH``: your clone of shallowdream204/DiCo), and optionally
-the cost of guided sampling against bare model calls (``--sampling``).
+DiCo implementation run beside ours (``--published-dico PATH``: your clone of shallowdream204/DiCo), optionally the
+DiT and DiCo of another checkout of this repository (``--baseline-tree PATH``: e.g. the tree before a change, timed
+in the same turns, so that a refactor's speed is compared side by side), and optionally the cost of guided sampling
+against bare model calls (``--sampling``).
 
 A training step is: forward + hybrid diffusion loss (``create_diffusion("").training_losses``) + backward + AdamW.
 The models of one row are timed in turns (A, B, A, B, ...) after a warm-up; images/s are from the median time, and
@@ -15,6 +17,7 @@ Examples::
     python benchmarks/speed.py --models S --quick                 # a few minutes on a laptop CPU
     python benchmarks/speed.py --models S --batch-forward 64 --batch-train 32 --reps 7 --cpu-env tuned
     python benchmarks/speed.py --dtypes fp32 bf16 --compile both  # the full table (meant for a GPU)
+    git worktree add /tmp/before HEAD~1 && python benchmarks/speed.py --models S --baseline-tree /tmp/before
 
 This is a benchmark, not a test: it asserts nothing about speed.
 """
@@ -63,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--image-size", type=int, default=256, help="image resolution (latent = size / 8)")
     p.add_argument("--published-dico", metavar="PATH", help="a clone of shallowdream204/DiCo: time its dico_models too")
+    p.add_argument(
+        "--baseline-tree",
+        metavar="PATH",
+        help="another checkout of this repository: time its DiT and DiCo in the same turns (before/after a change)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     p.add_argument("--sampling", action="store_true", help="also time guided sampling against bare model calls")
     p.add_argument("--sample-steps", type=int, default=250, help="sampling steps (iDDPM, respaced)")
@@ -82,6 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tuned: OMP_WAIT_POLICY=PASSIVE and glibc malloc without mmap/trim (set before torch loads)",
     )
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="cpu: CPU seconds of this process instead of wall time; on a shared, loaded CPU with --threads 1 it\n"
+        "measures the work done rather than the share of the machine the run got",
+    )
     p.add_argument("--time-budget", type=float, help="seconds; rows that would start later are skipped")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write every measurement as JSON")
@@ -179,16 +194,21 @@ class Device:
         return (field("VmHWM:") - before) / 1024
 
 
-def timed_in_turns(fns: dict[str, Callable[[], None]], reps: int, sync: Callable[[], None]) -> dict[str, list[float]]:
+def timed_in_turns(
+    fns: dict[str, Callable[[], None]],
+    reps: int,
+    sync: Callable[[], None],
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
     """Seconds per call of each function, calling them in turns (one rep of each, then the next rep)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return times
 
 
@@ -208,6 +228,7 @@ class Bench:
         self.results: list[dict[str, Any]] = []
         self.start = time.perf_counter()
         self.published = self._import_published(args.published_dico)
+        self.baseline = self._import_tree(args.baseline_tree)
         from dico.diffusion import create_diffusion
 
         self.diffusion = create_diffusion("")
@@ -227,6 +248,25 @@ class Bench:
         return dico_models
 
     @staticmethod
+    def _import_tree(path: str | None) -> Any:
+        """``dico.models`` of another checkout, imported as ``dico_baseline.models`` beside this tree's ``dico``."""
+        if not path:
+            return None
+        import importlib
+        import importlib.util
+
+        package = Path(path).expanduser().resolve() / "dico"
+        if not (package / "models").is_dir():
+            raise SystemExit(f"--baseline-tree: no dico/models in {package.parent}")
+        spec = importlib.util.spec_from_file_location(
+            "dico_baseline", package / "__init__.py", submodule_search_locations=[str(package)]
+        )
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules["dico_baseline"] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        return importlib.import_module("dico_baseline.models")
+
+    @staticmethod
     def _paper_throughputs() -> dict[str, float]:
         from importlib import resources
 
@@ -239,6 +279,8 @@ class Bench:
         with torch.device(self.dev.device):  # initialise in place (fast on a GPU)
             if name.startswith("published "):
                 model = getattr(self.published, PUBLISHED_BUILDERS[name.split(" ", 1)[1]])()
+            elif name.startswith("baseline "):
+                model = self.baseline.create_model(name.split(" ", 1)[1], input_size=self.latent)
             else:
                 from dico.models import create_model
 
@@ -298,6 +340,8 @@ class Bench:
         names = [dit, dico]
         if self.published is not None and dtype == "fp32" and not compiled:
             names.append(f"published {dico}")
+        if self.baseline is not None:
+            names += [f"baseline {dit}", f"baseline {dico}"]
         batch = args.batch_forward if mode == "forward" else args.batch_train
         fns, first_call = {}, {}
         models = {}
@@ -311,7 +355,8 @@ class Bench:
             self.dev.sync()
             first_call[name] = time.perf_counter() - t0
             fns[name], models[name] = fn, model
-        times = timed_in_turns(fns, args.reps, self.dev.sync)
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        times = timed_in_turns(fns, args.reps, self.dev.sync, clock)
         med = {k: statistics.median(v) for k, v in times.items()}
         memory = {}
         if mode == "train" and not args.no_memory:
@@ -329,6 +374,9 @@ class Bench:
         if f"published {dico}" in times:
             row["ours_over_published"] = paired_speedup(times[f"published {dico}"], times[dico])
             row["ours_over_published_fastest"] = min(times[f"published {dico}"]) / min(times[dico])
+        if self.baseline is not None:
+            row["ours_over_baseline"] = {m: paired_speedup(times[f"baseline {m}"], times[m]) for m in (dit, dico)}
+            row["baseline_ratio"] = paired_speedup(times[f"baseline {dit}"], times[f"baseline {dico}"])
         if mode == "forward":
             row["paper_ratio"] = self.paper[dico] / self.paper[dit]
         del fns, models
@@ -421,7 +469,8 @@ class Bench:
         if not self.dev.cuda and hasattr(os, "getloadavg"):
             extra = f", load average at start {os.getloadavg()[0]:.2f}"
         print(f"# torch {torch.__version__}, python {platform.python_version()}{extra}")
-        print(f"# reps {args.reps} (median), warm-up {args.warmup}, image {args.image_size}px (latent {self.latent})")
+        print(f"# reps {args.reps} (median), warm-up {args.warmup}, image {args.image_size}px (latent {self.latent}), "
+              f"{args.clock} clock")  # fmt: skip
         cols = ["size", "mode", "dtype", "compile", "batch", "DiT img/s", "DiCo img/s", "DiCo/DiT", "paper"]
         if self.published is not None:
             cols += ["published img/s", "ours/published"]
@@ -453,6 +502,11 @@ class Bench:
                 ]
         cells += [mib(dit), mib(dico)] + ([mib(f"published {dico}")] if self.published is not None else [])
         print("| " + " | ".join(cells) + " |", flush=True)
+        if "ours_over_baseline" in row:
+            b = f"baseline {dit}", f"baseline {dico}"
+            print(f"|   baseline tree: {dit} {ips[b[0]]:.2f} img/s, {dico} {ips[b[1]]:.2f} img/s, DiCo/DiT "
+                  f"{row['baseline_ratio']:.2f}x; this tree / baseline: {dit} {row['ours_over_baseline'][dit]:.2f}x, "
+                  f"{dico} {row['ours_over_baseline'][dico]:.2f}x", flush=True)  # fmt: skip
 
     def print_sampling(self, s: dict[str, Any]) -> None:
         print(f"\nguided sampling ({s['steps']} steps, cfg {self.args.cfg_scale}, {s['batch']} samples, model batch "

@@ -21,15 +21,16 @@ Run ``python -m dico.shape_search`` to print the search for every adjusted row (
 from __future__ import annotations
 
 import itertools
-import warnings
-from collections.abc import Callable, Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from dico.profiling import count_macs, count_parameters
+from dico.models.ablation import ABLATION_ROWS, TABLE3, TABLE4, VARIANTS, paper_row
+from dico.profiling import count_macs, count_parameters, profile_macs
 
 DICO_S_DEPTH = (5, 4, 4, 4, 4)
 
@@ -58,13 +59,9 @@ class _BlockProbe(nn.Module):
 
 def block_counts(block: nn.Module, dim: int, size: int) -> tuple[int, int]:
     """(parameters, MACs) of one channels-last block on a (1, size, size, dim) map with a (1, dim) condition."""
-    from torchprofile import profile_macs
-
     probe = _BlockProbe(block).eval()
     x, c = torch.randn(1, size, size, dim), torch.randn(1, dim)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return count_parameters(block), int(profile_macs(probe, (x, c)))
+    return count_parameters(block), profile_macs(probe, (x, c))
 
 
 @dataclass
@@ -154,8 +151,10 @@ def search_ushape(
     tol: float = 0.01,
     base: tuple[int, float, Sequence[int]] = (128, 2.0, DICO_S_DEPTH),
     keep: int = 20,
+    **fixed: Any,
 ) -> SearchResult:
-    """Stage depths (5 ints from ``depth_range``) x width x FFN ratio of DiCo's U-shape with a given mixer."""
+    """Stage depths (5 ints from ``depth_range``) x width x FFN ratio of DiCo's U-shape with a given mixer;
+    ``fixed``: other constructor arguments (``in_channels``, ``num_classes``)."""
     from dico.models.blocks import DiCoBlock
     from dico.models.dico import DiCo
     from dico.models.mixers import ConvFFN, build_mixer
@@ -168,7 +167,7 @@ def search_ushape(
     def totals() -> Iterable[tuple[int, tuple[int, ...], float, int, int]]:
         for d, r in itertools.product(widths, ratios):
             p0, m0 = exact_counts(DiCo, input_size, hidden_size=d, depth=(1,) * 5, mlp_ratio=r, mixer=mixer,
-                                  mixer_kwargs=mk, ffn_act=ffn_act)  # fmt: skip
+                                  mixer_kwargs=mk, ffn_act=ffn_act, **fixed)  # fmt: skip
             per_stage = []
             for dim, size in ((d, input_size), (2 * d, input_size // 2), (4 * d, input_size // 4),
                               (2 * d, input_size // 2), (2 * d, input_size)):  # fmt: skip
@@ -200,8 +199,10 @@ def search_isotropic(
     tol: float = 0.01,
     base: tuple[int, float, int] = (384, 2.0, 12),
     keep: int = 20,
+    **fixed: Any,
 ) -> SearchResult:
-    """Depth x width x FFN ratio of the isotropic DiCo skeleton (``long_skips`` fixed)."""
+    """Depth x width x FFN ratio of the isotropic DiCo skeleton (``long_skips`` fixed); ``fixed``: other
+    constructor arguments (``in_channels``, ``num_classes``)."""
     from dico.models.blocks import DiCoBlock
     from dico.models.isotropic import IsotropicDiCo
     from dico.models.mixers import ConvFFN, build_mixer
@@ -214,7 +215,8 @@ def search_isotropic(
             common = dict(hidden_size=d, mlp_ratio=r, patch_size=patch_size, mixer=mixer, mixer_kwargs=mk)
             # the skips are part of the skeleton: count them with 2 * long_skips blocks (at least one), then add
             base_depth = max(1, 2 * long_skips)
-            p0, m0 = exact_counts(IsotropicDiCo, input_size, depth=base_depth, long_skips=long_skips, **common)
+            p0, m0 = exact_counts(IsotropicDiCo, input_size, depth=base_depth, long_skips=long_skips, **common,
+                                  **fixed)  # fmt: skip
             with torch.device("meta"):
                 block = DiCoBlock(d, build_mixer(mixer, d, 0, resolution=(grid, grid), **mk), ConvFFN(d, r))
             bp, bm = block_counts(block.to_empty(device="cpu"), d, grid)
@@ -225,10 +227,158 @@ def search_isotropic(
     return _collect(totals(), params_M, gflops, tol, _rank(*base), keep)
 
 
-def main() -> None:  # pragma: no cover - a report, run by hand
-    """Print the search behind every adjusted shape recorded in :mod:`dico.models.ablation`."""
-    from dico.models.ablation import SEARCHES
+def _paper_search(kind: Callable[..., SearchResult], table: str, row: str, **kwargs: Any) -> Callable[[], SearchResult]:
+    def run() -> SearchResult:
+        ref = paper_row(table, row)
+        return kind(ref["params_M"], ref["gflops"], **kwargs)
 
+    return run
+
+
+_ISO_RATIOS = tuple(r / 2 for r in range(4, 17))  # 2, 2.5, ..., 8
+
+#: The searches behind the shapes of the adjusted variants (``Variant.shape``), by registry name.
+SEARCHES: dict[str, Callable[[], SearchResult]] = {
+    "DiCo-S-noCCA": _paper_search(search_ushape, TABLE4, "w/o CCA", mixer_kwargs={"channel_attention": "none"}),
+    "DiCo-S-SE": _paper_search(search_ushape, TABLE4, "CCA->SE module", mixer_kwargs={"channel_attention": "se"}),
+    "DiCo-S-ChannelSA": _paper_search(
+        search_ushape, TABLE4, "CCA->Channel Self-Attn", mixer_kwargs={"channel_attention": "channel_self_attention"}
+    ),
+    # heads do not change the counts: head_dim 16 lets every width of the grid split into heads
+    "DiT-U": _paper_search(search_ushape, TABLE4, "CM->Self-Attn", mixer="self_attention",
+                           mixer_kwargs={"head_dim": 16}, widths=range(64, 193, 16), depth_range=range(1, 13)),
+    "DiCo-S-WindowAttn": _paper_search(
+        search_ushape, TABLE4, "CM->Window Attn", mixer="window_attention", mixer_kwargs={"window_size": 8}
+    ),
+    "DiCo-S-FLatten": _paper_search(search_ushape, TABLE4, "CM->Focused Linear Attn", mixer="focused_linear_attention"),
+    "DiCo-S-AgentAttn": _paper_search(
+        search_ushape, TABLE4, "CM->Agent Attn", mixer="agent_attention", mixer_kwargs={"agent_num": 49}
+    ),
+    "DiCo-iso": _paper_search(search_isotropic, TABLE3, "DiCo (iso.)", widths=(384,), ratios=_ISO_RATIOS),
+    "DiCo-iso-skip": _paper_search(
+        search_isotropic, TABLE3, "DiCo (iso.&skip)", long_skips=5, widths=(384,), ratios=_ISO_RATIOS
+    ),
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reduced-size rows (the ablation suite's ``proxy`` budget on the 8x8 digits)
+# ---------------------------------------------------------------------------------------------------------------
+#: The one scaling rule. Widths (and attention head dims) shrink by ``WIDTH_DIVISOR``; the input shrinks from
+#: 32x32x4 latents to the 8x8x1 digits (10 classes), so every stage resolution shrinks by 4 and window sizes and
+#: agent grids shrink with it (same fraction of the stage); kernel sizes, head counts, FFN ratios, SE's reduction
+#: and stage depths stay. Rows whose depths the paper adjusted for equal counts (``Variant.adjusted``) are
+#: re-adjusted at the reduced size by the same search, targeting the paper's #params and Gflops *ratios* to DiCo-S
+#: (both tables' reference row) times the reduced DiCo-S's counts.
+WIDTH_DIVISOR = 4
+PROXY_DATA = {"in_channels": 1, "input_size": 8, "num_classes": 10}
+REFERENCE_ROW = (TABLE4, "DiCo-S")
+#: head_dim defaults of the attention mixers (their constructors') when a variant does not set one
+_HEAD_DIM_DEFAULTS = {"self_attention": 64, "window_attention": 32, "focused_linear_attention": 32,
+                      "agent_attention": 32}  # fmt: skip
+
+
+def _scaled_mixer_kwargs(mixer: str, mixer_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    mk = dict(mixer_kwargs)
+    k = WIDTH_DIVISOR
+    if mixer in _HEAD_DIM_DEFAULTS:
+        mk["head_dim"] = mk.get("head_dim", _HEAD_DIM_DEFAULTS[mixer]) // k
+    if "window_size" in mk:
+        mk["window_size"] = max(1, mk["window_size"] // k)
+    if "agent_num" in mk:
+        pool = max(1, round(math.isqrt(mk["agent_num"]) / k))
+        mk["agent_num"], mk["bias_grid"] = pool * pool, pool
+    if mk.get("channel_attention") == "channel_self_attention":
+        cak = dict(mk.get("channel_attention_kwargs") or {})
+        cak["head_dim"] = cak.get("head_dim", 64) // k
+        mk["channel_attention_kwargs"] = cak
+    return mk
+
+
+def scaled_overrides(name: str) -> dict[str, Any]:
+    """The rule without the depth re-adjustment: ``create_model(name, **scaled_overrides(name))``."""
+    v = VARIANTS[name]
+    kw = dict(v.kwargs)
+    out: dict[str, Any] = {**PROXY_DATA, "hidden_size": kw["hidden_size"] // WIDTH_DIVISOR}
+    if v.arch == "DiT":
+        return out  # heads stay (head dim shrinks with the width)
+    mk = _scaled_mixer_kwargs(kw.get("mixer", "conv"), kw.get("mixer_kwargs") or {})
+    if mk:
+        out["mixer_kwargs"] = mk
+    return out
+
+
+@dataclass
+class ProxyShape:
+    """A reduced-size row: overrides for ``create_model(name, **overrides)`` and its counts against the rule's
+    targets (``None`` for rows whose shape is not adjusted)."""
+
+    name: str
+    overrides: dict[str, Any]
+    params: int
+    macs: int
+    target_params: float | None
+    target_macs: float | None
+
+    @property
+    def errors(self) -> tuple[float, float] | None:
+        if self.target_params is None or self.target_macs is None:
+            return None
+        return self.params / self.target_params - 1, self.macs / self.target_macs - 1
+
+
+def _counts(name: str, overrides: Mapping[str, Any]) -> tuple[int, int]:
+    from dico.models import create_model
+
+    return exact_counts(lambda **kw: create_model(name, **kw), **overrides)
+
+
+def proxy_shape(name: str, tol: float = 0.03) -> ProxyShape:
+    """The reduced-size row of variant ``name`` by the rule above (:data:`WIDTH_DIVISOR`)."""
+    v = VARIANTS[name]
+    overrides = scaled_overrides(name)
+    if not v.adjusted:
+        return ProxyShape(name, overrides, *_counts(name, overrides), None, None)
+    ref_table, ref_row = REFERENCE_ROW
+    ref, row = paper_row(ref_table, ref_row), paper_row(*_paper_key(name))
+    ref_p, ref_m = _counts(ref_row, scaled_overrides(ref_row))
+    target_p, target_m = ref_p * row["params_M"] / ref["params_M"], ref_m * row["gflops"] / ref["gflops"]
+    kw, width = dict(v.kwargs), overrides["hidden_size"]
+    fixed = {"in_channels": PROXY_DATA["in_channels"], "num_classes": PROXY_DATA["num_classes"]}
+    common = dict(mixer=kw.get("mixer", "conv"), mixer_kwargs=overrides.get("mixer_kwargs"), widths=(width,),
+                  input_size=PROXY_DATA["input_size"], tol=tol, **fixed)  # fmt: skip
+    if v.arch == "IsotropicDiCo":
+        ratio = kw.get("mlp_ratio", 2.0)
+        result = search_isotropic(target_p / 1e6, target_m / 1e9, long_skips=kw.get("long_skips", 0),
+                                  ratios=_ISO_RATIOS, depth_range=range(1, 41), patch_size=kw.get("patch_size", 2),
+                                  base=(width, ratio, kw["depth"]), **common)  # fmt: skip
+    else:
+        result = search_ushape(target_p / 1e6, target_m / 1e9, ffn_act=kw.get("ffn_act", "gelu"),
+                               ratios=(kw.get("mlp_ratio", 2.0),), depth_range=range(1, 11),
+                               base=(width, kw.get("mlp_ratio", 2.0), tuple(kw["depth"])), **common)  # fmt: skip
+    best = result.best or result.closest
+    assert best is not None
+    overrides.update(depth=best.kwargs()["depth"], mlp_ratio=best.mlp_ratio)
+    return ProxyShape(name, overrides, best.params, best.macs, target_p, target_m)
+
+
+def _paper_key(name: str) -> tuple[str, str]:
+    """The paper row of a variant (the first, for a variant in both tables)."""
+    return next((r.table, r.row) for r in ABLATION_ROWS.values() if r.model == name)
+
+
+def main(argv: list[str] | None = None) -> None:  # pragma: no cover - a report, run by hand
+    """Print the search behind every adjusted shape (``--proxy``: the reduced-size rows instead)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--proxy", action="store_true", help="print the reduced-size rows of the proxy budget")
+    if parser.parse_args(argv).proxy:
+        for name in VARIANTS:
+            shape = proxy_shape(name)
+            err = "" if shape.errors is None else " (vs target: {:+.1%} params, {:+.1%} MACs)".format(*shape.errors)
+            print(f"{name}: {shape.overrides} -> {shape.params:,} params, {shape.macs:,} MACs{err}")
+        return
     for name, run in SEARCHES.items():
         result = run()
         print(f"== {name}: target {result.target_params_M}M / {result.target_gflops} G")

@@ -21,7 +21,6 @@ from dico.analysis.runs import (
     read_metrics,
     smooth,
     tile,
-    tiny_quickstart_config,
     train_or_load_quickstart,
 )
 from dico.analysis.training import noised_digits
@@ -70,10 +69,11 @@ def test_captured_attention_rows_sum_to_one_and_reproduce_the_attention_output()
     torch.testing.assert_close(probs.sum(-1), torch.ones(3, 4, 64))
     assert (probs >= 0).all()
     # softmax(QK^T / sqrt(d)) V, heads merged, projected == what the block's attention returned
-    b, n, c = seen["x"].shape
-    v = block.qkv(seen["x"]).view(b, n, 3, 4, c // 4)[:, :, 2].transpose(1, 2)  # (B, heads, N, d)
+    tokens = seen["x"].flatten(1, 2)  # DiT's blocks run on a channels-last token grid (B, h, w, C)
+    b, n, c = tokens.shape
+    v = block.qkv(tokens).view(b, n, 3, 4, c // 4)[:, :, 2].transpose(1, 2)  # (B, heads, N, d)
     out = block.proj((probs @ v).transpose(1, 2).reshape(b, n, c))
-    torch.testing.assert_close(out, seen["out"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, seen["out"].flatten(1, 2), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(probs, torch.full_like(probs, 1 / 64), atol=1e-3)  # not trivially uniform
 
 
@@ -317,18 +317,38 @@ def test_tile_puts_image_k_at_row_k_div_cols():
     assert grid[2, 0, 0] == pytest.approx(0.6) and grid[3, 8, 0] == pytest.approx(1.0)
 
 
-def test_tiny_quickstart_config_cuts_the_run_down():
+def test_tiny_quickstart_is_an_overlay_of_the_quickstart(capsys):
+    """The CI-sized quickstart composes as `cli.py fit -c quickstart.yaml -c quickstart-tiny.yaml --trainer...`."""
     import yaml
 
-    from dico.analysis.runs import QUICKSTART_CONFIG
+    import cli
+    from dico.analysis.runs import quickstart_args, quickstart_config
 
-    full = yaml.safe_load(QUICKSTART_CONFIG.read_text())
-    tiny = tiny_quickstart_config(full, steps=40, eval_every=20)
-    assert tiny["trainer"]["max_steps"] == 40 and full["trainer"]["max_steps"] == 2000  # the original is untouched
-    assert [lg["class_path"].rsplit(".", 1)[-1] for lg in tiny["trainer"]["logger"]] == ["CSVLogger"]
-    fid = next(cb for cb in tiny["trainer"]["callbacks"] if cb["class_path"].endswith("FIDEvaluation"))
-    assert fid["init_args"]["every_n_steps"] == 20 and fid["init_args"]["num_samples"] == 50
-    assert tiny["model"]["sampling_steps"] == 10 and full["model"]["sampling_steps"] == 250
+    with pytest.raises(SystemExit):
+        cli.main(["fit", *quickstart_args(steps=40, eval_every=20), "--print_config"])
+    tiny = yaml.safe_load(capsys.readouterr().out)
+    full = yaml.safe_load(quickstart_config().read_text())
+    t = tiny["trainer"]
+    assert t["max_steps"] == 40 and t["default_root_dir"] == full["trainer"]["default_root_dir"]
+    assert [lg["class_path"].rsplit(".", 1)[-1] for lg in t["logger"]] == ["CSVLogger"]
+    by_name = {cb["class_path"].rsplit(".", 1)[-1]: cb.get("init_args", {}) for cb in t["callbacks"]}
+    assert by_name["FIDEvaluation"]["every_n_steps"] == 20 and by_name["FIDEvaluation"]["num_samples"] == 50
+    assert by_name["ModelCheckpoint"]["every_n_train_steps"] == 40
+    assert by_name["ModelCheckpoint"]["dirpath"] == f"{full['trainer']['default_root_dir']}/checkpoints"
+    assert tiny["model"]["sampling_steps"] == 10 and tiny["model"]["model"] == full["model"]["model"]
+    assert quickstart_args() == ["-c", str(quickstart_config())]
+
+
+def test_checkout_root_is_found_without_the_package_path(tmp_path, monkeypatch):
+    from dico.analysis.notebook import checkout_root
+
+    root = checkout_root()
+    assert (root / "cli.py").is_file() and (root / "experiments" / "quickstart.yaml").is_file()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DICO_ROOT", str(root))
+    assert checkout_root() == root
+    monkeypatch.setenv("DICO_ROOT", str(tmp_path))  # not a checkout: the next candidates still find it
+    assert checkout_root(root / "notebooks") == root
 
 
 def test_train_or_load_quickstart_loads_an_existing_checkpoint(tmp_path, monkeypatch):
@@ -359,21 +379,25 @@ def test_read_results_parses_the_runner_csv(tmp_path):
     from ablations.report import write_report
 
     results = []
-    for key, throughput, fid in [((TABLE4, "DiCo-S"), 10.0, 50.0), ((TABLE4, "w/o CCA"), 12.0, None)]:
+    for key, ratio, fid in [((TABLE4, "DiCo-S"), 1.0, 50.0), ((TABLE4, "w/o CCA"), 1.2, None)]:
         row = ABLATION_ROWS[key]
-        r = {"row": row.row, "model": row.model, "note": row.note, "deviation": row.deviation, "paper": row.paper,
-             "params": 33e6, "gmacs": 4.2, "throughput": throughput, "throughput_batch": 2,
-             "device": "cpu"}  # fmt: skip
+        size = {"params": 33_000_000, "gmacs": 4.2}
+        r = {"row": row.row, "model": row.model, "seed": 0, "note": row.note, "shape": row.variant.shape,
+             "deviation": row.deviation, "paper": row.paper, "model_kwargs": {}, "trained_size": size,
+             "reference_size": size, "throughput_ratio": ratio, "throughput_batch": 2, "sdpa_kernel": "math",
+             "device": "cpu", "run_dir": "runs/x", "command": "python cli.py fit ..."}  # fmt: skip
         if fid is not None:
             r["metrics"] = {"frechet_inception_distance": fid}
         results.append(r)
-    write_report(results, tmp_path, "table4-structure")
+    write_report("4", "structure", results, tmp_path, "python ablations/run.py ...")
     (tmp_path / "unrelated.csv").write_text("a,b\n1,2\n")
     [table] = read_results(tmp_path)
-    assert (table.table, table.budget) == ("4", "structure") and table.column("row") == ["DiCo-S", "w/o CCA"]
-    assert table.rows[1]["throughput_ratio"] == pytest.approx(1.2) and table.rows[0]["fid"] == 50.0
-    assert math.isnan(table.rows[1]["fid"]) and not table.trained
-    assert table.rows[0]["paper_fid"] == ABLATION_ROWS[TABLE4, "DiCo-S"].paper["fid"]
+    assert (table.table, table.budget) == ("4", "structure") and table.column("row")[:2] == ["DiCo-S", "GELU->ReLU"]
+    by_row = {r["row"]: r for r in table.rows}
+    assert by_row["w/o CCA"]["throughput_ratio"] == pytest.approx(1.2) and by_row["DiCo-S"]["fid"] == 50.0
+    assert math.isnan(by_row["w/o CCA"]["fid"]) and math.isnan(by_row["GELU->ReLU"]["throughput_ratio"])
+    assert table.trained  # some row was scored (the rest of the table is not finished)
+    assert by_row["DiCo-S"]["paper_fid"] == ABLATION_ROWS[TABLE4, "DiCo-S"].paper["fid"]
     with pytest.raises(ValueError, match="table3"):
         read_result_csv(tmp_path / "unrelated.csv")
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 from dico.models import DiCo, DiT, create_model, list_models, load_official
 from dico.models.official import convert_official_state_dict
-from dico.profiling import count_macs, count_parameters
+from dico.profiling import count_macs, count_parameters, profile_macs
 
 PUBLISHED = ["DiCo-S", "DiCo-B", "DiCo-L", "DiCo-XL", "DiCo-H", "DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"]
 
@@ -117,7 +115,7 @@ def test_load_official_from_path(tmp_path, golden):
     ("build", "head"),
     [
         (small_dico, "head.proj."),
-        (lambda: DiT(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10), "head."),
+        (lambda: DiT(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10), "head.proj."),
     ],
 )
 def test_gradients_reach_every_parameter_once_trained(build, head):
@@ -197,65 +195,6 @@ def test_unknown_part_names_list_the_choices():
         create_model("DiCo-XXL")
 
 
-def test_inference_overwrites_only_its_own_intermediates():
-    """Without autograd the blocks write into their own intermediates: same outputs as the autograd path, bit for
-    bit, and the caller's tensors (model input, block input) are left alone."""
-    torch.manual_seed(0)
-    model = small_dico().eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.tensor([0, 3])
-    x0 = x.clone()
-    with torch.no_grad():
-        fast = model(x, t, y)
-    assert torch.equal(fast, model(x, t, y).detach()) and torch.equal(x, x0)
-    block, h, c = model.encoder1[0], torch.randn(2, 8, 8, 16), torch.randn(2, 16)
-    h0 = h.clone()
-    with torch.inference_mode():
-        block(h, c)
-    assert torch.equal(h, h0)
-
-
-def test_hooked_intermediates_keep_their_values_in_inference():
-    """A forward hook keeping a module's output (as feature analyses do) sees the value the module returned: the
-    inference fast path does not overwrite observed tensors, and every hooked module runs."""
-    torch.manual_seed(0)
-    model = small_dico().eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.tensor([0, 3])
-    block = model.encoder1[0]
-    watched = {"norm1": block.norm1, "dw": block.mixer.dw, "act": block.mixer.act, "ca": block.mixer.channel_attention,
-               "mixer": block.mixer, "ffn": block.ffn}  # fmt: skip
-    kept: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in watched}
-    handles = [m.register_forward_hook(lambda m, i, o, k=k: kept[k].append((o, o.clone()))) for k, m in watched.items()]
-    with torch.no_grad():
-        out = model(x, t, y)
-    for h in handles:
-        h.remove()
-    for name, seen in kept.items():
-        assert seen, f"{name} did not run"
-        assert all(torch.equal(o, copy) for o, copy in seen), f"{name}'s output was overwritten after it returned"
-    with torch.no_grad():
-        torch.testing.assert_close(model(x, t, y), out, rtol=0, atol=0)
-
-
-def test_mac_counting_path_computes_the_same_outputs():
-    """Under torch.jit tracing (torchprofile) the blocks take the published multiply/add ops instead of the fused
-    ones, so that the MAC counts match; both paths compute the same function."""
-    torch.manual_seed(0)
-    model = small_dico().eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.tensor([0, 3])
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TracerWarning: the CPU label check becomes a constant
-        traced = torch.jit.trace(model, (x, t, y), check_trace=False)
-        ops = {n.kind() for n in traced.inlined_graph.nodes()}
-        torch.testing.assert_close(traced(x, t, y), model(x, t, y), rtol=1e-5, atol=1e-6)
-    assert "aten::addcmul" not in ops and "aten::mean" in ops
-
-
 @pytest.mark.parametrize(
     ("name", "shape"), [("DiCo-S", {"depth": [1, 1, 1, 1, 1]}), ("DiT-S/2", {"depth": 2, "num_heads": 2})]
 )
@@ -274,3 +213,19 @@ def test_models_trace_as_one_graph_for_torch_compile(name, shape):
         torch.testing.assert_close(compiled(x, t, y), out.detach(), rtol=0, atol=0)
         torch.testing.assert_close(model(x, t, y), out.detach(), rtol=1e-6, atol=1e-6)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_mac_counter_counts_a_fused_multiply_add_as_its_multiply():
+    """The blocks fuse ``a + b * c`` into ``addcmul``, which torchprofile does not know: counted as the unfused ops
+    (one multiply per output element, the add free), the published counts hold (the tests above)."""
+
+    class Unfused(torch.nn.Module):
+        def forward(self, a, b, c):
+            return a + b * c
+
+    class Fused(torch.nn.Module):
+        def forward(self, a, b, c):
+            return torch.addcmul(a, b, c)
+
+    a, b, c = torch.randn(2, 5, 5, 8), torch.randn(2, 1, 1, 8), torch.randn(2, 5, 5, 8)
+    assert profile_macs(Fused(), (a, b, c)) == profile_macs(Unfused(), (a, b, c)) == 2 * 5 * 5 * 8

@@ -358,10 +358,13 @@ def test_cli_rejects_unknown_keys(tmp_path):
         run_cli("fit", "-c", str(bad), cwd=tmp_path)
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", sorted(p for p in (ROOT / "experiments").glob("*.yaml") if p.stem != "base"),
+                         ids=lambda p: p.stem)  # fmt: skip
 def test_experiment_configs_parse_and_keep_the_paper_batch(config, capsys, paper):
+    # the paper setups are overlays of experiments/base.yaml; the quickstart stands alone
+    configs = [config] if config.stem == "quickstart" else [ROOT / "experiments" / "base.yaml", config]
     with pytest.raises(SystemExit) as done:
-        cli.main(["fit", "-c", str(config), "--print_config"])
+        cli.main(["fit", *(a for c in configs for a in ("-c", str(c))), "--print_config"])
     assert done.value.code in (0, None)
     resolved = yaml.safe_load(capsys.readouterr().out)
     if config.stem == "quickstart":
@@ -376,6 +379,12 @@ def test_experiment_configs_parse_and_keep_the_paper_batch(config, capsys, paper
     assert m["warmup_steps"] == recipe["warmup_steps"]
     ema = next(c for c in t["callbacks"] if c["class_path"].endswith("EMA"))
     assert ema["init_args"]["decay"] == recipe.get("ema_decay", 0.9999)
+    # one run folder, named once by the overlay, holds every output
+    run_dir = t["default_root_dir"]
+    assert run_dir == f"runs/{config.stem}"
+    paths = [c["init_args"]["dirpath"] for c in t["callbacks"] if "dirpath" in c.get("init_args", {})]
+    paths += [lg["init_args"]["save_dir"] for lg in t["logger"]]
+    assert paths and all(p.startswith(run_dir) for p in paths)
 
 
 def test_ddp_on_two_cpu_processes(tmp_path):

@@ -24,7 +24,9 @@ METRICS = ("euclidean", "chebyshev")
 
 
 def attention_probabilities(attn: MultiHeadSelfAttention, x: Tensor) -> Tensor:
-    """The probabilities (B, heads, N, N) that ``attn`` applies to tokens ``x`` (B, N, C); rows sum to 1."""
+    """The probabilities (B, heads, N, N) that ``attn`` applies to tokens ``x`` (B, N, C) or to a channels-last
+    token grid (B, h, w, C) (DiT's blocks, token n at row n // w); rows sum to 1."""
+    x = x.flatten(1, -2)
     b, n, c = x.shape
     h = attn.num_heads
     q, k, _ = attn.qkv(x).view(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)

@@ -20,8 +20,31 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
 SIZES = ("tiny", "full")
+
+
+def checkout_root(start: str | Path | None = None) -> Path:
+    """The dico checkout (the folder with ``cli.py`` and ``experiments/``) that the analyses run configs from:
+    ``$DICO_ROOT``, else ``start`` or the current folder or one of their parents, else where the ``cli`` module
+    is imported from. An installed wheel has no ``experiments/``: the error says how to point at a checkout."""
+    import importlib.util
+
+    env = os.environ.get("DICO_ROOT")
+    candidates = [Path(env)] if env else []
+    for base in (Path(start) if start else None, Path.cwd()):
+        if base is not None:
+            base = base.resolve()
+            candidates += [base, *base.parents]
+    spec = importlib.util.find_spec("cli")
+    if spec is not None and spec.origin:
+        candidates.append(Path(spec.origin).resolve().parent)
+    for folder in candidates:
+        if (folder / "cli.py").is_file() and (folder / "experiments").is_dir():
+            return folder
+    raise FileNotFoundError(
+        "no dico checkout found (a folder with cli.py and experiments/): run from inside a clone of the repository "
+        "or set DICO_ROOT=/path/to/the/clone"
+    )
 
 
 @dataclass(frozen=True)
@@ -59,12 +82,12 @@ def notebook_settings(seed: int = 0) -> NotebookSettings:
     elif size == "tiny":
         workdir = Path(tempfile.mkdtemp(prefix="dico-notebook-"))
     else:
-        workdir = ROOT
+        workdir = checkout_root()
     workdir.mkdir(parents=True, exist_ok=True)
     if size == "tiny":
         torch.set_num_threads(1)
     torch.manual_seed(seed)
-    return NotebookSettings(size, ROOT, workdir)
+    return NotebookSettings(size, checkout_root(), workdir)
 
 
 def execute_notebook(
@@ -86,7 +109,8 @@ def execute_notebook(
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
     kernel_env = {**os.environ, **(env or {}), "DICO_NOTEBOOK_SIZE": size}
-    kernel_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    root = str(checkout_root(path.parent))
+    kernel_env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     resources = {"metadata": {"path": str(path.parent)}}  # the kernel's working directory
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources=resources)
     client.execute(env=kernel_env)
@@ -133,7 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["SIZES", "NotebookSettings", "clear_outputs", "execute_notebook", "main", "notebook_settings"]
+__all__ = [
+    "SIZES",
+    "NotebookSettings",
+    "checkout_root",
+    "clear_outputs",
+    "execute_notebook",
+    "main",
+    "notebook_settings",
+]
 
 if __name__ == "__main__":
     sys.exit(main())

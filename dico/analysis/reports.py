@@ -15,7 +15,7 @@ from dico.models.ablation import TABLE3, TABLE4, paper_tables
 TABLE_KEYS = {"3": TABLE3, "4": TABLE4}
 _NAME = re.compile(r"^table(?P<table>[34])-(?P<budget>[A-Za-z0-9_]+)$")
 #: Columns of the runner's CSV that stay text.
-TEXT_COLUMNS = ("row", "model", "note")
+TEXT_COLUMNS = ("row", "model", "fid_per_seed", "sdpa_kernel", "wandb")
 
 
 @dataclass
@@ -29,8 +29,8 @@ class ResultTable:
 
     @property
     def trained(self) -> bool:
-        """Whether this budget trained and scored the rows (FID present for every row)."""
-        return bool(self.rows) and all(not math.isnan(r["fid"]) for r in self.rows)
+        """Whether this budget trained and scored rows (an FID in any row; a partial table has empty rows)."""
+        return any(not math.isnan(r["fid"]) for r in self.rows)
 
     def column(self, name: str) -> list[Any]:
         return [r[name] for r in self.rows]
@@ -55,11 +55,11 @@ def read_result_csv(path: str | Path) -> ResultTable:
     return ResultTable(path, match["table"], match["budget"], rows)
 
 
-BUDGET_ORDER = ("structure", "smoke", "short", "paper")
+BUDGET_ORDER = ("structure", "smoke", "proxy", "short", "paper")
 
 
 def read_results(results_dir: str | Path) -> list[ResultTable]:
-    """Every ``table*-*.csv`` in ``results_dir``, by table then budget (structure, smoke, short, paper)."""
+    """Every ``table*-*.csv`` in ``results_dir``, by table then budget (structure, smoke, proxy, short, paper)."""
     tables = [read_result_csv(p) for p in sorted(Path(results_dir).glob("table[34]-*.csv"))]
     rank = {b: i for i, b in enumerate(BUDGET_ORDER)}
     return sorted(tables, key=lambda t: (t.table, rank.get(t.budget, len(rank)), t.budget))

@@ -6,10 +6,9 @@ import csv
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,8 +16,15 @@ import torch
 if TYPE_CHECKING:
     from dico.module import DiffusionModule
 
-ROOT = Path(__file__).resolve().parents[2]
-QUICKSTART_CONFIG = ROOT / "experiments" / "quickstart.yaml"
+#: The quickstart cut down to CI size: an overlay on experiments/quickstart.yaml (packaged with dico)
+TINY_QUICKSTART = Path(__file__).with_name("quickstart-tiny.yaml")
+
+
+def quickstart_config() -> Path:
+    """``experiments/quickstart.yaml`` of the checkout (:func:`~dico.analysis.notebook.checkout_root`)."""
+    from dico.analysis.notebook import checkout_root
+
+    return checkout_root() / "experiments" / "quickstart.yaml"
 
 
 @dataclass
@@ -78,82 +84,65 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- quickstart
-def tiny_quickstart_config(config: dict[str, Any], steps: int = 60, eval_every: int = 30) -> dict[str, Any]:
-    """The quickstart config (a parsed ``experiments/quickstart.yaml``) cut down for a CI-sized CPU run.
-
-    ``steps`` training steps, FID on 50 samples of 10 sampling steps every ``eval_every`` steps (and at the
-    start), 10-step samplers, two final samples per class, CSV logging only (no wandb run).
-    """
-    config = {**config, "trainer": dict(config["trainer"]), "model": dict(config["model"])}
-    trainer = config["trainer"]
-    trainer.update(max_steps=steps, val_check_interval=eval_every, log_every_n_steps=max(1, min(5, steps // 10)),
-                   enable_progress_bar=False)  # fmt: skip
-    trainer["logger"] = [lg for lg in trainer["logger"] if lg["class_path"].endswith("CSVLogger")]
-    callbacks = []
-    for cb in trainer["callbacks"]:
-        cb = {**cb, "init_args": dict(cb.get("init_args") or {})}
-        name = cb["class_path"].rsplit(".", 1)[-1]
-        if name == "SampleGrid":
-            cb["init_args"].update(every_n_steps=0, final_per_class=2)
-        elif name == "FIDEvaluation":
-            cb["init_args"].update(every_n_steps=eval_every, num_samples=50, batch_size=50, steps=10)
-        elif name == "ModelCheckpoint":
-            cb["init_args"].update(every_n_train_steps=steps)
-        callbacks.append(cb)
-    trainer["callbacks"] = callbacks
-    config["model"]["sampling_steps"] = 10
-    return config
+def quickstart_args(steps: int | None = None, eval_every: int | None = None) -> list[str]:
+    """``cli.py fit`` arguments of the quickstart; with ``steps``, the CI-sized overlay :data:`TINY_QUICKSTART`
+    for ``steps`` training steps with a digits FID every ``eval_every`` steps (default: half of them)."""
+    args = ["-c", str(quickstart_config())]
+    if steps is not None:
+        every = eval_every or max(1, steps // 2)
+        args += ["-c", str(TINY_QUICKSTART), "--trainer.max_steps", str(steps), "--trainer.val_check_interval",
+                 str(every)]  # fmt: skip
+    return args
 
 
-def train_quickstart(workdir: str | Path, config: dict[str, Any] | None = None, timeout: float | None = None) -> Path:
-    """Run ``python cli.py fit`` on the quickstart config (or ``config``) in ``workdir``; returns the run folder.
+def train_quickstart(workdir: str | Path, steps: int | None = None, eval_every: int | None = None,
+                     timeout: float | None = None) -> Path:  # fmt: skip
+    """Run ``python cli.py fit`` on the quickstart (``steps``: the CI-sized overlay, see :func:`quickstart_args`) in
+    ``workdir``; returns the run folder.
 
     The config's relative paths (``runs/quickstart``, the digits reference and classifier) land in ``workdir``.
     A separate process, as the README runs it, with this process's number of torch threads; its output is shown if
     it fails.
     """
-    import yaml
+    from dico.analysis.notebook import checkout_root
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if config is None:
-        config, cfg_path = yaml.safe_load(QUICKSTART_CONFIG.read_text()), QUICKSTART_CONFIG
-    else:  # outside workdir, which may be the checkout
-        cfg_path = Path(tempfile.mkdtemp(prefix="dico-quickstart-")) / "quickstart.yaml"
-        cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    root = checkout_root()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # as many threads as this process uses
-    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", "-c", str(cfg_path)], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    command = [sys.executable, str(root / "cli.py"), "fit", *quickstart_args(steps, eval_every)]
+    proc = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
         raise RuntimeError(f"quickstart training failed (exit {proc.returncode}):\n{tail}")
-    return workdir / Path(config["trainer"]["default_root_dir"])
+    return run_dir_of(workdir)
 
 
-def run_dir_of(workdir: str | Path, config: dict[str, Any] | None = None) -> Path:
-    """Where a quickstart config run from ``workdir`` writes (``trainer.default_root_dir``)."""
+def run_dir_of(workdir: str | Path) -> Path:
+    """Where the quickstart run from ``workdir`` writes (its ``trainer.default_root_dir``; the tiny overlay keeps
+    it)."""
     import yaml
 
-    config = config or yaml.safe_load(QUICKSTART_CONFIG.read_text())
-    return Path(workdir) / config["trainer"]["default_root_dir"]
+    return Path(workdir) / yaml.safe_load(quickstart_config().read_text())["trainer"]["default_root_dir"]
 
 
 def train_or_load_quickstart(
-    workdir: str | Path, config: dict[str, Any] | None = None
+    workdir: str | Path, steps: int | None = None, eval_every: int | None = None
 ) -> tuple[DiffusionModule, Path, bool]:
-    """The quickstart's model: loaded from ``<run>/checkpoints/last.ckpt`` if it exists, else trained first.
+    """The quickstart's model: loaded from ``<run>/checkpoints/last.ckpt`` if it exists, else trained first
+    (``steps``/``eval_every``: the CI-sized run, see :func:`quickstart_args`).
 
     Returns (module with EMA weights, run folder, whether it was trained now).
     """
     from dico.sample_jobs import load_module
 
-    run_dir = run_dir_of(workdir, config)
+    run_dir = run_dir_of(workdir)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     trained = not ckpt.exists()
     if trained:
-        run_dir = train_quickstart(workdir, config)
+        run_dir = train_quickstart(workdir, steps, eval_every)
     return load_module(str(ckpt)).eval(), run_dir, trained
 
 
@@ -180,14 +169,15 @@ def tile(images: torch.Tensor, rows: int, cols: int) -> np.ndarray:
 
 
 __all__ = [
-    "QUICKSTART_CONFIG",
+    "TINY_QUICKSTART",
     "Curve",
     "class_grid",
+    "quickstart_args",
+    "quickstart_config",
     "read_metrics",
     "run_dir_of",
     "smooth",
     "tile",
-    "tiny_quickstart_config",
     "train_or_load_quickstart",
     "train_quickstart",
 ]

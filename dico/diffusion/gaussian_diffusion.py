@@ -68,8 +68,6 @@ class GaussianDiffusion:
         self._numpy_tables: dict[str, np.ndarray] = {
             "sqrt_alphas_cumprod": np.sqrt(ac),
             "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
-            "one_minus_alphas_cumprod": 1.0 - ac,
-            "log_one_minus_alphas_cumprod": np.log(1.0 - ac),
             "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
             "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
             "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
@@ -107,13 +105,6 @@ class GaussianDiffusion:
         return model(x, self.model_timesteps(t), **(model_kwargs or {}))
 
     # ------------------------------------------------------------------ forward process
-    def q_mean_variance(self, x_start: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean, variance and log variance of q(x_t | x_0)."""
-        mean = self._coef("sqrt_alphas_cumprod", t, x_start) * x_start
-        variance = self._coef("one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
-        log_variance = self._coef("log_one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
-        return mean, variance, log_variance
-
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """Draw x_t ~ q(x_t | x_0) = N(sqrt(abar) x_0, (1 - abar) I)."""
         if noise is None:

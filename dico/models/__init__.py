@@ -1,5 +1,6 @@
-"""Backbones: DiCo (U-shaped ConvNet), DiT baselines, the isotropic DiCo skeleton, their parts (token mixers,
-channel attentions), the ablation variants of Tables 3-4 (:mod:`.ablation`) and the published-checkpoint loader.
+"""Backbones: DiCo (U-shaped ConvNet), DiT baselines and the isotropic skeleton they share with "DiCo (iso.)",
+their parts (token mixers, channel attentions), the ablation variants of Tables 3-4 (:mod:`.ablation`) and the
+published-checkpoint loader.
 
 Pure torch: nothing here imports Lightning, the diffusion package, wandb or torch-fidelity.
 """
@@ -8,7 +9,7 @@ from . import ablation, attention, channel_attention, mixers  # noqa: F401  (reg
 from .base import DiffusionBackbone
 from .dico import DICO_CONFIGS, DiCo
 from .dit import DIT_CONFIGS, DiT
-from .isotropic import IsotropicDiCo
+from .isotropic import IsotropicBackbone, IsotropicDiCo
 from .official import convert_official_state_dict, load_official
 from .registry import CHANNEL_ATTENTION, MODELS, TOKEN_MIXERS, create_model, list_models, register_model
 
@@ -21,6 +22,7 @@ __all__ = [
     "DiCo",
     "DiT",
     "DiffusionBackbone",
+    "IsotropicBackbone",
     "IsotropicDiCo",
     "convert_official_state_dict",
     "create_model",

@@ -1,8 +1,9 @@
 """Every row of the paper's ablation Tables 3 and 4 as a named, registered model variant.
 
-One place for the runner to import: :data:`ABLATION_ROWS` maps (table, paper row) -> :class:`AblationRow`
-(registry name, constructor, keyword arguments, note, recorded counts, known deviation). Each variant is a
-registry name built from swappable parts -- a skeleton (DiCo's U-shape, DiT, or the isotropic DiCo skeleton), a
+One table of pure data: :data:`VARIANTS` (registry name -> :class:`Variant`: constructor, keyword arguments,
+note, our recorded counts, how its shape was chosen, any departure from the row's family), and the two paper
+tables as (paper row -> registry name); :data:`ABLATION_ROWS` joins them. Each variant is a registry name built
+from swappable parts -- a skeleton (DiCo's U-shape, DiT, or the isotropic DiCo skeleton), a
 token mixer, a channel attention, an activation -- never a copy of a model file::
 
     from dico.models import create_model
@@ -13,11 +14,11 @@ token mixer, a channel attention, an activation -- never a copy of a model file:
     smoke = create_model(row.model, **row.tiny_overrides())  # a CPU-sized one of the same family
 
 Shapes. The paper gives no shapes for the rows it marks "depth and width adjusted" (Table 4) nor for the
-isotropic DiCo (Table 3). The shapes below are OURS, chosen by :mod:`dico.shape_search` (the searches are in
-:data:`SEARCHES`; ``python -m dico.shape_search`` reprints them): within 1% of the paper's #params and Gflops,
+isotropic DiCo (Table 3). The shapes below are OURS, chosen by :mod:`dico.shape_search` (which imports this
+table; ``python -m dico.shape_search`` reprints the searches): within 1% of the paper's #params and Gflops,
 preferring DiCo-S's FFN ratio, then its width, then the fewest blocks moved from (5, 4, 4, 4, 4). They are never
-claimed to be the authors'. :data:`SHAPE_CHOICES` states each choice and its reason; :data:`DEVIATIONS` lists
-rows whose counts miss the paper by more than 1% (none at present) and departures from the row's family.
+claimed to be the authors'. ``Variant.shape`` states each choice and its reason, ``Variant.deviation`` any knob
+outside "depths and width" that had to move (every variant is within 1% of the paper's counts).
 
 Counts are parameters (frozen ones included) and torchprofile 0.1.0 MACs of one forward on 1x4x32x32.
 """
@@ -48,8 +49,11 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"DiCo": DiCo, "DiT": DiT, 
 class Variant:
     """A registered model variant: ``ARCHITECTURES[arch](**kwargs)``.
 
-    ``params``/``macs`` are our exact counts at 32x32 (checked by the tests); ``tiny`` are overrides giving a
-    CPU-sized model of the same family (hidden 16, 16x16 input) for smoke runs and tests.
+    ``params``/``macs`` are our exact counts at 32x32 (checked by the tests); ``shape`` says where the shape
+    comes from ("published", or our search and its reason); ``adjusted``: the paper adjusted depth/width of
+    this row for equal counts (or gives no shape), so its shape is searched, at full size and at any reduced
+    size (:mod:`dico.shape_search`); ``deviation``: a knob outside depths and width that had to move; ``tiny``:
+    overrides giving a CPU-sized model of the same family (hidden 16, 16x16 input) for unit tests.
     """
 
     name: str
@@ -58,6 +62,9 @@ class Variant:
     note: str
     params: int
     macs: int
+    shape: str = "published"
+    adjusted: bool = False
+    deviation: str = ""
     tiny: Mapping[str, Any] = field(default_factory=dict)
 
     def build(self, **overrides: Any) -> nn.Module:
@@ -89,8 +96,8 @@ class AblationRow:
         return self.variant.note
 
     @property
-    def deviation(self) -> dict[str, Any] | None:
-        return DEVIATIONS.get(self.model)
+    def deviation(self) -> str:
+        return self.variant.deviation
 
     @property
     def paper(self) -> dict[str, Any]:
@@ -157,6 +164,7 @@ _VARIANT_LIST = [
         note="DiT-S/2 with U-ViT long skips: the outputs of blocks 1-5 join the inputs of blocks 12-8 (Linear 2C->C).",
         params=34_439_840,
         macs=6_437_978_370,
+        shape="DiT-S/2 + 5 long skips",
         tiny={**_TINY_DIT, "long_skips": 2},
     ),
     Variant(
@@ -167,6 +175,17 @@ _VARIANT_LIST = [
         "depth 10 and FFN ratio 6.5 are our search's shape, not the authors'.",
         params=33_487_520,
         macs=5_691_756_546,
+        shape=(
+            "ours: width 384, depth 10, FFN ratio 6.5; width 384 from the paper's iso -> iso&skip step (five "
+            "Linear(768->384) on 16x16 tokens); depth and FFN ratio by search, the one shape within 1% of "
+            "both isotropic DiCo rows"
+        ),
+        adjusted=True,
+        deviation=(
+            "FFN ratio 6.5 instead of DiCo's 2 (or DiT's 4): with ratio <= 4 no width/depth of the isotropic "
+            "DiCo reaches 33.7M and 5.67 G together (closest: width 320, depth 20, ratio 4: +5.9% params, "
+            "-6.8% Gflops; ratio 2 at width 384 needs 17 blocks for 33.7M but gives only 3.9 G)"
+        ),
         tiny=_TINY_ISO,
     ),
     Variant(
@@ -176,6 +195,9 @@ _VARIANT_LIST = [
         note="DiCo-iso plus five U-ViT long skips (Linear 2C->C), as DiT-S/2-skip.",
         params=34_964_000,
         macs=6_069_243_906,
+        shape="ours: DiCo-iso + 5 long skips",
+        adjusted=True,
+        deviation="FFN ratio 6.5, as DiCo-iso",
         tiny={**_TINY_ISO, "long_skips": 2},
     ),
     Variant(
@@ -186,6 +208,13 @@ _VARIANT_LIST = [
         "ratio 2): the same model as CM->Self-Attn. Width 112 and depths (1, 6, 6, 7, 1) are our search's shape.",
         params=33_267_032,
         macs=4_267_693_568,
+        shape=(
+            "ours: width 112, depths (1, 6, 6, 7, 1); global attention at 32x32 is too costly for any depths "
+            ">= 1 at width 128 (closest (2, 1, 5, 4, 1): -1.6% params, +1.8% Gflops); the nearest width "
+            "(multiples of 16) within 1% is 112"
+        ),
+        adjusted=True,
+        deviation="width 112 instead of 128 (depths alone cannot reach 4.23 G with global attention at 32x32)",
         tiny=_tiny_dico(),
     ),
     Variant(
@@ -205,6 +234,7 @@ _VARIANT_LIST = [
         note="Every GELU of DiCo-S (conv module and FFN) replaced by ReLU.",
         params=33_137_672,
         macs=4_248_541_568,
+        shape="DiCo-S",
         tiny=_tiny_dico(),
     ),
     Variant(
@@ -214,6 +244,7 @@ _VARIANT_LIST = [
         note="DiCo-S with 5x5 depthwise convolutions in the conv modules.",
         params=33_229_832,
         macs=4_286_290_304,
+        shape="DiCo-S",
         tiny=_tiny_dico(),
     ),
     Variant(
@@ -223,6 +254,7 @@ _VARIANT_LIST = [
         note="DiCo-S with 7x7 depthwise convolutions in the conv modules.",
         params=33_368_072,
         macs=4_342_913_408,
+        shape="DiCo-S",
         tiny=_tiny_dico(),
     ),
     # ---- Table 4, adjusted rows: our shapes (SHAPE_CHOICES) -------------------------------------------------------
@@ -233,6 +265,10 @@ _VARIANT_LIST = [
         note="Conv modules without channel attention; depths (6, 3, 5, 3, 4) are our adjustment.",
         params=32_987_144,
         macs=4_245_570_304,
+        shape=(
+            "ours: depths (6, 3, 5, 3, 4), fewest blocks moved from DiCo-S's (5, 4, 4, 4, 4) at width 128, FFN ratio 2"
+        ),
+        adjusted=True,
         tiny=_tiny_dico(),
     ),
     Variant(
@@ -243,6 +279,10 @@ _VARIANT_LIST = [
         "our adjustment.",
         params=32_658_304,
         macs=4_245_631_616,
+        shape=(
+            "ours: depths (3, 5, 4, 5, 4), fewest blocks moved from DiCo-S's (5, 4, 4, 4, 4) at width 128, FFN ratio 2"
+        ),
+        adjusted=True,
         tiny=_tiny_dico(channel_attention_kwargs={"reduction": 4}),  # C/16 = 1 unit at width 16 can die (ReLU)
     ),
     Variant(
@@ -253,6 +293,10 @@ _VARIANT_LIST = [
         "(2, 2, 4, 3, 2) are our adjustment.",
         params=32_929_096,
         macs=4_286_563_085,
+        shape=(
+            "ours: depths (2, 2, 4, 3, 2), fewest blocks moved from DiCo-S's (5, 4, 4, 4, 4) at width 128, FFN ratio 2"
+        ),
+        adjusted=True,
         tiny=_tiny_dico(),
     ),
     Variant(
@@ -262,6 +306,13 @@ _VARIANT_LIST = [
         note="Conv modules replaced by global multi-head self-attention (head dim 56): the same model as DiT-U.",
         params=33_267_032,
         macs=4_267_693_568,
+        shape=(
+            "= DiT-U; ours: width 112, depths (1, 6, 6, 7, 1); global attention at 32x32 is too costly for "
+            "any depths >= 1 at width 128 (closest (2, 1, 5, 4, 1): -1.6% params, +1.8% Gflops); the nearest "
+            "width (multiples of 16) within 1% is 112"
+        ),
+        adjusted=True,
+        deviation="width 112 instead of 128 (depths alone cannot reach 4.23 G with global attention at 32x32)",
         tiny=_tiny_dico(),
     ),
     Variant(
@@ -272,6 +323,10 @@ _VARIANT_LIST = [
         "relative position bias, head dim 32); depths (4, 4, 4, 4, 2) are our adjustment.",
         params=32_966_056,
         macs=4_336_960_328,
+        shape=(
+            "ours: depths (4, 4, 4, 4, 2), fewest blocks moved from DiCo-S's (5, 4, 4, 4, 4) at width 128, FFN ratio 2"
+        ),
+        adjusted=True,
         tiny=_tiny_dico(window_size=4),
     ),
     Variant(
@@ -282,6 +337,10 @@ _VARIANT_LIST = [
         "learned positions on k, head dim 32); depths (7, 2, 4, 3, 2) are our adjustment.",
         params=32_780_936,
         macs=4_293_612_982,
+        shape=(
+            "ours: depths (7, 2, 4, 3, 2), fewest blocks moved from DiCo-S's (5, 4, 4, 4, 4) at width 128, FFN ratio 2"
+        ),
+        adjusted=True,
         tiny=_tiny_dico(),
     ),
     Variant(
@@ -292,6 +351,10 @@ _VARIANT_LIST = [
         "3x3 DWC on v, head dim 32); depths (7, 3, 4, 4, 1) are our adjustment.",
         params=33_082_304,
         macs=4_234_854_054,
+        shape=(
+            "ours: depths (7, 3, 4, 4, 1), fewest blocks moved from DiCo-S's (5, 4, 4, 4, 4) at width 128, FFN ratio 2"
+        ),
+        adjusted=True,
         tiny=_tiny_dico(agent_num=4),
     ),
 ]
@@ -325,49 +388,6 @@ ABLATION_ROWS: dict[tuple[str, str], AblationRow] = {
     **{(TABLE4, row): AblationRow(TABLE4, row, name) for row, name in _TABLE4_ROWS.items()},
 }
 
-#: Why each searched shape is what it is (machine-readable; the report shows it).
-SHAPE_CHOICES: dict[str, dict[str, Any]] = {
-    "DiCo-iso": {
-        "shape": {"hidden_size": 384, "depth": 10, "mlp_ratio": 6.5},
-        "reason": "width 384 from the paper's iso -> iso&skip step (five Linear(768->384) on 16x16 tokens); depth "
-        "and FFN ratio by search, the one shape within 1% of both isotropic DiCo rows",
-    },
-    "DiCo-iso-skip": {
-        "shape": {"hidden_size": 384, "depth": 10, "mlp_ratio": 6.5, "long_skips": 5},
-        "reason": "DiCo-iso's shape plus 5 skips, as DiT-S/2-skip",
-    },
-    "DiT-U": {
-        "shape": {"hidden_size": 112, "depth": [1, 6, 6, 7, 1], "mlp_ratio": 2.0, "head_dim": 56},
-        "reason": "global attention at 32x32 is too costly for any depths >= 1 at width 128 (closest "
-        "(2, 1, 5, 4, 1): -1.6% params, +1.8% Gflops); the nearest width (multiples of 16) within 1% is 112",
-    },
-    "DiCo-S-noCCA": {"shape": {"depth": [6, 3, 5, 3, 4]}, "reason": "fewest blocks moved at width 128, ratio 2"},
-    "DiCo-S-SE": {"shape": {"depth": [3, 5, 4, 5, 4]}, "reason": "fewest blocks moved at width 128, ratio 2"},
-    "DiCo-S-ChannelSA": {"shape": {"depth": [2, 2, 4, 3, 2]}, "reason": "fewest blocks moved at width 128, ratio 2"},
-    "DiCo-S-WindowAttn": {"shape": {"depth": [4, 4, 4, 4, 2]}, "reason": "fewest blocks moved at width 128, ratio 2"},
-    "DiCo-S-FLatten": {"shape": {"depth": [7, 2, 4, 3, 2]}, "reason": "fewest blocks moved at width 128, ratio 2"},
-    "DiCo-S-AgentAttn": {"shape": {"depth": [7, 3, 4, 4, 1]}, "reason": "fewest blocks moved at width 128, ratio 2"},
-}
-SHAPE_CHOICES["DiCo-S-SelfAttn"] = SHAPE_CHOICES["DiT-U"]
-
-#: Known departures from the paper or from the row's family, by registry name (machine-readable).
-#: ``counts``: our counts miss the paper by more than 1% (then the tests check our recorded counts instead);
-#: ``family``: a knob outside "depths and width" had to move to reach the paper's counts.
-DEVIATIONS: dict[str, dict[str, Any]] = {
-    "DiCo-iso": {
-        "counts": None,
-        "family": "FFN ratio 6.5 instead of DiCo's 2 (or DiT's 4): with ratio <= 4 no width/depth of the isotropic "
-        "DiCo reaches 33.7M and 5.67 G together (closest: width 320, depth 20, ratio 4: +5.9% params, -6.8% Gflops; "
-        "ratio 2 at width 384 needs 17 blocks for 33.7M but gives only 3.9 G)",
-    },
-    "DiCo-iso-skip": {"counts": None, "family": "FFN ratio 6.5, as DiCo-iso"},
-    "DiT-U": {
-        "counts": None,
-        "family": "width 112 instead of 128 (depths alone cannot reach 4.23 G with global attention at 32x32)",
-    },
-}
-DEVIATIONS["DiCo-S-SelfAttn"] = DEVIATIONS["DiT-U"]
-
 
 def _register(variant: Variant) -> None:
     @register_model(variant.name)
@@ -397,54 +417,8 @@ def paper_row(table: str, row: str) -> dict[str, Any]:
     raise KeyError(f"no row {row!r} in {table}")
 
 
-def _search(kind: str, table: str, row: str, **kwargs: Any) -> Callable[[], Any]:
-    def run() -> Any:
-        from dico import shape_search
-
-        ref = paper_row(table, row)
-        return getattr(shape_search, kind)(ref["params_M"], ref["gflops"], **kwargs)
-
-    return run
-
-
-_ISO_RATIOS = tuple(r / 2 for r in range(4, 17))  # 2, 2.5, ..., 8
-
-#: The searches behind SHAPE_CHOICES, by registry name (``python -m dico.shape_search`` prints them all).
-SEARCHES: dict[str, Callable[[], Any]] = {
-    "DiCo-S-noCCA": _search("search_ushape", TABLE4, "w/o CCA", mixer_kwargs={"channel_attention": "none"}),
-    "DiCo-S-SE": _search("search_ushape", TABLE4, "CCA->SE module", mixer_kwargs={"channel_attention": "se"}),
-    "DiCo-S-ChannelSA": _search(
-        "search_ushape", TABLE4, "CCA->Channel Self-Attn", mixer_kwargs={"channel_attention": "channel_self_attention"}
-    ),
-    # heads do not change the counts: head_dim 16 lets every width of the grid split into heads
-    "DiT-U": _search(
-        "search_ushape",
-        TABLE4,
-        "CM->Self-Attn",
-        mixer="self_attention",
-        mixer_kwargs={"head_dim": 16},
-        widths=range(64, 193, 16),
-        depth_range=range(1, 13),
-    ),
-    "DiCo-S-WindowAttn": _search(
-        "search_ushape", TABLE4, "CM->Window Attn", mixer="window_attention", mixer_kwargs={"window_size": 8}
-    ),
-    "DiCo-S-FLatten": _search("search_ushape", TABLE4, "CM->Focused Linear Attn", mixer="focused_linear_attention"),
-    "DiCo-S-AgentAttn": _search(
-        "search_ushape", TABLE4, "CM->Agent Attn", mixer="agent_attention", mixer_kwargs={"agent_num": 49}
-    ),
-    "DiCo-iso": _search("search_isotropic", TABLE3, "DiCo (iso.)", widths=(384,), ratios=_ISO_RATIOS),
-    "DiCo-iso-skip": _search(
-        "search_isotropic", TABLE3, "DiCo (iso.&skip)", long_skips=5, widths=(384,), ratios=_ISO_RATIOS
-    ),
-}
-
-
 __all__ = [
     "ABLATION_ROWS",
-    "DEVIATIONS",
-    "SEARCHES",
-    "SHAPE_CHOICES",
     "TABLE3",
     "TABLE4",
     "VARIANTS",

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from .layers import AdaLNModulation, SpatialConv, channel_norm, gated_residual, may_overwrite, modulate_fused
+from .layers import AdaLNModulation, channel_norm, gated_residual, modulate
 
 
 class DiCoBlock(nn.Module):
@@ -25,36 +24,20 @@ class DiCoBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
-        own = may_overwrite(self.norm1, self.norm2, self.ffn)  # inference: overwrite own intermediates, never x
-        x = gated_residual(x, gate1, self.mixer(modulate_fused(self.norm1(x), shift1, scale1, own)))
-        return gated_residual(x, gate2, self.ffn(modulate_fused(self.norm2(x), shift2, scale2, own)), own)
+        x = gated_residual(x, gate1, self.mixer(modulate(self.norm1(x), shift1, scale1)))
+        return gated_residual(x, gate2, self.ffn(modulate(self.norm2(x), shift2, scale2)))
 
 
-class FinalLayer2d(nn.Module):
-    """Modulated non-affine LayerNorm, then a kxk conv head to the output channels."""
+class FinalLayer(nn.Module):
+    """Modulated non-affine LayerNorm, then ``proj`` to the output: DiCo's 3x3 conv head, or the isotropic
+    skeletons' per-token Linear to p x p x C_out."""
 
-    def __init__(self, dim: int, out_channels: int, kernel_size: int = 3) -> None:
+    def __init__(self, dim: int, proj: nn.Module) -> None:
         super().__init__()
         self.norm = channel_norm(dim)
         self.modulation = AdaLNModulation(dim, dim, 2)
-        self.proj = SpatialConv(dim, out_channels, kernel_size)
+        self.proj = proj
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.modulation(c)
-        return self.proj(modulate_fused(self.norm(x), shift, scale, may_overwrite(self.norm)))
-
-
-def run_with_long_skips(blocks: nn.ModuleList, skip_fuse: nn.ModuleList, h: Tensor, c: Tensor) -> Tensor:
-    """Apply ``blocks(h, c)`` in order with U-ViT long skips: the outputs of the first ``len(skip_fuse)`` blocks
-    are concatenated (channels last) with the inputs of the last ones in mirrored order, then reduced by
-    ``skip_fuse[j]`` (Linear 2C -> C). With no ``skip_fuse`` this is a plain chain."""
-    skips: list[Tensor] = []
-    k, n = len(skip_fuse), len(blocks)
-    for i, block in enumerate(blocks):
-        j = n - 1 - i  # mirrored index from the end
-        if j < k:
-            h = skip_fuse[j](torch.cat([h, skips.pop()], dim=-1))
-        h = block(h, c)
-        if i < k:
-            skips.append(h)
-    return h
+        return self.proj(modulate(self.norm(x), shift, scale))

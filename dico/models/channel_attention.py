@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import PointwiseConv, SpatialConv, counting_macs, resolve_heads
+from .layers import PointwiseConv, SpatialConv, resolve_heads
 from .registry import CHANNEL_ATTENTION
 
 
@@ -23,17 +23,7 @@ class CompactChannelAttention(nn.Module):
         self.proj = PointwiseConv(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        if counting_macs():  # the published op (torchprofile counts aten::mean, as in the paper's Gflops)
-            return x * self.proj(x.mean((1, 2), keepdim=True)).sigmoid()
-        return x * self.weights(x)
-
-    def weights(self, x: Tensor) -> Tensor:
-        """The channel weights sigmoid(W . GAP(x)), (B, 1, 1, C), of channels-last ``x`` (the conv module's fast path).
-
-        Pools with a sum, then divides the small result: the same values as ``mean`` (which sums, then divides),
-        but its backward is a broadcast view where the mean's materialises grad / (H W) at full size.
-        """
-        return self.proj(x.sum((1, 2), keepdim=True) / (x.shape[1] * x.shape[2])).sigmoid()
+        return x * self.proj(x.mean((1, 2), keepdim=True)).sigmoid()
 
 
 @CHANNEL_ATTENTION.register("none")

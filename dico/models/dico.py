@@ -22,11 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from .base import DiffusionBackbone
-from .blocks import DiCoBlock, FinalLayer2d
-from .embeddings import ConditionEmbedder, drop_labels
-from .layers import PointwiseConv, SpatialConv, xavier_init_, zero_init_
+from .blocks import DiCoBlock, FinalLayer
+from .layers import PointwiseConv, SpatialConv
 from .mixers import ConvFFN, build_mixer
-from .registry import register_model
+from .registry import register_configs
 
 
 class Resample(nn.Sequential):
@@ -44,37 +43,28 @@ class Resample(nn.Sequential):
 
 
 class DiCo(DiffusionBackbone):
-    """DiCo backbone. ``mixer``/``mixer_kwargs`` choose the token mixer of every block (default: the
-    conv module with compact channel attention); ``ffn_act`` the FFN activation. Mixers that take a
-    ``resolution`` get their stage's (H, W) at ``input_size`` (see :func:`build_mixer`)."""
+    """DiCo backbone of width ``hidden_size`` (D) and stage depths ``depth``. ``mixer``/``mixer_kwargs`` choose the
+    token mixer of every block (default: the conv module with compact channel attention); ``ffn_act`` the FFN
+    activation. Mixers that take a ``resolution`` get their stage's (H, W) at ``input_size`` (see
+    :func:`build_mixer`). ``backbone``: the keywords of :class:`~dico.models.base.DiffusionBackbone`."""
 
     size_multiple = 4
 
     def __init__(
         self,
-        input_size: int = 32,
-        in_channels: int = 4,
         hidden_size: int = 128,
         depth: Sequence[int] = (5, 4, 4, 4, 4),
         mlp_ratio: float = 2.0,
-        class_dropout_prob: float = 0.1,
-        num_classes: int = 1000,
-        learn_sigma: bool = True,
         mixer: str = "conv",
         mixer_kwargs: dict[str, Any] | None = None,
         ffn_act: str = "gelu",
+        **backbone: Any,
     ) -> None:
-        super().__init__()
         if len(depth) != 5:
             raise ValueError(f"DiCo needs five stage depths [enc1, enc2, middle, dec2, dec1], got {list(depth)}")
-        self.input_size = input_size
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.learn_sigma = learn_sigma
-        self.num_classes = num_classes
-        self.class_dropout_prob = class_dropout_prob
-        self.depth = list(depth)
         d = hidden_size
+        super().__init__(cond_widths=(d, 2 * d, 4 * d), **backbone)
+        self.depth = list(depth)
         self.hidden_size = d
 
         def stage(dim: int, n: int, size: int) -> nn.ModuleList:
@@ -87,44 +77,28 @@ class DiCo(DiffusionBackbone):
                 for i in range(n)
             )
 
-        self.stem = SpatialConv(in_channels, d, 3)
-        self.cond = nn.ModuleList(
-            ConditionEmbedder(w, num_classes, null_label=class_dropout_prob > 0) for w in (d, 2 * d, 4 * d)
-        )
-        self.encoder1 = stage(d, depth[0], input_size)
+        size = self.input_size
+        self.stem = SpatialConv(self.in_channels, d, 3)
+        self.encoder1 = stage(d, depth[0], size)
         self.down1 = Resample(d, down=True)
-        self.encoder2 = stage(2 * d, depth[1], input_size // 2)
+        self.encoder2 = stage(2 * d, depth[1], size // 2)
         self.down2 = Resample(2 * d, down=True)
-        self.middle = stage(4 * d, depth[2], input_size // 4)
+        self.middle = stage(4 * d, depth[2], size // 4)
         self.up2 = Resample(4 * d, down=False)
         self.fuse2 = PointwiseConv(4 * d, 2 * d)
-        self.decoder2 = stage(2 * d, depth[3], input_size // 2)
+        self.decoder2 = stage(2 * d, depth[3], size // 2)
         self.up1 = Resample(2 * d, down=False)
         self.fuse1 = PointwiseConv(2 * d, 2 * d)
-        self.decoder1 = stage(2 * d, depth[4], input_size)
-        self.head = FinalLayer2d(2 * d, self.out_channels)
+        self.decoder1 = stage(2 * d, depth[4], size)
+        self.head = FinalLayer(2 * d, SpatialConv(2 * d, self.out_channels, 3))
         self.reset_parameters()
 
     def blocks(self) -> list[DiCoBlock]:
         return [*self.encoder1, *self.encoder2, *self.middle, *self.decoder2, *self.decoder1]
 
-    def reset_parameters(self) -> None:
-        """The published initialisation: Xavier everywhere, N(0, 0.02) embeddings, adaLN-Zero, zero head."""
-        xavier_init_(self)
-        xavier_init_(self.stem, as_matrix=True)
-        for cond in self.cond:
-            cond.reset_parameters()
-        for block in self.blocks():
-            zero_init_(block.modulation)
-        zero_init_(self.head.modulation)
-        zero_init_(self.head.proj)
-
     def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop: Tensor | None = None) -> Tensor:
         """x (B, C, H, W), t (B,), y (B,) -> (B, out_channels, H, W). Labels are dropped at train time."""
-        self.check_inputs(x, t, y)
-        if (self.training and self.class_dropout_prob > 0) or force_drop is not None:
-            y = drop_labels(y, self.num_classes, self.class_dropout_prob, force_drop)
-        c1, c2, c3 = (cond(t, y) for cond in self.cond)
+        c1, c2, c3 = self.condition(x, t, y, force_drop)  # widths D, 2D, 4D
 
         h = self.stem(x.permute(0, 2, 3, 1))
         for block in self.encoder1:
@@ -156,13 +130,4 @@ DICO_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _register(name: str, config: dict[str, Any]) -> None:
-    @register_model(name)
-    def _build(**overrides: Any) -> DiCo:
-        return DiCo(**{**config, **overrides})
-
-    _build.__doc__ = f"{name}: {config}"
-
-
-for _name, _config in DICO_CONFIGS.items():
-    _register(_name, _config)
+register_configs(DiCo, DICO_CONFIGS)

@@ -1,88 +1,79 @@
-"""The isotropic skeleton of DiCo blocks (Table 3's "DiCo (iso.)" and "DiCo (iso.&skip)").
+"""The isotropic skeleton shared by DiT and Table 3's "DiCo (iso.)" / "DiCo (iso.&skip)":
 
-    p x p patchify conv -> DiCo blocks at one width on the (H/p, W/p) token map
-                        -> optional U-ViT long skips -> modulated norm -> linear -> unpatchify
+    p x p patchify conv (+ fixed positions) -> blocks at one width on the (H/p, W/p) token grid
+        -> optional U-ViT long skips -> modulated norm -> linear -> unpatchify
 
-It is DiT's skeleton (:class:`~dico.models.dit.DiT`) with its transformer blocks swapped for
-:class:`~dico.models.blocks.DiCoBlock` (any registered token mixer, a pointwise FFN) on channels-last token maps.
-It has no position table: the blocks' depthwise convolutions see position through their zero padding.
+Tokens stay a channels-last grid (B, H/p, W/p, C), so attention blocks (DiT) and convolutional blocks (DiCo) run
+on the same layout. :class:`~dico.models.dit.DiT` configures it with transformer blocks and sin-cos positions;
+:class:`IsotropicDiCo` with :class:`~dico.models.blocks.DiCoBlock` (any registered token mixer, a pointwise FFN)
+and no position table: the blocks' depthwise convolutions see position through their zero padding.
 
-``long_skips`` = k concatenates the outputs of the first k blocks with the inputs of the last k blocks (in
-mirrored order) and reduces them with a Linear(2C -> C), as DiT's ``long_skips`` does.
+``long_skips`` = k concatenates the outputs of the first k blocks with the inputs of the last k blocks (in mirrored
+order) and reduces them with a Linear(2C -> C).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .base import DiffusionBackbone
-from .blocks import DiCoBlock, run_with_long_skips
-from .embeddings import ConditionEmbedder, drop_labels
-from .layers import AdaLNModulation, channel_norm, modulate, xavier_init_, zero_init_
+from .blocks import DiCoBlock, FinalLayer
+from .embeddings import sincos_pos_embed_2d
 from .mixers import ConvFFN, build_mixer
 
 
-class IsotropicDiCo(DiffusionBackbone):
-    """DiCo blocks at a single width and resolution, patch ``patch_size``, with optional U-ViT long skips."""
+class IsotropicBackbone(DiffusionBackbone):
+    """``blocks`` (each ``block(h (B, h, w, C), c (B, C)) -> h``) at width ``hidden_size`` on the grid of
+    ``patch_size`` patches, with ``long_skips`` U-ViT skips.
+
+    ``positions``: add DiT's fixed 2-D sin-cos positions (a frozen parameter, as published: it is in the state
+    dict and the parameter count). ``backbone``: the keywords of :class:`~dico.models.base.DiffusionBackbone`.
+    """
 
     def __init__(
         self,
-        input_size: int = 32,
+        blocks: Iterable[nn.Module],
+        *,
+        hidden_size: int,
         patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 384,
-        depth: int = 12,
-        mlp_ratio: float = 2.0,
-        class_dropout_prob: float = 0.1,
-        num_classes: int = 1000,
-        learn_sigma: bool = True,
         long_skips: int = 0,
-        mixer: str = "conv",
-        mixer_kwargs: dict[str, Any] | None = None,
-        ffn_act: str = "gelu",
+        positions: bool = False,
+        **backbone: Any,
     ) -> None:
-        super().__init__()
-        if 2 * long_skips > depth:
-            raise ValueError(f"{long_skips} long skips need at least {2 * long_skips} blocks, got depth {depth}")
-        self.input_size = input_size
+        super().__init__(cond_widths=(hidden_size,), **backbone)
+        self.blocks = nn.ModuleList(blocks)
+        self.depth = len(self.blocks)
+        if 2 * long_skips > self.depth:
+            raise ValueError(f"{long_skips} long skips need at least {2 * long_skips} blocks, got depth {self.depth}")
         self.patch_size = self.size_multiple = patch_size
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.learn_sigma = learn_sigma
-        self.num_classes = num_classes
-        self.class_dropout_prob = class_dropout_prob
         self.hidden_size = hidden_size
-        self.depth = depth
         self.long_skips = long_skips
 
-        grid = input_size // patch_size
-        self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
-        self.cond = ConditionEmbedder(hidden_size, num_classes, null_label=class_dropout_prob > 0)
-        self.blocks = nn.ModuleList(
-            DiCoBlock(
-                hidden_size,
-                build_mixer(mixer, hidden_size, i, resolution=(grid, grid), **(mixer_kwargs or {})),
-                ConvFFN(hidden_size, mlp_ratio, ffn_act),
-            )
-            for i in range(depth)
-        )
+        self.stem = nn.Conv2d(self.in_channels, hidden_size, patch_size, stride=patch_size)  # patch embedding
+        grid = self.input_size // patch_size
+        frozen = nn.Parameter(torch.empty(1, grid * grid, hidden_size), requires_grad=False)
+        self.pos_embed: nn.Parameter | None = frozen if positions else None
         self.skip_fuse = nn.ModuleList(nn.Linear(2 * hidden_size, hidden_size) for _ in range(long_skips))
-        self.norm_out = channel_norm(hidden_size)
-        self.modulation_out = AdaLNModulation(hidden_size, hidden_size, 2)
-        self.head = nn.Linear(hidden_size, patch_size * patch_size * self.out_channels)
+        self.head = FinalLayer(hidden_size, nn.Linear(hidden_size, patch_size * patch_size * self.out_channels))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """DiT's/DiCo's initialisation: Xavier everywhere, N(0, 0.02) embeddings, adaLN-Zero, zero head."""
-        xavier_init_(self)
-        xavier_init_(self.patch_embed, as_matrix=True)
-        self.cond.reset_parameters()
-        for block in self.blocks:
-            zero_init_(block.modulation)
-        zero_init_(self.modulation_out)
-        zero_init_(self.head)
+        super().reset_parameters()
+        if self.pos_embed is not None:
+            grid = round(self.pos_embed.shape[1] ** 0.5)
+            self.pos_embed.data.copy_(sincos_pos_embed_2d(self.hidden_size, grid)[None])
+
+    def positions(self, grid_h: int, grid_w: int) -> Tensor:
+        """The fixed positions as a (1, grid_h, grid_w, C) map; recomputed for grids other than the built one."""
+        if grid_h * grid_w == self.pos_embed.shape[1]:
+            return self.pos_embed.view(1, grid_h, grid_w, -1)
+        if grid_h != grid_w:
+            raise ValueError(f"sin-cos positions are defined for square grids, got {grid_h}x{grid_w}")
+        return sincos_pos_embed_2d(self.hidden_size, grid_h).view(1, grid_h, grid_w, -1).to(self.pos_embed)
 
     def unpatchify(self, x: Tensor) -> Tensor:
         """Channels-last (B, h, w, p*p*C) -> (B, C, h*p, w*p)."""
@@ -92,15 +83,49 @@ class IsotropicDiCo(DiffusionBackbone):
         return x.reshape(b, c, gh * p, gw * p)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop: Tensor | None = None) -> Tensor:
-        self.check_inputs(x, t, y)
-        if (self.training and self.class_dropout_prob > 0) or force_drop is not None:
-            y = drop_labels(y, self.num_classes, self.class_dropout_prob, force_drop)
-        c = self.cond(t, y)
-        h = self.patch_embed(x).permute(0, 2, 3, 1)  # (B, H/p, W/p, C)
+        """x (B, C, H, W), t (B,), y (B,) -> (B, out_channels, H, W). Labels are dropped at train time."""
+        (c,) = self.condition(x, t, y, force_drop)
+        h = self.stem(x).permute(0, 2, 3, 1)  # (B, H/p, W/p, C)
+        if self.pos_embed is not None:
+            h = h + self.positions(*h.shape[1:3])
 
-        h = run_with_long_skips(self.blocks, self.skip_fuse, h, c)
-        shift, scale = self.modulation_out(c)
-        return self.unpatchify(self.head(modulate(self.norm_out(h), shift, scale)))
+        skips: list[Tensor] = []  # U-ViT long skips: block i's output joins block (depth - 1 - i)'s input
+        for i, block in enumerate(self.blocks):
+            j = self.depth - 1 - i
+            if j < self.long_skips:
+                h = self.skip_fuse[j](torch.cat([h, skips.pop()], dim=-1))
+            h = block(h, c)
+            if i < self.long_skips:
+                skips.append(h)
+        return self.unpatchify(self.head(h, c))
 
 
-__all__ = ["IsotropicDiCo"]
+class IsotropicDiCo(IsotropicBackbone):
+    """The isotropic skeleton with ``depth`` DiCo blocks (token mixer ``mixer``, pointwise FFN of ratio
+    ``mlp_ratio``). ``skeleton``: ``long_skips`` and the keywords of :class:`~dico.models.base.DiffusionBackbone`."""
+
+    def __init__(
+        self,
+        hidden_size: int = 384,
+        depth: int = 12,
+        mlp_ratio: float = 2.0,
+        mixer: str = "conv",
+        mixer_kwargs: dict[str, Any] | None = None,
+        ffn_act: str = "gelu",
+        input_size: int = 32,
+        patch_size: int = 2,
+        **skeleton: Any,
+    ) -> None:
+        grid = (input_size // patch_size,) * 2  # the resolution of resolution-sized mixers
+        blocks = [
+            DiCoBlock(
+                hidden_size,
+                build_mixer(mixer, hidden_size, i, resolution=grid, **(mixer_kwargs or {})),
+                ConvFFN(hidden_size, mlp_ratio, ffn_act),
+            )
+            for i in range(depth)
+        ]
+        super().__init__(blocks, hidden_size=hidden_size, input_size=input_size, patch_size=patch_size, **skeleton)
+
+
+__all__ = ["IsotropicBackbone", "IsotropicDiCo"]

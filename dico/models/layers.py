@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _module
 
 
 class PointwiseConv(nn.Conv2d):
@@ -38,83 +37,24 @@ def channel_norm(dim: int) -> nn.LayerNorm:
     return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
 
 
-def broadcast(v: Tensor, x: Tensor) -> Tensor:
-    """A per-sample vector (B, C) shaped to broadcast over channels-last ``x`` (B, ..., C)."""
-    return v.view(v.shape[0], *([1] * (x.ndim - 2)), v.shape[1])
-
-
+# The two elementwise steps of every adaLN-Zero block, each as one fused multiply-add (``addcmul``): one pass over
+# the feature map and one output tensor instead of two. This is the models' only fusion; ``dico.profiling`` counts
+# an ``addcmul`` as the multiply and add it stands for, so the MAC counts are the published ones.
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN modulation ``x * (1 + scale) + shift`` of channels-last ``x`` (B, ..., C); shift/scale (B, C)."""
-    return x * (1 + broadcast(scale, x)) + broadcast(shift, x)
+    """adaLN modulation ``x * (1 + scale) + shift``; shift and scale broadcast over ``x`` (:class:`AdaLNModulation`)."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
-def counting_macs() -> bool:
-    """True while ``torch.jit`` traces the model, as torchprofile does to count MACs.
-
-    The fused ops below (``addcmul``) are then replaced by the reference multiply and add, because torchprofile
-    counts every ``aten::mul`` by its output size and knows no ``addcmul``: the published MAC counts include them.
-    """
-    return torch.jit.is_tracing()
-
-
-def may_overwrite(*observed: nn.Module) -> bool:
-    """Whether the fused ops may write into intermediate tensors they are given: only without autograd (which
-    would need them for the backward), outside torch.compile (which plans memory itself), not while counting,
-    and only while no forward hook observes ``observed`` (the modules whose inputs or outputs would be
-    overwritten; a hook that kept them, as feature-capturing analyses do, would see them change).
-
-    Inference then allocates about half as many feature maps per block; on CPU every large allocation is a fresh
-    ``mmap`` paid for with page faults, so this is a large part of eager CPU inference time.
-    """
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or counting_macs():
-        return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in observed) and not _global_hooks()
-
-
-def _global_hooks() -> bool:
-    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
-
-
-def modulate_fused(x: Tensor, shift: Tensor, scale: Tensor, overwrite: bool = False) -> Tensor:
-    """:func:`modulate` as one ``addcmul`` (one pass over ``x``, one output tensor instead of two); with
-    ``overwrite`` the result is written into ``x`` (see :func:`may_overwrite`)."""
-    if counting_macs():
-        return modulate(x, shift, scale)
-    out = x if overwrite and _holds_result(x, shift, scale) else None
-    return torch.addcmul(broadcast(shift, x), x, broadcast(scale + 1, x), out=out)
-
-
-def gated_residual(x: Tensor, gate: Tensor, branch: Tensor, overwrite: bool = False) -> Tensor:
-    """``x + gate * branch`` (adaLN-Zero gate, (B, C)) as one ``addcmul`` on channels-last maps; with
-    ``overwrite`` the result is written into ``branch`` (never into the residual stream ``x``)."""
-    if counting_macs():
-        return x + broadcast(gate, x) * branch
-    out = branch if overwrite and branch.shape == x.shape and _holds_result(branch, x, gate) else None
-    return torch.addcmul(x, broadcast(gate, x), branch, out=out)
-
-
-def _holds_result(out: Tensor, *operands: Tensor) -> bool:
-    """Whether ``out`` has the dtype of an elementwise result of itself and ``operands`` (e.g. not under autocast
-    with a bf16 ``out`` and an fp32 operand): writing into it then rounds nothing more than a new tensor would."""
-    return all(torch.promote_types(out.dtype, t.dtype) == out.dtype for t in operands)
-
-
-def activate(act: nn.Module, x: Tensor, overwrite: bool = False) -> Tensor:
-    """``act(x)``, in place when ``overwrite`` and the activation has an in-place form (GELU, ReLU, SiLU)."""
-    if overwrite:
-        if type(act) is nn.GELU:
-            return torch.ops.aten.gelu_(x, approximate=act.approximate)
-        if type(act) is nn.ReLU:
-            return x.relu_()
-        if type(act) is nn.SiLU:
-            return F.silu(x, inplace=True)
-    return act(x)
+def gated_residual(x: Tensor, gate: Tensor, branch: Tensor) -> Tensor:
+    """adaLN-Zero's gated residual ``x + gate * branch``; the gate broadcasts over ``branch``."""
+    return torch.addcmul(x, gate, branch)
 
 
 class AdaLNModulation(nn.Sequential):
-    """SiLU -> Linear(dim, n * dim): the adaLN-Zero projection of the condition vector.
+    """SiLU -> Linear(cond_dim, n * dim): the adaLN-Zero projection of the condition vector c (B, cond_dim).
 
-    Zero-initialised by the owning model so that every residual branch starts as the identity.
+    Returns ``n`` tensors of shape (B, 1, 1, dim) (shifts, scales, gates) that broadcast over a channels-last
+    map (B, H, W, dim). Zero-initialised by the owning model so that every residual branch starts as the identity.
     """
 
     def __init__(self, cond_dim: int, dim: int, n: int) -> None:
@@ -122,7 +62,7 @@ class AdaLNModulation(nn.Sequential):
         self.n = n
 
     def forward(self, c: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        return super().forward(c).chunk(self.n, dim=1)
+        return super().forward(c)[:, None, None].chunk(self.n, dim=-1)
 
 
 def activation(name: str) -> nn.Module:
@@ -174,12 +114,9 @@ __all__ = [
     "PointwiseConv",
     "SpatialConv",
     "activation",
-    "broadcast",
     "channel_norm",
-    "counting_macs",
     "gated_residual",
     "modulate",
-    "modulate_fused",
     "resolve_heads",
     "xavier_init_",
     "zero_init_",

@@ -13,8 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .channel_attention import CompactChannelAttention
-from .layers import PointwiseConv, SpatialConv, activate, activation, may_overwrite
+from .layers import PointwiseConv, SpatialConv, activation
 from .registry import CHANNEL_ATTENTION, TOKEN_MIXERS
 
 
@@ -40,12 +39,7 @@ class ConvModule(nn.Module):
         self.pw_out = PointwiseConv(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        ca = self.channel_attention
-        own = may_overwrite(self.dw, self.act, ca)
-        h = activate(self.act, self.dw(self.pw_in(x)), own)
-        if own and isinstance(ca, CompactChannelAttention):
-            return self.pw_out(h.mul_(ca.weights(h)))
-        return self.pw_out(ca(h))
+        return self.pw_out(self.channel_attention(self.act(self.dw(self.pw_in(x)))))
 
 
 class ConvFFN(nn.Module):
@@ -59,7 +53,7 @@ class ConvFFN(nn.Module):
         self.fc2 = PointwiseConv(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(activate(self.act, self.fc1(x), may_overwrite(self.fc1, self.act)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 def accepts_keyword(fn: Any, name: str) -> bool:

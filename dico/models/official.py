@@ -55,13 +55,13 @@ DICO_KEY_MAP: list[tuple[str, str]] = [
 ]
 
 DIT_KEY_MAP: list[tuple[str, str]] = [
-    (r"^x_embedder\.proj\.", "patch_embed."),
-    (r"^t_embedder\.mlp\.", "cond.timestep.mlp."),
-    (r"^y_embedder\.embedding_table\.", "cond.label."),
+    (r"^x_embedder\.proj\.", "stem."),
+    (r"^t_embedder\.mlp\.", "cond.0.timestep.mlp."),
+    (r"^y_embedder\.embedding_table\.", "cond.0.label."),
     (r"^blocks\.(\d+)\.adaLN_modulation\.1\.", r"blocks.\1.modulation.1."),
     (r"^blocks\.(\d+)\.(attn|mlp)\.", r"blocks.\1.\2."),
-    (r"^final_layer\.linear\.", "head."),
-    (r"^final_layer\.adaLN_modulation\.1\.", "modulation_out.1."),
+    (r"^final_layer\.linear\.", "head.proj."),
+    (r"^final_layer\.adaLN_modulation\.1\.", "head.modulation.1."),
 ]
 
 

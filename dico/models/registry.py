@@ -5,7 +5,8 @@ An ablation swaps a part by name (a config line), never by copying a model file.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from torch import nn
@@ -53,6 +54,19 @@ CHANNEL_ATTENTION = Registry("channel attention")
 def register_model(*names: str) -> Callable[[F], F]:
     """Register a model constructor ``fn(**overrides) -> nn.Module`` under one or more names."""
     return MODELS.register(*names)
+
+
+def register_configs(ctor: Callable[..., nn.Module], configs: Mapping[str, Mapping[str, Any]]) -> None:
+    """Register each named configuration of ``ctor``: ``create_model(name, **overrides)`` then builds
+    ``ctor(**{**configs[name], **overrides})``."""
+    for name, config in configs.items():
+        build = functools.partial(_build_config, ctor, dict(config))
+        build.__doc__ = f"{name}: {dict(config)}"
+        register_model(name)(build)
+
+
+def _build_config(ctor: Callable[..., nn.Module], config: dict[str, Any], **overrides: Any) -> nn.Module:
+    return ctor(**{**config, **overrides})
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
