@@ -24,6 +24,7 @@ from dico.models.channel_attention import ChannelSelfAttention, SqueezeExcitatio
 from dico.models.mixers import build_mixer
 from dico.profiling import count_macs, count_parameters
 from dico.shape_search import SEARCHES
+from tests.numerics import assert_close
 
 ROWS = sorted(ABLATION_ROWS)
 
@@ -164,7 +165,7 @@ def test_mdta_is_positively_homogeneous_and_permutation_equivariant_without_its_
     assert mdta.temperature.shape == (2, 1, 1)
     x = torch.randn(2, 6, 6, 32)
     # no biases: q, k are L2-normalised over space (scale-free), v and the projections are linear: f(a x) = a f(x)
-    torch.testing.assert_close(mdta(3.0 * x), 3.0 * mdta(x), rtol=1e-4, atol=1e-5)
+    assert_close(mdta(3.0 * x), 3.0 * mdta(x), layers=6)
     # with the 3x3 depthwise conv made the identity, the d x d maps pool over all positions:
     # permuting positions permutes the output the same way
     with torch.no_grad():
@@ -172,7 +173,7 @@ def test_mdta_is_positively_homogeneous_and_permutation_equivariant_without_its_
         mdta.qkv_dw.weight[:, :, 1, 1] = 1
     perm = torch.randperm(36)
     shuffle = lambda t: t.reshape(2, 36, 32)[:, perm].reshape(2, 6, 6, 32)
-    torch.testing.assert_close(mdta(shuffle(x)), shuffle(mdta(x)), rtol=1e-4, atol=1e-5)
+    assert_close(mdta(shuffle(x)), shuffle(mdta(x)), layers=6)
 
 
 def test_mdta_heads_mix_channels_only_within_a_head():
@@ -200,7 +201,7 @@ def test_self_attention_is_global_and_permutation_equivariant():
     x = torch.randn(2, 4, 4, 32)
     perm = torch.randperm(16)
     shuffle = lambda t: t.reshape(2, 16, 32)[:, perm].reshape(2, 4, 4, 32)
-    torch.testing.assert_close(attn(shuffle(x)), shuffle(attn(x)), rtol=1e-4, atol=1e-5)
+    assert_close(attn(shuffle(x)), shuffle(attn(x)), layers=4)
     bumped = x.clone()
     bumped[:, 0, 0] += 1
     assert ((attn(bumped) - attn(x)).abs().amax((0, 3)) > 0).all()  # every token sees the change
@@ -261,7 +262,7 @@ def test_window_attention_equals_masked_global_attention(block_index):
     scores = q @ k.transpose(-2, -1) / math.sqrt(c // heads) + bias
     out = scores.masked_fill(~same, float("-inf")).softmax(-1) @ v
     expected = attn.proj(out.transpose(1, 2).reshape(2, h, w, c))
-    torch.testing.assert_close(attn(x), expected, rtol=1e-4, atol=1e-5)
+    assert_close(attn(x), expected, layers=4)
 
 
 def test_window_attention_on_small_maps_and_bad_sizes():
@@ -317,7 +318,7 @@ def test_agent_attention_broadcasts_its_agents():
     split = lambda t: t.reshape(2, 16, heads, c // heads).transpose(1, 2)
     bias = attn.biases(4, 4)[0]  # (heads, 1, N)
     agg = ((agent @ split(k).transpose(-2, -1)) / math.sqrt(c // heads) + bias).softmax(-1) @ split(v)
-    torch.testing.assert_close(out[:, 0, 0], attn.proj(agg.reshape(2, c)), rtol=1e-4, atol=1e-5)
+    assert_close(out[:, 0, 0], attn.proj(agg.reshape(2, c)), layers=4)
     with pytest.raises(ValueError, match="perfect square"):
         AgentAttention2d(c, resolution=(4, 4), agent_num=8)
 

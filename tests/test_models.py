@@ -8,6 +8,7 @@ import torch
 from dico.models import DiCo, DiT, create_model, list_models, load_official
 from dico.models.official import convert_official_state_dict
 from dico.profiling import count_macs, count_parameters, profile_macs
+from tests.numerics import assert_close
 
 PUBLISHED = ["DiCo-S", "DiCo-B", "DiCo-L", "DiCo-XL", "DiCo-H", "DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"]
 
@@ -211,7 +212,7 @@ def test_models_trace_as_one_graph_for_torch_compile(name, shape):
     out.square().mean().backward()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, t, y), out.detach(), rtol=0, atol=0)
-        torch.testing.assert_close(model(x, t, y), out.detach(), rtol=1e-6, atol=1e-6)
+        assert_close(model(x, t, y), out.detach(), layers=20)  # ~20 layers deep; traced op order may differ
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
