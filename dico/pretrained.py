@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from dico.models.info import VAE_DOWNSAMPLING
 from dico.models.official import (
     LIGHTNING,
     STATE_DICT,
@@ -33,7 +34,6 @@ from dico.models.official import (
     load_converted,
     registered_name,
 )
-from dico.profiling import VAE_DOWNSAMPLING
 
 if TYPE_CHECKING:
     from dico.module import DiffusionModule
