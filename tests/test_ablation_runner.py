@@ -259,6 +259,8 @@ def test_only_rank_0_of_a_job_measures_and_writes_the_result(tmp_path, monkeypat
     monkeypatch.setattr(run, "finalize", lambda *a: finalized.append(a[0]))
     monkeypatch.setattr(submitit, "JobEnvironment", lambda: type("Env", (), {"global_rank": rank})())
     monkeypatch.chdir(tmp_path)
+    for name in ("WANDB_RUN_ID", "WANDB_RESUME"):  # the job sets them for its process: undo them after the test
+        monkeypatch.setenv(name, "")
     row = rows_of("4", "smoke", ["DiCo-S"])[0]
     run.RowJob(row, tmp_path, run.parse(["--table", "4"]), [])()
     assert calls == ["fit"]  # the proxy-style budget scores at its last step: no test stage
