@@ -17,8 +17,8 @@ import cli
 from dico.evaluation.digits import class_accuracy, train_digits_classifier
 from tests.conftest import QUICKSTART
 
-# CI-sized: half the README's 800 steps (the periodic evaluation runs at 0 and 400).
-STEPS = 400
+# CI-sized: half the README's 600 steps (the periodic evaluation runs at 0 and 300).
+STEPS = 300
 
 
 def run(cwd: Path, *args: str) -> None:
@@ -33,7 +33,7 @@ def run(cwd: Path, *args: str) -> None:
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("quickstart")
-    run(root, "fit", "-c", str(QUICKSTART), "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "200",
+    run(root, "fit", "-c", str(QUICKSTART), "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "150",
         "--trainer.enable_progress_bar", "false")  # fmt: skip
     return root / "runs" / "quickstart"
 
