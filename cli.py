@@ -23,13 +23,27 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def lightning(argv: list[str]) -> int:
-    """LightningCLI with dico's defaults: atomic checkpoint files (``trainer.plugins``), a CSV logger that keeps its
-    history on resume, and exit status ``PREEMPTED_EXIT_CODE`` (75) after a SIGTERM so that requeue loops rerun."""
-    from jsonargparse import set_parsing_settings
-    from lightning.pytorch.cli import LightningCLI
+    """LightningCLI with dico's defaults (:func:`build_lightning_cli`) and exit status ``PREEMPTED_EXIT_CODE`` (75)
+    after a SIGTERM so that requeue loops rerun."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from dico.callbacks.preemption import PREEMPTED_EXIT_CODE
+
+    try:
+        build_lightning_cli(argv)
+    except SIGTERMException:
+        print(f"[dico] preempted (SIGTERM); exit status {PREEMPTED_EXIT_CODE}: rerun with --ckpt_path last to resume")
+        return PREEMPTED_EXIT_CODE
+    return 0
+
+
+def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-untyped-def]
+    """The LightningCLI of ``fit``/``validate``/``test``/``predict``: atomic checkpoint files (``trainer.plugins``)
+    and a CSV logger that keeps its history on resume. ``run=False`` only parses ``argv`` (without the subcommand)
+    and instantiates the model, data and trainer, as a check that a composed config builds."""
+    from jsonargparse import set_parsing_settings
+    from lightning.pytorch.cli import LightningCLI
+
     from dico.data import ArrayDataModule
     from dico.module import DiffusionModule
 
@@ -67,19 +81,15 @@ def lightning(argv: list[str]) -> int:
     # Configs compose (`-c base.yaml -c overlay.yaml`) and may refer to other keys of the merged result, e.g.
     # `dirpath: ${trainer.default_root_dir}/checkpoints`, so that an overlay moves a whole run with one line.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    try:
-        DicoCLI(
-            DiffusionModule,
-            ArrayDataModule,
-            subclass_mode_data=True,
-            args=None if argv == sys.argv[1:] else argv,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"parser_mode": "omegaconf+"},
-        )
-    except SIGTERMException:
-        print(f"[dico] preempted (SIGTERM); exit status {PREEMPTED_EXIT_CODE}: rerun with --ckpt_path last to resume")
-        return PREEMPTED_EXIT_CODE
-    return 0
+    return DicoCLI(
+        DiffusionModule,
+        ArrayDataModule,
+        subclass_mode_data=True,
+        args=None if argv == sys.argv[1:] else argv,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        run=run,
+    )
 
 
 def extract(argv: list[str]) -> int:

@@ -71,6 +71,30 @@ def test_proxy_overlays_follow_the_scaling_rule():
     assert ref.overrides["hidden_size"] * 4 == VARIANTS["DiCo-S"].kwargs["hidden_size"]
 
 
+def test_every_proxy_row_builds_through_the_cli(tmp_path, monkeypatch):
+    """Each proxy row's composed configs (base + table + budget + row) instantiate the model, data, callbacks and
+    trainer that ``cli.py fit`` would run (the proxy itself trains for minutes per row: not in CI)."""
+    import cli
+    from dico.callbacks import FIDEvaluation
+
+    monkeypatch.chdir(ROOT)
+    seen = set()
+    for row in rows_of("3", "proxy") + rows_of("4", "proxy"):
+        if row.key in seen:
+            continue
+        seen.add(row.key)
+        args = [a for a in row.cli_args(tmp_path) if a != "fit"]
+        built = cli.build_lightning_cli([*args, "--trainer.logger", "false"], run=False)
+        assert built.model.hparams.model == row.model
+        assert built.trainer.max_steps == 400 and built.datamodule.batch_size == 64
+        [fid] = [c for c in built.trainer.callbacks if isinstance(c, FIDEvaluation)]
+        # scored by the last periodic evaluation (1000 samples), no test protocol
+        assert fid.test_set is None and fid.every_n_steps == 400 and fid.sample_set.num_samples == 1000
+    assert len(seen) == 15
+    with pytest.raises(ValueError, match="test protocol off"):  # `cli.py test` on such a row says why it cannot
+        fid.setup(built.trainer, built.model, "test")
+
+
 def test_global_batch_is_kept_or_rejected():
     config = {"trainer": {"num_nodes": 1, "devices": 8, "accumulate_grad_batches": 1},
               "data": {"init_args": {"batch_size": 32}}}  # fmt: skip

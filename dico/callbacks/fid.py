@@ -34,6 +34,8 @@ class FIDEvaluation(Callback):
     ``test_steps`` (250-step iDDPM) and the module's guidance settings (or ``cfg_scale``/``guidance_mode``);
     writes ``<run>/test/record.json`` (sample set, options, seeds, reference and its hash, conventions, the
     checkpoint and its step) next to the metrics, and exactly these samples as ``<run>/test/samples.npz``.
+    ``test_num_samples=0`` turns the test protocol off (a run scored by its last periodic evaluation, as the
+    ablation proxy budget is); ``test`` then fails with that reason instead of scoring nothing.
 
     The reference is loaded (or computed) and checked against the extractor and its weights when the trainer
     sets up, before any sampling.
@@ -85,7 +87,9 @@ class FIDEvaluation(Callback):
         test_options = SamplingOptions(test_sampler, test_steps, cfg_scale, guidance_mode)
         # Validated now (a bad count fails at start-up); the class count is the model's, set in ``setup``.
         self.sample_set = SampleSet(num_samples, 1, batch_size, seed, labels, options)
-        self.test_set = SampleSet(test_num_samples, 1, batch_size, seed, labels, test_options)
+        self.test_set = (
+            SampleSet(test_num_samples, 1, batch_size, seed, labels, test_options) if test_num_samples != 0 else None
+        )
         self.save_best = save_best
         self.test_save_samples = test_save_samples
         self.best_fid = float("inf")
@@ -96,6 +100,11 @@ class FIDEvaluation(Callback):
 
     # -- reference ----------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "test" and self.test_set is None:
+            raise ValueError(
+                "FIDEvaluation has test_num_samples=0 (test protocol off); set it, e.g. "
+                "--trainer.callbacks.test_num_samples 50000 (the paper's protocol), to score this checkpoint"
+            )
         if stage in ("fit", "test"):
             self.reference(trainer, pl_module)
 
@@ -191,6 +200,7 @@ class FIDEvaluation(Callback):
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self.test_set is not None
         out = run_dir(trainer) / "test"
         samples = out if self.test_save_samples else None
         record = self._run(trainer, pl_module, self.test_set, "test/record.json", samples)
