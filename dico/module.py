@@ -227,6 +227,29 @@ class DiffusionModule(LightningModule):
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / hp.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming ``fit``: the saved optimizer state must belong to these parameters, in this order. (Code that
+        creates the parameters in another order -- another dico version -- would otherwise fail deep inside the
+        optimizer step with a shape error, or silently mix up moments of same-shaped tensors.)"""
+        if self._trainer is None or self.trainer.state.fn != "fit" or not checkpoint.get("optimizer_states"):
+            return
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        shapes = [p.shape for p in self.model.parameters() if p.requires_grad]
+        saved = checkpoint["optimizer_states"][0]
+        count = sum(len(g["params"]) for g in saved.get("param_groups", []))
+        problem = f"{count} parameters, the model has {len(shapes)}" if count != len(shapes) else None
+        for i, shape in enumerate(shapes if problem is None else []):
+            moment = saved.get("state", {}).get(i, {}).get("exp_avg")
+            if moment is not None and moment.shape != shape:
+                problem = f"parameter {i} ({names[i]}) is {tuple(shape)}, its saved moments {tuple(moment.shape)}"
+                break
+        if problem:
+            raise ValueError(
+                f"cannot resume: the checkpoint's optimizer state does not match this model ({problem}); it was "
+                "saved by another version of the model code. Resume it with that version, or start a new run from "
+                "its weights (--model.pretrained CKPT, without --ckpt_path)"
+            )
+
     # ------------------------------------------------------------------ evaluation (EMA weights)
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         g = self._generator(2, self.global_rank, batch_idx)  # the same draws at every validation

@@ -11,6 +11,22 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # workers share the CPUs: no more intra-op threads than their share
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+# The longest test files (``--durations``), in that order: sent first to the pytest-xdist workers (each file to one
+# worker), so that the short ones fill in around them and the workers finish together.
+LONGEST_FIRST = ("test_quickstart.py", "test_notebooks.py", "test_ablation_runner.py", "test_training.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
+
 
 def shared_dir() -> Path:
     """``$DICO_SHARED``, else ``shared/`` in or beside the checkout (CI lays a copy beside the clone)."""

@@ -12,13 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import cli
 from dico.evaluation.digits import class_accuracy, train_digits_classifier
 from tests.conftest import QUICKSTART
 
-# CI-sized: 400 of the README's 600 steps (the periodic evaluation runs at 0, 300 and at the end, 400).
+pytestmark = pytest.mark.slow  # (one module: under pytest-xdist one worker trains the model its tests share)
+
+# CI-sized: 400 of the README's 600 steps (the periodic evaluation runs at 0, 300 and at the end, 400), and every
+# sampler (evaluations, grids, final samples) at 20 of its 50 DDIM steps.
 STEPS = 400
+SAMPLING_STEPS = 20
 
 
 def run(cwd: Path, *args: str) -> None:
@@ -30,11 +35,20 @@ def run(cwd: Path, *args: str) -> None:
         os.chdir(old)
 
 
+def fid_settings(config: dict) -> dict:
+    [fid] = [c["init_args"] for c in config["trainer"]["callbacks"] if c["class_path"].endswith("FIDEvaluation")]
+    return fid
+
+
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("quickstart")
-    run(root, "fit", "-c", str(QUICKSTART), "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "200",
-        "--trainer.enable_progress_bar", "false")  # fmt: skip
+    config = yaml.safe_load(QUICKSTART.read_text())
+    assert fid_settings(config)["steps"] == config["model"]["sampling_steps"] == 50
+    fid_settings(config)["steps"] = SAMPLING_STEPS
+    (root / "quickstart.yaml").write_text(yaml.safe_dump(config))
+    run(root, "fit", "-c", "quickstart.yaml", "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "200",
+        "--trainer.enable_progress_bar", "false", "--model.sampling_steps", str(SAMPLING_STEPS))  # fmt: skip
     return root / "runs" / "quickstart"
 
 
@@ -74,18 +88,25 @@ def test_quickstart_digits_fid_falls_during_training(quickstart):
 
 
 def test_test_protocol_writes_its_record_and_samples(quickstart, tmp_path):
+    """`test` runs the config's protocol (the quickstart's: 500 samples, 100 iDDPM steps; CI-sized here: 60 samples
+    of 10 steps) and records exactly what it ran."""
+    config = yaml.safe_load(QUICKSTART.read_text())
+    fid = fid_settings(config)
+    assert (fid["test_num_samples"], fid.get("test_sampler", "iddpm"), fid["test_steps"]) == (500, "iddpm", 100)
+    fid.update(test_num_samples=60, test_steps=10)
+    (tmp_path / "quickstart.yaml").write_text(yaml.safe_dump(config))
     shutil.copy(quickstart / "checkpoints" / "last.ckpt", tmp_path / "model.ckpt")
     shutil.copytree(quickstart.parent, tmp_path / "runs", ignore=shutil.ignore_patterns("quickstart"))
-    run(tmp_path, "test", "-c", str(QUICKSTART), "--ckpt_path", "model.ckpt", "--trainer.logger", "false",
+    run(tmp_path, "test", "-c", "quickstart.yaml", "--ckpt_path", "model.ckpt", "--trainer.logger", "false",
         "--trainer.default_root_dir", "out")  # fmt: skip
     record = json.loads((tmp_path / "out" / "test" / "record.json").read_text())
     settings = record["settings"]
-    assert settings["num_samples"] == 500 and settings["sampler"] == "iddpm" and settings["steps"] == 100
+    assert settings["num_samples"] == 60 and settings["sampler"] == "iddpm" and settings["steps"] == 10
     assert settings["cfg_scale"] == 2.0 and settings["guidance_mode"] == "all" and settings["seed"] == 0
     assert record["checkpoint"].endswith("model.ckpt") and len(record["reference_sha256"]) == 64
     assert set(record["metrics"]) >= {"frechet_inception_distance", "inception_score_mean", "precision", "recall"}
     with np.load(tmp_path / "out" / "test" / "samples.npz") as data:
-        assert data["arr_0"].shape == (500, 8, 8, 1) and data["arr_1"].tolist() == [i % 10 for i in range(500)]
+        assert data["arr_0"].shape == (60, 8, 8, 1) and data["arr_1"].tolist() == [i % 10 for i in range(60)]
 
 
 def test_sample_tool_is_reproducible_and_resumable(quickstart, tmp_path):

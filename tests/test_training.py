@@ -388,6 +388,7 @@ def test_experiment_configs_parse_and_keep_the_paper_batch(config, capsys, paper
     assert paths and all(p.startswith(run_dir) for p in paths)
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
@@ -468,3 +469,23 @@ def test_no_credentials_in_run_files(tmp_path, monkeypatch):
     files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
     assert any(p.name == "config.yaml" for p in files) and any(p.suffix == ".ckpt" for p in files)
     assert not [p for p in files if secret.encode() in p.read_bytes()]
+
+
+def test_resuming_with_another_models_optimizer_state_says_so(tmp_path):
+    """A checkpoint whose optimizer moments belong to a differently ordered model (another version of the model
+    code) is refused with the fix, not crashed on inside AdamW."""
+
+    def make(max_steps: int) -> Trainer:
+        return Trainer(accelerator="cpu", max_steps=max_steps, default_root_dir=tmp_path, logger=False,
+                       enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False,
+                       callbacks=[ModelCheckpoint(tmp_path / "ckpt", save_last=True)])  # fmt: skip
+
+    make(1).fit(tiny_module(), DigitsDataModule(batch_size=16))
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    moments = checkpoint["optimizer_states"][0]["state"]
+    shapes = [p.shape for p in tiny_module().model.parameters()]
+    i, j = 0, next(k for k, s in enumerate(shapes) if s != shapes[0])
+    moments[i], moments[j] = moments[j], moments[i]  # two parameters trade places, as reordered code would
+    torch.save(checkpoint, tmp_path / "reordered.ckpt")
+    with pytest.raises(ValueError, match=r"optimizer state does not match this model .*--model\.pretrained"):
+        make(2).fit(tiny_module(), DigitsDataModule(batch_size=16), ckpt_path=tmp_path / "reordered.ckpt")
