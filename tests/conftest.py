@@ -7,12 +7,18 @@ import os
 from pathlib import Path
 
 import pytest
+
+# Before torch loads (OpenMP reads these once): idle OpenMP threads sleep instead of spinning, as dico's CLI
+# arranges, and a pytest-xdist worker uses its share of the CPUs. The CLI run in-process and every subprocess a test
+# starts inherit both; spinning threads beside another worker made in-process training steps 10x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _share))
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-if os.environ.get("PYTEST_XDIST_WORKER"):  # workers share the CPUs: no more intra-op threads than their share
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 # The longest test files (``--durations``), in that order: sent first to the pytest-xdist workers (each file to one

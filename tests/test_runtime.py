@@ -47,3 +47,13 @@ def test_the_cli_runs_pinned_to_one_cpu_with_one_passive_thread():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "DICO_CPU_TUNING")}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split()[-2:] == ["1", "PASSIVE"]
+
+
+def test_the_suite_itself_waits_passively_and_splits_the_cpus_between_workers():
+    """tests/conftest.py sets these before torch loads: spinning OpenMP threads beside another pytest-xdist worker
+    made in-process training 10x slower (benchmarks/RESULTS.md, suite time)."""
+    import torch
+
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    assert torch.get_num_threads() <= max(1, len(os.sched_getaffinity(0)) // workers)
