@@ -230,19 +230,18 @@ class DiffusionModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming ``fit``: the saved optimizer state must belong to these parameters, in this order. (Code that
         creates the parameters in another order -- another dico version -- would otherwise fail deep inside the
-        optimizer step with a shape error, or silently mix up moments of same-shaped tensors.)"""
+        optimizer step with a shape error. Same-shaped parameters that trade places cannot be told apart here.)"""
         if self._trainer is None or self.trainer.state.fn != "fit" or not checkpoint.get("optimizer_states"):
             return
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        shapes = [p.shape for p in self.model.parameters() if p.requires_grad]
+        params = [(n, p.shape) for n, p in self.model.named_parameters() if p.requires_grad]
         saved = checkpoint["optimizer_states"][0]
         count = sum(len(g["params"]) for g in saved.get("param_groups", []))
-        problem = f"{count} parameters, the model has {len(shapes)}" if count != len(shapes) else None
-        for i, shape in enumerate(shapes if problem is None else []):
-            moment = saved.get("state", {}).get(i, {}).get("exp_avg")
-            if moment is not None and moment.shape != shape:
-                problem = f"parameter {i} ({names[i]}) is {tuple(shape)}, its saved moments {tuple(moment.shape)}"
-                break
+        problem = f"{count} parameters, the model has {len(params)}" if count != len(params) else None
+        moments = saved.get("state", {})
+        for i, (name, shape) in enumerate(params):
+            moment = moments.get(i, {}).get("exp_avg")
+            if problem is None and moment is not None and moment.shape != shape:
+                problem = f"parameter {i} ({name}) is {tuple(shape)}, its saved moments {tuple(moment.shape)}"
         if problem:
             raise ValueError(
                 f"cannot resume: the checkpoint's optimizer state does not match this model ({problem}); it was "

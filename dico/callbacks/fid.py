@@ -102,8 +102,8 @@ class FIDEvaluation(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "test" and self.test_set is None:
             raise ValueError(
-                "FIDEvaluation has test_num_samples=0 (test protocol off); set it, e.g. "
-                "--trainer.callbacks.test_num_samples 50000 (the paper's protocol), to score this checkpoint"
+                "FIDEvaluation has test_num_samples=0 (test protocol off); set test_num_samples in the config's "
+                "FIDEvaluation callback (the paper's protocol: 50000) to score this checkpoint"
             )
         if stage in ("fit", "test"):
             self.reference(trainer, pl_module)
