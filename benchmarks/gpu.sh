@@ -64,7 +64,7 @@ stage 1_fp32_eager "$fp32_limit" "${common[@]}" "${all_sizes[@]}" --dtypes fp32 
 stage 1b_sampling "$sampling_limit" "${common[@]}" --models S --dtypes fp32 --tf32 off --modes "${sampling[@]}"
 stage 2_fp32_default_tf32 "$tf32_limit" "${common[@]}" "${all_sizes[@]}" --dtypes fp32 --tf32 default \
     --modes forward "${published[@]}"
-stage 3_bf16_eager "$bf16_limit" "${common[@]}" "${all_sizes[@]}" --dtypes bf16
+stage 3_bf16_eager "$bf16_limit" "${common[@]}" "${all_sizes[@]}" --dtypes bf16 "${published[@]}"
 if [ "${DRY_RUN:-0}" != 1 ] || [ "${DRY_RUN_COMPILE:-0}" = 1 ]; then
     stage 4_bf16_compiled "$compile_limit" "${common[@]}" "${compile_sizes[@]}" --dtypes bf16 --compile on \
         --time-budget "$compile_budget"

@@ -338,7 +338,7 @@ class Bench:
         args, torch = self.args, self.torch
         dit, dico = SIZES[size]
         names = [dit, dico]
-        if self.published is not None and dtype == "fp32" and not compiled:
+        if self.published is not None and not compiled:
             names.append(f"published {dico}")
         if self.baseline is not None:
             names += [f"baseline {dit}", f"baseline {dico}"]
@@ -493,7 +493,7 @@ class Bench:
         ]  # fmt: skip
         if self.published is not None:
             pub = ips.get(f"published {dico}")
-            if pub is None:  # published code: fp32 eager rows only
+            if pub is None:  # published code: eager rows only
                 cells += ["-", "-"]
             else:
                 cells += [

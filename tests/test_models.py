@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from dico.models import DiCo, DiT, create_model, list_models, load_official
+from dico.models.layers import PointwiseConv, pointwise_conv, tf32_for_convolutions_only
 from dico.models.official import convert_official_state_dict
 from dico.profiling import count_macs, count_parameters, profile_macs
 from tests.numerics import assert_close
@@ -61,13 +64,49 @@ def test_output_shapes_at_256_and_512(name, latent):
     assert out.shape == (2, 8, latent, latent)
 
 
-def test_dico_matches_published_outputs(golden):
+@pytest.mark.parametrize("pointwise", ["matmul", "convolution"])
+def test_dico_matches_published_outputs(golden, pointwise, monkeypatch):
+    # "convolution" is the path CUDA takes (cuDNN, like the published Conv2d), run here on the CPU
+    if pointwise == "convolution":
+        monkeypatch.setattr(
+            PointwiseConv, "forward", lambda self, x: pointwise_conv(x, self.weight, self.bias, as_convolution=True)
+        )
     g = golden["dico"]
     model = load_official(g["state_dict"], "dico").eval()
     assert model.depth == g["config"]["depth"] and model.hidden_size == g["config"]["hidden_size"]
     with torch.no_grad():
         out = model(g["x"], g["t"], g["y"])
     torch.testing.assert_close(out, g["out"], rtol=1e-5, atol=1e-5)
+
+
+def test_pointwise_conv_paths_agree_and_the_cpu_takes_the_matrix_product():
+    calls = []
+    layer = PointwiseConv(8, 4)
+    original = torch.nn.functional.conv2d
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.nn.functional, "conv2d", lambda *a, **k: calls.append(1) or original(*a, **k))
+        out = layer(torch.randn(2, 3, 3, 8))
+    assert out.shape == (2, 3, 3, 4) and not calls  # the CPU path is the matrix product
+    x = torch.randn(2, 5, 5, 8)
+    via_conv = pointwise_conv(x, layer.weight, layer.bias, as_convolution=True)
+    assert via_conv.is_contiguous() and via_conv.shape == (2, 5, 5, 4)
+    assert_close(via_conv, layer(x), layers=1)
+
+
+def test_pointwise_conv_is_a_convolution_exactly_where_only_convolutions_get_tf32():
+    cuda_fp32 = SimpleNamespace(is_cuda=True, dtype=torch.float32)  # stands in for a CUDA tensor
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False  # PyTorch's defaults
+        assert tf32_for_convolutions_only(cuda_fp32)  # the published code's setting
+        assert not tf32_for_convolutions_only(torch.zeros(1))  # CPU
+        assert not tf32_for_convolutions_only(SimpleNamespace(is_cuda=True, dtype=torch.bfloat16))
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert not tf32_for_convolutions_only(cuda_fp32)  # all TF32: the matrix product gets it too
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, False
+        assert not tf32_for_convolutions_only(cuda_fp32)  # strict fp32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 def test_dit_matches_published_outputs(golden):

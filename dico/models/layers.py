@@ -11,13 +11,41 @@ from torch import Tensor, nn
 
 class PointwiseConv(nn.Conv2d):
     """A 1x1 convolution (its weights and state dict are a ``Conv2d``'s) applied to channels-last maps
-    (B, H, W, C) as a matrix product."""
+    (B, H, W, C): a matrix product, or a cuDNN convolution where only convolutions may use TF32."""
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.flatten(1), self.bias)
+        return pointwise_conv(x, self.weight, self.bias, as_convolution=tf32_for_convolutions_only(x))
+
+
+def tf32_for_convolutions_only(x: Tensor) -> bool:
+    """Whether ``x`` would get TF32 as a convolution but full fp32 as a matrix product: an fp32 CUDA tensor outside
+    autocast under PyTorch's default flags (cuDNN TF32 on, matmul TF32 off), the setting the published DiCo trained
+    and measured its throughput in. Elsewhere (CPU, strict fp32, all-TF32, bf16) the matrix product is as exact and
+    faster."""
+    return (
+        x.is_cuda
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cuda")
+        and torch.backends.cudnn.allow_tf32
+        and not torch.backends.cuda.matmul.allow_tf32
+    )
+
+
+def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None, as_convolution: bool) -> Tensor:
+    """1x1 convolution of a channels-last map (B, H, W, C_in) with a Conv2d weight (C_out, C_in, 1, 1).
+
+    ``as_convolution`` runs it as the published ``Conv2d`` does: on CUDA it then follows cuDNN's TF32 flag
+    (``torch.backends.cudnn.allow_tf32``, on by default) like every other convolution, where a matrix product
+    follows the matmul flag (off by default). As a matrix product under the default flags, DiCo-XL ran at half the
+    published code's speed on an H200; as a matrix product in strict fp32 or bf16 it is 10-45% faster than as a
+    convolution (benchmarks/RESULTS.md, GPU). On the CPU both are exact fp32 and the matrix product is the faster.
+    """
+    if as_convolution:  # the NCHW view of a contiguous channels-last map is channels_last: no copy either way
+        return F.conv2d(x.permute(0, 3, 1, 2), weight, bias).permute(0, 2, 3, 1).contiguous()
+    return F.linear(x, weight.flatten(1), bias)
 
 
 class SpatialConv(nn.Conv2d):
@@ -117,7 +145,9 @@ __all__ = [
     "channel_norm",
     "gated_residual",
     "modulate",
+    "pointwise_conv",
     "resolve_heads",
+    "tf32_for_convolutions_only",
     "xavier_init_",
     "zero_init_",
 ]
