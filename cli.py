@@ -28,13 +28,18 @@ def lightning(argv: list[str]) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from dico.callbacks.preemption import PREEMPTED_EXIT_CODE
+    from dico.loggers import finish_wandb_run
 
+    status = 1  # an exception on the way out marks the wandb run failed
     try:
         build_lightning_cli(argv)
+        status = 0
     except SIGTERMException:
         print(f"[dico] preempted (SIGTERM); exit status {PREEMPTED_EXIT_CODE}: rerun with --ckpt_path last to resume")
-        return PREEMPTED_EXIT_CODE
-    return 0
+        status = PREEMPTED_EXIT_CODE
+    finally:
+        finish_wandb_run(status)
+    return status
 
 
 def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-untyped-def]

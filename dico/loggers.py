@@ -11,6 +11,7 @@ import csv
 import netrc
 import os
 import socket
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,15 @@ def wandb_server_reachable(base_url: str, timeout: float = 5.0) -> bool:
     return bool(result and result[0])
 
 
+def finish_wandb_run(exit_code: int = 0) -> None:
+    """End the wandb run still open in this process, if any. Lightning's ``WandbLogger`` leaves its run open after
+    ``fit``/``test``, and a later logger in the same process (a second ``cli.main`` in a notebook, a job's test
+    stage) would silently log into it, its files in the first run's folder."""
+    wandb = sys.modules.get("wandb")  # never imported: no run to end
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
+
+
 class AutoWandbLogger(WandbLogger):
     """A :class:`WandbLogger` whose mode is chosen for you: ``offline=None`` means online if credentials are
     available and the server answers within ``probe_timeout`` seconds, else offline with a note on how to
@@ -117,6 +127,9 @@ class AutoWandbLogger(WandbLogger):
                 f"Upload later with `wandb sync {Path(save_dir) / 'wandb'}/offline-run-*`."
             )
         Path(save_dir).mkdir(parents=True, exist_ok=True)
+        # absolute: wandb's service process keeps the working directory it started in, so a relative folder would
+        # put a later run of this process (after a chdir) in the first run's folder
+        save_dir = str(Path(save_dir).resolve())
         super().__init__(
             project=project, name=name, save_dir=save_dir, group=group, tags=tags, offline=offline,
             log_model=log_model, **kwargs,

@@ -22,9 +22,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# The longest test files (``--durations``), in that order: sent first to the pytest-xdist workers (each file to one
-# worker), so that the short ones fill in around them and the workers finish together.
-LONGEST_FIRST = ("test_quickstart.py", "test_notebooks.py", "test_ablation_runner.py", "test_training.py")
+# Test files by their time (``--durations``), longest first: the order pytest-xdist hands them to its workers (each
+# file to one worker; pyproject's --no-loadscope-reorder), so that the short ones fill in at the end and the workers
+# finish together. Files not listed come last.
+LONGEST_FIRST = (
+    "test_quickstart.py", "test_ablation_runner.py", "test_notebooks.py", "test_models.py", "test_training.py",
+    "test_ablation_models.py", "test_pretrained.py", "test_evaluation.py", "test_sample_sets.py",
+)  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -460,6 +460,24 @@ def test_wandb_with_credentials_but_no_network_trains_offline_within_seconds(tmp
     wandb.finish()
 
 
+def test_each_cli_run_in_one_process_has_its_own_wandb_run(tmp_path, monkeypatch):
+    """Two commands in one process (a notebook, a job's fit then test): the second gets its own wandb run in its
+    own folder instead of logging into the first, which Lightning's WandbLogger would leave open."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.finish()  # a run an earlier test left open
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        run_cli("fit", "-c", str(QUICKSTART), *TINY_CLI, "--trainer.max_steps", "1", "--trainer.val_check_interval",
+                "1", "--data.init_args.batch_size", "16", cwd=tmp_path / name)  # fmt: skip
+        assert wandb.run is None
+    runs = [
+        list((tmp_path / name / "runs" / "quickstart" / "wandb").glob("offline-run-*")) for name in ("first", "second")
+    ]
+    assert all(len(r) == 1 for r in runs) and runs[0][0].name.split("-")[-1] != runs[1][0].name.split("-")[-1]
+
+
 def test_no_credentials_in_run_files(tmp_path, monkeypatch):
     secret = "s3cr3t" * 7
     monkeypatch.setenv("WANDB_API_KEY", secret)
