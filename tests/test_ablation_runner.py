@@ -168,7 +168,11 @@ def test_local_runner_trains_like_the_cli_resumes_a_killed_row_and_skips_finishe
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
-    time.sleep(5)  # the training process saves last.ckpt after its current step
+    # the training process (SIGTERM on its parent's death) saves last.ckpt after its current step, then says so
+    deadline = time.time() + 120
+    while "preempted (SIGTERM)" not in (run_dir / "run.log").read_text():
+        assert time.time() < deadline, (run_dir / "run.log").read_text()[-3000:]
+        time.sleep(0.2)
     killed_at = ckpt_step(run_dir)
     assert 0 < killed_at < 30 and not (run_dir / "result.json").exists()
     runner_first_loss = first_loss(run_dir)  # (a resumed run starts a new CSV log)
