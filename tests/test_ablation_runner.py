@@ -188,7 +188,7 @@ def test_local_runner_trains_like_the_cli_resumes_a_killed_row_and_skips_finishe
     assert cmd[:2] == ["cli.py", "fit"]
     import cli  # in this process: `python cli.py ARGS` is `cli.main(ARGS)`
 
-    monkeypatch.chdir(ROOT)  # (wandb stays offline: its settings, once set up, hold for the whole process)
+    monkeypatch.chdir(ROOT)
     assert cli.main([*cmd[1:], "--trainer.max_steps", "2"]) == 0
     monkeypatch.undo()
     step, loss = first_loss(cli_dir)
