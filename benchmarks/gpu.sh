@@ -11,9 +11,11 @@
 #   2. fp32 with PyTorch's default TF32 flags (cuDNN convolutions in TF32, matmuls not: the conditions of the
 #      published throughput script), eager, forward only
 #   3. bf16 autocast, eager: every size, forward and training step, the published DiCo beside ours if given
-#   4. bf16 autocast + torch.compile, forward only: S, then XL, B, L while the stage's time budget lasts (on an H200
-#      the first compilation of S took most of 95 s with the training step in the stage; 2026-11-26)
+#   4. bf16 autocast + torch.compile, forward only: S, then XL, B, L while the stage's time budget lasts. Cold
+#      compilation is slow (H200, 2026-11-26: DiCo-B 33 s, DiCo-L 59 s, XL longer), so within the full script only S
+#      finishes; for every size run the stage alone: STAGES=4 COMPILE_LIMIT=420 COMPILE_BUDGET=360 bash benchmarks/gpu.sh
 #
+# STAGES="3 4" runs only those stages (default: all; 1b is stage 1's sampling part).
 # DRY_RUN=1 runs the same stages on the CPU with tiny settings (checks the script's logic, not speed);
 # DRY_RUN_COMPILE=1 also runs stage 4 there (a few minutes of compilation).
 set -uo pipefail
@@ -39,13 +41,17 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
 else
     common=(--device cuda --batch-forward 64 --batch-train 32 --reps 10 --warmup 3)
     sampling=(--sampling --sample-steps 250 --sample-batch 16 --sample-reps 2)
-    fp32_limit=130 sampling_limit=45 tf32_limit=55 bf16_limit=100 compile_limit=160 compile_budget=120
+    fp32_limit=130 sampling_limit=45 tf32_limit=55 bf16_limit=100
+    compile_limit=${COMPILE_LIMIT:-160} compile_budget=${COMPILE_BUDGET:-120}
     all_sizes=(--models S B L XL) compile_sizes=(--models S XL B L)
 fi
 
-stage() {  # stage NAME LIMIT_SECONDS ARGS...
+STAGES=${STAGES:-1 1b 2 3 4}
+
+stage() {  # stage NAME LIMIT_SECONDS ARGS...  (NAME starts with its number: 1_..., 1b_...)
     local name=$1 limit=$2
     shift 2
+    case " $STAGES " in *" ${name%%_*} "*) ;; *) return 0 ;; esac
     echo "== $name (at most ${limit}s): speed.py $*" | tee "$OUT_DIR/$name.txt"
     timeout --signal=INT --kill-after=10 "$limit" \
         "$PY" benchmarks/speed.py "$@" --json "$OUT_DIR/$name.json" 2>&1 | tee -a "$OUT_DIR/$name.txt"
