@@ -51,6 +51,7 @@ def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-u
 
     from dico.data import ArrayDataModule
     from dico.module import DiffusionModule
+    from dico.trainer import Trainer
 
     csv_loggers = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger")
 
@@ -90,6 +91,7 @@ def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-u
         DiffusionModule,
         ArrayDataModule,
         subclass_mode_data=True,
+        trainer_class=Trainer,  # `--trainer.limit_val_batches 1` is one batch, not 100%
         args=None if argv == sys.argv[1:] else argv,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf+"},

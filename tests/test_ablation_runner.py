@@ -96,15 +96,15 @@ def test_every_proxy_row_builds_through_the_cli(tmp_path, monkeypatch):
         fid.setup(built.trainer, built.model, "test")
 
 
-def test_smoke_rows_validate_on_two_batches_not_the_whole_split(tmp_path, monkeypatch):
+def test_smoke_rows_validate_on_one_batch_not_the_whole_split(tmp_path, monkeypatch):
     import cli
 
     monkeypatch.chdir(ROOT)
     [row] = rows_of("4", "smoke", ["w/o CCA"])
     built = cli.build_lightning_cli([*[a for a in row.cli_args(tmp_path) if a != "fit"], "--trainer.logger", "false"],
                                     run=False)  # fmt: skip
-    # a float 1.0 would mean 100% of the batches: LightningCLI parses a bare 1 as that
-    assert built.trainer.limit_val_batches == 2 and isinstance(built.trainer.limit_val_batches, int)
+    # the YAML's 1 is one batch; read as the float 1.0 it would mean 100% of them
+    assert built.trainer.limit_val_batches == 1 and isinstance(built.trainer.limit_val_batches, int)
     assert built.trainer.max_steps == 4
 
 

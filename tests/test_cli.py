@@ -43,6 +43,23 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert main_command.endswith("python cli.py fit -c experiments/quickstart.yaml")
 
 
+def test_batch_limits_read_a_whole_number_as_a_count_and_a_decimal_as_a_fraction(monkeypatch):
+    """Lightning: an int limits the number of batches, a float the fraction. Its Trainer types the limits
+    ``float | int``, so LightningCLI used to read ``1`` as ``1.0``: every batch."""
+    monkeypatch.chdir(ROOT)
+    built = cli.build_lightning_cli(
+        ["-c", "experiments/quickstart.yaml", "--trainer.logger", "false", "--trainer.limit_val_batches", "1",
+         "--trainer.limit_train_batches", "1.0", "--trainer.limit_test_batches", "0.25",
+         "--trainer.limit_predict_batches", "3"],
+        run=False,
+    )  # fmt: skip
+    trainer = built.trainer
+    assert (trainer.limit_val_batches, trainer.limit_train_batches) == (1, 1.0)
+    assert type(trainer.limit_val_batches) is int and type(trainer.limit_train_batches) is float
+    assert trainer.limit_test_batches == 0.25 and trainer.limit_predict_batches == 3
+    assert type(trainer.limit_predict_batches) is int
+
+
 def test_extract_command_with_the_documented_options(tmp_path, image_folder, tiny_vae_dir, capsys):
     out = tmp_path / "latents"
     args = ["extract", "--data-path", str(image_folder), "--out", str(out), "--image-size", "16",
