@@ -28,8 +28,9 @@ def lightning(argv: list[str]) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from dico.callbacks.preemption import PREEMPTED_EXIT_CODE
-    from dico.loggers import finish_wandb_run
+    from dico.loggers import finish_wandb_run, open_wandb_run
 
+    users_run = open_wandb_run()  # a run opened before this command is not ours to end
     status = 1  # an exception on the way out marks the wandb run failed
     try:
         build_lightning_cli(argv)
@@ -38,7 +39,7 @@ def lightning(argv: list[str]) -> int:
         print(f"[dico] preempted (SIGTERM); exit status {PREEMPTED_EXIT_CODE}: rerun with --ckpt_path last to resume")
         status = PREEMPTED_EXIT_CODE
     finally:
-        finish_wandb_run(status)
+        finish_wandb_run(status, keep=users_run)
     return status
 
 

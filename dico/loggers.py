@@ -83,13 +83,20 @@ def wandb_server_reachable(base_url: str, timeout: float = 5.0) -> bool:
     return bool(result and result[0])
 
 
-def finish_wandb_run(exit_code: int = 0) -> None:
-    """End the wandb run still open in this process, if any. Lightning's ``WandbLogger`` leaves its run open after
-    ``fit``/``test``, and a later logger in the same process (a second ``cli.main`` in a notebook, a job's test
-    stage) would silently log into it, its files in the first run's folder."""
-    wandb = sys.modules.get("wandb")  # never imported: no run to end
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(exit_code=exit_code)
+def open_wandb_run() -> Any:
+    """The wandb run open in this process (``wandb.run``), or None; never imports wandb."""
+    wandb = sys.modules.get("wandb")
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
+def finish_wandb_run(exit_code: int = 0, keep: Any = None) -> None:
+    """End the wandb run still open in this process, if any, unless it is ``keep`` (a run the caller found open
+    before, e.g. the user's own, which Lightning's logger logs into). Lightning's ``WandbLogger`` leaves its run
+    open after ``fit``/``test``, and a later logger in the same process (a second ``cli.main`` in a notebook, a
+    job's test stage) would silently log into it, its files in the first run's folder."""
+    run = open_wandb_run()
+    if run is not None and run is not keep:
+        sys.modules["wandb"].finish(exit_code=exit_code)
 
 
 class AutoWandbLogger(WandbLogger):

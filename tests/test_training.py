@@ -476,6 +476,15 @@ def test_each_cli_run_in_one_process_has_its_own_wandb_run(tmp_path, monkeypatch
         list((tmp_path / name / "runs" / "quickstart" / "wandb").glob("offline-run-*")) for name in ("first", "second")
     ]
     assert all(len(r) == 1 for r in runs) and runs[0][0].name.split("-")[-1] != runs[1][0].name.split("-")[-1]
+    # a run the user opened before (Lightning's logger logs into it) is the user's to end
+    (tmp_path / "mine").mkdir()
+    mine = wandb.init(mode="offline", dir=tmp_path / "mine", project="mine")
+    try:
+        run_cli("fit", "-c", str(QUICKSTART), *TINY_CLI, "--trainer.max_steps", "1", "--trainer.val_check_interval",
+                "1", "--data.init_args.batch_size", "16", cwd=tmp_path / "mine")  # fmt: skip
+        assert wandb.run is mine
+    finally:
+        wandb.finish()
 
 
 def test_no_credentials_in_run_files(tmp_path, monkeypatch):
