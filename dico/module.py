@@ -205,12 +205,11 @@ class DiffusionModule(LightningModule):
             if dirpath := getattr(cb, "dirpath", None):
                 candidates.update(Path(dirpath).glob("*.ckpt"))
         good = newest_sound_checkpoint(sorted(candidates), self.hparams.max_abs_weight)
-        raise error(
-            f"{what}. "
-            + (f"The newest checkpoint with sound weights is {good}; " if good else "No sound checkpoint was found; ")
-            + f"resume from it with `fit --ckpt_path {good or 'PATH'}` after lowering model.lr or setting "
-            "trainer.gradient_clip_val (or try precision 32 if you trained in bf16)."
-        )
+        fix = "lowering model.lr or setting trainer.gradient_clip_val (or try precision 32 if you trained in bf16)"
+        if good:
+            raise error(f"{what}. The newest checkpoint with sound weights is {good}; resume from it with "
+                        f"`fit --ckpt_path {good}` after {fix}.")  # fmt: skip
+        raise error(f"{what}. No checkpoint with sound weights was saved before it: start the run again after {fix}.")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         every = self.trainer.log_every_n_steps

@@ -158,6 +158,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
         trainer(tmp_path, 10, [EMA(decay=0.9), ckpt, Poison()]).fit(tiny_module(), digits())
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 2
+    # diverged before any checkpoint: the message says to start again, not to resume from a file that is not there
+    with pytest.raises(NonFiniteLossError, match=r"step 3 .*No checkpoint with sound weights.*start the run again"):
+        trainer(tmp_path / "fresh", 10, [Poison()], enable_checkpointing=False).fit(tiny_module(), digits())
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
 
 
