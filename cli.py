@@ -217,7 +217,8 @@ def model_info(argv: list[str]) -> int:
     parser.add_argument("--model_kwargs", type=dict | None, default=None, help="architecture overrides")
     parser.add_argument("--image_size", type=int | None, default=None, help="image resolution (default 256)")
     parser.add_argument("--use_ema", type=bool, default=True, help="EMA weights of a training checkpoint")
-    parser.add_argument("--unsafe_full_unpickle", type=bool, default=False, help="only for files you trust")
+    parser.add_argument("--unsafe_full_unpickle", type=bool, default=False,
+                        help="unpickle --ckpt fully (can run arbitrary code): only for files you trust")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if args.ckpt or args.pretrained:

@@ -54,8 +54,14 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``torch.save`` checkpoint IO, but atomic on local paths whatever ``$TMPDIR`` is (see module).
 
-    Remote URLs (``s3://`` ...) keep Lightning's own transactional writer. ``python cli.py fit`` uses this
-    plugin by default (``trainer.plugins``)."""
+    Remote URLs (``s3://`` ...) keep Lightning's own transactional writer. Loading is ``weights_only`` unless the
+    caller asks for full unpickling (``fit --weights_only false``, for files you trust): Lightning leaves the choice
+    to torch's default, which an environment variable or an ``http(s)://`` path turns into full unpickling.
+    ``python cli.py fit`` uses this plugin by default (``trainer.plugins``)."""
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        location = {} if map_location is None else {"map_location": map_location}  # else Lightning's default
+        return super().load_checkpoint(path, weights_only=weights_only is not False, **location)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):

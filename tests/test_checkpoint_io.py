@@ -83,3 +83,20 @@ def test_failed_save_leaves_no_partial_file(tmp_path):
         io.save_checkpoint({"step": 2, "bad": Unpicklable()}, tmp_path / "last.ckpt")
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
     assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"step": 1}
+
+
+class NotAWeight:
+    """A pickled object that weights-only loading refuses."""
+
+
+def test_loading_is_weights_only_even_where_torch_would_default_to_full_unpickling(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "extra": NotAWeight()}, path)
+    io = AtomicCheckpointIO()
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # what Lightning's weights_only=None would obey
+    with pytest.raises(Exception, match=r"[Ww]eights only load failed|Unsupported global"):
+        io.load_checkpoint(path)
+    assert isinstance(io.load_checkpoint(path, weights_only=False)["extra"], NotAWeight)  # the explicit opt-in
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    torch.save({"state_dict": {"w": torch.ones(2)}}, path)
+    assert torch.equal(io.load_checkpoint(path, map_location="cpu")["state_dict"]["w"], torch.ones(2))
