@@ -148,6 +148,23 @@ def test_corrupt_or_missing_cache_names_the_fix(cache, tmp_path):
         ShardedLatents(bad)
 
 
+def test_labels_outside_the_classes_are_refused_when_the_data_is_opened(cache, tmp_path):
+    """A label equal to num_classes is the model's null label: it would train, silently, as unconditional data."""
+    out, _ = cache
+    for f in out.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    num_classes = ShardedLatents(tmp_path).num_classes
+    labels = np.load(tmp_path / "shard-00001.labels.npy")
+    labels[2] = num_classes
+    np.save(tmp_path / "shard-00001.labels.npy", labels)
+    with pytest.raises(ValueError, match=rf"shard-00001\.labels\.npy .* class label {num_classes}, outside"):
+        ShardedLatents(tmp_path)
+    InMemoryLatents(np.zeros((3, 1, 4, 4)), [0, 9, 3], num_classes=10)
+    for bad in (10, -1):
+        with pytest.raises(ValueError, match=f"class label {bad}, outside \\[0, 9\\]"):
+            InMemoryLatents(np.zeros((3, 1, 4, 4)), [0, bad, 3], num_classes=10)
+
+
 def test_checksum_mismatch_is_detected(cache, tmp_path):
     out, _ = cache
     for f in out.iterdir():

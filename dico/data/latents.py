@@ -42,6 +42,20 @@ class LatentArrays(Dataset):
         raise NotImplementedError
 
 
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """Class labels must lie in ``[0, num_classes)``: the model reads ``num_classes`` itself as the null
+    (unconditional) label, so a label equal to it would train silently as unconditional data."""
+    if labels.size == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"{where} holds the class label {bad}, outside [0, {num_classes - 1}] ({num_classes} classes; "
+            f"{num_classes} itself is the model's null label): relabel the data from 0 or raise num_classes"
+        )
+
+
 class InMemoryLatents(LatentArrays):
     """Arrays in memory, e.g. pixel-space images: x (N, C, H, W) float, y (N,) int; no posterior std."""
 
@@ -49,6 +63,7 @@ class InMemoryLatents(LatentArrays):
         self.x = torch.as_tensor(x, dtype=torch.float32)
         self.y = torch.as_tensor(y, dtype=torch.long)
         self.num_classes = num_classes
+        check_labels(self.y.numpy(), num_classes, "the data")
         self.shape = tuple(self.x.shape[1:])  # type: ignore[assignment]
 
     def __len__(self) -> int:
@@ -105,6 +120,7 @@ class ShardedLatents(LatentArrays):
                     f"{lat_path.name} has shape {lat.shape}, the manifest says {expected}: the shard is truncated "
                     "or from another extraction; delete it and re-run `dico extract`"
                 )
+            check_labels(np.asarray(lab), m.num_classes, f"{lab_path} (manifest: {m.num_classes} classes)")
             self._latents.append(lat)
             self._labels.append(lab)
 
