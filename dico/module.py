@@ -226,6 +226,24 @@ class DiffusionModule(LightningModule):
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / hp.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Never write diverged weights (live or EMA): a checkpoint saved between two divergence checks would
+        otherwise replace the last sound one (``last.ckpt``, a rotated top-k file) with weights no run can use."""
+        limit = self.hparams.max_abs_weight
+        parts = [checkpoint[k] for k in ("state_dict", "current_model_state") if k in checkpoint]
+        if all(weights_are_sound(part, limit) for part in parts):
+            return
+        largest = max(
+            float(v.abs().max()) for part in parts for k, v in part.items()
+            if k.startswith("model.") and v.is_floating_point() and v.numel()
+        )  # fmt: skip
+        self._raise_diverged(
+            DivergedWeightsError,
+            f"diverged weights at step {self.global_step}: max |w| = {largest:.4g}"
+            + (f" > model.max_abs_weight = {limit:g}" if limit > 0 else "")
+            + " (the checkpoint of this step was not written)",
+        )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming ``fit``: the saved optimizer state must belong to these parameters, in this order. (Code that
         creates the parameters in another order -- another dico version -- would otherwise fail deep inside the
