@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
@@ -62,6 +63,15 @@ def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-u
             # stores it in its hyper-parameters so that a checkpoint alone can sample.
             parser.link_arguments("data", "model.decoder", compute_fn=lambda dm: dm.decoder, apply_on="instantiate")
             parser.set_defaults({"trainer.plugins": [{"class_path": "dico.checkpoint_io.AtomicCheckpointIO"}]})
+
+        def _parse_ckpt_path(self) -> None:
+            # (Lightning reads --ckpt_path's hyper-parameters here) a truncated or foreign file is named as such
+            from dico.pretrained import read_checkpoint
+
+            path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+            if path and Path(path).is_file():
+                read_checkpoint(path)
+            super()._parse_ckpt_path()
 
         def before_test(self) -> None:
             # `test --ckpt_path` also takes a released checkpoint (any published format): its weights go into

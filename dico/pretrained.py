@@ -168,19 +168,38 @@ def check_vae_available(vae: str) -> None:
 
 
 def read_checkpoint(path: str | Path, unsafe_full_unpickle: bool = False) -> Mapping[str, Any]:
-    """``torch.load`` on the CPU, memory-mapped where the file allows, ``weights_only`` unless told otherwise."""
+    """``torch.load`` on the CPU, memory-mapped where the file allows, ``weights_only`` unless told otherwise.
+
+    A file torch cannot read (truncated, empty, not a checkpoint) raises a ``ValueError`` that says so."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
     mmap = zipfile.is_zipfile(path)
-    if unsafe_full_unpickle:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     try:
+        if unsafe_full_unpickle:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[-1][:300]
+        refused = [line for line in str(e).splitlines() if "Unsupported global" in line]
+        if not refused:  # not a class safe loading refuses: bytes that are no pickle at all
+            raise unreadable_checkpoint(path, e) from e
+        reason = refused[0].strip()[:300]
         raise RuntimeError(
             f"{path} holds objects that safe loading refuses ({reason}). If you trust the file, pass "
             "--unsafe_full_unpickle true (full unpickling can run arbitrary code)."
         ) from e
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise unreadable_checkpoint(path, e) from e
+
+
+def unreadable_checkpoint(path: str | Path, error: BaseException) -> ValueError:
+    noise = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler error")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(noise)]
+    reason = (lines or [""])[0].split(". ")[0][:160]
+    return ValueError(
+        f"{path} is not a readable checkpoint ({type(error).__name__}: {reason}): the file is truncated, corrupt "
+        f"or not a torch checkpoint. Pass another file, e.g. an earlier checkpoint in {Path(path).resolve().parent}."
+    )
 
 
 @dataclass

@@ -152,6 +152,22 @@ def test_unsafe_objects_are_refused_without_the_opt_in(tmp_path, golden):
     assert inspect_checkpoint(str(path), unsafe_full_unpickle=True).format == TRAINING
 
 
+def test_unreadable_checkpoint_files_are_named_as_such(tmp_path, monkeypatch):
+    """Truncated, empty and garbage files: one message naming the file and the fix, from the tools and from a
+    Lightning command's --ckpt_path (before anything is built), instead of torch's EOFError / KeyError / miniz text."""
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(3)}}, good)
+    data = good.read_bytes()
+    files = {"truncated.ckpt": data[: len(data) // 2], "empty.ckpt": b"", "garbage.ckpt": bytes(range(256)) * 8}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{name} is not a readable checkpoint .*Pass another file"):
+            inspect_checkpoint(str(tmp_path / name))
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match=r"truncated\.ckpt is not a readable checkpoint"):
+        cli.main(["fit", "-c", "experiments/quickstart.yaml", "--ckpt_path", str(tmp_path / "truncated.ckpt")])
+
+
 def test_architecture_is_inferred_as_the_registered_size():
     published_xl = {"hidden_size": 416, "depth": [9, 9, 10, 9, 9], "mlp_ratio": 2.0, "in_channels": 4,
                     "learn_sigma": True, "num_classes": 1000, "input_size": 32}  # fmt: skip
