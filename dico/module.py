@@ -128,6 +128,12 @@ class DiffusionModule(LightningModule):
         if stage == "fit" and self._training_weights is not None:  # fine-tuning a released training checkpoint
             self.model.load_state_dict(self._training_weights)
             self._training_weights = None
+        # a VAE that cannot be loaded fails here, not at the first sample grid after hours of training
+        callbacks = self.trainer.callbacks if self._trainer is not None else []
+        if self.decoder_spec.get("kind") == "vae" and any(getattr(c, "decodes_samples", False) for c in callbacks):
+            from dico.pretrained import check_vae_available
+
+            check_vae_available(self.decoder_spec["vae"], "--data.init_args.vae PATH")
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is None or not hasattr(dm, "sample_shape"):
             return

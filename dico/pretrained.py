@@ -154,8 +154,9 @@ def _from_url(release: Release) -> Path:
     return dest
 
 
-def check_vae_available(vae: str) -> None:
-    """Fail before sampling, not after the first batch, when the VAE cannot be loaded offline."""
+def check_vae_available(vae: str, option: str = "--vae PATH") -> None:
+    """Fail before sampling, not after the first batch, when the VAE cannot be loaded offline; ``option`` is how
+    the caller's command takes a local copy."""
     if Path(vae).expanduser().exists() or not _offline():
         return
     from huggingface_hub import constants, try_to_load_from_cache
@@ -163,7 +164,7 @@ def check_vae_available(vae: str) -> None:
     if not isinstance(try_to_load_from_cache(vae, "config.json"), str):
         raise WeightsNotFoundError(
             f"the VAE {vae} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set. "
-            f"Download it once: `hf download {vae}`, or pass a local copy (a `save_pretrained` folder) with --vae PATH."
+            f"Download it once: `hf download {vae}`, or pass a local copy (a `save_pretrained` folder) with {option}."
         )
 
 

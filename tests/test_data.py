@@ -233,6 +233,9 @@ def test_latent_datamodule_reads_the_cache(cache):
     dm = LatentDataModule(str(out), batch_size=4, val_fraction=0.2)
     assert dm.sample_shape == (4, 8, 8) and dm.num_classes == 2
     assert dm.decoder["kind"] == "vae" and dm.decoder["scale_factor"] == 0.18215
+    local = LatentDataModule(str(out), vae="/models/sd-vae-ft-ema")  # a local copy of the cache's VAE
+    assert local.decoder["vae"] == "/models/sd-vae-ft-ema" and dm.decoder["vae"] == json.loads(
+        (out / "manifest.json").read_text())["vae"]  # fmt: skip
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"x", "std", "y"} and batch["x"].shape == (4, 4, 8, 8)
     record = json.loads((out / "manifest.json").read_text())

@@ -164,6 +164,22 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
 
 
+def test_a_vae_that_cannot_be_loaded_offline_stops_before_the_first_step(tmp_path, monkeypatch):
+    """Latent models decode their sample grids with the VAE: missing offline, that fails at setup (naming the
+    data option that takes a local copy), not at the first grid after hours of training."""
+    from dico.callbacks import SampleGrid
+    from dico.pretrained import WeightsNotFoundError
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hf-home" / "hub"))
+    decoder = {"kind": "vae", "vae": "someone/a-vae-never-downloaded", "scale_factor": 0.18215}
+    with pytest.raises(WeightsNotFoundError, match=r"a-vae-never-downloaded .*--data\.init_args\.vae PATH"):
+        trainer(tmp_path, 2, [SampleGrid(every_n_steps=1)]).fit(tiny_module(decoder=decoder), digits())
+    t = trainer(tmp_path, 1, [])  # nothing decodes: no VAE needed
+    t.fit(tiny_module(decoder=decoder), digits())
+    assert t.global_step == 1
+
+
 def test_diverged_weights_stop_training_and_are_never_checkpointed(tmp_path):
     """Weights blown up during step 3 (the loss stays finite; the training-step check runs every 2 steps): the
     checkpoint of step 4 would hold them, so it is not written and training stops there, naming the step-3

@@ -52,6 +52,8 @@ class FIDEvaluation(Callback):
             :class:`~dico.evaluation.fidelity.MetricOptions`.
     """
 
+    decodes_samples = True  # the module checks at setup that it can decode (the VAE of a latent model)
+
     def __init__(
         self,
         reference: str,

@@ -27,6 +27,8 @@ class SampleGrid(Callback):
     ADM-format ``samples/final.npz`` beside ``samples/final.png``.
     """
 
+    decodes_samples = True  # the module checks at setup that it can decode (the VAE of a latent model)
+
     def __init__(
         self,
         every_n_steps: int = 5000,

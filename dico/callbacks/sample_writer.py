@@ -34,6 +34,8 @@ class SampleWriter(BasePredictionWriter):
         source: what made the samples (e.g. the checkpoint); ``None``: the trainer's ``ckpt_path``.
     """
 
+    decodes_samples = True  # the module checks at setup that it can decode (the VAE of a latent model)
+
     def __init__(self, out_dir: str = "samples", grid_size: int = 100, source: str | None = None) -> None:
         super().__init__(write_interval="batch")
         self.out_dir = Path(out_dir)

@@ -160,12 +160,14 @@ class ArrayDataModule(LightningDataModule):
 
 
 class LatentDataModule(ArrayDataModule):
-    """Cached VAE latents written by ``dico extract`` (memory-mapped shards + manifest)."""
+    """Cached VAE latents written by ``dico extract`` (memory-mapped shards + manifest). ``vae``: a local copy
+    (``save_pretrained`` folder) of the cache's VAE to decode samples with, instead of its hub id (manifest)."""
 
-    def __init__(self, root: str, verify_checksums: bool = False, **kwargs: Any) -> None:
+    def __init__(self, root: str, verify_checksums: bool = False, vae: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.root = root
         self.verify_checksums = verify_checksums
+        self.vae = vae
 
     def build_dataset(self) -> LatentArrays:
         return ShardedLatents(self.root, verify_checksums=self.verify_checksums)
@@ -173,7 +175,7 @@ class LatentDataModule(ArrayDataModule):
     @property
     def decoder(self) -> dict[str, Any]:
         m = self.data.manifest  # type: ignore[attr-defined]
-        return {"kind": "vae", "vae": m.vae, "scale_factor": m.scale_factor}
+        return {"kind": "vae", "vae": self.vae or m.vae, "scale_factor": m.scale_factor}
 
 
 class DigitsDataModule(ArrayDataModule):
