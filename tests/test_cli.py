@@ -18,6 +18,11 @@ def test_model_info_json(capsys, paper):
     assert info["params"] == paper["exact_param_counts_of_published_models"]["DiCo-S"]
     assert info["gmacs"] == pytest.approx(paper["exact_gmacs_of_published_models_32x32x4"]["DiCo-S"], rel=1e-3)
     assert info["input_shape"] == [4, 32, 32] and info["output_shape"] == [8, 32, 32]
+    # the quickstart's pixel-space model: model_kwargs' input_size is the model's, not derived from --image_size
+    kwargs = '{"hidden_size": 32, "depth": [2, 2, 2, 2, 2], "in_channels": 1, "input_size": 8, "num_classes": 10}'
+    assert cli.main(["model-info", "--model", "DiCo-S", "--model_kwargs", kwargs, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["input_shape"] == [1, 8, 8] and info["output_shape"] == [2, 8, 8] and info["num_classes"] == 10
 
 
 def test_model_info_at_512_as_a_script():

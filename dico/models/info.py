@@ -15,7 +15,8 @@ def model_info(name: str, image_size: int = 256, macs: bool = True, **overrides:
     """Parameters, Gflops (MACs) and I/O shapes of the registered model ``name`` on ``image_size`` images."""
     if image_size % VAE_DOWNSAMPLING:
         raise ValueError(f"image size must be a multiple of {VAE_DOWNSAMPLING} (the VAE's downsampling)")
-    latent = image_size // VAE_DOWNSAMPLING
+    latent = overrides.pop("input_size", image_size // VAE_DOWNSAMPLING)  # model_kwargs' input_size wins
+    image_size = latent * VAE_DOWNSAMPLING
     model = create_model(name, input_size=latent, **overrides)
     c = model.in_channels
     params = count_parameters(model)

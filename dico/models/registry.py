@@ -6,6 +6,7 @@ An ablation swaps a part by name (a config line), never by copying a model file.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -60,13 +61,30 @@ def register_configs(ctor: Callable[..., nn.Module], configs: Mapping[str, Mappi
     """Register each named configuration of ``ctor``: ``create_model(name, **overrides)`` then builds
     ``ctor(**{**configs[name], **overrides})``."""
     for name, config in configs.items():
-        build = functools.partial(_build_config, ctor, dict(config))
+        build = functools.partial(_build_config, name, ctor, dict(config))
         build.__doc__ = f"{name}: {dict(config)}"
         register_model(name)(build)
 
 
-def _build_config(ctor: Callable[..., nn.Module], config: dict[str, Any], **overrides: Any) -> nn.Module:
+def _build_config(name: str, ctor: Callable[..., nn.Module], config: dict[str, Any], **overrides: Any) -> nn.Module:
+    accepted = accepted_keywords(ctor)
+    unknown = sorted(set(overrides) - accepted) if accepted is not None else []
+    if unknown:
+        raise TypeError(f"{name} takes no argument {unknown} (model_kwargs); it takes: {', '.join(sorted(accepted))}")
     return ctor(**{**config, **overrides})
+
+
+def accepted_keywords(ctor: Callable[..., Any]) -> set[str] | None:
+    """The keyword arguments ``ctor`` takes, following a class's ``**kwargs`` up to the base ``__init__`` that
+    receives them; None when some ``**kwargs`` takes anything."""
+    names: set[str] = set()
+    inits = [vars(c)["__init__"] for c in ctor.__mro__ if "__init__" in vars(c)] if isinstance(ctor, type) else [ctor]
+    for init in inits:
+        params = inspect.signature(init).parameters
+        names |= {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return names
+    return None
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
