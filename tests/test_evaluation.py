@@ -206,6 +206,19 @@ def test_bad_references_are_refused_before_any_sample_is_featurised(tmp_path, di
         Reference.load(adm_batch)
     with pytest.raises(FileNotFoundError, match=r"cli\.py reference"):
         Reference.load(tmp_path / "missing.npz")
+    good = (tmp_path / "ref.npz").read_bytes()
+    for name, content in {"truncated.npz": good[: len(good) // 2], "garbage.npz": bytes(range(256)) * 4}.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{name} is not a dico reference-statistics file.*cli\.py reference"):
+            Reference.load(tmp_path / name)
+    # sample files that are no ADM batch: named as such before any featurising
+    np.savez(tmp_path / "keys.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
+    np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((2, 1, 8, 8), np.uint8))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "nchw.npz").read_bytes()[:50])
+    for name, why in (("keys.npz", r"holds \['images'\], no arr_0"), ("nchw.npz", "channels go last"),
+                      ("cut.npz", "")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"{name} is not an ADM-format sample file.*{why}"):
+            score_npz(tmp_path / name, Reference.load(tmp_path / "ref.npz"), featurizer)
     with pytest.raises(ValueError, match="metric convention"):
         MetricOptions("tf")
 

@@ -57,9 +57,22 @@ def save_grid(path: str | Path, images: Tensor, nrow: int, min_size: int = 64) -
 
 
 def npz_images_shape(path: str | Path) -> tuple[int, ...]:
-    """The shape of ``arr_0`` in an ADM-format ``.npz``, read from its header (no image is loaded)."""
-    with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
-        return _read_header(f)[0]
+    """The shape of ``arr_0`` in an ADM-format ``.npz``, read from its header (no image is loaded); a file that is
+    no such ``.npz`` raises a ``ValueError`` that says what it holds."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if "arr_0.npy" not in names:
+                raise ValueError(f"it holds {sorted(n.removesuffix('.npy') for n in names)}, no arr_0")
+            with zf.open("arr_0.npy") as f:
+                return _read_header(f)[0]
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(
+            f"{path} is not an ADM-format sample file, a .npz whose arr_0 holds uint8 images (N, H, W, C) with 1 or "
+            f"3 channels last ({e})"
+        ) from e
 
 
 def iter_npz_images(path: str | Path, batch_size: int) -> Iterator[np.ndarray]:
@@ -79,4 +92,6 @@ def _read_header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
     shape, fortran, dtype = read(f)
     if fortran or dtype != np.uint8 or len(shape) != 4:
         raise ValueError(f"arr_0 must be uint8 (N, H, W, C) in C order, got {dtype} {shape}")
+    if shape[-1] not in (1, 3):
+        raise ValueError(f"arr_0 has shape {shape}: channels go last, 1 or 3 of them (transpose NCHW to NHWC)")
     return shape, dtype

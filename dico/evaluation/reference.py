@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,12 @@ class Reference:
         if not path.exists():
             raise FileNotFoundError(f"reference statistics {path} do not exist; compute them once with {make}")
         try:
-            with np.load(path, allow_pickle=False) as d:
-                keys = set(d.files)
+            d = np.load(path, allow_pickle=False)
+            keys = set(d.files)
+        except (OSError, ValueError, zipfile.BadZipFile, AttributeError) as e:  # truncated, not a .npz, a bare .npy
+            raise ValueError(f"{path} is not a dico reference-statistics file ({e}); recompute it with {make}") from e
+        try:
+            with d:
                 if "arr_0" in keys and "meta" not in keys:
                     raise ValueError(
                         f"{path} is an ADM reference batch, not dico reference statistics: make them from it with "
