@@ -4,6 +4,7 @@ batches, reference checks, torch-fidelity parity, and the non-degenerate Incepti
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,3 +299,37 @@ def test_unsafe_or_missing_inception_weights_are_refused(tmp_path, monkeypatch):
     torch.save({"not": object()}, pickled)  # needs full unpickling
     with pytest.raises(Exception, match=r"(?i)weights_only|unpickl"):
         Featurizer(FeatureSpec("inception-v3-compat", str(pickled)))
+
+
+def test_inception_weights_come_from_the_torch_hub_cache_loaded_weights_only(inception_weights, tmp_path, monkeypatch):
+    """Without weights_path: the file in ``$TORCH_HOME/hub/checkpoints`` (offline too), else downloaded there once
+    (online), and loaded weights-only -- torch-fidelity's own download would unpickle it fully."""
+    import shutil
+
+    from dico.evaluation.fidelity import INCEPTION, INCEPTION_FILE, build_feature_extractor
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cached = tmp_path / "hub" / "checkpoints" / INCEPTION_FILE
+    with pytest.raises(FileNotFoundError, match=rf"no Inception weights.*{INCEPTION_FILE}.*offline"):
+        build_feature_extractor(FeatureSpec(INCEPTION, None), ["2048"])
+    downloads = []
+
+    def download(url, dest):  # what the online path fetches, into the cache
+        downloads.append(url)
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(inception_weights, dest)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    online = build_feature_extractor(FeatureSpec(INCEPTION, None), ["2048"])
+    assert len(downloads) == 1 and downloads[0].endswith(INCEPTION_FILE) and cached.is_file()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline now: the cached file serves, nothing downloads
+    offline = build_feature_extractor(FeatureSpec(INCEPTION, None), ["2048"])
+    assert len(downloads) == 1
+    want = torch.load(inception_weights, weights_only=True)
+    for extractor in (online, offline):
+        got = extractor.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+    torch.save({"weights": torch.ones(1), "trap": Path("/")}, cached)  # a pickled object: refused, not run
+    with pytest.raises(Exception, match=r"Unsupported global|[Ww]eights only load failed"):
+        build_feature_extractor(FeatureSpec(INCEPTION, None), ["2048"])

@@ -78,6 +78,30 @@ def _safe_state_dict(path: str | Path) -> dict[str, Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _cached_inception_weights() -> Path:
+    """torch-fidelity's Inception weights in torch's hub cache (``$TORCH_HOME/hub/checkpoints``), downloaded there
+    once when online. (torch-fidelity's own download would unpickle the file fully; it is loaded weights-only.)"""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    dest = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if dest.is_file():
+        return dest
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise FileNotFoundError(
+            f"no Inception weights: set the evaluation option weights_path to a local copy of {INCEPTION_FILE} "
+            f"(torch-fidelity's inception-v3-compat weights), or put it at {dest}; this machine is offline "
+            "(HF_HUB_OFFLINE)"
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(URL_INCEPTION_V3, str(dest))
+    except OSError as e:
+        raise FileNotFoundError(
+            f"could not download the Inception weights ({e}); set weights_path to a local copy of {INCEPTION_FILE}"
+        ) from e
+    return dest
+
+
 def build_feature_extractor(spec: FeatureSpec, features: Iterable[str], device: torch.device | str = "cpu") -> Any:
     """A torch-fidelity feature extractor producing ``features`` (e.g. ``("2048", "logits_unbiased")``)."""
     features = list(features)
@@ -89,24 +113,12 @@ def build_feature_extractor(spec: FeatureSpec, features: Iterable[str], device: 
         raise ValueError(f"unknown feature extractor {spec.name!r}; use {INCEPTION!r} or {DIGITS!r}")
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    if spec.weights_path is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        if offline:
-            raise FileNotFoundError(
-                f"no Inception weights: set the evaluation option weights_path to a local copy of {INCEPTION_FILE} "
-                "(torch-fidelity's inception-v3-compat weights); this machine is offline (HF_HUB_OFFLINE)"
-            )
-        try:
-            return FeatureExtractorInceptionV3(INCEPTION, features).to(device)
-        except Exception as e:  # the download failed
-            raise FileNotFoundError(
-                f"could not download the Inception weights ({e}); set weights_path to a local copy of {INCEPTION_FILE}"
-            ) from e
-    if not Path(spec.weights_path).exists():
+    weights_path = spec.weights_path or _cached_inception_weights()
+    if not Path(weights_path).exists():
         raise FileNotFoundError(
-            f"Inception weights {spec.weights_path} do not exist; set weights_path to a local copy of {INCEPTION_FILE}"
+            f"Inception weights {weights_path} do not exist; set weights_path to a local copy of {INCEPTION_FILE}"
         )
-    state = _safe_state_dict(spec.weights_path)
+    state = _safe_state_dict(weights_path)
     # Hand torch-fidelity a file we wrote from plain tensors, so its own full unpickling is harmless.
     with tempfile.TemporaryDirectory() as tmp:
         clean = Path(tmp) / "inception.pt"
