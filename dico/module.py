@@ -35,12 +35,21 @@ class DivergedWeightsError(TrainingDivergedError):
 
 def weights_are_sound(state_dict: dict[str, Tensor], max_abs_weight: float, prefix: str = "model.") -> bool:
     """Whether every floating tensor under ``prefix`` is finite and within ``max_abs_weight`` (0: no bound)."""
-    for key, value in state_dict.items():
-        if key.startswith(prefix) and value.is_floating_point() and value.numel():
-            largest = value.detach().abs().max()
-            if not torch.isfinite(largest) or (max_abs_weight > 0 and largest > max_abs_weight):
-                return False
-    return True
+    return within_limit(largest_abs_weight(state_dict, prefix), max_abs_weight)
+
+
+def largest_abs_weight(state_dict: dict[str, Tensor], prefix: str = "model.") -> float:
+    """max |w| over the floating tensors under ``prefix`` (NaN if any is NaN); one device sync."""
+    tensors = [v.detach() for k, v in state_dict.items() if k.startswith(prefix) and v.is_floating_point()]
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return 0.0
+    return torch.stack([n.float() for n in torch._foreach_norm(tensors, float("inf"))]).max().item()
+
+
+def within_limit(largest: float, max_abs_weight: float) -> bool:
+    """Finite and at most ``max_abs_weight`` (0: no bound); NaN fails every comparison."""
+    return largest < float("inf") and (max_abs_weight <= 0 or largest <= max_abs_weight)
 
 
 def newest_sound_checkpoint(paths: list[Path], max_abs_weight: float) -> Path | None:
@@ -195,7 +204,7 @@ class DiffusionModule(LightningModule):
         if not loss_finite:
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
             self._raise_diverged(NonFiniteLossError, f"non-finite training loss at step {self.global_step} ({values})")
-        if not (weight < float("inf") and (limit <= 0 or weight <= limit)):  # NaN fails every comparison
+        if not within_limit(weight, limit):
             self._raise_diverged(
                 DivergedWeightsError,
                 f"diverged weights at step {self.global_step}: max |w| = {weight:.4g}"
@@ -237,12 +246,10 @@ class DiffusionModule(LightningModule):
         otherwise replace the last sound one (``last.ckpt``, a rotated top-k file) with weights no run can use."""
         limit = self.hparams.max_abs_weight
         parts = [checkpoint[k] for k in ("state_dict", "current_model_state") if k in checkpoint]
-        if all(weights_are_sound(part, limit) for part in parts):
+        unsound = [w for w in map(largest_abs_weight, parts) if not within_limit(w, limit)]
+        if not unsound:
             return
-        largest = max(
-            float(v.abs().max()) for part in parts for k, v in part.items()
-            if k.startswith("model.") and v.is_floating_point() and v.numel()
-        )  # fmt: skip
+        largest = unsound[0]
         self._raise_diverged(
             DivergedWeightsError,
             f"diverged weights at step {self.global_step}: max |w| = {largest:.4g}"
