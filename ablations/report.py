@@ -11,17 +11,24 @@ from __future__ import annotations
 import csv
 import datetime
 import math
+import re
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
-from ablations.rows import ROOT, TABLES, canonical, rows_of
-from dico.models.ablation import paper_row
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from ablations.rows import TABLES, canonical, rows_of  # noqa: E402
+from dico.models.ablation import paper_row  # noqa: E402
 
 COLUMNS = [
     "row", "model", "seeds", "params_M", "params_ratio", "paper_params_ratio", "gflops", "gflops_ratio",
     "paper_gflops_ratio", "throughput_ratio", "paper_throughput_ratio", "fid", "fid_spread", "fid_per_seed",
-    "paper_fid", "eval_samples", "train_steps", "sdpa_kernel", "wandb",
+    "fid_seeds", "fid_geomean", "fid_ci_low", "fid_ci_high", "ln_fid_sd", "paper_fid", "eval_samples", "train_steps",
+    "sdpa_kernel", "wandb",
 ]  # fmt: skip
 
 CAVEATS = {
@@ -74,7 +81,8 @@ def table_rows(table: str, budget: str, results: list[dict[str, Any]]) -> list[d
             size = runs[0]["trained_size"]
             # the reference's counts at the same size: from its own run, else from the row's interleaved timing run
             ref = reference_counts or runs[0].get("reference_size") or size
-            fids = [r["metrics"]["frechet_inception_distance"] for r in runs if r.get("metrics")]
+            scored = [r for r in runs if r.get("metrics")]
+            fids = [r["metrics"][SCORES["fid"]] for r in scored]
             rec.update(
                 params_M=round(size["params"] / 1e6, 3), gflops=round(size["gmacs"], 4),
                 params_ratio=round(_ratio(size["params"], ref["params"]), 3),
@@ -84,11 +92,27 @@ def table_rows(table: str, budget: str, results: list[dict[str, Any]]) -> list[d
                 fid=round(statistics.mean(fids), 2) if fids else "",
                 fid_spread=round(max(fids) - min(fids), 2) if len(fids) > 1 else "",
                 fid_per_seed=" ".join(f"{f:.2f}" for f in fids),
+                fid_seeds=" ".join(str(r["seed"]) for r in scored),
                 eval_samples=runs[0].get("eval_samples", ""), train_steps=runs[0].get("steps", ""),
                 wandb=" ; ".join(r.get("wandb", "") for r in runs if r.get("wandb")),
             )  # fmt: skip
-        out.append({c: rec.get(c, "") for c in COLUMNS})
+        out.append(with_intervals({c: rec.get(c, "") for c in COLUMNS}))
     return out
+
+
+def with_intervals(rec: dict[str, Any], score: str = "fid") -> dict[str, Any]:
+    """``rec`` with the geometric mean of its per-seed scores, its t-interval and the SD of ln(score) filled in."""
+    from ablations import stats
+
+    scores = per_seed([rec], score).get(rec["row"])
+    if scores:
+        r = stats.row_interval(scores)
+        rec[f"{score}_geomean"] = round(r.geomean, 2)
+        if r.sd_log is not None:
+            low, high = r.interval()  # type: ignore[misc]
+            rec.update({f"{score}_ci_low": round(low, 2), f"{score}_ci_high": round(high, 2),
+                        f"ln_{score}_sd": round(r.sd_log, 4)})  # fmt: skip
+    return rec
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -98,28 +122,13 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return float(spearmanr(xs, ys).statistic)
 
 
-def _fid(rows: dict[str, dict[str, Any]], name: str) -> tuple[float, float] | None:
-    r = rows.get(name)
-    if not r or r["fid"] == "":
-        return None
-    return float(r["fid"]), float(r["fid_spread"] or 0.0)
+#: The per-seed score of a row: CSV column prefix -> the key of ``result.json``'s ``metrics``. The statistics below
+#: are generic over it (a second score, e.g. a held-out loss, is one more entry).
+SCORES = {"fid": "frechet_inception_distance"}
 
-
-def _compare(rows: dict[str, dict[str, Any]], better: str, worse: str) -> str | None:
-    """'agrees'/'disagrees' (+ whether the gap exceeds the seed spread) that ``better`` has the lower FID."""
-    a, b = _fid(rows, better), _fid(rows, worse)
-    if a is None or b is None:
-        return None
-    gap, noise = b[0] - a[0], max(a[1], b[1])
-    verdict = "agrees" if gap > 0 else "disagrees"
-    if noise == 0:
-        strength = "one seed, no spread"
-    else:
-        strength = "beyond the seed spread" if abs(gap) > noise else "within the seed spread"
-    return f"{better} {a[0]:.2f} vs {worse} {b[0]:.2f}: {verdict} ({strength})"
-
-
-CLAIMS: dict[str, list[tuple[str, list[tuple[str, str]]]]] = {
+#: Pre-declared contrasts (declared before any run, from the paper's claims): (claim, rows as (lower-scoring row,
+#: higher-scoring row) by the paper's FID). Table 4: DiCo-S against every swap, in the paper's order.
+CONTRASTS: dict[str, list[tuple[str, list[tuple[str, str]]]]] = {
     "3": [
         ("U-shape beats isotropic (lower FID)", [("DiT (U-shape)", "DiT (iso.)"), ("DiT (U-shape)", "DiT (iso.&skip)"),
                                                 ("DiCo (U-shape)", "DiCo (iso.)"),
@@ -129,32 +138,80 @@ CLAIMS: dict[str, list[tuple[str, list[tuple[str, str]]]]] = {
                                                        ("DiCo (U-shape)", "DiT (U-shape)")]),
     ],
     "4": [
-        ("CCA beats no CCA, SE and channel self-attention (lower FID)", [
-            ("DiCo-S", "w/o CCA"), ("DiCo-S", "CCA->SE module"), ("DiCo-S", "CCA->Channel Self-Attn")]),
+        ("DiCo-S's parts against each swap, in the paper's order (lower FID first)", [
+            ("DiCo-S", "GELU->ReLU"), ("3x3->5x5 DWC", "DiCo-S"), ("3x3->7x7 DWC", "DiCo-S"), ("DiCo-S", "w/o CCA"),
+            ("DiCo-S", "CCA->SE module"), ("DiCo-S", "CCA->Channel Self-Attn"), ("DiCo-S", "CM->Self-Attn"),
+            ("DiCo-S", "CM->Window Attn"), ("DiCo-S", "CM->Focused Linear Attn"), ("DiCo-S", "CM->Agent Attn")]),
     ],
 }  # fmt: skip
 SPEED_CLAIM = {"3": ["DiT (U-shape)"], "4": ["CM->Self-Attn", "CM->Window Attn", "CM->Focused Linear Attn",
                                              "CM->Agent Attn"]}  # fmt: skip
 
 
+def per_seed(rows: list[dict[str, Any]], score: str = "fid") -> dict[str, dict[int, float]]:
+    """{row name: {seed: score}} from the table rows' ``<score>_seeds`` and ``<score>_per_seed`` columns."""
+    out = {}
+    for r in rows:
+        seeds, values = str(r.get(f"{score}_seeds", "")).split(), str(r.get(f"{score}_per_seed", "")).split()
+        if seeds and len(seeds) == len(values):
+            out[r["row"]] = {int(s): float(v) for s, v in zip(seeds, values, strict=True)}
+    return out
+
+
+def statistics_lines(table: str, scores: dict[str, dict[int, float]], score: str = "fid") -> list[str]:
+    """The per-seed noise, each pre-declared contrast (paired seeds, interval, verdict) and the seeds it would need."""
+    from ablations import stats
+
+    paper = {r: paper_row(TABLES[table], r)["fid"] for c in CONTRASTS.get(table, []) for p in c[1] for r in p}
+    sd, df = stats.pooled_sd(scores)
+    level = f"{1 - stats.ALPHA:.0%}"
+    lines = [
+        f"- Per-seed noise: SD of ln({score}) pooled over the rows with >= 2 seeds: "
+        + (f"{sd:.3f} ({df} degrees of freedom)" if sd is not None else "not measured (no row has 2 seeds)"),
+        f"- Each claim is a pre-declared paired contrast: the ratio {score}(higher) / {score}(lower) by the paper's "
+        f'order, geometric mean over the seeds both rows share, with its two-sided {level} t-interval. "resolved" '
+        f"when the interval excludes 1 (false-positive rate {stats.ALPHA:.0%} per contrast on rows that do not "
+        f'differ); otherwise "not resolved", whatever the point estimate. Seeds needed: paired seeds a row for '
+        f"{stats.POWER:.0%} power at the paper's own ratio, given the measured noise.",
+    ]
+    resolved = []
+    for claim, pairs in CONTRASTS.get(table, []):
+        lines.append(f"- Paper: {claim}:")
+        for better, worse in pairs:
+            c = stats.paired_contrast(better, scores.get(better, {}), worse, scores.get(worse, {}))
+            effect = math.log(paper[worse] / paper[better])
+            need = stats.seeds_needed(effect, sd) if sd else None
+            needed = (
+                ""
+                if sd is None
+                else f"; paper ratio {math.exp(effect):.3f} needs "
+                + (f"{need} paired seeds" if need else f"> {stats.MAX_SEEDS} paired seeds")
+            )
+            lines.append(f"  - {c.describe()}{needed}")
+            if c.resolved:
+                resolved.append(c)
+    lines.append(
+        f"- Resolved: {len(resolved)} contrast(s)"
+        + (": " + "; ".join(f"{c.worse} vs {c.better} ({'agrees' if c.agrees else 'disagrees'})" for c in resolved)
+           if resolved else ": none; no ordering of these rows is claimed from these runs.")
+    )  # fmt: skip
+    return lines
+
+
 def findings(table: str, rows: list[dict[str, Any]]) -> list[str]:
-    """The rank correlation with the paper's FID column and the paper's claims, checked on our numbers."""
+    """The rank correlation with the paper's FID column, the pre-declared contrasts and the speed claim."""
     by_row = {r["row"]: r for r in rows}
     lines = []
     scored = [r for r in rows if r["fid"] != ""]
     if len(scored) >= 3:
         rho = spearman([float(r["fid"]) for r in scored], [float(r["paper_fid"]) for r in scored])
-        lines.append(f"- Spearman rank correlation of our FID with the paper's over {len(scored)} rows: {rho:+.2f}")
+        lines.append(
+            f"- Spearman rank correlation of our FID with the paper's over {len(scored)} rows: {rho:+.2f} (a "
+            "description of the means, not a test: it carries the seed noise below)"
+        )
     else:
         lines.append(f"- Spearman rank correlation: needs >= 3 scored rows ({len(scored)} so far)")
-    for claim, pairs in CLAIMS.get(table, []):
-        checks = [c for c in (_compare(by_row, a, b) for a, b in pairs) if c]
-        if checks:
-            agree = sum(" agrees" in c for c in checks)
-            lines.append(f"- Paper: {claim}. Proxy agrees on {agree} of {len(checks)} comparisons:")
-            lines += [f"  - {c}" for c in checks]
-        else:
-            lines.append(f"- Paper: {claim}. Not checked: the rows are not finished.")
+    lines += statistics_lines(table, per_seed(rows))
     speed = [(n, by_row[n]["throughput_ratio"]) for n in SPEED_CLAIM[table] if by_row[n]["throughput_ratio"] != ""]
     if speed:
         slower = [n for n, r in speed if float(r) < 1]
@@ -189,18 +246,9 @@ def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[
     lines += [
         f"Throughput ratio: forward images/s of the row over DiCo-S's at the same size, timed side by side in "
         f"interleaved turns on {device} (batch {batch}, attention kernel `{kernel}`), median of the per-turn ratios; "
-        f"the paper's: its A100 throughputs over DiCo-S's. FID: mean over seeds; spread: max - min over seeds.", "",
-        "| row | model | seeds | params ratio (ours / paper) | Gflops ratio (ours / paper) | throughput ratio "
-        "(ours / paper) | FID ours (spread) | FID paper |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"the paper's: its A100 throughputs over DiCo-S's. {SCORE_NOTE}", "",
+        *table_lines(rows),
     ]  # fmt: skip
-    for r in rows:
-        fid = "-" if r["fid"] == "" else f"{r['fid']}" + (f" ({r['fid_spread']})" if r["fid_spread"] != "" else "")
-        lines.append(
-            f"| {r['row']} | `{r['model']}` | {r['seeds']} | {r['params_ratio'] or '-'} / {r['paper_params_ratio']} "
-            f"| {r['gflops_ratio'] or '-'} / {r['paper_gflops_ratio']} "
-            f"| {r['throughput_ratio'] or '-'} / {r['paper_throughput_ratio']} | {fid} | {r['paper_fid']} |"
-        )
     lines += ["", "## What the runs show", "", *findings(table, rows), ""]
     lines += [
         "Open question, not tuned: the adjusted-shape rows are weakly identified (several depth sets tie on both "
@@ -217,7 +265,43 @@ def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[
     lines += [f"- `{m}`: {r['shape']}" + (f" Deviation: {r['deviation']}." if r["deviation"] else "")
               + f" Trained: {r['model_kwargs'] or 'full size'}." for m, r in sorted(shapes.items())]  # fmt: skip
     # paths inside the checkout as the commands run them (from its root)
-    return "\n".join(lines).replace(f"{ROOT}/", "") + "\n"
+    return portable("\n".join(lines), results) + "\n"
+
+
+SCORE_NOTE = "FID: geometric mean over seeds (the mean of ln FID) with its 95% t-interval over seeds, and the seeds."
+
+
+def table_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The Markdown table of the rows, ours beside the paper's."""
+    lines = [
+        "| row | model | seeds | params ratio (ours / paper) | Gflops ratio (ours / paper) | throughput ratio "
+        "(ours / paper) | FID ours [95% CI] (seeds) | FID paper |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['row']} | `{r['model']}` | {r['seeds']} | {r['params_ratio'] or '-'} / {r['paper_params_ratio']} "
+            f"| {r['gflops_ratio'] or '-'} / {r['paper_gflops_ratio']} "
+            f"| {r['throughput_ratio'] or '-'} / {r['paper_throughput_ratio']} | {score_cell(r)} | {r['paper_fid']} |"
+        )
+    return lines
+
+
+def portable(text: str, results: list[dict[str, Any]]) -> str:
+    """``text`` without this machine's paths: the checkout's prefix dropped, each run folder's ``--out`` as
+    ``<out>`` (a run folder is ``<out>/<budget>/<model>/seed<k>``)."""
+    outs = {str(Path(r["run_dir"]).parents[2]) for r in results if Path(r.get("run_dir", "")).is_absolute()}
+    for out in sorted(outs, key=len, reverse=True):
+        text = text.replace(f"{out}/", "<out>/") if out != str(ROOT / "ablations" / "runs") else text
+    return text.replace(f"{ROOT}/", "")
+
+
+def score_cell(r: dict[str, Any], score: str = "fid") -> str:
+    """``56.19 [46.05-66.33] (0 1)``: geometric mean, interval over seeds (none for one seed), seed numbers."""
+    if r.get(f"{score}_geomean", "") == "":
+        return "-"
+    ci = f" [{r[f'{score}_ci_low']}-{r[f'{score}_ci_high']}]" if r.get(f"{score}_ci_low", "") != "" else ""
+    return f"{r[f'{score}_geomean']}{ci} ({r[f'{score}_seeds']})"
 
 
 def plot(table: str, budget: str, rows: list[dict[str, Any]], path: Path) -> Path:
@@ -251,7 +335,74 @@ def write_report(table: str, budget: str, results: list[dict[str, Any]], out_dir
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: portable(str(v), results) for k, v in r.items()} for r in rows)
     md_path = out_dir / f"{name}.md"
     md_path.write_text(markdown(table, budget, rows, results, command))
     return [csv_path, md_path, plot(table, budget, rows, out_dir / f"{name}.png")]
+
+
+LEGACY_NOTE = (
+    "> Rebuilt from the committed CSV and Markdown of an older runner (`python ablations/report.py restat`): the "
+    "runs' folders are gone, and these rows LACK PROVENANCE: no commit, config hashes, feature-extractor or reference "
+    "hashes were recorded (the digits classifier behind this FID was trained at run time, with weights that depended "
+    "on the thread count). The per-seed FIDs and the seed numbers are the recorded ones; the statistics are "
+    "recomputed from them."
+)
+_RUN_LINE = re.compile(r"^- `(?P<model>[^`]+)` seed (?P<seed>\d+) \(")
+_ABSOLUTE_RUNS = re.compile(r"/[^\s()`]*/ablations/runs/")
+
+
+def restat(table: str, budget: str, results_dir: Path) -> list[Path]:
+    """Rewrite ``table<T>-<budget>.{csv,md}`` of an older runner with today's statistics: the seed numbers from the
+    Markdown's run list, intervals and contrasts from the per-seed FIDs, absolute run paths made relative. The other
+    measured columns are kept as recorded."""
+    name = f"table{table}-{budget}"
+    csv_path, md_path = results_dir / f"{name}.csv", results_dir / f"{name}.md"
+    text = md_path.read_text()
+    seeds: dict[str, list[int]] = {}
+    for line in text.splitlines():
+        if m := _RUN_LINE.match(line):
+            seeds.setdefault(canonical(m["model"]), []).append(int(m["seed"]))
+    with open(csv_path, newline="") as f:
+        old = list(csv.DictReader(f))
+    rows = []
+    for r in old:
+        rec = {c: r.get(c, "") for c in COLUMNS}
+        values = rec["fid_per_seed"].split()
+        known = sorted(set(seeds.get(canonical(rec["model"]), [])))
+        if values and not rec["fid_seeds"] and len(known) == len(values):  # listed by seed (the old runner sorted)
+            rec["fid_seeds"] = " ".join(map(str, known))
+        rec["wandb"] = _ABSOLUTE_RUNS.sub("ablations/runs/", rec["wandb"])
+        rows.append(with_intervals(rec))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    head, rest = text.split("\n| row |", 1)
+    rest = rest[rest.index("\n\n") :]  # after the table
+    head = re.sub(r"FID: mean over seeds; spread: max - min over seeds\.|FID: geometric mean.*the seeds\.", SCORE_NOTE,
+                  head)  # fmt: skip
+    if LEGACY_NOTE not in head:
+        head = head.replace("\n\n> ", f"\n\n{LEGACY_NOTE}\n\n> ", 1)
+    before, after = rest.split("## What the runs show", 1)
+    after = after[after.index("\nOpen question") :] if "\nOpen question" in after else after[after.index("\n## ") :]
+    body = "\n".join(["", *table_lines(rows)]) + before + "## What the runs show\n\n" + "\n".join(findings(table, rows))
+    md_path.write_text(_ABSOLUTE_RUNS.sub("ablations/runs/", head + body + "\n" + after))
+    return [csv_path, md_path]
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin command line over restat
+    import argparse
+
+    p = argparse.ArgumentParser(description="`restat`: " + (restat.__doc__ or ""))
+    p.add_argument("command", choices=["restat"])
+    p.add_argument("--table", choices=sorted(TABLES), required=True)
+    p.add_argument("--budget", required=True)
+    p.add_argument("--results", type=Path, default=ROOT / "ablations" / "results")
+    args = p.parse_args(argv)
+    print("wrote " + ", ".join(str(x) for x in restat(args.table, args.budget, args.results)))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -281,8 +281,9 @@ def test_report_from_every_finished_run_without_the_reference_row(tmp_path):
     rho = np.corrcoef(rank(ours), rank(paper))[0, 1]
     assert f"over 3 rows: {rho:+.2f}" in md
     assert "wandb sync runs/DiCo-S-SE" in md and paths[2].exists()
-    # the CCA claim needs DiCo-S: not checked yet; the conv-vs-attention speed claim reads our ratio
-    assert "Not checked" in md and "1 of 1 attention rows slower" in md
+    # the CCA contrasts need DiCo-S: no shared seeds yet; the conv-vs-attention speed claim reads our ratio
+    assert "w/o CCA / DiCo-S: no shared seeds; not resolved" in md and "1 of 1 attention rows slower" in md
+    assert rows["w/o CCA"]["fid_seeds"] == "0 1"  # the seed numbers, for pairing
 
 
 # ------------------------------------------------------------------------------------------ ranks, status
