@@ -194,10 +194,24 @@ def finalize(row: Row, out: Path, config: dict[str, Any], args: argparse.Namespa
             feature_extractor=record["feature_extractor"],
         )
         result["wandb"] = wandb_link(run_dir)
+        result["test_samples"] = drop_test_samples(run_dir, keep=getattr(args, "keep_test_samples", False))
     tmp = run_dir / "result.json.tmp"
     tmp.write_text(json.dumps(result, indent=1, default=str))
     tmp.replace(run_dir / "result.json")  # atomic: a row is finished exactly when result.json exists
     return result
+
+
+def drop_test_samples(run_dir: Path, keep: bool) -> str:
+    """The test stage's samples (``test/samples.npz``: 50,000 images at the paper budget) once the row is scored:
+    removed unless ``keep`` (``--keep-test-samples``); what was done, for ``result.json``."""
+    samples = run_dir / "test" / "samples.npz"
+    if not samples.exists():
+        return "not saved"
+    if keep:
+        return str(samples)
+    size = samples.stat().st_size
+    samples.unlink()
+    return f"removed after scoring ({size / 1e9:.2f} GB; --keep-test-samples keeps them)"
 
 
 def wandb_link(run_dir: Path) -> str:
@@ -284,69 +298,241 @@ def _run_claimed(row: Row, out: Path, args: argparse.Namespace) -> bool:
 
 class RowJob:
     """A SLURM job (submitit) training one row: every task runs fit and test (Lightning's SLURM environment
-    makes them one DDP group over all GPUs and nodes); rank 0 then finalizes. Preempted or timed out, the job
-    requeues itself and resumes from ``last.ckpt``."""
+    makes them one DDP group over all GPUs and nodes); rank 0 then finalizes.
+
+    Stopped early, the job requeues through submitit and resumes from ``last.ckpt``; neither is a failure:
+
+    - time limit or preemption signal (submitit's ``USR2``, ``signal_delay_s`` before the limit): submitit calls
+      :meth:`checkpoint` on rank 0, which returns the same row as a :class:`submitit.helpers.DelayedSubmission`, and
+      requeues the job (``scontrol requeue``; the local executor restarts it). The requeued job resumes from the
+      latest periodic ``last.ckpt`` (the ``ModelCheckpoint``'s ``every_n_train_steps``).
+    - SIGTERM (preemption without the signal, ``scancel --signal TERM``): Lightning finishes the step,
+      :class:`dico.callbacks.PreemptionCheckpoint` saves ``last.ckpt`` there and ``cli.py`` exits with status 75;
+      rank 0 then takes submitit's own checkpoint-and-requeue path.
+
+    Each (re)start clears a stale ``failed.json``; only a stage that really fails writes one, with the task's log.
+    """
 
     def __init__(self, row: Row, out: Path, args: argparse.Namespace, extra: list[str]) -> None:
         self.row, self.out, self.args, self.extra = row, out, args, extra
+        self._requeued = False
 
     def __call__(self) -> str:
         import submitit
 
         import cli
+        from dico.callbacks.preemption import PREEMPTED_EXIT_CODE
 
+        env = submitit.JobEnvironment()
         os.chdir(ROOT)
         os.environ.update(wandb_env(self.row, self.out))
         run_dir = self.row.run_dir(self.out)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if env.global_rank == 0:
+            (run_dir / "failed.json").unlink(missing_ok=True)  # left by an earlier attempt of this row
         config = resolve(self.row, self.out, self.extra)
         try:
             for stage in stages(self.row, self.out, self.extra, config):
-                if cli.main(stage) not in (0, None):
-                    raise RuntimeError(f"cli.py {stage[0]} failed")
-        except BaseException:
-            (run_dir / "failed.json").write_text(json.dumps({"stage": "job", "log": str(run_dir / "slurm")}))
+                code = cli.main(stage)
+                if code == PREEMPTED_EXIT_CODE:
+                    return self._requeue_after_sigterm(env, run_dir, stage[0])
+                if code not in (0, None):
+                    raise RuntimeError(f"cli.py {stage[0]} failed (exit status {code})")
+        except BaseException as e:
+            if not (self._requeued and isinstance(e, SystemExit)):  # submitit's requeue exit is no failure
+                record_failure(run_dir, stage="job", rank=env.global_rank, error=repr(e), log=env.paths.stdout)
             raise
-        if submitit.JobEnvironment().global_rank == 0:
+        if env.global_rank == 0:
             finalize(self.row, self.out, config, self.args, self.extra)
         return str(run_dir)
 
+    def _requeue_after_sigterm(self, env: Any, run_dir: Path, stage: str) -> str:
+        """``last.ckpt`` is saved: rank 0 requeues the job as on submitit's own signal (its handler calls
+        :meth:`checkpoint`, requeues and exits); the other tasks end, and are restarted with the job."""
+        if env.global_rank == 0:
+            try:
+                os.kill(os.getpid(), env._usr_sig())  # submitit's checkpoint-and-requeue handler, with its job state
+                time.sleep(5)  # the handler exits the process; this line is not reached when it does
+            except Exception as e:  # requeue refused (e.g. the job was cancelled): resumable by a new submission
+                record_failure(run_dir, stage=stage, rank=0, log=env.paths.stdout,
+                               error=f"SIGTERM: last.ckpt saved, but the requeue failed ({e!r}); rerun `run.py` to "
+                               f"resubmit: the row resumes from last.ckpt")  # fmt: skip
+                raise
+        return f"{run_dir}: stopped by SIGTERM at a saved last.ckpt; requeued by rank 0"
+
     def checkpoint(self) -> Any:
-        """Called by submitit on timeout/preemption: requeue the same job (it resumes from ``last.ckpt``)."""
+        """Called by submitit on rank 0 at timeout/preemption: the same row again (it resumes from ``last.ckpt``)."""
         import submitit
 
+        self._requeued = True
+        run_dir = self.row.run_dir(self.out)
+        log = run_dir / "requeued.json"
+        history = json.loads(log.read_text()) if log.exists() else []
+        history.append({"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                        "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID", ""),
+                        "resumes_from_step": checkpoint_step(run_dir)})  # fmt: skip
+        atomic_write(log, json.dumps(history, indent=1))
         return submitit.helpers.DelayedSubmission(RowJob(self.row, self.out, self.args, self.extra))
 
 
-def slurm_parameters(args: argparse.Namespace) -> dict[str, Any]:
-    """submitit ``AutoExecutor`` parameters: one task per GPU on every node (Lightning's SLURM environment)."""
-    gpus = args.gpus_per_node or 1
-    params: dict[str, Any] = {"nodes": args.nodes or 1, "tasks_per_node": gpus, "timeout_min": args.time,
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def record_failure(run_dir: Path, *, stage: str, rank: int, error: str, log: Path | str) -> None:
+    """``failed.json``: a row that will not finish without a new submission, and where to read why."""
+    atomic_write(run_dir / "failed.json", json.dumps({"stage": stage, "rank": rank, "error": error, "log": str(log)}))
+
+
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The global step of the row's ``last.ckpt`` (None without one)."""
+    import torch
+
+    path = last_checkpoint(run_dir)
+    if not path.exists():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+def slurm_parameters(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """submitit ``AutoExecutor`` parameters from the row's composed config (after :func:`placement`): one task per
+    device on each of ``trainer.num_nodes`` nodes, as Lightning's SLURM environment expects (one source of truth);
+    CPUs per task from ``--cpus-per-task``, else the DataModule's ``num_workers`` + 1; ``--mem-gb``; extra sbatch
+    options (``--slurm-param KEY=VALUE``) beside ``--requeue``."""
+    trainer, data = config["trainer"], config["data"].get("init_args") or {}
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    if isinstance(devices, list):
+        devices = len(devices)
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if not isinstance(devices, int) or devices < 1:
+        raise SystemExit(
+            f"trainer.devices is {devices!r}: a SLURM job needs a device count per node; pass --gpus-per-node N "
+            f"(the trainer and the job then both use N)"
+        )
+    gpus = devices if str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") else 0
+    cpus = args.cpus_per_task or int(data.get("num_workers") or 0) + 1
+    extra = {"requeue": True, **dict(args.slurm_param or [])}
+    params: dict[str, Any] = {"nodes": int(nodes), "tasks_per_node": devices, "gpus_per_node": gpus,
+                              "cpus_per_task": cpus, "mem_gb": args.mem_gb, "timeout_min": args.time,
                               "name": "dico-ablation"}  # fmt: skip
     if args.cluster in (None, "slurm"):
-        slurm = {"gpus_per_node": gpus, "slurm_partition": args.partition, "slurm_account": args.account,
-                 "slurm_additional_parameters": {"requeue": True}}  # fmt: skip
-        params.update({k: v for k, v in slurm.items() if v is not None})
-    return params
+        slurm = {"slurm_partition": args.partition, "slurm_account": args.account,
+                 "slurm_additional_parameters": extra}  # fmt: skip
+        params.update(slurm)
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _slurm_param(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (an sbatch option without its dashes), got {text!r}")
+    return key.lstrip("-"), (True if value == "" else value)
+
+
+#: submitit job states (sacct's, or the local executor's) of a job that is still queued or running
+ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+                 "RESIZING", "SUSPENDED", "PREEMPTED", "READY", "UNKNOWN")  # fmt: skip
+
+
+def job_record(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "job.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def job_state(record: dict[str, Any]) -> tuple[str, str]:
+    """(state, log path) of a submitted row's job, asked through submitit's own job object (sacct for SLURM; the
+    controller's process for the local executor, which only the submitting host can see)."""
+    from submitit.core.utils import JobPaths
+
+    job_id, folder = str(record["job_id"]), record["folder"]
+    log = str(JobPaths(folder, job_id=job_id, task_id=0).stdout)
+    cluster = record.get("cluster", "slurm")
+    if cluster == "slurm":
+        from submitit.slurm.slurm import SlurmJob
+
+        state = SlurmJob(folder, job_id).get_info(mode="force").get("State") or "UNKNOWN"
+        return state.split()[0].upper(), log  # "CANCELLED by 123" -> CANCELLED
+    if cluster == "local":
+        from submitit.local.local import LocalJob
+
+        state = LocalJob(folder, job_id).state  # without the process: FINISHED (a result pickle) or not
+        if state != "FINISHED":
+            same_host = record.get("host") == socket.gethostname()
+            state = "RUNNING" if same_host and _alive(int(job_id)) else "ENDED WITHOUT A RESULT"
+        return state, log
+    return "ENDED", log  # the debug executor runs its jobs inside the submitting process
+
+
+def active_job(run_dir: Path) -> tuple[dict[str, Any], str, str] | None:
+    """(job record, state, log) of the row's job if it is still queued or running, else None."""
+    record = job_record(run_dir)
+    if record is None:
+        return None
+    state, log = job_state(record)
+    return (record, state, log) if state in ACTIVE_STATES else None
+
+
+@contextlib.contextmanager
+def submission_lock(run_dir: Path) -> Any:
+    """Held while a row is checked and submitted: two invocations (e.g. Table 3 and Table 4) never submit it twice.
+    Yields False when another process holds it."""
+    import fcntl
+
+    with open(run_dir / "submit.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def submit_slurm(rows: list[Row], out: Path, args: argparse.Namespace) -> list[Any]:
-    """One submitit job per row; returns the jobs (``job.job_id``)."""
+    """One submitit job per row, unless the row's job (``job.json``, any table, any invocation) is still queued or
+    running: that one is reported, not resubmitted. Returns the new jobs."""
     import submitit
 
     executor = submitit.AutoExecutor(folder=out / "submitit" / "%j", cluster=args.cluster)
-    executor.update_parameters(**slurm_parameters(args))
     jobs = []
-    with executor.batch():
-        for row in rows:
+    for row in rows:
+        run_dir = row.run_dir(out)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with submission_lock(run_dir) as held:
+            if not held:
+                print(f"[ablations] {row.key}: being submitted by another invocation; skipped here", flush=True)
+                continue
+            active = active_job(run_dir)
+            if active is not None:
+                record, state, log = active
+                print(f"[ablations] {row.row} ({row.key}): job {record['job_id']} is {state}; not resubmitted "
+                      f"(log: {log})", flush=True)  # fmt: skip
+                if state == "UNKNOWN":
+                    print(f"[ablations]   sacct does not know job {record['job_id']}: if it is gone, remove "
+                          f"{run_dir / 'job.json'} to submit the row again", flush=True)  # fmt: skip
+                continue
             config = resolve(row, out, args.extra)
-            extra = [*args.extra, *placement(config, args.nodes, args.gpus_per_node)]
-            row.run_dir(out).mkdir(parents=True, exist_ok=True)
-            (row.run_dir(out) / "failed.json").unlink(missing_ok=True)
-            jobs.append(executor.submit(RowJob(row, out, args, extra)))
-    for row, job in zip(rows, jobs, strict=True):
-        (row.run_dir(out) / "job.json").write_text(json.dumps({"job_id": job.job_id, "submitted": time.time()}))
-        print(f"[ablations] {row.key}: job {job.job_id}", flush=True)
+            where = placement(config, args.nodes, args.gpus_per_node)
+            if where:
+                config = resolve(row, out, [*args.extra, *where])
+            executor.update_parameters(**slurm_parameters(config, args))
+            for stale in ("failed.json", "requeued.json"):
+                (run_dir / stale).unlink(missing_ok=True)
+            job = executor.submit(RowJob(row, out, args, [*args.extra, *where]))
+            record = {"job_id": job.job_id, "cluster": executor.cluster, "folder": str(out / "submitit" / "%j"),
+                      "host": socket.gethostname(), "submitted": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                      "table": row.table, "row": row.row, "log": str(job.paths.stdout)}  # fmt: skip
+            atomic_write(run_dir / "job.json", json.dumps(record, indent=1))
+            print(f"[ablations] {row.key}: job {job.job_id} (log: {job.paths.stdout})", flush=True)
+            jobs.append(job)
+    if executor.cluster == "debug":  # submitit's debug executor runs a job when its result is asked for, here
+        for job in jobs:
+            job.result()
     return jobs
 
 
@@ -366,23 +552,51 @@ def progress(run_dir: Path) -> tuple[int, float] | None:
     return None if step is None else (step, loss)  # type: ignore[return-value]
 
 
+QUEUED_STATES = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED", "SUSPENDED", "CONFIGURING")
+
+
 def row_status(row: Row, out: Path) -> str:
+    """finished / failed / pending / requeued / running, with the job's real log (``<out>/submitit/<jobid>/...``)."""
     run_dir = row.run_dir(out)
     if (run_dir / "result.json").exists():
         result = json.loads((run_dir / "result.json").read_text())
         fid = (result.get("metrics") or {}).get("frechet_inception_distance")
         return "finished" + (f" (FID {fid:.2f})" if fid is not None else " (counted)")
-    if (run_dir / "failed.json").exists():
-        return f"failed (log: {json.loads((run_dir / 'failed.json').read_text())['log']})"
-    job = json.loads((run_dir / "job.json").read_text())["job_id"] if (run_dir / "job.json").exists() else None
+    failed = json.loads((run_dir / "failed.json").read_text()) if (run_dir / "failed.json").exists() else None
     done = progress(run_dir)
+    record = job_record(run_dir)
+    if record is not None:
+        return _job_status(run_dir, record, failed, done)
+    if failed is not None:
+        return f"failed (log: {failed['log']})"
     if (run_dir / "running.json").exists():
         holder = json.loads((run_dir / "running.json").read_text() or "{}")
         where = f"pid {holder.get('pid')} on {holder.get('host')}"
         return f"running ({where}" + (f", step {done[0]}, loss {done[1]:.4f})" if done else ")")
     if done is not None:
-        return f"running or interrupted (step {done[0]}, loss {done[1]:.4f})" + (f", job {job}" if job else "")
-    return "pending" + (f" (job {job})" if job else "")
+        return f"running or interrupted (step {done[0]}, loss {done[1]:.4f})"
+    return "pending"
+
+
+def _job_status(run_dir: Path, record: dict[str, Any], failed: dict | None, done: tuple[int, float] | None) -> str:
+    state, log = job_state(record)
+    job = f"job {record['job_id']} {state}"
+    requeues = json.loads((run_dir / "requeued.json").read_text()) if (run_dir / "requeued.json").exists() else []
+    if failed is not None:
+        return f"failed ({job}; {failed.get('error', failed.get('stage'))}; log: {failed['log']})"
+    step = f", step {done[0]}, loss {done[1]:.4f}" if done else ""
+    if state in QUEUED_STATES:
+        if requeues or state != "PENDING":
+            step_ = checkpoint_step(run_dir)
+            resume = "no last.ckpt yet, starts over" if step_ is None else f"resumes from step {step_}"
+            return f"requeued ({job}, {len(requeues)} requeue(s), {resume}; log: {log})"
+        return f"pending ({job}; log: {log})"
+    if state in ("RUNNING", "COMPLETING", "RESIZING"):
+        again = f", requeued {len(requeues)} time(s)" if requeues else ""
+        return f"running ({job}{again}{step}; log: {log})"
+    if state in ("UNKNOWN", "READY"):
+        return f"submitted ({job}: not known to sacct yet{step}; log: {log})"
+    return f"failed ({job} without a result{step}; log: {log})"
 
 
 def finished_results(table: str, budget: str, out: Path) -> list[dict[str, Any]]:
@@ -406,6 +620,20 @@ def collect(table: str, budget: str, out: Path, results_dir: Path, command: str)
 
 
 # --------------------------------------------------------------------------------------------------- main
+#: budgets whose run folders are large (checkpoints of full-size models, kept milestones): ~15 GB a row at `paper`
+LARGE_BUDGETS = ("short", "paper")
+
+
+def warn_if_inside_checkout(out: Path, args: argparse.Namespace) -> None:
+    """A loud note when full-size rows would write their run folders inside the checkout."""
+    if args.budget in LARGE_BUDGETS and out.resolve().is_relative_to(ROOT):
+        bar = "!" * 100
+        print(f"{bar}\n[ablations] the run folders go to {out}, INSIDE the checkout: at the {args.budget} budget a row "
+              f"writes its checkpoints there (several GB a row, ~15 GB at the paper budget with its milestones).\n"
+              f"[ablations] pass --out on a scratch file system, e.g. --out /scratch/$USER/dico-ablations\n{bar}",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("run", "status", "collect") else "run"
@@ -418,8 +646,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="tables and plots")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local")
     p.add_argument("--devices", type=int, help="local: devices per row (the global batch is kept)")
-    p.add_argument("--nodes", type=int, help="slurm: nodes per row")
-    p.add_argument("--gpus-per-node", type=int, help="slurm: GPUs (= tasks) per node")
+    p.add_argument("--nodes", type=int, help="slurm: nodes per row (default: the config's trainer.num_nodes; the "
+                   "trainer is set to match)")  # fmt: skip
+    p.add_argument("--gpus-per-node", type=int, help="slurm: GPUs (= tasks) per node (default: the config's "
+                   "trainer.devices; the trainer is set to match)")  # fmt: skip
+    p.add_argument("--cpus-per-task", type=int, help="slurm: CPUs per task (default: data.num_workers + 1)")
+    p.add_argument("--mem-gb", type=float, help="slurm: memory per node in GB (default: the partition's)")
+    p.add_argument("--slurm-param", action="append", type=_slurm_param, metavar="KEY=VALUE",
+                   help="slurm: one more sbatch option, e.g. --slurm-param qos=high --slurm-param constraint=a100 "
+                   "(submitit's slurm_additional_parameters; repeatable)")  # fmt: skip
     p.add_argument("--partition", help="slurm partition")
     p.add_argument("--time", type=int, default=4320, help="slurm time limit per job (minutes); jobs requeue")
     p.add_argument("--account", help="slurm account")
@@ -433,13 +668,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default="math",
         help="attention kernel pinned while timing (the paper's attention rows: no FlashAttention)",
     )
+    p.add_argument(
+        "--keep-test-samples",
+        action="store_true",
+        help="keep the test stage's samples "
+        "(<run>/test/samples.npz: 50,000 images at the paper budget); removed once scored by default",
+    )
     p.add_argument("--dry-run", action="store_true", help="print each row's commands and exit")
     p.add_argument("extra", nargs="*", help="after --: more cli.py options for every row, e.g. -- --trainer.precision "
                    "bf16-mixed")  # fmt: skip
     args = p.parse_args(argv)
     args.command = command
-    if args.launcher == "local" and (args.nodes or args.gpus_per_node):
-        p.error("--nodes/--gpus-per-node are for --launcher slurm; locally use --devices")
+    slurm_only = ("nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "slurm_param")
+    if args.launcher == "local" and any(getattr(args, name) for name in slurm_only):
+        p.error("--nodes/--gpus-per-node/--cpus-per-task/--mem-gb/--slurm-param are for --launcher slurm; locally "
+                "use --devices")  # fmt: skip
     return args
 
 
@@ -459,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print("\n".join(stage_lines(rows, out, args.extra)))
         return 0
+    warn_if_inside_checkout(out, args)
     todo = []
     for row in dict.fromkeys(rows):  # rows are unique by (budget, model, seed)
         if (row.run_dir(out) / "result.json").exists():

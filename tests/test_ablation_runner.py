@@ -134,7 +134,9 @@ def test_slurm_job_parameters_and_requeue(tmp_path, monkeypatch):
     args = run.parse(["--table", "4", "--budget", "paper", "--launcher", "slurm", "--nodes", "2", "--gpus-per-node",
                       "8", "--partition", "gpu", "--time", "600", "--account", "acc"])  # fmt: skip
     executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm")
-    executor.update_parameters(**run.slurm_parameters(args))
+    # the job's shape comes from the composed trainer config after --nodes/--gpus-per-node moved it (one source)
+    placed = {"trainer": {"num_nodes": 2, "devices": 8, "accelerator": "auto"}, "data": {"init_args": {}}}
+    executor.update_parameters(**run.slurm_parameters(placed, args))
     text = executor._executor._make_submission_file_text("python -c pass", "UID")
     for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--time=600",
                  "--account=acc", "--requeue"):  # fmt: skip
