@@ -366,6 +366,7 @@ class RowJob:
 
         self._requeued = True
         run_dir = self.row.run_dir(self.out)
+        run_dir.mkdir(parents=True, exist_ok=True)
         log = run_dir / "requeued.json"
         history = json.loads(log.read_text()) if log.exists() else []
         history.append({"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

@@ -142,7 +142,7 @@ def test_slurm_job_parameters_and_requeue(tmp_path, monkeypatch):
                  "--account=acc", "--requeue"):  # fmt: skip
         assert f"#SBATCH {line}" in text
     row = rows_of("4", "paper", ["w/o CCA"])[0]
-    job = run.RowJob(row, Path("/tmp/out"), args, ["--trainer.devices", "8"])
+    job = run.RowJob(row, tmp_path / "out", args, ["--trainer.devices", "8"])
     again = job.checkpoint()
     assert isinstance(again, submitit.helpers.DelayedSubmission)
     assert again.function.row == row and again.function.extra == job.extra
