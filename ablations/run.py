@@ -529,7 +529,7 @@ def submit_slurm(rows: list[Row], out: Path, args: argparse.Namespace) -> list[A
                       "host": socket.gethostname(), "submitted": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                       "table": row.table, "row": row.row, "log": str(job.paths.stdout)}  # fmt: skip
             atomic_write(run_dir / "job.json", json.dumps(record, indent=1))
-            print(f"[ablations] {row.key}: job {job.job_id} (log: {job.paths.stdout})", flush=True)
+            print(f"[ablations] {row.key}: job {job.job_id}\n[ablations]   log: {job.paths.stdout}", flush=True)
             jobs.append(job)
     if executor.cluster == "debug":  # submitit's debug executor runs a job when its result is asked for, here
         for job in jobs:

@@ -220,3 +220,40 @@ def test_a_timeout_signal_requeues_and_is_no_failure_but_a_crash_is(in_job, monk
     failed = json.loads((run_dir / "failed.json").read_text())
     assert failed["log"] == str(env.paths.stdout) and failed["log"].endswith("4242/4242_0_log.out")
     assert failed["rank"] == 0 and "exit status 1" in failed["error"]
+
+
+# ------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_a_preempted_local_job_requeues_resumes_and_finishes(tmp_path, monkeypatch):
+    """submitit's local executor (real processes): SIGTERM to a training job -> last.ckpt at the current step ->
+    submitit's requeue (same job id) -> the row resumes from that step and finishes; never marked failed."""
+    import time
+
+    import torch
+
+    out = tmp_path / "runs"
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the jobs inherit this process's environment
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    argv = ["--table", "4", "--budget", "smoke", "--rows", "w/o CCA", "--launcher", "slurm", "--cluster", "local",
+            "--out", str(out), "--results", str(tmp_path / "results"), "--", "--trainer.max_steps", "60"]  # fmt: skip
+    assert run.main(argv) == 0
+    run_dir = out / "smoke" / "dico-s-nocca" / "seed0"
+    job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
+    log = out / "submitit" / job_id / f"{job_id}_0_log.out"
+    deadline = time.time() + 600
+    while not (run_dir / "checkpoints" / "last.ckpt").exists():  # training, with Lightning's signal handlers on
+        assert time.time() < deadline and run.job_state(run.job_record(run_dir))[0] == "RUNNING", log.read_text()
+        time.sleep(0.5)
+    os.kill(int(job_id), signal.SIGTERM)  # the local controller forwards it to the task, as SLURM does
+    while not ((run_dir / "result.json").exists() or (run_dir / "failed.json").exists()):
+        assert time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(1)
+    text = log.read_text()
+    assert not (run_dir / "failed.json").exists(), text[-3000:]
+    [requeue] = json.loads((run_dir / "requeued.json").read_text())
+    assert requeue["job_id"] == job_id and 0 < requeue["resumes_from_step"] < 60
+    assert "preempted (SIGTERM)" in text and f"Requeued job {job_id}" in text
+    result = json.loads((run_dir / "result.json").read_text())
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert result["steps"] == ckpt["global_step"] == 60
+    assert run.row_status(rows_of("4", "smoke", ["w/o CCA"])[0], out).startswith("finished (FID")
