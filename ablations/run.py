@@ -93,8 +93,9 @@ def placement(config: dict[str, Any], nodes: int | None, devices: int | None) ->
 
 
 def prepare_reference(config: dict[str, Any]) -> None:
-    """Compute the FID reference statistics (and, for the digits FID, train its classifier) once, before rows that
-    would each compute them at the same time are launched: ``python cli.py reference`` with the config's settings."""
+    """Compute the FID reference statistics (and, for the digits FID, place its committed classifier) once, before
+    rows that would each compute them at the same time are launched: ``python cli.py reference`` with the config's
+    settings."""
     fid = fid_settings(config)
     if not fid.get("reference_source") or (ROOT / fid["reference"]).exists():
         return

@@ -333,3 +333,61 @@ def test_inception_weights_come_from_the_torch_hub_cache_loaded_weights_only(inc
     torch.save({"weights": torch.ones(1), "trap": Path("/")}, cached)  # a pickled object: refused, not run
     with pytest.raises(Exception, match=r"Unsupported global|[Ww]eights only load failed"):
         build_feature_extractor(FeatureSpec(INCEPTION, None), ["2048"])
+
+
+# ------------------------------------------------------------------------------- the digits FID's classifier
+def test_the_digits_fid_uses_the_committed_classifier_on_every_machine(tmp_path):
+    """The FID's classifier is the committed file (its sha256 checked), copied where a config asks for it; a
+    different file there is used with a warning (its FIDs are not comparable)."""
+    import hashlib
+    import warnings
+
+    from dico.evaluation import digits
+
+    assert hashlib.sha256(digits.COMMITTED.read_bytes()).hexdigest() == digits.COMMITTED_SHA256
+    committed = torch.load(digits.COMMITTED, map_location="cpu", weights_only=True)
+    path = tmp_path / "sub" / "classifier.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = digits.load_or_train_classifier(path)  # a missing file: a copy of the committed one, not trained
+    assert digits.file_sha256(path) == digits.COMMITTED_SHA256
+    assert all(torch.equal(v, committed[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, committed[k]) for k, v in digits.load_or_train_classifier(None).state_dict().items())
+    other = digits.DigitsClassifier().state_dict()
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.warns(UserWarning, match="not the committed digits classifier"):
+        model = digits.load_or_train_classifier(tmp_path / "other.pt")
+    assert torch.equal(model.state_dict()["head.bias"], other["head.bias"])
+
+
+def test_training_the_digits_classifier_does_not_depend_on_the_thread_count():
+    from dico.evaluation.digits import train_digits_classifier
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = train_digits_classifier(epochs=2)[0].state_dict()
+        torch.set_num_threads(2)
+        two = train_digits_classifier(epochs=2)[0].state_dict()
+        assert torch.get_num_threads() == 2  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(v, two[k]) for k, v in one.items())
+
+
+@pytest.mark.slow
+def test_the_committed_classifier_is_what_training_gives_on_the_default_kernels():
+    """How the committed file was made: train_digits_classifier() with ATEN_CPU_CAPABILITY=default, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    from dico.evaluation import digits
+
+    code = ("import torch; from dico.evaluation.digits import train_digits_classifier as t, COMMITTED as c; "
+            "w = torch.load(c, weights_only=True); m = t()[0].state_dict(); "
+            "print(all(torch.equal(v, w[k]) for k, v in m.items()))")  # fmt: skip
+    root = Path(digits.__file__).resolve().parents[2]
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "True"

@@ -1,8 +1,16 @@
 """A small classifier of scikit-learn's 8x8 digits: judges whether quickstart samples are digits of the class
-asked for, and supplies the features of the quickstart's FID."""
+asked for, and supplies the features of the quickstart's (and the ablation proxy's) FID.
+
+The FID's classifier is the committed one (``digits_classifier.pt``, sha256 :data:`COMMITTED_SHA256`), the same
+bytes on every machine: training it again, even single-threaded with a fixed seed, gives weights that differ in the
+4th digit between CPU kernels (``ATEN_CPU_CAPABILITY=default|avx2|avx512``), and with the thread count otherwise.
+It was made by ``train_digits_classifier()`` (seed 0, 15 epochs, one thread, ``ATEN_CPU_CAPABILITY=default``)."""
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,8 +46,30 @@ class DigitsClassifier(nn.Module):
         return self.head(self.features(x))
 
 
+COMMITTED = Path(__file__).with_name("digits_classifier.pt")
+COMMITTED_SHA256 = "628d13bd9342ea4a9ae2e7dab3c85d995f1600d191da47e0ac3c921232c3fae4"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def train_digits_classifier(seed: int = 0, epochs: int = 15, holdout: float = 0.2) -> tuple[DigitsClassifier, float]:
-    """Fit on the real digits (seeded, about two seconds on a CPU); returns the model and its held-out accuracy."""
+    """Fit on the real digits (seeded, single-threaded so that the weights do not depend on the thread count; a few
+    seconds on a CPU); returns the model and its held-out accuracy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(seed, epochs, holdout)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(seed: int, epochs: int, holdout: float) -> tuple[DigitsClassifier, float]:
     g = torch.Generator().manual_seed(seed)
     images, labels = load_digits_arrays()
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
@@ -68,16 +98,26 @@ def class_accuracy(classifier: DigitsClassifier, images: Tensor, labels: Tensor)
 
 
 def load_or_train_classifier(path: str | Path | None) -> DigitsClassifier:
-    """The classifier's weights from ``path`` (``weights_only=True``), or trained now (and saved to ``path``)."""
-    model = DigitsClassifier()
+    """The FID's classifier: the weights at ``path`` (``weights_only=True``) when the file exists, else the committed
+    ones (copied to ``path`` when given). A file at ``path`` that is not the committed classifier is used, with a
+    warning: its FIDs are not comparable with those of the committed one."""
+    if file_sha256(COMMITTED) != COMMITTED_SHA256:
+        raise RuntimeError(f"{COMMITTED} is not the committed digits classifier (sha256 {COMMITTED_SHA256})")
+    source = COMMITTED
     if path is not None and Path(path).exists():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval().requires_grad_(False)
-    model, _ = train_digits_classifier()
-    if path is not None:
+        source = Path(path)
+        if file_sha256(source) != COMMITTED_SHA256:
+            warnings.warn(
+                f"{source} is not the committed digits classifier (sha256 {COMMITTED_SHA256[:12]}...): its FIDs are "
+                f"not comparable with those of the committed one; delete it to use (a copy of) {COMMITTED.name}",
+                stacklevel=2,
+            )
+    elif path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path)
-    return model
+        shutil.copyfile(COMMITTED, path)
+    model = DigitsClassifier()
+    model.load_state_dict(torch.load(source, map_location="cpu", weights_only=True))
+    return model.eval().requires_grad_(False)
 
 
 class DigitsFeatureExtractor(FeatureExtractorBase):

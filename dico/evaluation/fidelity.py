@@ -37,8 +37,8 @@ class FeatureSpec:
     Args:
         name: ``inception-v3-compat`` (the paper's protocol) or ``dico-digits`` (the quickstart's classifier).
         weights_path: a local weights file. Required offline for Inception (torch-fidelity's
-            ``weights-inception-2015-12-05-6726825d.pth``); for ``dico-digits`` a missing file is trained
-            (seeded, seconds) and saved there.
+            ``weights-inception-2015-12-05-6726825d.pth``); for ``dico-digits`` a missing file gets a copy of
+            the committed classifier (``dico/evaluation/digits_classifier.pt``), None uses it in place.
     """
 
     name: str = INCEPTION
