@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import datetime
+import hashlib
+import json
 import math
 import re
 import statistics
@@ -28,7 +30,7 @@ COLUMNS = [
     "row", "model", "seeds", "params_M", "params_ratio", "paper_params_ratio", "gflops", "gflops_ratio",
     "paper_gflops_ratio", "throughput_ratio", "paper_throughput_ratio", "fid", "fid_spread", "fid_per_seed",
     "fid_seeds", "fid_geomean", "fid_ci_low", "fid_ci_high", "ln_fid_sd", "paper_fid", "eval_samples", "train_steps",
-    "sdpa_kernel", "wandb",
+    "sdpa_kernel", "commit", "config_sha256", "feature_extractor_sha256", "reference_sha256", "wandb",
 ]  # fmt: skip
 
 CAVEATS = {
@@ -95,9 +97,61 @@ def table_rows(table: str, budget: str, results: list[dict[str, Any]]) -> list[d
                 fid_seeds=" ".join(str(r["seed"]) for r in scored),
                 eval_samples=runs[0].get("eval_samples", ""), train_steps=runs[0].get("steps", ""),
                 wandb=" ; ".join(r.get("wandb", "") for r in runs if r.get("wandb")),
+                **provenance_cells(runs),
             )  # fmt: skip
         out.append(with_intervals({c: rec.get(c, "") for c in COLUMNS}))
     return out
+
+
+def _distinct(values: Any) -> str:
+    return " ".join(dict.fromkeys(v for v in values if v))
+
+
+def provenance_cells(runs: list[dict[str, Any]]) -> dict[str, str]:
+    """The row's provenance columns over its runs (distinct values, space-separated; empty for runs without it):
+    commits (``+dirty`` when tracked files differed), a digest of the config files' sha256s, and the first 16 hex
+    digits of the feature extractor's weights and of the FID reference."""
+    from ablations.provenance import LOGGING_ONLY
+
+    provs = [r["provenance"] for r in runs if r.get("provenance")]
+    digest = [hashlib.sha256(json.dumps({k: v for k, v in sorted(p["configs"].items()) if k not in LOGGING_ONLY})
+                             .encode()).hexdigest()[:16] for p in provs]  # fmt: skip
+    return {
+        "commit": _distinct(c[:12] + ("+dirty" if p["dirty"] else "") for p in provs for c in p["commits"]),
+        "config_sha256": _distinct(digest),
+        "feature_extractor_sha256": _distinct((p.get("feature_extractor_sha256") or "")[:16] for p in provs),
+        "reference_sha256": _distinct((p.get("reference_sha256") or "")[:16] for p in provs),
+    }
+
+
+def provenance_lines(results: list[dict[str, Any]], left_out: list[str]) -> list[str]:
+    """What made the runs of the table, and what ``collect`` left out."""
+    provs = [r["provenance"] for r in results if r.get("provenance")]
+    lines = ["## Provenance", ""]
+    if len(provs) < len(results):
+        lines.append(f"- {len(results) - len(provs)} run(s) carry no provenance (made by an older runner).")
+    if provs:
+        commits = dict.fromkeys(c for p in provs for c in p["commits"])
+        dirty = sorted({f for p in provs for f in p.get("changed", [])})
+        lines.append(f"- Commit(s): {', '.join(f'`{c}`' for c in commits)}"
+                     + (f"; tracked files differed from the commit in some runs: {', '.join(dirty) or '?'}"
+                        if any(p["dirty"] for p in provs) else "; clean trees"))  # fmt: skip
+        files: dict[str, set[str]] = {}
+        for p in provs:
+            for path, digest in p["configs"].items():
+                files.setdefault(path, set()).add(digest)
+        lines.append("- Config files (sha256): " + "; ".join(f"`{f}` {' '.join(sorted(d))}" for f, d in
+                                                              sorted(files.items())))  # fmt: skip
+        for key, label in (("feature_extractor_sha256", "Feature extractor weights"), ("reference_sha256",
+                                                                                       "FID reference")):  # fmt: skip
+            values = sorted({p.get(key) or "-" for p in provs})
+            warn = " (MORE THAN ONE: these FIDs are not comparable)" if len(values) > 1 else ""
+            lines.append(f"- {label} (sha256): {', '.join(values)}{warn}")
+        overrides = sorted({" ".join(p.get("overrides", [])) for p in provs})
+        lines.append("- Command-line overrides: " + ("; ".join(f"`{o}`" for o in overrides if o) or "none"))
+    if left_out:
+        lines += ["- Left out by `collect`:", *(f"  - {line}" for line in left_out)]
+    return [*lines, ""]
 
 
 def with_intervals(rec: dict[str, Any], score: str = "fid") -> dict[str, Any]:
@@ -223,7 +277,8 @@ def findings(table: str, rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[dict[str, Any]], command: str) -> str:
+def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[dict[str, Any]], command: str,
+             left_out: list[str] | None = None) -> str:  # fmt: skip
     missing = [r["row"] for r in rows if not r["seeds"]]
     dates = [r["finished"] for r in results if r.get("finished")]
     title = f"# Table {table} at the `{budget}` budget" + (" (PARTIAL)" if missing else "")
@@ -258,10 +313,11 @@ def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[
     ]  # fmt: skip
     for res in sorted(results, key=lambda r: (r["model"], r["seed"])):
         link = res.get("wandb") or "no wandb run"
-        lines.append(f"- `{res['model']}` seed {res['seed']} ({res['run_dir']}): {link}")
+        commit = " ".join(c[:12] for c in (res.get("provenance") or {}).get("commits", [])) or "no provenance"
+        lines.append(f"- `{res['model']}` seed {res['seed']} ({res['run_dir']}; commit {commit}): {link}")
         lines.append(f"  - `{res['command']}`")
     shapes = {r["model"]: r for r in results}
-    lines += ["", "## Shapes", ""]
+    lines += ["", *provenance_lines(results, left_out or []), "## Shapes", ""]
     lines += [f"- `{m}`: {r['shape']}" + (f" Deviation: {r['deviation']}." if r["deviation"] else "")
               + f" Trained: {r['model_kwargs'] or 'full size'}." for m, r in sorted(shapes.items())]  # fmt: skip
     # paths inside the checkout as the commands run them (from its root)
@@ -326,7 +382,8 @@ def plot(table: str, budget: str, rows: list[dict[str, Any]], path: Path) -> Pat
     return path
 
 
-def write_report(table: str, budget: str, results: list[dict[str, Any]], out_dir: Path, command: str) -> list[Path]:
+def write_report(table: str, budget: str, results: list[dict[str, Any]], out_dir: Path, command: str,
+                 left_out: list[str] | None = None) -> list[Path]:  # fmt: skip
     """``table<T>-<budget>.csv``, ``.md`` and ``.png`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = table_rows(table, budget, results)
@@ -337,7 +394,7 @@ def write_report(table: str, budget: str, results: list[dict[str, Any]], out_dir
         writer.writeheader()
         writer.writerows({k: portable(str(v), results) for k, v in r.items()} for r in rows)
     md_path = out_dir / f"{name}.md"
-    md_path.write_text(markdown(table, budget, rows, results, command))
+    md_path.write_text(markdown(table, budget, rows, results, command, left_out))
     return [csv_path, md_path, plot(table, budget, rows, out_dir / f"{name}.png")]
 
 

@@ -161,6 +161,7 @@ def finalize(row: Row, out: Path, config: dict[str, Any], args: argparse.Namespa
     import yaml
 
     from ablations.measure import counts, machine, throughput_ratio
+    from ablations.provenance import provenance
     from dico.models.ablation import VARIANTS
 
     run_dir = row.run_dir(out)
@@ -184,6 +185,7 @@ def finalize(row: Row, out: Path, config: dict[str, Any], args: argparse.Namespa
     }  # fmt: skip
     result.update(throughput_ratio(model, kwargs, REFERENCE_MODEL, reference_kwargs, batch=batch, turns=turns,
                                    device=device, sdpa=args.sdpa_kernel, seed=row.seed))  # fmt: skip
+    record = None
     if config["trainer"]["max_steps"] != 0:
         record = score_record(run_dir, config)
         steps = torch.load(last_checkpoint(run_dir), map_location="cpu", weights_only=True)["global_step"]
@@ -196,6 +198,7 @@ def finalize(row: Row, out: Path, config: dict[str, Any], args: argparse.Namespa
         )
         result["wandb"] = wandb_link(run_dir)
         result["test_samples"] = drop_test_samples(run_dir, keep=getattr(args, "keep_test_samples", False))
+    result["provenance"] = provenance(row, run_dir, getattr(args, "overrides", []), record)
     tmp = run_dir / "result.json.tmp"
     tmp.write_text(json.dumps(result, indent=1, default=str))
     tmp.replace(run_dir / "result.json")  # atomic: a row is finished exactly when result.json exists
@@ -276,8 +279,11 @@ def run_local(row: Row, out: Path, args: argparse.Namespace) -> bool:
 
 
 def _run_claimed(row: Row, out: Path, args: argparse.Namespace) -> bool:
+    from ablations.provenance import record_start
+
     run_dir = row.run_dir(out)
     (run_dir / "failed.json").unlink(missing_ok=True)
+    record_start(run_dir)
     config = resolve(row, out, args.extra)
     log = run_dir / "run.log"
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
@@ -322,6 +328,7 @@ class RowJob:
         import submitit
 
         import cli
+        from ablations.provenance import record_start
         from dico.callbacks.preemption import PREEMPTED_EXIT_CODE
 
         env = submitit.JobEnvironment()
@@ -331,6 +338,7 @@ class RowJob:
         run_dir.mkdir(parents=True, exist_ok=True)
         if env.global_rank == 0:
             (run_dir / "failed.json").unlink(missing_ok=True)  # left by an earlier attempt of this row
+            record_start(run_dir)
         config = resolve(self.row, self.out, self.extra)
         try:
             for stage in stages(self.row, self.out, self.extra, config):
@@ -612,11 +620,17 @@ def finished_results(table: str, budget: str, out: Path) -> list[dict[str, Any]]
     return results
 
 
-def collect(table: str, budget: str, out: Path, results_dir: Path, command: str) -> list[Path]:
+def collect(table: str, budget: str, out: Path, results_dir: Path, command: str, seeds: list[int] | None = None,
+            overrides: list[str] | tuple[str, ...] = ()) -> list[Path]:  # fmt: skip
+    """Rebuild the table from the finished runs of the requested ``seeds`` (all when None) made by the configs as
+    they are now with the same ``overrides`` (:func:`ablations.provenance.select_runs`); the others are listed."""
+    from ablations.provenance import select_runs
     from ablations.report import write_report
 
-    results = finished_results(table, budget, out)
-    paths = write_report(table, budget, results, results_dir, command)
+    results, left_out = select_runs(finished_results(table, budget, out), table, budget, seeds, list(overrides))
+    for line in left_out:
+        print(f"[ablations] left out: {line}", flush=True)
+    paths = write_report(table, budget, results, results_dir, command, left_out)
     print("[ablations] wrote " + ", ".join(str(p) for p in paths), flush=True)
     return paths
 
@@ -643,7 +657,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--table", choices=sorted(TABLES), required=True)
     p.add_argument("--budget", choices=BUDGETS, default="structure")
     p.add_argument("--rows", nargs="+", help="paper row names (default: every row of the table)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (seed_everything) of every row")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds (seed_everything) of every row (default: 0; collect: "
+                   "every seed found)")  # fmt: skip
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="run folders: <out>/<budget>/<model>/seed<k>")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="tables and plots")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local")
@@ -681,6 +696,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "bf16-mixed")  # fmt: skip
     args = p.parse_args(argv)
     args.command = command
+    args.overrides = list(args.extra)  # the user's cli.py options (placement options are added to extra later)
     slurm_only = ("nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "slurm_param")
     if args.launcher == "local" and any(getattr(args, name) for name in slurm_only):
         p.error("--nodes/--gpus-per-node/--cpus-per-task/--mem-gb/--slurm-param are for --launcher slurm; locally "
@@ -691,7 +707,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     out = args.out.resolve()
-    rows = rows_of(args.table, args.budget, args.rows, args.seeds)
+    rows = rows_of(args.table, args.budget, args.rows, args.seeds or [0])
     command = "python ablations/run.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     args.command_line = command
     if args.command == "status":
@@ -699,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row.row:<26} {row.key:<40} {row_status(row, out)}")
         return 0
     if args.command == "collect":
-        collect(args.table, args.budget, out, args.results, command)
+        collect(args.table, args.budget, out, args.results, command, args.seeds, args.overrides)
         return 0
     if args.dry_run:
         print("\n".join(stage_lines(rows, out, args.extra)))
@@ -720,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.devices and todo:
         args.extra = [*args.extra, *placement(resolve(todo[0], out, args.extra), None, args.devices)]
     failed = [row for row in todo if not run_local(row, out, args)]
-    collect(args.table, args.budget, out, args.results, command)
+    collect(args.table, args.budget, out, args.results, command, None, args.overrides)
     if failed:
         print(f"[ablations] failed: {[r.key for r in failed]}", flush=True)
     return 1 if failed else 0

@@ -15,7 +15,18 @@ from dico.models.ablation import TABLE3, TABLE4, paper_tables
 TABLE_KEYS = {"3": TABLE3, "4": TABLE4}
 _NAME = re.compile(r"^table(?P<table>[34])-(?P<budget>[A-Za-z0-9_]+)$")
 #: Columns of the runner's CSV that stay text.
-TEXT_COLUMNS = ("row", "model", "fid_per_seed", "sdpa_kernel", "wandb")
+TEXT_COLUMNS = (
+    "row",
+    "model",
+    "fid_per_seed",
+    "fid_seeds",
+    "sdpa_kernel",
+    "commit",
+    "config_sha256",
+    "feature_extractor_sha256",
+    "reference_sha256",
+    "wandb",
+)
 
 
 @dataclass

@@ -1,0 +1,106 @@
+"""What made a result row: the code (commit, dirty or not), the config files (sha256), the seed, the command-line
+overrides, and the hashes of the FID's feature extractor and reference; and which finished runs a table may use.
+
+A run records the code state each time it starts (``<run>/code.json``: a resumed run may span commits) and
+:func:`provenance` adds the rest to ``result.json`` when it finishes. :func:`select_runs` keeps, for ``collect``, the
+runs of the requested seeds made by the configs as they are now (same files, same overrides), and says why it left
+each other run out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from ablations.rows import ROOT, Row, canonical, rows_of
+
+#: the table overlays name the wandb group only: a model trained for Table 3 serves Table 4 (runs are shared)
+LOGGING_ONLY = ("ablations/configs/table3.yaml", "ablations/configs/table4.yaml")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def code_state() -> dict[str, Any]:
+    """The checkout's commit and whether tracked files differ from it (``git``; "unknown" outside a checkout)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": None, "changed": []}
+    return {"commit": commit, "dirty": bool(changed), "changed": changed[:20]}
+
+
+def record_start(run_dir: Path) -> None:
+    """Append this start's code state to ``<run>/code.json``."""
+    path = run_dir / "code.json"
+    starts = json.loads(path.read_text()) if path.exists() else []
+    starts.append({**code_state(), "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+    tmp = path.with_name("code.json.tmp")
+    tmp.write_text(json.dumps(starts, indent=1))
+    tmp.replace(path)
+
+
+def config_hashes(row: Row) -> dict[str, str]:
+    """{config file relative to the checkout: sha256} of the files that compose the row."""
+    return {str(p.relative_to(ROOT)): sha256(p) for p in row.configs()}
+
+
+def provenance(row: Row, run_dir: Path, overrides: list[str], record: dict[str, Any] | None) -> dict[str, Any]:
+    """The row's provenance for ``result.json``; ``record``: its evaluation record (None without training)."""
+    starts = json.loads((run_dir / "code.json").read_text()) if (run_dir / "code.json").exists() else []
+    now = code_state()
+    commits = list(dict.fromkeys([*(s["commit"] for s in starts), now["commit"]]))
+    out: dict[str, Any] = {
+        "commit": commits[0] if len(commits) == 1 else "mixed",
+        "commits": commits,  # every commit that trained or scored the row, in order
+        "dirty": any(s.get("dirty") for s in [*starts, now]),
+        "changed": sorted({f for s in [*starts, now] for f in s.get("changed", [])}),
+        "configs": config_hashes(row),
+        "seed": row.seed,
+        "overrides": list(overrides),
+    }
+    if record is not None:
+        reference = record.get("reference") or {}
+        out.update(feature_extractor=record.get("feature_extractor"),
+                   feature_extractor_sha256=reference.get("weights_sha256"),
+                   reference_sha256=record.get("reference_sha256"))  # fmt: skip
+    return out
+
+
+def select_runs(results: list[dict[str, Any]], table: str, budget: str, seeds: list[int] | None,
+                overrides: list[str]) -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
+    """(the runs a table uses, one line per run left out and why): the requested seeds (all when None), made by the
+    config files as they are now (the table overlays aside: they name the wandb group) and the same overrides."""
+    rows = {canonical(r.model): r for r in rows_of(table, budget)}
+    kept, left = [], []
+    for res in results:
+        name = f"{res['model']} seed {res['seed']}"
+        prov = res.get("provenance")
+        if seeds is not None and res["seed"] not in seeds:
+            left.append(f"{name}: seed not requested ({' '.join(map(str, seeds))})")
+            continue
+        if not prov:
+            left.append(f"{name}: no provenance (made by an older runner): its configs cannot be checked")
+            continue
+        row = Row(res["table"], rows[canonical(res["model"])].row, res["model"], budget, res["seed"])
+        now = {k: v for k, v in config_hashes(row).items() if k not in LOGGING_ONLY}
+        then = {k: v for k, v in prov["configs"].items() if k not in LOGGING_ONLY}
+        if now != then:
+            changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+            left.append(f"{name}: made by other versions of {', '.join(changed)}")
+            continue
+        if prov.get("overrides", []) != list(overrides):
+            left.append(f"{name}: made with the overrides {prov.get('overrides')} (asked: {list(overrides)})")
+            continue
+        kept.append(res)
+    return kept, left
