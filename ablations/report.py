@@ -228,7 +228,7 @@ def statistics_lines(table: str, scores: dict[str, dict[int, float]], score: str
         f'differ); otherwise "not resolved", whatever the point estimate. Seeds needed: paired seeds a row for '
         f"{stats.POWER:.0%} power at the paper's own ratio, given the measured noise.",
     ]
-    resolved = []
+    resolved, tested = [], []
     for claim, pairs in CONTRASTS.get(table, []):
         lines.append(f"- Paper: {claim}:")
         for better, worse in pairs:
@@ -242,6 +242,7 @@ def statistics_lines(table: str, scores: dict[str, dict[int, float]], score: str
                 + (f"{need} paired seeds" if need else f"> {stats.MAX_SEEDS} paired seeds")
             )
             lines.append(f"  - {c.describe()}{needed}")
+            tested += [c] if c.p_value is not None else []
             if c.resolved:
                 resolved.append(c)
     lines.append(
@@ -249,6 +250,14 @@ def statistics_lines(table: str, scores: dict[str, dict[int, float]], score: str
         + (": " + "; ".join(f"{c.worse} vs {c.better} ({'agrees' if c.agrees else 'disagrees'})" for c in resolved)
            if resolved else ": none; no ordering of these rows is claimed from these runs.")
     )  # fmt: skip
+    if tested:
+        family = stats.holm(tested)
+        lines.append(
+            f"- Of {len(tested)} tested contrasts about {stats.ALPHA * len(tested):.1f} would resolve by chance if no "
+            f"row differed. Held to {stats.ALPHA:.0%} for the whole family (Holm): "
+            + ("; ".join(f"{c.worse} vs {c.better} (p = {c.p_value:.2g})" for c in family) + " resolved."
+               if family else "none resolves.")
+        )  # fmt: skip
     return lines
 
 

@@ -2,10 +2,10 @@
 
     python ablations/run.py --table 4 --budget proxy                     # every row on the embedded digits, CPU
     python ablations/run.py --table 4 --budget structure                 # counts + throughput ratios, no training
-    python ablations/run.py --table 3 --budget paper --launcher slurm --nodes 1 --gpus-per-node 8 \\
-        --partition gpu --time 4320 --account ACC                        # one SLURM job per row (submitit)
-    python ablations/run.py status --table 4 --budget proxy              # pending / running / finished / failed
-    python ablations/run.py collect --table 4 --budget proxy             # rebuild the tables from finished rows
+    python ablations/run.py --table 3 --budget paper --launcher slurm --out /scratch/$USER/dico-ablations \\
+        --partition gpu --time 4320 --account ACC --mem-gb 200          # one SLURM job per row (submitit)
+    python ablations/run.py status --table 4 --budget proxy              # pending / requeued / running / failed
+    python ablations/run.py collect --table 4 --budget proxy --seeds 0 1 # rebuild the tables from finished rows
 
 A row is ``python cli.py fit -c experiments/base.yaml -c ablations/configs/table<T>.yaml -c
 ablations/configs/budgets/<budget>.yaml -c ablations/configs/rows/[digits/]<model>.yaml`` (``--dry-run`` prints
@@ -14,8 +14,14 @@ This runner only composes those configs, launches them and reads back what they 
 callbacks are the configs'. Runs are keyed by budget, model and seed (``<out>/<budget>/<model>/seed<k>``), so a
 model in both tables trains once; a finished run (``result.json``) is skipped, an interrupted one resumes from
 its ``last.ckpt``. After training, rank 0 alone counts the row and times it against DiCo-S in interleaved turns
-(:mod:`ablations.measure`) and writes ``result.json``; the tables (``ablations/results/table<T>-<budget>.*``) are
-rebuilt from every finished run of the table, so runs in parallel invocations do not clobber each other.
+(:mod:`ablations.measure`) and writes ``result.json`` with its provenance (:mod:`ablations.provenance`); the
+tables (``ablations/results/table<T>-<budget>.*``) are rebuilt from the finished runs of the table made by the
+configs as they are now, so runs in parallel invocations do not clobber each other.
+
+On SLURM (:class:`RowJob`, submitit) a row is submitted once: its ``job.json`` names the job, and a row whose job
+is still queued or running (asked through submitit's job object, i.e. ``sacct``) is reported, not resubmitted, from
+any table or invocation. Nodes x GPUs x tasks are the composed trainer's (``--nodes``/``--gpus-per-node`` set both),
+CPUs per task default to ``data.num_workers + 1``. Timeouts and preemption requeue and resume from ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -349,7 +355,7 @@ class RowJob:
                     raise RuntimeError(f"cli.py {stage[0]} failed (exit status {code})")
         except BaseException as e:
             if not (self._requeued and isinstance(e, SystemExit)):  # submitit's requeue exit is no failure
-                record_failure(run_dir, stage="job", rank=env.global_rank, error=repr(e), log=env.paths.stdout)
+                record_failure(run_dir, stage="job", rank=env.global_rank, error=repr(e), log=_task_log(env))
             raise
         if env.global_rank == 0:
             finalize(self.row, self.out, config, self.args, self.extra)
@@ -363,7 +369,7 @@ class RowJob:
                 os.kill(os.getpid(), env._usr_sig())  # submitit's checkpoint-and-requeue handler, with its job state
                 time.sleep(5)  # the handler exits the process; this line is not reached when it does
             except Exception as e:  # requeue refused (e.g. the job was cancelled): resumable by a new submission
-                record_failure(run_dir, stage=stage, rank=0, log=env.paths.stdout,
+                record_failure(run_dir, stage=stage, rank=0, log=_task_log(env),
                                error=f"SIGTERM: last.ckpt saved, but the requeue failed ({e!r}); rerun `run.py` to "
                                f"resubmit: the row resumes from last.ckpt")  # fmt: skip
                 raise
@@ -383,6 +389,14 @@ class RowJob:
                         "resumes_from_step": checkpoint_step(run_dir)})  # fmt: skip
         atomic_write(log, json.dumps(history, indent=1))
         return submitit.helpers.DelayedSubmission(RowJob(self.row, self.out, self.args, self.extra))
+
+
+def _task_log(env: Any) -> str:
+    """This task's submitit log (``<out>/submitit/<jobid>/<jobid>_<rank>_log.out``; the debug executor has none)."""
+    try:
+        return str(env.paths.stdout)
+    except KeyError:
+        return "the console (submitit's debug executor)"
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -10,6 +10,7 @@ multiplicative and a difference is a ratio.
   (paired: seed k of A against seed k of B), as the t-interval of the mean paired difference ``ln B - ln A``.
   "resolved" when the two-sided ``1 - alpha`` interval excludes 0 (then the sign says whether it agrees with the
   paper); under rows that do not differ this happens with probability ``alpha`` (5%), whatever the seed count.
+- :func:`holm`: the contrasts that stay resolved with the whole table's family of contrasts held to ``alpha``.
 - :func:`pooled_sd`: the per-seed noise, SD of ln(score) pooled over rows with >= 2 seeds.
 - :func:`seeds_needed`: paired seeds a row for 80% power at a given effect, from the noncentral t.
 """
@@ -84,6 +85,7 @@ class Contrast:
     low: float | None
     high: float | None
     alpha: float = ALPHA
+    p_value: float | None = None  # two-sided paired t-test of "no difference"
 
     @property
     def resolved(self) -> bool:
@@ -121,8 +123,24 @@ def paired_contrast(better: str, a: Mapping[int, float], worse: str, b: Mapping[
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
         return Contrast(better, worse, seeds, math.exp(mean), None, None, alpha)
-    half = _t(len(diffs) - 1, alpha) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return Contrast(better, worse, seeds, math.exp(mean), math.exp(mean - half), math.exp(mean + half), alpha)
+    from scipy.stats import t
+
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    half = _t(len(diffs) - 1, alpha) * se
+    p = 0.0 if se == 0 else float(2 * t.sf(abs(mean) / se, len(diffs) - 1))
+    return Contrast(better, worse, seeds, math.exp(mean), math.exp(mean - half), math.exp(mean + half), alpha, p)
+
+
+def holm(contrasts: list[Contrast], alpha: float = ALPHA) -> list[Contrast]:
+    """The contrasts that stay resolved when the family of ``contrasts`` (those with a test) together may err at most
+    ``alpha`` (Holm's step-down: the k-th smallest p-value against alpha / (m - k + 1))."""
+    tested = sorted((c for c in contrasts if c.p_value is not None), key=lambda c: c.p_value)  # type: ignore[arg-type]
+    kept = []
+    for k, c in enumerate(tested):
+        if c.p_value > alpha / (len(tested) - k):  # type: ignore[operator]
+            break
+        kept.append(c)
+    return kept
 
 
 def pooled_sd(rows: Mapping[str, Mapping[int, float]]) -> tuple[float | None, int]:
