@@ -456,9 +456,10 @@ def _slurm_param(text: str) -> tuple[str, Any]:
     return key.lstrip("-"), (True if value == "" else value)
 
 
-#: submitit job states (sacct's, or the local executor's) of a job that is still queued or running
+#: submitit job states (sacct's, or the local executor's) of a job that is still queued or running; PREEMPTED as
+#: the last state is not among them (a requeued job is PENDING or REQUEUED again)
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-                 "RESIZING", "SUSPENDED", "PREEMPTED", "READY", "UNKNOWN")  # fmt: skip
+                 "RESIZING", "SUSPENDED", "READY", "UNKNOWN")  # fmt: skip
 
 
 def job_record(run_dir: Path) -> dict[str, Any] | None:
@@ -576,7 +577,7 @@ def progress(run_dir: Path) -> tuple[int, float] | None:
     return None if step is None else (step, loss)  # type: ignore[return-value]
 
 
-QUEUED_STATES = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED", "SUSPENDED", "CONFIGURING")
+QUEUED_STATES = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "CONFIGURING")
 
 
 def row_status(row: Row, out: Path) -> str:

@@ -377,3 +377,20 @@ def test_a_row_is_trained_by_one_invocation_at_a_time(tmp_path):
         other.kill()
         other.wait()
     assert run.claim(tmp_path)  # the holder is gone
+
+
+def test_test_samples_are_removed_once_scored_unless_kept(tmp_path):
+    samples = tmp_path / "test" / "samples.npz"
+    samples.parent.mkdir()
+    samples.write_bytes(b"x" * 1000)
+    assert run.drop_test_samples(tmp_path, keep=True) == str(samples) and samples.exists()
+    said = run.drop_test_samples(tmp_path, keep=False)
+    assert not samples.exists() and said.startswith("removed after scoring") and "--keep-test-samples" in said
+    assert run.drop_test_samples(tmp_path, keep=False) == "not saved"
+
+
+def test_large_runs_inside_the_checkout_get_a_loud_note(tmp_path, capsys):
+    for budget, out, loud in (("paper", ROOT / "ablations" / "runs", True), ("paper", tmp_path, False),
+                              ("proxy", ROOT / "ablations" / "runs", False)):  # fmt: skip
+        run.warn_if_inside_checkout(out, run.parse(["--table", "4", "--budget", budget]))
+        assert ("INSIDE the checkout" in capsys.readouterr().err) == loud
