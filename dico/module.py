@@ -19,6 +19,7 @@ from dico.callbacks.ema import ema_weights
 from dico.diffusion import GUIDANCE_MODES, SAMPLERS, create_diffusion, generate, sampling_diffusion
 from dico.evaluation.images import to_uint8
 from dico.models import create_model
+from dico.models.official import rename_pre_shared_block_keys
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -260,7 +261,12 @@ class DiffusionModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming ``fit``: the saved optimizer state must belong to these parameters, in this order. (Code that
         creates the parameters in another order -- another dico version -- would otherwise fail deep inside the
-        optimizer step with a shape error. Same-shaped parameters that trade places cannot be told apart here.)"""
+        optimizer step with a shape error. Same-shaped parameters that trade places cannot be told apart here.)
+
+        Checkpoints of older dico versions load too: their DiT block keys are renamed first (live and EMA weights)."""
+        for part in ("state_dict", "current_model_state"):
+            if part in checkpoint:
+                checkpoint[part] = rename_pre_shared_block_keys(checkpoint[part])
         if self._trainer is None or self.trainer.state.fn != "fit" or not checkpoint.get("optimizer_states"):
             return
         params = [(n, p.shape) for n, p in self.model.named_parameters() if p.requires_grad]

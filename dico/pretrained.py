@@ -33,6 +33,7 @@ from dico.models.official import (
     infer_config,
     load_converted,
     registered_name,
+    rename_pre_shared_block_keys,
 )
 
 if TYPE_CHECKING:
@@ -310,7 +311,8 @@ def _architecture(
 def load_weights(model: nn.Module, loaded: LoadedWeights, configured: str = "the configured model") -> None:
     """Put ``loaded``'s weights into our backbone ``model`` (strict); a mismatch names the weights' architecture."""
     if loaded.format == LIGHTNING:
-        ours = {k.removeprefix("model."): v for k, v in loaded.state_dict.items() if k.startswith("model.")}
+        renamed = rename_pre_shared_block_keys(loaded.state_dict)  # a checkpoint of an older dico version
+        ours = {k.removeprefix("model."): v for k, v in renamed.items() if k.startswith("model.")}
         model.load_state_dict(ours)
         return
     try:
