@@ -10,7 +10,6 @@ Full unpickling needs the explicit ``unsafe_full_unpickle`` opt-in.
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -35,6 +34,7 @@ from dico.models.official import (
     registered_name,
     rename_pre_shared_block_keys,
 )
+from dico.runtime import hub_offline
 
 if TYPE_CHECKING:
     from dico.module import DiffusionModule
@@ -103,10 +103,6 @@ def find_release(name_or_path: str | Path | None) -> Release | None:
     return next((r for r in CATALOGUE.values() if base in (r.filename, Path(r.filename).stem)), None)
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-
-
 def resolve(source: str) -> tuple[Path, Release | None]:
     """A local file, or a release name fetched through its cache: the Hugging Face Hub cache (``HF_HOME``,
     ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` as huggingface_hub reads them) or, for URL releases, torch.hub's
@@ -129,7 +125,7 @@ def _from_hub(release: Release) -> Path:
     try:
         return Path(hf_hub_download(release.repo_id, release.filename))  # type: ignore[arg-type]
     except LocalEntryNotFoundError:
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub could not be reached"
         raise WeightsNotFoundError(
             f"{release.filename} ({release.name}) is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
             f"{why}. Download it once on a machine with a network (same HF_HOME): "
@@ -142,7 +138,7 @@ def _from_url(release: Release) -> Path:
     if dest.is_file():
         return dest
     command = release.download_command(dest)
-    if _offline():
+    if hub_offline():
         raise WeightsNotFoundError(
             f"{release.filename} ({release.name}) is not at {dest} and HF_HUB_OFFLINE is set. Download it once: "
             f"`{command}`, or pass the file with --ckpt PATH."
@@ -158,7 +154,7 @@ def _from_url(release: Release) -> Path:
 def check_vae_available(vae: str, option: str = "--vae PATH") -> None:
     """Fail before sampling, not after the first batch, when the VAE cannot be loaded offline; ``option`` is how
     the caller's command takes a local copy."""
-    if Path(vae).expanduser().exists() or not _offline():
+    if Path(vae).expanduser().exists() or not hub_offline():
         return
     from huggingface_hub import constants, try_to_load_from_cache
 
