@@ -64,14 +64,15 @@ def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-u
             parser.link_arguments("data", "model.decoder", compute_fn=lambda dm: dm.decoder, apply_on="instantiate")
             parser.set_defaults({"trainer.plugins": [{"class_path": "dico.checkpoint_io.AtomicCheckpointIO"}]})
 
-        def _parse_ckpt_path(self) -> None:
-            # (Lightning reads --ckpt_path's hyper-parameters here) a truncated or foreign file is named as such
+        def parse_arguments(self, parser, args) -> None:  # type: ignore[no-untyped-def]
+            # Lightning reads --ckpt_path's hyper-parameters right after parsing: a truncated or foreign file is
+            # named as such first
+            super().parse_arguments(parser, args)
             from dico.pretrained import read_checkpoint
 
             path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
             if path and Path(path).is_file():
                 read_checkpoint(path)
-            super()._parse_ckpt_path()
 
         def before_test(self) -> None:
             # `test --ckpt_path` also takes a released checkpoint (any published format): its weights go into

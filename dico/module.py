@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
 from dico.callbacks.ema import ema_weights
+from dico.compat import attached_trainer
 from dico.diffusion import GUIDANCE_MODES, SAMPLERS, create_diffusion, generate, sampling_diffusion
 from dico.evaluation.images import to_uint8
 from dico.models import create_model
@@ -139,12 +140,13 @@ class DiffusionModule(LightningModule):
             self.model.load_state_dict(self._training_weights)
             self._training_weights = None
         # a VAE that cannot be loaded fails here, not at the first sample grid after hours of training
-        callbacks = self.trainer.callbacks if self._trainer is not None else []
+        trainer = attached_trainer(self)
+        callbacks = trainer.callbacks if trainer is not None else []
         if self.decoder_spec.get("kind") == "vae" and any(getattr(c, "decodes_samples", False) for c in callbacks):
             from dico.pretrained import check_vae_available
 
             check_vae_available(self.decoder_spec["vae"], "--data.init_args.vae PATH")
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = trainer.datamodule if trainer is not None else None
         if dm is None or not hasattr(dm, "sample_shape"):
             return
         c, h, w = dm.sample_shape
@@ -267,7 +269,8 @@ class DiffusionModule(LightningModule):
         for part in ("state_dict", "current_model_state"):
             if part in checkpoint:
                 checkpoint[part] = rename_pre_shared_block_keys(checkpoint[part])
-        if self._trainer is None or self.trainer.state.fn != "fit" or not checkpoint.get("optimizer_states"):
+        trainer = attached_trainer(self)
+        if trainer is None or trainer.state.fn != "fit" or not checkpoint.get("optimizer_states"):
             return
         params = [(n, p.shape) for n, p in self.model.named_parameters() if p.requires_grad]
         saved = checkpoint["optimizer_states"][0]
