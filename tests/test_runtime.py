@@ -71,7 +71,7 @@ from huggingface_hub import constants
 seen = {}
 for value in sys.argv[1:]:
     os.environ["HF_HUB_OFFLINE"] = value
-    seen[value] = importlib.reload(constants).is_offline_mode()
+    seen[value] = importlib.reload(constants).HF_HUB_OFFLINE
 print(json.dumps(seen))
 """
 
