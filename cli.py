@@ -51,6 +51,8 @@ def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-u
     from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
 
+    import dico.callbacks.settings as callbacks_dir
+    from dico.callbacks.settings import CALLBACKS_FILE, CallbackSettings
     from dico.data import ArrayDataModule
     from dico.module import DiffusionModule
     from dico.trainer import Trainer
@@ -63,6 +65,9 @@ def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-u
             # stores it in its hyper-parameters so that a checkpoint alone can sample.
             parser.link_arguments("data", "model.decoder", compute_fn=lambda dm: dm.decoder, apply_on="instantiate")
             parser.set_defaults({"trainer.plugins": [{"class_path": "dico.checkpoint_io.AtomicCheckpointIO"}]})
+            # The one callback list (loaded like a first -c file) and the named values it reads.
+            parser.add_class_arguments(CallbackSettings, "callback_settings")
+            parser.default_config_files = [str(Path(callbacks_dir.__file__).with_name(CALLBACKS_FILE))]
 
         def parse_arguments(self, parser, args) -> None:  # type: ignore[no-untyped-def]
             # Lightning reads --ckpt_path's hyper-parameters right after parsing: a truncated or foreign file is
