@@ -121,10 +121,10 @@ class DiffusionModule(LightningModule):
             raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {guidance_mode!r}")
         self.save_hyperparameters()
         self.model = create_model(model, **(model_kwargs or {}))
-        self.weights_source: Any = None  # what `pretrained` loaded (dico.pretrained.LoadedWeights)
+        self.weights_source: Any = None  # what `pretrained` loaded (dico.checkpoints.LoadedWeights)
         self._training_weights: dict[str, Tensor] | None = None
         if pretrained:
-            from dico.pretrained import apply_pretrained
+            from dico.checkpoints import apply_pretrained
 
             apply_pretrained(self, pretrained)
         if compile:

@@ -323,7 +323,7 @@ def test_preempted_cli_run_exits_non_zero_and_resumes_in_place(tmp_path, monkeyp
     through the atomic checkpoint IO; ``--ckpt_path last`` continues it, updates that same ``last.ckpt`` and keeps
     the metrics logged before the preemption in ``csv/metrics.csv``."""
     from dico.callbacks.preemption import PREEMPTED_EXIT_CODE
-    from dico.checkpoint_io import AtomicCheckpointIO
+    from dico.checkpoints import AtomicCheckpointIO
 
     saves = []
     real_save = AtomicCheckpointIO.save_checkpoint
@@ -557,7 +557,7 @@ def test_dit_checkpoints_of_the_old_block_layout_load_and_resume(tmp_path):
     """A Lightning checkpoint of a DiT written with the old block keys (``blocks.i.attn.*``, ``blocks.i.mlp.*``) in
     its EMA ``state_dict`` and its live ``current_model_state`` loads for sampling, for ``--model.pretrained`` and
     resumes ``fit`` with both weight sets in place."""
-    from dico.pretrained import inspect_checkpoint, load_weights
+    from dico.checkpoints import inspect_checkpoint, load_weights
 
     kwargs = {"hidden_size": 16, "depth": 2, "num_heads": 2, "in_channels": 1, "input_size": 8, "num_classes": 10}
 
