@@ -51,6 +51,8 @@ def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-u
     from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
 
+    import dico.callbacks.settings as callbacks_dir
+    from dico.callbacks.settings import CALLBACKS_FILE, CallbackSettings
     from dico.data import ArrayDataModule
     from dico.module import DiffusionModule
     from dico.trainer import Trainer
@@ -62,21 +64,25 @@ def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-u
             # How samples become images is a property of the data (VAE id and scale, or pixels); the model
             # stores it in its hyper-parameters so that a checkpoint alone can sample.
             parser.link_arguments("data", "model.decoder", compute_fn=lambda dm: dm.decoder, apply_on="instantiate")
-            parser.set_defaults({"trainer.plugins": [{"class_path": "dico.checkpoint_io.AtomicCheckpointIO"}]})
+            parser.set_defaults({"trainer.plugins": [{"class_path": "dico.checkpoints.AtomicCheckpointIO"}]})
+            # The one callback list (loaded like a first -c file) and the named values it reads.
+            parser.add_class_arguments(CallbackSettings, "callback_settings")
+            parser.default_config_files = [str(Path(callbacks_dir.__file__).with_name(CALLBACKS_FILE))]
 
-        def _parse_ckpt_path(self) -> None:
-            # (Lightning reads --ckpt_path's hyper-parameters here) a truncated or foreign file is named as such
-            from dico.pretrained import read_checkpoint
+        def parse_arguments(self, parser, args) -> None:  # type: ignore[no-untyped-def]
+            # Lightning reads --ckpt_path's hyper-parameters right after parsing: a truncated or foreign file is
+            # named as such first
+            super().parse_arguments(parser, args)
+            from dico.checkpoints import read_checkpoint
 
             path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
             if path and Path(path).is_file():
                 read_checkpoint(path)
-            super()._parse_ckpt_path()
 
         def before_test(self) -> None:
             # `test --ckpt_path` also takes a released checkpoint (any published format): its weights go into
             # the configured model, as --model.pretrained would put them.
-            from dico.pretrained import released_ckpt_path_to_model
+            from dico.checkpoints import released_ckpt_path_to_model
 
             config = self.config_init[self.subcommand]
             config["ckpt_path"] = released_ckpt_path_to_model(self.model, config.get("ckpt_path"))
@@ -232,7 +238,7 @@ def model_info(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if args.ckpt or args.pretrained:
-        from dico.pretrained import checkpoint_info
+        from dico.checkpoints import checkpoint_info
 
         result = checkpoint_info(args.ckpt or args.pretrained, args.model, args.model_kwargs, args.image_size,
                                  args.use_ema, args.unsafe_full_unpickle)  # fmt: skip

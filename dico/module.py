@@ -16,9 +16,11 @@ from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
 from dico.callbacks.ema import ema_weights
+from dico.compat import attached_trainer
 from dico.diffusion import GUIDANCE_MODES, SAMPLERS, create_diffusion, generate, sampling_diffusion
 from dico.evaluation.images import to_uint8
 from dico.models import create_model
+from dico.models.official import rename_pre_shared_block_keys
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -119,10 +121,10 @@ class DiffusionModule(LightningModule):
             raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {guidance_mode!r}")
         self.save_hyperparameters()
         self.model = create_model(model, **(model_kwargs or {}))
-        self.weights_source: Any = None  # what `pretrained` loaded (dico.pretrained.LoadedWeights)
+        self.weights_source: Any = None  # what `pretrained` loaded (dico.checkpoints.LoadedWeights)
         self._training_weights: dict[str, Tensor] | None = None
         if pretrained:
-            from dico.pretrained import apply_pretrained
+            from dico.checkpoints import apply_pretrained
 
             apply_pretrained(self, pretrained)
         if compile:
@@ -138,12 +140,13 @@ class DiffusionModule(LightningModule):
             self.model.load_state_dict(self._training_weights)
             self._training_weights = None
         # a VAE that cannot be loaded fails here, not at the first sample grid after hours of training
-        callbacks = self.trainer.callbacks if self._trainer is not None else []
+        trainer = attached_trainer(self)
+        callbacks = trainer.callbacks if trainer is not None else []
         if self.decoder_spec.get("kind") == "vae" and any(getattr(c, "decodes_samples", False) for c in callbacks):
             from dico.pretrained import check_vae_available
 
             check_vae_available(self.decoder_spec["vae"], "--data.init_args.vae PATH")
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = trainer.datamodule if trainer is not None else None
         if dm is None or not hasattr(dm, "sample_shape"):
             return
         c, h, w = dm.sample_shape
@@ -260,8 +263,14 @@ class DiffusionModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming ``fit``: the saved optimizer state must belong to these parameters, in this order. (Code that
         creates the parameters in another order -- another dico version -- would otherwise fail deep inside the
-        optimizer step with a shape error. Same-shaped parameters that trade places cannot be told apart here.)"""
-        if self._trainer is None or self.trainer.state.fn != "fit" or not checkpoint.get("optimizer_states"):
+        optimizer step with a shape error. Same-shaped parameters that trade places cannot be told apart here.)
+
+        Checkpoints of older dico versions load too: their DiT block keys are renamed first (live and EMA weights)."""
+        for part in ("state_dict", "current_model_state"):
+            if part in checkpoint:
+                checkpoint[part] = rename_pre_shared_block_keys(checkpoint[part])
+        trainer = attached_trainer(self)
+        if trainer is None or trainer.state.fn != "fit" or not checkpoint.get("optimizer_states"):
             return
         params = [(n, p.shape) for n, p in self.model.named_parameters() if p.requires_grad]
         saved = checkpoint["optimizer_states"][0]

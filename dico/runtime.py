@@ -1,4 +1,5 @@
-"""CPU threading for dico's entry points, set before torch's OpenMP runtime starts.
+"""The environment dico's entry points read: CPU threading (set before torch's OpenMP runtime starts) and the
+Hugging Face Hub's offline switch (:func:`hub_offline`, the one reader of ``HF_HUB_OFFLINE`` in dico).
 
 Two settings matter on small CPU machines that other processes share (laptops, CI runners, a node's spare cores):
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
@@ -52,3 +53,13 @@ def configure_cpu_threads(environ: MutableMapping[str, str] = os.environ, cpus: 
 
         torch.set_num_threads(int(environ["OMP_NUM_THREADS"]))
     return {key: environ[key] for key in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+
+
+def hub_offline(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether the Hugging Face Hub is switched off, with huggingface_hub's own meaning: ``HF_HUB_OFFLINE`` (or
+    ``TRANSFORMERS_OFFLINE``) is one of its true values (``1``, ``ON``, ``TRUE``, ``YES``, any case); anything else,
+    ``no`` and ``0`` included, is online. Read now, not when huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    value = environ.get("HF_HUB_OFFLINE") or environ.get("TRANSFORMERS_OFFLINE")
+    return value is not None and value.upper() in constants.ENV_VARS_TRUE_VALUES

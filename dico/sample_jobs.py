@@ -1,4 +1,5 @@
-"""Sample jobs from a training checkpoint: class-balanced, reproducible on any number of devices, resumable."""
+"""Sample jobs from a training checkpoint or a release: the module built to sample from (any published format), and
+class-balanced sample sets, reproducible on any number of devices, resumable."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
 from dico.callbacks.sample_writer import SampleWriter
+from dico.checkpoints import inspect_checkpoint, load_weights
 from dico.evaluation.sample_set import SampleSet, SamplingOptions
+from dico.models.official import LIGHTNING
 from dico.module import DiffusionModule
+from dico.pretrained import SD_SCALE_FACTOR, SD_VAE, check_vae_available
 
 
 @dataclass
@@ -82,10 +86,40 @@ def load_module(ckpt: str, unsafe_full_unpickle: bool = False, map_location: str
         raise
 
 
+def load_for_sampling(
+    source: str,
+    model: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    image_size: int | None = None,
+    vae: str | None = None,
+    use_ema: bool = True,
+    unsafe_full_unpickle: bool = False,
+) -> DiffusionModule:
+    """A :class:`DiffusionModule` holding the weights of ``source`` (a path or a release name) in any published
+    format, ready to sample: the release's guidance scale, 250-step iDDPM, samples decoded through ``vae`` (the
+    SD VAE the models were trained with by default; a local folder works offline). ``module.weights_source``
+    says what was loaded."""
+    loaded = inspect_checkpoint(source, model, model_kwargs, image_size, use_ema, unsafe_full_unpickle)
+    if loaded.format == LIGHTNING:
+        module = DiffusionModule.load_from_checkpoint(
+            loaded.path, map_location="cpu", weights_only=not unsafe_full_unpickle, pretrained=None
+        )
+        if vae is not None and module.decoder_spec.get("kind") == "vae":
+            module.decoder_spec = {**module.decoder_spec, "vae": vae}
+    else:
+        check_vae_available(vae or SD_VAE)
+        decoder = {"kind": "vae", "vae": vae or SD_VAE, "scale_factor": SD_SCALE_FACTOR}
+        cfg = loaded.release.cfg_scale if loaded.release else 1.0
+        module = DiffusionModule(loaded.model, loaded.model_kwargs, cfg_scale=cfg, decoder=decoder)
+        load_weights(module.model, loaded, loaded.model)
+    if module.decoder_spec.get("kind") == "vae":
+        check_vae_available(module.decoder_spec["vae"])
+    module.weights_source = loaded
+    return module.eval()
+
+
 def run_sample_job(job: SampleJob) -> Path:
     """Make (or finish) the job's sample set in ``job.out``; returns the merged ``samples.npz``."""
-    from dico.pretrained import load_for_sampling
-
     if (job.ckpt is None) == (job.pretrained is None):
         raise ValueError("give exactly one of --ckpt PATH and --pretrained NAME")
     job.sample_set(1)  # bad counts or options fail here, before anything is loaded or written

@@ -60,7 +60,7 @@ def test_captured_attention_rows_sum_to_one_and_reproduce_the_attention_output()
     model = small_dit()
     x, t, y = inputs()
     seen = {}
-    block = model.blocks[1].attn
+    block = model.blocks[1].mixer
     handle = block.register_forward_hook(lambda m, i, o: seen.update(x=i[0], out=o))
     with A.AttentionRecorder(model, average_heads=False) as rec:
         model(x, t, y)
@@ -100,7 +100,7 @@ def test_average_heads_is_the_mean_over_heads():
 
 def test_attention_probabilities_match_torch_sdpa_with_patch_2():
     model = small_dit(patch_size=2)
-    attn = model.blocks[0].attn
+    attn = model.blocks[0].mixer
     x = torch.randn(2, 16, 32)
     probs = A.attention_probabilities(attn, x)
     q, k, v = attn.qkv(x).view(2, 16, 3, 4, 8).permute(2, 0, 3, 1, 4)

@@ -72,3 +72,61 @@ def test_extract_command_with_the_documented_options(tmp_path, image_folder, tin
     assert cli.main(args) == 0
     assert "12 images" in capsys.readouterr().out and (out / "manifest.json").exists()
     assert cli.main(args) == 0  # a second run finds every shard done
+
+
+def printed_config(capsys, *args: str) -> dict:
+    """``cli.py fit ARGS --print_config`` as a dict (interpolations resolved, the one callback list included)."""
+    import yaml
+
+    with pytest.raises(SystemExit):
+        cli.main(["fit", *args, "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def strings(node) -> list[str]:  # type: ignore[no-untyped-def]
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in strings(v)]
+    return [node] if isinstance(node, str) else []
+
+
+def test_the_quickstart_writes_everything_under_default_root_dir(capsys, monkeypatch, tmp_path):
+    """Checkpoints, logs, wandb, the digits FID reference and classifier: one option moves the whole run."""
+    monkeypatch.chdir(ROOT)
+    root = str(tmp_path / "elsewhere")
+    config = printed_config(capsys, "-c", "experiments/quickstart.yaml", "--trainer.default_root_dir", root)
+    paths = [s for s in strings(config["trainer"]) if "/" in s or s.endswith((".npz", ".pt", ".ckpt"))]
+    assert len(paths) >= 5 and all(p.startswith(root) for p in paths), paths
+    by_name = {cb["class_path"].rsplit(".", 1)[-1]: cb.get("init_args") for cb in config["trainer"]["callbacks"]}
+    assert by_name["ModelCheckpoint"]["dirpath"] == f"{root}/checkpoints"
+    assert by_name["FIDEvaluation"]["reference"] == f"{root}/digits-reference.npz"
+
+
+CONFIGS = {
+    "paper": ["-c", "experiments/base.yaml", "-c", "experiments/dico-s-256.yaml"],
+    "quickstart": ["-c", "experiments/quickstart.yaml"],
+    "quickstart-tiny": ["-c", "experiments/quickstart.yaml", "-c", "dico/analysis/quickstart-tiny.yaml"],
+    **{f"budget-{p.stem}": ["-c", "experiments/base.yaml", "-c", str(p.relative_to(ROOT))]
+       for p in sorted((ROOT / "ablations" / "configs" / "budgets").glob("*.yaml"))},
+}  # fmt: skip
+
+
+def test_every_config_composes_the_one_callback_list(capsys, monkeypatch):
+    """The paper setups, the quickstart (and its CI-sized overlay) and every ablation budget run the callbacks of
+    dico/callbacks/callbacks.yaml, in its order; what differs between them is named values."""
+    import yaml
+
+    monkeypatch.chdir(ROOT)
+    one = yaml.safe_load((ROOT / "dico" / "callbacks" / "callbacks.yaml").read_text())["trainer"]["callbacks"]
+    classes = [cb["class_path"] for cb in one]
+    composed = {name: printed_config(capsys, *args) for name, args in CONFIGS.items()}
+    assert {name: [cb["class_path"] for cb in c["trainer"]["callbacks"]] for name, c in composed.items()} == {
+        name: classes for name in CONFIGS
+    }
+    decays = {name: c["trainer"]["callbacks"][0]["init_args"]["decay"] for name, c in composed.items()}
+    assert decays["paper"] == 0.9999 and decays["quickstart"] == 0.995 and decays["quickstart-tiny"] == 0.999
+    for path in [ROOT / "experiments" / "base.yaml", ROOT / "experiments" / "quickstart.yaml",
+                 *(ROOT / "ablations" / "configs" / "budgets").glob("*.yaml"),
+                 ROOT / "dico" / "analysis" / "quickstart-tiny.yaml"]:  # fmt: skip
+        assert "callbacks" not in (yaml.safe_load(path.read_text()).get("trainer") or {}), path

@@ -17,13 +17,15 @@ from lightning.pytorch import Callback, Trainer
 
 import cli
 from dico.callbacks import EMA
+from dico.checkpoints import inspect_checkpoint
 from dico.data.vae import decode_latents, load_vae
 from dico.diffusion import generate, sampling_diffusion
 from dico.evaluation.images import load_npz, save_npz, to_uint8
 from dico.models import load_official
 from dico.models.official import LIGHTNING, STATE_DICT, TRAINING, checkpoint_format, registered_name
 from dico.module import DiffusionModule
-from dico.pretrained import CATALOGUE, find_release, inspect_checkpoint, load_for_sampling, published_comparison
+from dico.pretrained import CATALOGUE, find_release, published_comparison
+from dico.sample_jobs import load_for_sampling
 from tests.conftest import ROOT
 
 STEPS, CFG, BATCH, COUNT = 3, 1.5, 2, 4

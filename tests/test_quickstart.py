@@ -36,16 +36,16 @@ def run(cwd: Path, *args: str) -> None:
 
 
 def fid_settings(config: dict) -> dict:
-    [fid] = [c["init_args"] for c in config["trainer"]["callbacks"] if c["class_path"].endswith("FIDEvaluation")]
-    return fid
+    """The config's named values of the one callback list (``callback_settings``), FIDEvaluation's ones."""
+    return config["callback_settings"]
 
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("quickstart")
     config = yaml.safe_load(QUICKSTART.read_text())
-    assert fid_settings(config)["steps"] == config["model"]["sampling_steps"] == 50
-    fid_settings(config)["steps"] = SAMPLING_STEPS
+    assert fid_settings(config)["fid_steps"] == config["model"]["sampling_steps"] == 50
+    fid_settings(config)["fid_steps"] = SAMPLING_STEPS
     (root / "quickstart.yaml").write_text(yaml.safe_dump(config))
     run(root, "fit", "-c", "quickstart.yaml", "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "200",
         "--trainer.enable_progress_bar", "false", "--model.sampling_steps", str(SAMPLING_STEPS))  # fmt: skip
@@ -92,11 +92,17 @@ def test_test_protocol_writes_its_record_and_samples(quickstart, tmp_path):
     of 10 steps) and records exactly what it ran."""
     config = yaml.safe_load(QUICKSTART.read_text())
     fid = fid_settings(config)
-    assert (fid["test_num_samples"], fid.get("test_sampler", "iddpm"), fid["test_steps"]) == (500, "iddpm", 100)
-    fid.update(test_num_samples=60, test_steps=10)
+    assert (fid["fid_test_num_samples"], fid.get("fid_test_sampler", "iddpm"), fid["fid_test_steps"]) == (
+        500,
+        "iddpm",
+        100,
+    )
+    fid.update(fid_test_num_samples=60, fid_test_steps=10)
     (tmp_path / "quickstart.yaml").write_text(yaml.safe_dump(config))
     shutil.copy(quickstart / "checkpoints" / "last.ckpt", tmp_path / "model.ckpt")
-    shutil.copytree(quickstart.parent, tmp_path / "runs", ignore=shutil.ignore_patterns("quickstart"))
+    (tmp_path / "out").mkdir()
+    for cache in ("digits-reference.npz", "digits-classifier.pt"):  # the run's digits FID reference and classifier
+        shutil.copy(quickstart / cache, tmp_path / "out" / cache)
     run(tmp_path, "test", "-c", "quickstart.yaml", "--ckpt_path", "model.ckpt", "--trainer.logger", "false",
         "--trainer.default_root_dir", "out")  # fmt: skip
     record = json.loads((tmp_path / "out" / "test" / "record.json").read_text())

@@ -1,13 +1,16 @@
-"""CPU threading of the entry points: passive OpenMP waiting and a thread count from the usable CPUs, the user's
-environment first."""
+"""The environment of the entry points: CPU threading (passive OpenMP waiting and a thread count from the usable CPUs,
+the user's environment first) and the Hugging Face Hub's offline switch with huggingface_hub's meaning."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
-from dico.runtime import configure_cpu_threads, usable_cpus
+import pytest
+
+from dico.runtime import configure_cpu_threads, hub_offline, usable_cpus
 from tests.conftest import ROOT
 
 
@@ -57,3 +60,42 @@ def test_the_suite_itself_waits_passively_and_splits_the_cpus_between_workers():
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     assert torch.get_num_threads() <= max(1, usable_cpus() // workers)
+
+
+HUB_OFFLINE_VALUES = ["1", "true", "TRUE", "yes", "on", "0", "false", "no", "off", "", "2"]
+
+# What huggingface_hub itself makes of each value (it reads the variable once, when its constants are imported).
+HUB_OWN_READING = """
+import importlib, json, os, sys
+from huggingface_hub import constants
+seen = {}
+for value in sys.argv[1:]:
+    os.environ["HF_HUB_OFFLINE"] = value
+    seen[value] = importlib.reload(constants).HF_HUB_OFFLINE
+print(json.dumps(seen))
+"""
+
+
+def test_hf_hub_offline_means_what_it_means_to_huggingface_hub():
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    out = subprocess.run([sys.executable, "-c", HUB_OWN_READING, *HUB_OFFLINE_VALUES], env=env, capture_output=True,
+                         text=True, check=True, timeout=120).stdout  # fmt: skip
+    hubs = json.loads(out.strip().splitlines()[-1])
+    assert {v: hub_offline({"HF_HUB_OFFLINE": v}) for v in HUB_OFFLINE_VALUES} == hubs
+    assert hubs["no"] is False and hubs["1"] and hubs["true"] and hubs["yes"]  # the cases that used to differ
+    assert hub_offline({"TRANSFORMERS_OFFLINE": "1"}) and not hub_offline({})
+
+
+@pytest.mark.parametrize(("value", "offline"), [("no", False), ("0", False), ("1", True), ("true", True),
+                                                ("yes", True)])  # fmt: skip
+def test_dico_goes_offline_exactly_when_huggingface_hub_does(value, offline, monkeypatch):
+    """The VAE check before sampling: online it leaves the hub to huggingface_hub; offline it names the cache."""
+    from dico.pretrained import WeightsNotFoundError, check_vae_available
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-dico-hub-cache")
+    if offline:
+        with pytest.raises(WeightsNotFoundError, match="HF_HUB_OFFLINE is set"):
+            check_vae_available("dico-tests/no-such-vae")
+    else:
+        check_vae_available("dico-tests/no-such-vae")  # nothing is fetched here: loading would go online

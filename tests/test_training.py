@@ -323,7 +323,7 @@ def test_preempted_cli_run_exits_non_zero_and_resumes_in_place(tmp_path, monkeyp
     through the atomic checkpoint IO; ``--ckpt_path last`` continues it, updates that same ``last.ckpt`` and keeps
     the metrics logged before the preemption in ``csv/metrics.csv``."""
     from dico.callbacks.preemption import PREEMPTED_EXIT_CODE
-    from dico.checkpoint_io import AtomicCheckpointIO
+    from dico.checkpoints import AtomicCheckpointIO
 
     saves = []
     real_save = AtomicCheckpointIO.save_checkpoint
@@ -540,3 +540,57 @@ def test_resuming_with_another_models_optimizer_state_says_so(tmp_path):
     torch.save(checkpoint, tmp_path / "reordered.ckpt")
     with pytest.raises(ValueError, match=r"optimizer state does not match this model .*--model\.pretrained"):
         make(2).fit(tiny_module(), DigitsDataModule(batch_size=16), ckpt_path=tmp_path / "reordered.ckpt")
+
+
+# What each parameter of a DiT block was called before DiT's blocks became the shared adaLN block (the dico
+# version before PRE_SHARED_BLOCK_KEY_MAP), and what it is called now: written out, not derived from the map.
+OLD_DIT_BLOCK_KEYS = {
+    "attn.qkv.weight": "mixer.qkv.weight", "attn.qkv.bias": "mixer.qkv.bias",
+    "attn.proj.weight": "mixer.proj.weight", "attn.proj.bias": "mixer.proj.bias",
+    "mlp.fc1.weight": "ffn.fc1.weight", "mlp.fc1.bias": "ffn.fc1.bias",
+    "mlp.fc2.weight": "ffn.fc2.weight", "mlp.fc2.bias": "ffn.fc2.bias",
+    "modulation.1.weight": "modulation.1.weight", "modulation.1.bias": "modulation.1.bias",
+}  # fmt: skip
+
+
+def test_dit_checkpoints_of_the_old_block_layout_load_and_resume(tmp_path):
+    """A Lightning checkpoint of a DiT written with the old block keys (``blocks.i.attn.*``, ``blocks.i.mlp.*``) in
+    its EMA ``state_dict`` and its live ``current_model_state`` loads for sampling, for ``--model.pretrained`` and
+    resumes ``fit`` with both weight sets in place."""
+    from dico.checkpoints import inspect_checkpoint, load_weights
+
+    kwargs = {"hidden_size": 16, "depth": 2, "num_heads": 2, "in_channels": 1, "input_size": 8, "num_classes": 10}
+
+    def dit() -> DiffusionModule:
+        torch.manual_seed(0)
+        return DiffusionModule("DiT-S/2", model_kwargs=kwargs, lr=1e-3)
+
+    def make(max_steps: int) -> Trainer:
+        return Trainer(accelerator="cpu", max_steps=max_steps, default_root_dir=tmp_path, logger=False,
+                       enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False,
+                       callbacks=[EMA(decay=0.5), ModelCheckpoint(tmp_path / "ckpt", save_last=True)])  # fmt: skip
+
+    make(2).fit(dit(), DigitsDataModule(batch_size=16))
+    new = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    old = dict(new)
+    for part in ("state_dict", "current_model_state"):
+        blocks = {
+            f"model.blocks.{i}.{o}": f"model.blocks.{i}.{n}" for i in (0, 1) for o, n in OLD_DIT_BLOCK_KEYS.items()
+        }
+        others = [k for k in new[part] if not k.startswith("model.blocks.")]
+        old[part] = {**{k: new[part][k] for k in others}, **{o: new[part][n] for o, n in blocks.items()}}
+        assert len(old[part]) == len(new[part]) and any(".attn." in k for k in old[part])
+    torch.save(old, tmp_path / "old.ckpt")
+
+    loaded = DiffusionModule.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True, pretrained=None)
+    ema = {f"model.{k}": v for k, v in loaded.model.state_dict().items()}
+    assert ema.keys() == new["state_dict"].keys()
+    assert all(torch.equal(ema[k], new["state_dict"][k]) for k in ema)
+
+    net = DiffusionModule("DiT-S/2", model_kwargs=kwargs).model
+    load_weights(net, inspect_checkpoint(str(tmp_path / "old.ckpt")))
+    assert all(torch.equal(v, new["state_dict"][f"model.{k}"]) for k, v in net.state_dict().items())
+
+    resumed = dit()
+    make(3).fit(resumed, DigitsDataModule(batch_size=16), ckpt_path=tmp_path / "old.ckpt")
+    assert resumed.global_step == 3  # optimizer state, live weights and EMA were all restored

@@ -1,9 +1,10 @@
 """Attention locality of DiT (the paper's Fig. 4): capture every block's attention probabilities with forward
 hooks and measure how much of each token's attention stays near it.
 
-The hooks recompute ``softmax(Q K^T / sqrt(d))`` from the input of each block's :class:`MultiHeadSelfAttention`
-(the model itself calls the fused ``F.scaled_dot_product_attention``, which never materialises the
-probabilities); the model's code and outputs are left as they are.
+The hooks recompute ``softmax(Q K^T / sqrt(d))`` from the input of each block's attention
+(:class:`~dico.models.attention.SelfAttention2d`; the model itself calls the fused
+``F.scaled_dot_product_attention``, which never materialises the probabilities); the model's code and outputs
+are left as they are.
 
 Token ``i`` of a ``grid = (H, W)`` token map sits at row ``i // W``, column ``i % W`` (DiT's patch order).
 """
@@ -18,12 +19,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dico.models.dit import DiT, MultiHeadSelfAttention
+from dico.models.attention import SelfAttention2d
+from dico.models.dit import DiT
 
 METRICS = ("euclidean", "chebyshev")
 
 
-def attention_probabilities(attn: MultiHeadSelfAttention, x: Tensor) -> Tensor:
+def attention_probabilities(attn: SelfAttention2d, x: Tensor) -> Tensor:
     """The probabilities (B, heads, N, N) that ``attn`` applies to tokens ``x`` (B, N, C) or to a channels-last
     token grid (B, h, w, C) (DiT's blocks, token n at row n // w); rows sum to 1."""
     x = x.flatten(1, -2)
@@ -34,13 +36,13 @@ def attention_probabilities(attn: MultiHeadSelfAttention, x: Tensor) -> Tensor:
     return scores.softmax(dim=-1)
 
 
-def attention_modules(model: nn.Module) -> list[MultiHeadSelfAttention]:
-    """Every DiT block's attention, in order (``model.blocks[i].attn``)."""
+def attention_modules(model: nn.Module) -> list[SelfAttention2d]:
+    """Every DiT block's attention, in order (``model.blocks[i].mixer``)."""
     blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList) or not all(isinstance(getattr(b, "attn", None), MultiHeadSelfAttention)
+    if not isinstance(blocks, nn.ModuleList) or not all(isinstance(getattr(b, "mixer", None), SelfAttention2d)
                                                         for b in blocks):  # fmt: skip
-        raise TypeError(f"expected a DiT (blocks[i].attn = MultiHeadSelfAttention), got {type(model).__name__}")
-    return [block.attn for block in blocks]
+        raise TypeError(f"expected a DiT (blocks[i].mixer = SelfAttention2d), got {type(model).__name__}")
+    return [block.mixer for block in blocks]
 
 
 class AttentionRecorder:
@@ -58,7 +60,7 @@ class AttentionRecorder:
         self._handles: list[Any] = []
 
     def _hook(self, index: int) -> Any:
-        def hook(module: MultiHeadSelfAttention, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        def hook(module: SelfAttention2d, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             with torch.no_grad():
                 probs = attention_probabilities(module, inputs[0])
             self.maps[index] = (probs.mean(1) if self.average_heads else probs).cpu()

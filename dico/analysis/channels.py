@@ -38,11 +38,11 @@ def capture_output(model: nn.Module, module: nn.Module, *args: Any, **kwargs: An
 
 
 def last_mixer(model: nn.Module) -> nn.Module:
-    """The token mixer of the model's last block: DiCo's ``blocks()[-1].mixer``, DiT's ``blocks[-1].attn``."""
+    """The token mixer of the model's last block: DiCo's ``blocks()[-1].mixer``, DiT's ``blocks[-1].mixer``."""
     if isinstance(model, DiCo):
         return model.blocks()[-1].mixer
     if isinstance(model, DiT):
-        return model.blocks[-1].attn
+        return model.blocks[-1].mixer
     blocks = getattr(model, "blocks", None)
     if callable(blocks):  # other U-shaped/isotropic skeletons built from DiCoBlocks
         return blocks()[-1].mixer

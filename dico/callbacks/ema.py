@@ -18,6 +18,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
 
+from dico.compat import attached_trainer, averaged_model, swap_averaged
+
 
 class EMA(WeightAveraging):
     """Exponential moving average with ``decay`` (0.9999 in the paper).
@@ -52,9 +54,9 @@ class EMA(WeightAveraging):
             torch._foreach_lerp_(averaged, current, 1.0 - self.decay_at(self.num_updates))
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
-        before = self._latest_update_step
+        before = super().state_dict()["latest_update_step"]
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
-        if self._latest_update_step != before:
+        if super().state_dict()["latest_update_step"] != before:
             self.num_updates += 1
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
@@ -64,9 +66,9 @@ class EMA(WeightAveraging):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._swapped = self._swapped_by_validation = self._ended = False
-        if self._average_model is not None:
+        if (average := averaged_model(self)) is not None:
             # The average starts as the initial weights (not as the weights after the first step).
-            self._average_model.n_averaged.fill_(1)
+            average.n_averaged.fill_(1)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "num_updates": self.num_updates}
@@ -79,24 +81,25 @@ class EMA(WeightAveraging):
         """The model ends fit with the average in it, as in Lightning, but swapped rather than copied in: the live
         weights stay in the averaging copy, so a checkpoint written after this (``ModelCheckpoint``'s last save
         at the end of training) still holds both and resumes exactly."""
-        if self._average_model is None:
+        if averaged_model(self) is None:
             return
         if not self._swapped:
-            self._swap_models(pl_module)
+            swap_averaged(self, pl_module)
         self._swapped, self._swapped_by_validation, self._ended = True, False, True
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if not self._ended or self._average_model is None:
+        average = averaged_model(self)
+        if not self._ended or average is None:
             super().on_save_checkpoint(trainer, pl_module, checkpoint)
             return
         # the checkpoint's state_dict (the model's) already is the average
-        live = self._average_model.state_dict()
+        live = average.state_dict()
         checkpoint["current_model_state"] = {k[7:]: v for k, v in live.items() if k.startswith("module.")}
         checkpoint["averaging_state"] = {k: v for k, v in live.items() if not k.startswith("module.")}
 
     # -- swapping, tracked so that nested uses (sampling during validation) stay consistent ----------------
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._swapped and self._average_model is not None:
+        if not self._swapped and averaged_model(self) is not None:
             super().on_validation_epoch_start(trainer, pl_module)
             self._swapped = self._swapped_by_validation = True
 
@@ -109,21 +112,21 @@ class EMA(WeightAveraging):
     def averaged(self, pl_module: LightningModule) -> Iterator[None]:
         """Run the block with the averaged weights in the model (a no-op if they already are, or if there is no
         average: outside fit the model already holds the EMA weights loaded from the checkpoint)."""
-        if self._average_model is None or self._swapped:
+        if averaged_model(self) is None or self._swapped:
             yield
             return
-        self._swap_models(pl_module)
+        swap_averaged(self, pl_module)
         self._swapped = True
         try:
             yield
         finally:
-            self._swap_models(pl_module)
+            swap_averaged(self, pl_module)
             self._swapped = False
 
 
 def ema_weights(pl_module: LightningModule) -> Any:
     """Context manager: the EMA weights of ``pl_module``'s trainer's :class:`EMA` callback, if any."""
-    trainer = pl_module._trainer
+    trainer = attached_trainer(pl_module)
     for cb in trainer.callbacks if trainer is not None else []:  # type: ignore[attr-defined]
         if isinstance(cb, EMA):
             return cb.averaged(pl_module)

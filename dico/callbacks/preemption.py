@@ -9,6 +9,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from dico.compat import accumulating, hold_sigterm, save_last_now
+
 PREEMPTED_EXIT_CODE = 75
 """``python cli.py fit`` exits with this status (``EX_TEMPFAIL``: try again) after a SIGTERM, so that requeue
 loops (``until python cli.py fit ... --ckpt_path last; do :; done``), Kubernetes Jobs and SLURM scripts rerun it."""
@@ -34,13 +36,14 @@ class PreemptionCheckpoint(Checkpoint):
         self._held = False  # a SIGTERM arrived mid-accumulation and waits for the optimizer step
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
-        signals = trainer._signal_connector
-        if not (signals.received_sigterm or self._held):
+        if not (trainer.received_sigterm or self._held):
             return
-        if trainer.fit_loop.epoch_loop._should_accumulate():
-            signals.received_sigterm, self._held = False, True  # Lightning would stop after this micro-batch
+        if accumulating(trainer):
+            hold_sigterm(trainer, True)  # Lightning would stop after this micro-batch
+            self._held = True
             return
-        signals.received_sigterm, self._held = True, False  # Lightning stops after this batch
+        hold_sigterm(trainer, False)  # Lightning stops after this batch
+        self._held = False
         path = self._save(trainer)
         rank_zero_info(
             f"SIGTERM: saved {path} at step {trainer.global_step}; resume with `fit --ckpt_path last` "
@@ -56,8 +59,7 @@ class PreemptionCheckpoint(Checkpoint):
             path = str(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
             trainer.save_checkpoint(path, weights_only=False)
             return path
-        if keeper._last_global_step_saved != trainer.global_step or not keeper.last_model_path:
-            # ModelCheckpoint's own save: the path (and its version counter) is set before the state is written,
-            # so the checkpoint's ModelCheckpoint state points at the file itself.
-            keeper._save_last_checkpoint(trainer, keeper._monitor_candidates(trainer))
+        # ModelCheckpoint's own save: the path (and its version counter) is set before the state is written,
+        # so the checkpoint's ModelCheckpoint state points at the file itself.
+        save_last_now(keeper, trainer)
         return keeper.last_model_path

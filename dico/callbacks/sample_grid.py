@@ -24,7 +24,7 @@ class SampleGrid(Callback):
     it to wandb when a WandbLogger is attached.
 
     ``final_per_class`` > 0 also writes the final samples (guided with the module's ``cfg_scale``) as an
-    ADM-format ``samples/final.npz`` beside ``samples/final.png``.
+    ADM-format ``samples/final.npz`` beside ``samples/final.png``. ``per_class`` 0 draws no grids.
     """
 
     decodes_samples = True  # the module checks at setup that it can decode (the VAE of a latent model)
@@ -62,14 +62,17 @@ class SampleGrid(Callback):
     @rank_zero_only
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
         step = trainer.global_step
-        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != getattr(self, "_last", -1):
+        if self.per_class <= 0 or self.every_n_steps <= 0:
+            return
+        if step % self.every_n_steps == 0 and step != getattr(self, "_last", -1):
             self._last = step
             self._grid(trainer, pl_module, f"step_{step:07d}")
 
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Lightning's weight averaging has copied the EMA weights into the model by now.
-        self._grid(trainer, pl_module, "final")
+        if self.per_class > 0:
+            self._grid(trainer, pl_module, "final")
         if self.final_per_class > 0:
             labels = self._labels(pl_module, self.final_per_class)
             chunks = [

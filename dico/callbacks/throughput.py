@@ -12,6 +12,8 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from dico.compat import accumulating
+
 
 class Throughput(Callback):
     """Logs ``train/images_per_sec`` (all devices together) and ``train/sec_per_step``."""
@@ -28,7 +30,7 @@ class Throughput(Callback):
                            batch_idx: int) -> None:  # fmt: skip
         every = trainer.log_every_n_steps
         steps = trainer.global_step - self._step0
-        if self._t0 is None or steps <= 0 or trainer.global_step % every or trainer.fit_loop._should_accumulate():
+        if self._t0 is None or steps <= 0 or trainer.global_step % every or accumulating(trainer):
             return
         elapsed = time.perf_counter() - self._t0
         images = steps * batch["y"].shape[0] * trainer.accumulate_grad_batches * trainer.world_size

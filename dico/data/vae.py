@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from dico.runtime import hub_offline
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 SCALE_FACTOR = 0.18215
@@ -22,7 +23,7 @@ def load_vae(path_or_id: str = DEFAULT_VAE, device: torch.device | str = "cpu") 
     from diffusers.models import AutoencoderKL
 
     local = Path(path_or_id).expanduser()
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    offline = hub_offline()
     try:
         vae = AutoencoderKL.from_pretrained(str(local) if local.exists() else path_or_id, local_files_only=offline)
     except (OSError, ValueError) as e:

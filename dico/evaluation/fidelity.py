@@ -12,7 +12,6 @@ which. Feature-extractor weights load from local files with ``weights_only=True`
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from dico.runtime import hub_offline
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -86,7 +87,7 @@ def _cached_inception_weights() -> Path:
     dest = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if dest.is_file():
         return dest
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if hub_offline():
         raise FileNotFoundError(
             f"no Inception weights: set the evaluation option weights_path to a local copy of {INCEPTION_FILE} "
             f"(torch-fidelity's inception-v3-compat weights), or put it at {dest}; this machine is offline "

@@ -1,34 +1,19 @@
-"""DiT (Peebles & Xie, 2023): the isotropic transformer baseline with adaLN-Zero, patch 2."""
+"""DiT (Peebles & Xie, 2023): the isotropic transformer baseline with adaLN-Zero, patch 2.
+
+Its blocks are :class:`~dico.models.blocks.DiCoBlock` with :class:`~dico.models.attention.SelfAttention2d` as the
+mixer (the self-attention ablation rows use the same two) and a Linear MLP as the FFN.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import SelfAttention2d
+from .blocks import DiCoBlock
 from .isotropic import IsotropicBackbone
-from .layers import AdaLNModulation, channel_norm, gated_residual, modulate
 from .registry import register_configs
-
-
-class MultiHeadSelfAttention(nn.Module):
-    """Multi-head self-attention over all tokens of a channels-last map (B, ..., C) with a fused qkv projection."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        tokens = x.flatten(1, -2)  # (B, N, C)
-        b, n, c = tokens.shape
-        q, k, v = self.qkv(tokens).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, C / heads)
-        return self.proj(out.transpose(1, 2).reshape(x.shape))
 
 
 class MLP(nn.Module):
@@ -44,21 +29,12 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning on a channels-last token grid (B, h, w, C)."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        self.norm1 = channel_norm(dim)
-        self.attn = MultiHeadSelfAttention(dim, num_heads)
-        self.norm2 = channel_norm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio), nn.GELU(approximate="tanh"))
-        self.modulation = AdaLNModulation(dim, dim, 6)
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
-        x = gated_residual(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1)))
-        return gated_residual(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
+def dit_block(dim: int, num_heads: int, mlp_ratio: float = 4.0) -> DiCoBlock:
+    """DiT's transformer block: the adaLN-Zero block with multi-head self-attention over every token as the mixer
+    and a token MLP (tanh GELU) as the FFN. (Before the blocks were shared, its keys were ``attn.``/``mlp.``;
+    :data:`~dico.models.official.PRE_SHARED_BLOCK_KEY_MAP` renames those.)"""
+    mixer = SelfAttention2d(dim, num_heads=num_heads)
+    return DiCoBlock(dim, mixer, MLP(dim, int(dim * mlp_ratio), nn.GELU(approximate="tanh")))
 
 
 class DiT(IsotropicBackbone):
@@ -72,7 +48,7 @@ class DiT(IsotropicBackbone):
     def __init__(
         self, hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, **skeleton: Any
     ) -> None:
-        blocks = [DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)]
+        blocks = [dit_block(hidden_size, num_heads, mlp_ratio) for _ in range(depth)]
         super().__init__(blocks, hidden_size=hidden_size, positions=True, **skeleton)
 
 

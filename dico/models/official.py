@@ -59,10 +59,33 @@ DIT_KEY_MAP: list[tuple[str, str]] = [
     (r"^t_embedder\.mlp\.", "cond.0.timestep.mlp."),
     (r"^y_embedder\.embedding_table\.", "cond.0.label."),
     (r"^blocks\.(\d+)\.adaLN_modulation\.1\.", r"blocks.\1.modulation.1."),
-    (r"^blocks\.(\d+)\.(attn|mlp)\.", r"blocks.\1.\2."),
+    (r"^blocks\.(\d+)\.attn\.", r"blocks.\1.mixer."),
+    (r"^blocks\.(\d+)\.mlp\.", r"blocks.\1.ffn."),
     (r"^final_layer\.linear\.", "head.proj."),
     (r"^final_layer\.adaLN_modulation\.1\.", "head.modulation.1."),
 ]
+
+
+# Our own DiT checkpoints written before DiT's blocks became the shared adaLN block (``DiCoBlock``): the block's
+# attention was ``attn`` and its MLP ``mlp``; now they are its ``mixer`` and ``ffn``. Any prefix (``model.`` of
+# a Lightning state dict, ``module.`` of the EMA copy) is kept.
+PRE_SHARED_BLOCK_KEY_MAP: list[tuple[str, str]] = [
+    (r"(^|\.)blocks\.(\d+)\.attn\.", r"\1blocks.\2.mixer."),
+    (r"(^|\.)blocks\.(\d+)\.mlp\.", r"\1blocks.\2.ffn."),
+]
+
+
+def rename_pre_shared_block_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict of ours (any prefix) with the DiT block keys of older dico versions renamed (see
+    :data:`PRE_SHARED_BLOCK_KEY_MAP`); current keys come back unchanged, in the same order."""
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in PRE_SHARED_BLOCK_KEY_MAP:
+            key, n = re.subn(pattern, repl, key)
+            if n:
+                break
+        out[key] = value
+    return out
 
 
 def official_to_ours(key: str, arch: str) -> str:

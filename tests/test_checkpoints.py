@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dico.checkpoint_io import AtomicCheckpointIO
+from dico.checkpoints import AtomicCheckpointIO
 from tests.conftest import ROOT
 
 # Saves a small checkpoint, then starts saving a 64 MB one and SIGKILLs itself as soon as the save shows on disk
@@ -61,7 +61,7 @@ def test_killed_save_across_filesystems_keeps_the_previous_checkpoint(tmp_path):
         run_dir.mkdir(), tmpdir.mkdir()
         if os.stat(run_dir).st_dev == os.stat(tmpdir).st_dev:
             pytest.skip("/dev/shm is on the same filesystem as the test's temporary folder")
-        out = killed_save(run_dir, tmpdir, "dico.checkpoint_io.AtomicCheckpointIO")
+        out = killed_save(run_dir, tmpdir, "dico.checkpoints.AtomicCheckpointIO")
         assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr[-2000:]
         saved = torch.load(run_dir / "last.ckpt", weights_only=True)
         assert saved["step"] == 1 and torch.equal(saved["w"], torch.ones(4))

@@ -1,0 +1,332 @@
+"""Checkpoint files: what a file is and the weights in it, read safely; written atomically.
+
+Reading: every file loads with ``torch.load(weights_only=True)``; the published training checkpoints keep their
+argparse options in ``"args"``, so ``argparse.Namespace`` (plain attributes only) is the one class allowed besides
+tensors. Full unpickling needs the explicit ``unsafe_full_unpickle`` opt-in. A file is a dico Lightning checkpoint, a
+published training checkpoint or a published state dict (:func:`dico.models.official.checkpoint_format`); its
+architecture is read off its keys and shapes. Release names resolve through :mod:`dico.pretrained`.
+
+Writing: Lightning's default writer stages the file in ``$TMPDIR`` and moves it into place; across filesystems the
+move is a copy over the old checkpoint, so a job killed during it leaves a truncated ``last.ckpt`` (and the staged
+copy in ``$TMPDIR``). :class:`AtomicCheckpointIO` writes a temporary file next to the target, fsyncs it and
+``os.replace``-s it over the target: a reader sees the old checkpoint or the new one, never a part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from fsspec.utils import get_protocol
+from lightning.pytorch import LightningModule
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import Tensor, nn
+
+from dico.models.info import VAE_DOWNSAMPLING
+from dico.models.official import (
+    LIGHTNING,
+    STATE_DICT,
+    TRAINING,
+    _published_dit_heads,
+    checkpoint_format,
+    convert_official_state_dict,
+    infer_arch,
+    infer_config,
+    load_converted,
+    registered_name,
+    rename_pre_shared_block_keys,
+)
+from dico.pretrained import CATALOGUE, Release, find_release, resolve
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def read_checkpoint(path: str | Path, unsafe_full_unpickle: bool = False) -> Mapping[str, Any]:
+    """``torch.load`` on the CPU, memory-mapped where the file allows, ``weights_only`` unless told otherwise.
+
+    A file torch cannot read (truncated, empty, not a checkpoint) raises a ``ValueError`` that says so."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    mmap = zipfile.is_zipfile(path)
+    try:
+        if unsafe_full_unpickle:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        refused = [line for line in str(e).splitlines() if "Unsupported global" in line]
+        if not refused:  # not a class safe loading refuses: bytes that are no pickle at all
+            raise unreadable_checkpoint(path, e) from e
+        reason = refused[0].strip()[:300]
+        raise RuntimeError(
+            f"{path} holds objects that safe loading refuses ({reason}). If you trust the file, pass "
+            "--unsafe_full_unpickle true (full unpickling can run arbitrary code)."
+        ) from e
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise unreadable_checkpoint(path, e) from e
+
+
+def unreadable_checkpoint(path: str | Path, error: BaseException) -> ValueError:
+    noise = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler error")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(noise)]
+    reason = (lines or [""])[0].split(". ")[0][:160]
+    return ValueError(
+        f"{path} is not a readable checkpoint ({type(error).__name__}: {reason}): the file is truncated, corrupt "
+        f"or not a torch checkpoint. Pass another file, e.g. an earlier checkpoint in {Path(path).resolve().parent}."
+    )
+
+
+@dataclass
+class LoadedWeights:
+    """What a checkpoint file is and which of its weights were taken.
+
+    ``state_dict`` holds the chosen weights under the published key names (under ours for ``lightning``);
+    ``training_state_dict`` the non-EMA weights of a training checkpoint when the EMA ones were chosen.
+    """
+
+    path: Path
+    release: Release | None
+    format: str
+    arch: str  # dico | dit (published key names) | ours
+    weights: str
+    model: str
+    model_kwargs: dict[str, Any]
+    state_dict: Mapping[str, Tensor] = field(repr=False)
+    training_state_dict: Mapping[str, Tensor] | None = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        kinds = {
+            LIGHTNING: "a dico Lightning checkpoint",
+            TRAINING: f"a published {self.arch_name} training checkpoint {{model, ema, opt, args}}",
+            STATE_DICT: f"a published {self.arch_name} state dict",
+        }
+        size = self.model_kwargs.get("input_size")
+        shape = f", {size}x{size} latents" if size else ""
+        released = f" (release {self.release.name})" if self.release else ""
+        kwargs = f" {self.model_kwargs}" if self.model_kwargs else ""
+        line = f"{self.path.name}{released}: {kinds[self.format]}, {self.weights} -> {self.model}{kwargs}{shape}"
+        if self.release is not None and self.format != LIGHTNING and self.model != self.release.model:
+            line += f" (not the release's {self.release.model} architecture: another file of the same name?)"
+        return line
+
+    @property
+    def arch_name(self) -> str:
+        return {"dico": "DiCo", "dit": "DiT"}.get(self.arch, self.arch)
+
+
+def inspect_checkpoint(
+    source: str,
+    model: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    image_size: int | None = None,
+    use_ema: bool = True,
+    unsafe_full_unpickle: bool = False,
+) -> LoadedWeights:
+    """Resolve ``source`` (path or release name), read it and tell what it is.
+
+    The architecture comes from the keys and shapes (``model`` names it instead; ``model_kwargs`` override any
+    argument). What the weights cannot tell comes from the release, the training checkpoint's ``args`` or
+    ``image_size``: DiCo's latent size (``image_size / 8``, 256x256 images by default) and DiT's head count
+    (the published sizes' counts).
+    """
+    path, release = resolve(source)
+    checkpoint = read_checkpoint(path, unsafe_full_unpickle)
+    fmt = checkpoint_format(checkpoint)
+    if fmt == LIGHTNING:
+        hp = dict(checkpoint.get("hyper_parameters", {}))
+        return LoadedWeights(path, release or find_release(hp.get("pretrained")), fmt, "ours",
+                             "the weights in its state_dict (EMA when trained with the EMA callback)",
+                             hp.get("model", "?"), dict(hp.get("model_kwargs") or {}),
+                             checkpoint["state_dict"])  # fmt: skip
+    args = None
+    if fmt == TRAINING:
+        args = checkpoint.get("args")  # the published scripts' argparse options (image_size, model)
+        chosen = "ema" if use_ema and "ema" in checkpoint else "model"
+        weights = "EMA weights" if chosen == "ema" else "non-EMA (model) weights"
+        state_dict = checkpoint[chosen]
+        training = checkpoint.get("model") if chosen == "ema" else None
+    else:
+        weights, state_dict, training = "the released (EMA) weights", checkpoint, None
+    arch = infer_arch(state_dict)
+    name, overrides = _architecture(state_dict, arch, release, args, model, model_kwargs or {}, image_size)
+    return LoadedWeights(path, release, fmt, arch, weights, name, overrides, state_dict, training)
+
+
+def _architecture(
+    state_dict: Mapping[str, Tensor],
+    arch: str,
+    release: Release | None,
+    args: Any,
+    model: str | None,
+    model_kwargs: dict[str, Any],
+    image_size: int | None,
+) -> tuple[str, dict[str, Any]]:
+    config = infer_config(state_dict, arch)
+    size = image_size or (release.image_size if release else None) or getattr(args, "image_size", None) or 256
+    if "input_size" not in config:  # a ConvNet's weights do not fix its input size
+        config["input_size"] = size // VAE_DOWNSAMPLING
+    if model is not None:  # the named architecture, with the I/O the weights have
+        io = ("input_size", "in_channels", "learn_sigma", "num_classes")
+        return model, {**{k: config[k] for k in io}, **model_kwargs}
+    if arch == "dit" and "num_heads" not in model_kwargs:
+        try:
+            config["num_heads"] = _published_dit_heads(config["hidden_size"])
+        except ValueError:
+            raise ValueError(
+                f"a DiT of width {config['hidden_size']} is no published size and its weights do not tell the head "
+                "count: pass --model_kwargs '{\"num_heads\": N}' (or --model NAME)"
+            ) from None
+    name, overrides = registered_name(arch, {**config, **model_kwargs})
+    return name, overrides
+
+
+def load_weights(model: nn.Module, loaded: LoadedWeights, configured: str = "the configured model") -> None:
+    """Put ``loaded``'s weights into our backbone ``model`` (strict); a mismatch names the weights' architecture."""
+    if loaded.format == LIGHTNING:
+        renamed = rename_pre_shared_block_keys(loaded.state_dict)  # a checkpoint of an older dico version
+        ours = {k.removeprefix("model."): v for k, v in renamed.items() if k.startswith("model.")}
+        model.load_state_dict(ours)
+        return
+    try:
+        load_converted(model, loaded.state_dict, loaded.arch)
+    except (KeyError, ValueError) as e:
+        try:
+            name, kwargs = _architecture(loaded.state_dict, loaded.arch, loaded.release, None, None, {}, None)
+            weights_are = f"the weights are {name} {kwargs}; set model.model / model.model_kwargs to that"
+        except ValueError:
+            weights_are = "set model.model / model.model_kwargs to the architecture of the weights"
+        raise ValueError(f"{loaded.path.name} does not fit {configured}: {weights_are} ({e})") from e
+
+
+def apply_pretrained(module: LightningModule, source: str, use_ema: bool = True) -> LoadedWeights:
+    """``DiffusionModule(pretrained=...)``: the module's model gets the EMA weights (what sampling and the test
+    protocol use); a training checkpoint's non-EMA weights wait in ``module._training_weights`` until fit starts,
+    so that fine-tuning continues from both (the EMA callback copies the model before the module's setup)."""
+    hp = module.hparams
+    loaded = inspect_checkpoint(source, hp.model, use_ema=use_ema)
+    load_weights(module.model, loaded, f"the configured model {hp.model} {hp.model_kwargs or ''}")
+    if loaded.training_state_dict is not None:
+        module._training_weights = convert_official_state_dict(loaded.training_state_dict, loaded.arch)
+    module.weights_source = loaded
+    return loaded
+
+
+def checkpoint_info(
+    source: str,
+    model: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    image_size: int | None = None,
+    use_ema: bool = True,
+    unsafe_full_unpickle: bool = False,
+    macs: bool = True,
+) -> dict[str, Any]:
+    """``model-info`` of a checkpoint: what the file is, the architecture its weights load into (checked by
+    loading them), parameters, Gflops, shapes, and the published figures of a release."""
+    from dico.models import create_model
+    from dico.profiling import count_macs, count_parameters
+
+    loaded = inspect_checkpoint(source, model, model_kwargs, image_size, use_ema, unsafe_full_unpickle)
+    net = create_model(loaded.model, **loaded.model_kwargs)
+    load_weights(net, loaded, loaded.model)
+    latent = net.input_size
+    info: dict[str, Any] = {
+        "checkpoint": str(loaded.path),
+        "format": loaded.format,
+        "weights": loaded.weights,
+        "loaded": loaded.describe(),
+        "model": loaded.model,
+        "model_kwargs": loaded.model_kwargs,
+        "image_size": latent * VAE_DOWNSAMPLING,
+        "input_shape": [net.in_channels, latent, latent],
+        "output_shape": [net.out_channels, latent, latent],
+        "num_classes": net.num_classes,
+        "params": count_parameters(net),
+        "params_M": round(count_parameters(net) / 1e6, 2),
+    }
+    if macs:
+        info["gmacs"] = round(count_macs(net, latent, net.in_channels) / 1e9, 3)
+    if loaded.release is not None:
+        r = loaded.release
+        info["release"] = r.name
+        info["published"] = {"cfg_scale": r.cfg_scale, "fid": r.fid, "inception_score": r.inception_score,
+                             "source": r.source}  # fmt: skip
+    return info
+
+
+def released_ckpt_path_to_model(module: LightningModule, ckpt_path: str | None) -> str | None:
+    """``test --ckpt_path FILE_OR_RELEASE`` with a published (non-Lightning) file or a release name: load it into
+    ``module`` as ``pretrained`` would and return None (nothing left for Lightning to restore); any other
+    ``ckpt_path`` (``last``, a Lightning checkpoint) comes back as it was."""
+    if not ckpt_path or (ckpt_path not in CATALOGUE and not Path(ckpt_path).is_file()):
+        return ckpt_path
+    if ckpt_path not in CATALOGUE:
+        try:
+            if checkpoint_format(read_checkpoint(ckpt_path)) == LIGHTNING:
+                return ckpt_path
+        except (RuntimeError, ValueError):
+            return ckpt_path  # let Lightning load it and report
+    loaded = apply_pretrained(module, ckpt_path)
+    module._training_weights = None
+    print(f"[dico] {loaded.describe()}")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+TEMP_MARK = ".partial-"
+
+
+def temp_path_for(path: Path) -> Path:
+    """The hidden temporary file a save of ``path`` writes first (one per process)."""
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.uname().nodename}-{os.getpid()}")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` atomically and durably: temp file beside it, fsync, rename, fsync the folder.
+
+    Temporary files that killed saves of the same target left behind are removed first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}{TEMP_MARK}"
+    for stale in path.parent.iterdir():
+        if stale.name.startswith(prefix):
+            stale.unlink(missing_ok=True)
+    tmp = temp_path_for(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a crash
+    finally:
+        os.close(folder)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``torch.save`` checkpoint IO, but atomic on local paths whatever ``$TMPDIR`` is (see module).
+
+    Remote URLs (``s3://`` ...) keep Lightning's own transactional writer. Loading is ``weights_only`` unless the
+    caller asks for full unpickling (``fit --weights_only false``, for files you trust): Lightning leaves the choice
+    to torch's default, which an environment variable or an ``http(s)://`` path turns into full unpickling.
+    ``python cli.py fit`` uses this plugin by default (``trainer.plugins``)."""
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        location = {} if map_location is None else {"map_location": map_location}  # else Lightning's default
+        return super().load_checkpoint(path, weights_only=weights_only is not False, **location)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or get_protocol(str(path)) != "file":
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
+        return None

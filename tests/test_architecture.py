@@ -1,0 +1,85 @@
+"""The package's shape (the intended one: /work/shared/ARCHITECTURE.md): no two files of dico/ import each other,
+directly or round a circle, and the release catalogue builds nothing."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+PACKAGE = ROOT / "dico"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, known: set[str]) -> set[str]:
+    """The dico modules a file imports anywhere in it (inside functions too): ``import a.b``, ``from a import b``
+    (``a.b`` when that is a module, else ``a``) and relative imports."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                found.add(full if full in known else base)
+    return {m for m in found if m in known and m != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = sorted(PACKAGE.rglob("*.py"))
+    known = {module_name(p) for p in files}
+    return {module_name(p): imported_modules(p, known) for p in files}
+
+
+def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle (a list of modules, the first repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (circle := visit(nxt)):
+                return circle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (circle := visit(start)):
+            return circle
+    return None
+
+
+def test_the_graph_reader_sees_a_circle_and_relative_imports():
+    assert find_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_circle({"a": {"b"}, "b": set()}) is None
+    graph = import_graph()
+    assert "dico.models.blocks" in graph["dico.models.dit"]  # `from .blocks import DiCoBlock`
+    assert "dico.checkpoints" in graph["dico.module"]  # a function-level import counts
+
+
+def test_no_file_circle_in_dico():
+    """Package faces (``__init__.py`` re-exports) count as files: a circle through one is a circle too."""
+    assert find_circle(import_graph()) is None
+
+
+def test_the_release_catalogue_builds_nothing():
+    graph = import_graph()
+    assert "dico.module" not in graph["dico.pretrained"] and "dico.sample_jobs" not in graph["dico.pretrained"]
+    assert "dico.checkpoints" not in graph["dico.pretrained"]  # checkpoints resolve release names, not the reverse
+    assert "dico.module" not in graph["dico.checkpoints"]
