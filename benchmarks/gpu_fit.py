@@ -403,9 +403,9 @@ def phase_sampling(args: argparse.Namespace, results: Path, ckpt: str | None) ->
     if status != 0:
         raise SystemExit(status)
     predict = timed.get("predict", float("nan"))
-    log(f"[{phase}] cli.py sample ({b} samples, decoded by the tiny VAE): {total:.1f} s in all, of which the predict "
-        f"loop {predict:.1f} s ({b / predict:.2f} samples/s, {100 * (predict / tb - 1):.1f}% over the bare calls); "
-        f"the rest is loading the checkpoint and writing the files")  # fmt: skip
+    log(f"[{phase}] cli.py sample ({b} samples): {total:.1f} s in all, of which the predict loop {predict:.1f} s "
+        f"({b / predict:.2f} samples/s, {100 * (predict / tb - 1):.1f}% over the bare calls; it includes loading "
+        "and running the tiny VAE); the rest is loading the checkpoint and writing the files")  # fmt: skip
     record(results, phase, sample_cli_s=total, sample_predict_s=predict,
            sample_cli_samples_per_s=b / predict)  # fmt: skip
 
