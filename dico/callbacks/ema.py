@@ -3,12 +3,14 @@
 Lightning already keeps the averaged copy, saves it as the checkpoint's ``state_dict`` (the live weights go to
 ``current_model_state``), restores both on resume, swaps it in for validation and copies it into the model when
 training ends. Added here: the published update (the average starts as the initial weights and moves by
-``1 - decay`` after every optimizer step), an optional decay warm-up, a fused foreach update, and a context
-manager that swaps the average in for sampling at any time.
+``1 - decay`` after every optimizer step), an optional decay warm-up, a fused foreach update that never waits for
+the device (``AveragedModel.update_parameters`` reads its update count back to the host twice per step), and a
+context manager that swaps the average in for sampling at any time.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -52,10 +54,27 @@ class EMA(WeightAveraging):
             torch._foreach_lerp_(averaged, current, 1.0 - self.decay_at(self.num_updates))
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
-        before = self._latest_update_step
-        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
-        if self._latest_update_step != before:
+        # Lightning's schedule (WeightAveraging.on_train_batch_end), with the update below
+        if trainer.global_step > self._latest_update_step and self.should_update(step_idx=trainer.global_step - 1):
+            self._update_average(pl_module)
+            self._latest_update_step = trainer.global_step
             self.num_updates += 1
+
+    def _update_average(self, pl_module: LightningModule) -> None:
+        """``AveragedModel.update_parameters`` for an average that starts as the initial weights (``n_averaged`` is
+        1 from setup on), without its host reads of ``n_averaged``: one foreach lerp of the floating parameters and
+        buffers."""
+        average = self._average_model
+        assert average is not None
+        averaged, current = [], []
+        for a, c in zip(itertools.chain(average.module.parameters(), average.module.buffers()),
+                        itertools.chain(pl_module.parameters(), pl_module.buffers()), strict=True):  # fmt: skip
+            if a.is_floating_point():
+                averaged.append(a.detach())
+                current.append(c.detach().to(a.device))
+        if averaged:
+            self._update(averaged, current, average.n_averaged)  # foreach groups by device and dtype itself
+        average.n_averaged += 1
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0
