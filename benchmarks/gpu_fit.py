@@ -49,6 +49,7 @@ configure_cpu_threads()  # before torch loads, as `python cli.py` does (passive 
 
 from training import synthetic_cache  # noqa: E402  (benchmarks/training.py)
 
+SAVE_WINDOW = 10  # steps after the steady ones, with one last.ckpt save in the middle: the save's cost to training
 # The dry run: a DiCo of the same stages at tiny width on 4x8x8 latents
 TINY_MODEL = {"hidden_size": 16, "depth": [1, 1, 1, 1, 1], "input_size": 8}
 
@@ -102,8 +103,16 @@ def fit_argv(args: argparse.Namespace, precision: str, run_dir: Path, results: P
     names = {"trainer.default_root_dir": str(run_dir), "model.model": cfg["model"]["model"],
              "data.init_args.root": str(args.work / "cache")}  # fmt: skip
     callbacks = [c for c in cfg["trainer"]["callbacks"] if not c["class_path"].endswith("FIDEvaluation")]
+    for c in callbacks:  # last.ckpt once, inside the save window after the steady steps (see FitTimer)
+        if c["class_path"].endswith("ModelCheckpoint") and c.get("init_args", {}).get("save_last"):
+            c["init_args"]["every_n_train_steps"] = args.warmup + args.steps + SAVE_WINDOW // 2
     timer = {"class_path": "gpu_fit.FitTimer", "init_args": {"warmup": args.warmup, "steps": args.steps,
              "results": str(results), "phase": f"fit {precision}", "launched": launched}}  # fmt: skip
+    checkpoint_io = {"class_path": "gpu_fit.TimedCheckpointIO",
+                     "init_args": {"results": str(results), "phase": f"fit {precision}"}}  # fmt: skip
+    if precision in args.async_checkpoint:  # Lightning's thread writer around the same atomic writer
+        checkpoint_io = {"class_path": "lightning.pytorch.plugins.io.AsyncCheckpointIO",
+                         "init_args": {"checkpoint_io": checkpoint_io}}  # fmt: skip
     loggers = cfg["trainer"].get("logger") or []
     if not wandb_installed():  # the GPU image has no wandb unless its wheel is carried: keep the CSV logger
         loggers = [lg for lg in loggers if "Wandb" not in lg["class_path"]]
@@ -112,12 +121,11 @@ def fit_argv(args: argparse.Namespace, precision: str, run_dir: Path, results: P
         "fit", "-c", str(args.base), "-c", str(args.overlay),
         "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.accelerator", args.accelerator,
         "--trainer.precision", precision,
-        "--trainer.max_steps", str(args.warmup + args.steps),
+        "--trainer.max_steps", str(args.warmup + args.steps + SAVE_WINDOW),
         "--trainer.default_root_dir", str(run_dir),
         "--trainer.callbacks", json.dumps(resolve([timer, *callbacks], names)),
         "--trainer.logger", json.dumps(resolve(loggers, names)),
-        "--trainer.plugins", json.dumps([{"class_path": "gpu_fit.TimedCheckpointIO",
-                                          "init_args": {"results": str(results), "phase": f"fit {precision}"}}]),
+        "--trainer.plugins", json.dumps([checkpoint_io]),
         "--data.init_args.root", str(args.work / "cache"),
         "--data.init_args.vae", str(args.work / "vae"),
         "--data.init_args.batch_size", str(args.batch),
@@ -202,7 +210,16 @@ class FitTimer(Callback):  # type: ignore[misc,valid-type]
             log(f"[{self.phase}] steady: {rate:.2f} img/s over {self.steps} steps after {self.warmup} "
                 f"({elapsed / self.steps * 1000:.1f} ms/step), peak memory {_peak_gib():.2f} GiB")  # fmt: skip
             record(self.results, self.phase, img_per_s=rate, ms_per_step=1000 * elapsed / self.steps,
-                   peak_gib=_peak_gib(), batch=batch_size, last_step_at=time.time())  # fmt: skip
+                   peak_gib=_peak_gib(), batch=batch_size)  # fmt: skip
+            self._step_s, self._t0 = elapsed / self.steps, time.perf_counter()
+        elif step == self.warmup + self.steps + SAVE_WINDOW:
+            _sync()
+            window = time.perf_counter() - self._t0
+            stall = window - SAVE_WINDOW * self._step_s
+            log(f"[{self.phase}] {SAVE_WINDOW} steps with a last.ckpt save at step {step - SAVE_WINDOW // 2}: "
+                f"{window:.2f} s, {stall:.2f} s more than {SAVE_WINDOW} steady steps (what the save stalls "
+                "training; an asynchronous write finishes later, in its thread)")  # fmt: skip
+            record(self.results, self.phase, save_stall_s=stall, last_step_at=time.time())
 
 
 class TimedCheckpointIO(AtomicCheckpointIO):  # type: ignore[misc,valid-type]
@@ -468,7 +485,7 @@ def read_results(results: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def table(found: dict[str, dict[str, Any]], precisions: list[str]) -> list[tuple[str, str, float | None]]:
+def table(found: dict[str, dict[str, Any]], precisions: list[str], async_io: list[str]) -> list[tuple[str, str, Any]]:
     """(phase, quantity, value) for every number the run should have; None where it is missing."""
     rows: list[tuple[str, str, float | None]] = [("setup", "seconds", found.get("setup", {}).get("seconds"))]
     for p in precisions:
@@ -484,6 +501,8 @@ def table(found: dict[str, dict[str, Any]], precisions: list[str]) -> list[tuple
              "img_per_s" in bare else None),
             (f"fit {p}", "fit / bare step + EMA", fit["img_per_s"] / bare["ema_img_per_s"] if "img_per_s" in fit and
              "ema_img_per_s" in bare else None),
+            (f"fit {p}", "save stall on training, s" + (" (async)" if p in async_io else ""),
+             fit.get("save_stall_s")),
             (f"fit {p}", "last.ckpt write, s", fit.get("ckpt_s")),
             (f"fit {p}", "last.ckpt, GB", fit.get("ckpt_gb")),
             (f"fit {p}", "last.ckpt write, GB/s", fit.get("ckpt_gb_per_s")),
@@ -508,6 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, default=ROOT / "experiments" / "base.yaml")
     parser.add_argument("--overlay", type=Path, default=ROOT / "experiments" / "dico-xl-256.yaml")
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
+    parser.add_argument(
+        "--async-checkpoint",
+        nargs="*",
+        default=["bf16-mixed"],
+        help="precisions whose fit writes checkpoints through Lightning's AsyncCheckpointIO",
+    )
     parser.add_argument("--batch", type=int, default=32, help="per-device batch (the paper's: 32 on each of 8 GPUs)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=50, help="timed steps after the warm-up")
@@ -555,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                         ckpt = str(last)
             run_phase(args, results, "sampling", limits["sampling"], ckpt)
         found = read_results(results)
-        rows = table(found, args.precisions)
+        rows = table(found, args.precisions, args.async_checkpoint)
         log(f"\n{'phase':<18} {'quantity':<40} {'value':>10}")
         for phase, quantity, value in rows:
             shown = "missing" if value is None or value != value else f"{value:.3f}"

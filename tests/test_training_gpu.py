@@ -108,3 +108,82 @@ def test_cuda_training_steps_do_not_synchronise_between_logging_steps(tmp_path):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert sync.checked == 2 * 5  # steps 1, 2, 4, 5, 6 of each run
+
+
+# ---------------------------------------------------------------------------------------------- async checkpoints
+def async_atomic_io():  # type: ignore[no-untyped-def]
+    """Lightning's thread writer around the project's atomic writer (``trainer.plugins`` in a config:
+    ``{class_path: lightning.pytorch.plugins.io.AsyncCheckpointIO, init_args: {checkpoint_io: {class_path:
+    dico.checkpoint_io.AtomicCheckpointIO}}}``)."""
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    from dico.checkpoint_io import AtomicCheckpointIO
+
+    return AsyncCheckpointIO(AtomicCheckpointIO())
+
+
+def test_async_checkpoints_are_atomic_writes_off_the_training_thread_and_resume_exactly(tmp_path, monkeypatch):
+    """Through ``AsyncCheckpointIO(AtomicCheckpointIO())`` every file is written by the atomic writer (temp file,
+    fsync, rename) in the writer thread, all of them are complete when ``fit`` returns, and a run interrupted at step
+    4 and resumed from its asynchronously written ``last.ckpt`` ends where an uninterrupted run ends."""
+    import threading
+
+    import dico.checkpoint_io
+    from tests.test_training import fit_to_last
+
+    threads: list[str] = []
+    real = dico.checkpoint_io.atomic_torch_save
+
+    def recording(obj, path):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        real(obj, path)
+
+    monkeypatch.setattr(dico.checkpoint_io, "atomic_torch_save", recording)
+    from dico.checkpoint_io import AtomicCheckpointIO
+
+    fit_to_last(tmp_path / "a", 7, [], plugins=[AtomicCheckpointIO()])
+    saved_sync = len(threads)
+    fit_to_last(tmp_path / "b", 4, [], every=4, plugins=[async_atomic_io()])
+    fit_to_last(tmp_path / "b", 7, [], ckpt_path="last", every=4, plugins=[async_atomic_io()])
+    assert saved_sync == 1 and threads[0] == threading.main_thread().name
+    assert len(threads) >= 3 and all(t != threading.main_thread().name for t in threads[1:]), threads
+    assert not list((tmp_path / "b").glob(".*partial*"))  # no temp file left: every write finished
+    straight = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == straight["global_step"] == 7
+    for part in ("state_dict", "current_model_state"):
+        for key, value in straight[part].items():
+            assert torch.equal(resumed[part][key], value), (part, key)
+
+
+def test_async_checkpoints_still_refuse_diverged_weights(tmp_path):
+    """The weight check runs while the checkpoint is assembled, on the training thread, before anything is handed to
+    the writer thread: diverged weights stop training and no file holding them is written."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from dico.module import DivergedWeightsError, weights_are_sound
+
+    class Blowup(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    pl_module.model.head.proj.weight[0, 0] = 5e3
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, save_last=True)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=10, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, plugins=[async_atomic_io()],
+        callbacks=[EMA(decay=0.9), ckpt, Blowup()],
+    )  # fmt: skip
+    module = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, lr=1e-3, max_abs_weight=1e3)
+    # the loss/weight check of step 3 (every step) is read when step 4's checkpoint is assembled
+    with pytest.raises(DivergedWeightsError, match=r"step 3: max \|w\| = 5\d\d\d.*step 4 was not written"):
+        trainer.fit(module, DigitsDataModule(batch_size=512, val_fraction=0.1))
+    files = sorted(tmp_path.glob("*.ckpt"))
+    assert len(files) >= 3 and not list(tmp_path.glob(".*partial*"))
+    for path in files:
+        ckpt_file = torch.load(path, weights_only=True)
+        assert ckpt_file["global_step"] <= 3
+        assert weights_are_sound(ckpt_file["state_dict"], 1e3) and weights_are_sound(
+            ckpt_file["current_model_state"], 1e3
+        )
