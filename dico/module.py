@@ -83,7 +83,9 @@ class DiffusionModule(LightningModule):
             the checks off. The check runs on the device and is read (training stops, naming the first diverged
             step) at the next logging step, before any checkpoint is written and at the end of training.
         max_abs_weight: a weight beyond this magnitude (or NaN/inf) stops training as diverged; 0: finiteness only.
-        compile: ``torch.compile`` the backbone in place (same state dict).
+        compile: ``torch.compile`` the backbone in place (same state dict, so checkpoints load into compiled and
+            eager models alike); ``true`` for torch's defaults (Inductor), or ``torch.compile``'s arguments, e.g.
+            ``{mode: max-autotune-no-cudagraphs}`` or ``{dynamic: false}``.
         pretrained: start from released weights: a release name (``DiCo-XL-3750K``, see
             :data:`dico.pretrained.CATALOGUE`) or a checkpoint file in any published format. The model gets the
             EMA weights; ``fit`` then trains on from the non-EMA ones where the file has both (the EMA callback
@@ -110,7 +112,7 @@ class DiffusionModule(LightningModule):
         seed: int = 0,
         check_finite_every_n_steps: int = 1,
         max_abs_weight: float = 1e3,
-        compile: bool = False,
+        compile: bool | dict[str, Any] = False,
         pretrained: str | None = None,
     ) -> None:
         super().__init__()
@@ -127,7 +129,7 @@ class DiffusionModule(LightningModule):
 
             apply_pretrained(self, pretrained)
         if compile:
-            self.model.compile()
+            self.model.compile(**(compile if isinstance(compile, dict) else {}))
         self.diffusion = create_diffusion("", noise_schedule, diffusion_steps=diffusion_steps,
                                           learn_sigma=self.model.learn_sigma)  # fmt: skip
         self.decoder_spec = decoder or {"kind": "pixels"}

@@ -187,3 +187,63 @@ def test_async_checkpoints_still_refuse_diverged_weights(tmp_path):
         assert weights_are_sound(ckpt_file["state_dict"], 1e3) and weights_are_sound(
             ckpt_file["current_model_state"], 1e3
         )
+
+
+# ---------------------------------------------------------------------------------------------- compile
+# Dynamo and AOTAutograd build the forward and backward graphs Inductor would compile, run with eager kernels: the
+# capture (graph breaks, guards, state-dict keys, EMA copies) in seconds. Inductor's own code generation takes
+# minutes on a CPU and is measured on GPUs (benchmarks/gpu_fit.py, speed.py --compile on).
+CAPTURE_ONLY = {"backend": "aot_eager"}
+
+
+@pytest.mark.slow  # ~30 s of CPU (graph capture of forward, backward and sampling shapes), ~70 s on a loaded machine
+def test_compiled_model_trains_checkpoints_resumes_and_samples_like_the_eager_one(tmp_path):
+    """``compile`` compiles the backbone in place: the same loss and gradients as eager within fp32 rounding, a fit
+    with EMA and ``last.ckpt`` whose keys are the eager model's (no ``_orig_mod.``), checkpoints that load and resume
+    both ways (compiled -> eager, eager -> compiled), and the same samples from the same weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.numerics import assert_close
+
+    torch.manual_seed(0)
+    eager = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, lr=1e-3)
+    compiled = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, lr=1e-3, compile=CAPTURE_ONLY)
+    compiled.load_state_dict(eager.state_dict())
+    batch = {"x": torch.randn(16, 1, 8, 8), "y": torch.arange(16) % 10}
+    for m in (eager, compiled):
+        m._losses(batch, m._generator(1, 0, 0, 0), train=True)["loss"].backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        assert_close(b.grad, a.grad, layers=40, msg=name)  # forward and backward through the whole model
+
+    def fit(module: DiffusionModule, root: Path, steps: int, ckpt_path: str | None = None) -> Path:
+        keeper = ModelCheckpoint(dirpath=root, save_last=True)
+        Trainer(
+            accelerator="cpu", max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+            callbacks=[EMA(decay=0.9), keeper],
+        ).fit(module, DigitsDataModule(batch_size=64, val_fraction=0.1), ckpt_path=ckpt_path)  # fmt: skip
+        return root / "last.ckpt"
+
+    def module(compile_: bool) -> DiffusionModule:
+        torch.manual_seed(0)
+        return DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, lr=1e-3, sampling_steps=5, cfg_scale=2.0,
+                               compile=CAPTURE_ONLY if compile_ else False)  # fmt: skip
+
+    from_compiled = fit(module(True), tmp_path / "c", 2)
+    saved = torch.load(from_compiled, weights_only=True)
+    assert set(saved["state_dict"]) == set(eager.state_dict()) == set(saved["current_model_state"])
+    to_eager = fit(module(False), tmp_path / "c", 3, ckpt_path=str(from_compiled))  # compiled -> eager resume
+    from_eager = fit(module(False), tmp_path / "e", 2)
+    to_compiled = fit(module(True), tmp_path / "e", 3, ckpt_path=str(from_eager))  # eager -> compiled resume
+    a, b = (torch.load(p, weights_only=True) for p in (to_eager, to_compiled))
+    assert a["global_step"] == b["global_step"] == 3
+    for key, value in a["state_dict"].items():  # the same three steps, one half compiled in each run
+        assert_close(b["state_dict"][key], value, layers=40, msg=key)
+
+    samples = {}
+    for compile_ in (False, True):
+        m = DiffusionModule.load_from_checkpoint(
+            to_eager, weights_only=True, compile=CAPTURE_ONLY if compile_ else False
+        )
+        samples[compile_] = m.sample([0, 1, 2], seed=1)
+    assert_close(samples[True], samples[False], layers=200)  # 5 guided sampling steps through the whole model
