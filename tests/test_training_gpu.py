@@ -78,6 +78,20 @@ def test_training_steps_between_logging_steps_read_nothing_back_from_the_device(
     assert {step for step, _ in watch.reads} == logging_steps, watch.reads  # reads happen, only on those steps
 
 
+def test_the_ema_average_follows_the_model_to_its_training_device():
+    """Lightning builds the average in ``setup``, before the strategy moves the model to the accelerator; the average
+    must follow it there (on a GPU it stayed on the CPU: each step copied every weight to the host and averaged them
+    on the CPU), unless ``device`` pins it. The move is staged here with the meta device."""
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    for ema, expected in ((EMA(decay=0.9), "meta"), (EMA(decay=0.9, device="cpu"), "cpu")):
+        module = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL)
+        ema.setup(trainer, module, "fit")
+        module.to("meta")  # what the strategy does after setup: model_to_device
+        ema.on_fit_start(trainer, module)
+        average = ema._average_model
+        assert {t.device.type for t in [*average.parameters(), *average.buffers()]} == {expected}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the sync debug mode watches CUDA streams")
 def test_cuda_training_steps_do_not_synchronise_between_logging_steps(tmp_path):
     """training_step (loss, divergence check), backward, the fused AdamW step and the EMA update of steps that are

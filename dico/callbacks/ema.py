@@ -27,7 +27,8 @@ class EMA(WeightAveraging):
     Args:
         decay: the EMA decay per optimizer step.
         warmup: use ``min(decay, (1 + n) / (10 + n))`` after n updates, for short runs.
-        device: keep the average on this device (e.g. ``"cpu"`` to save accelerator memory).
+        device: keep the average on this device (e.g. ``"cpu"`` to save accelerator memory, at the cost of copying
+            every weight to it after each step); default: the device the model trains on.
         update_every_n_steps: update after every n-th optimizer step.
     """
 
@@ -44,6 +45,7 @@ class EMA(WeightAveraging):
         self._swapped = False  # the average is in the model right now
         self._swapped_by_validation = False
         self._ended = False  # fit ended: the model holds the average, the averaging copy the live weights
+        self._pairs: tuple[list[Tensor], list[Tensor]] | None = None  # (averaged, live) tensors updated each step
 
     def decay_at(self, num_updates: int) -> float:
         return min(self.decay, (1 + num_updates) / (10 + num_updates)) if self.warmup else self.decay
@@ -63,24 +65,36 @@ class EMA(WeightAveraging):
     def _update_average(self, pl_module: LightningModule) -> None:
         """``AveragedModel.update_parameters`` for an average that starts as the initial weights (``n_averaged`` is
         1 from setup on), without its host reads of ``n_averaged``: one foreach lerp of the floating parameters and
-        buffers."""
+        buffers (their lists built once per fit: the tensors stay the same objects, swaps copy values)."""
         average = self._average_model
         assert average is not None
-        averaged, current = [], []
-        for a, c in zip(itertools.chain(average.module.parameters(), average.module.buffers()),
-                        itertools.chain(pl_module.parameters(), pl_module.buffers()), strict=True):  # fmt: skip
-            if a.is_floating_point():
-                averaged.append(a.detach())
-                current.append(c.detach().to(a.device))
+        if self._pairs is None:
+            pairs = [(a.detach(), c.detach())
+                     for a, c in zip(itertools.chain(average.module.parameters(), average.module.buffers()),
+                                     itertools.chain(pl_module.parameters(), pl_module.buffers()), strict=True)
+                     if a.is_floating_point()]  # fmt: skip
+            self._pairs = ([a for a, _ in pairs], [c for _, c in pairs])
+        averaged, current = self._pairs
+        if averaged and averaged[0].device != current[0].device:  # EMA(device=...): copied over every update
+            current = [c.to(a.device) for a, c in zip(averaged, current, strict=True)]
         if averaged:
             self._update(averaged, current, average.n_averaged)  # foreach groups by device and dtype itself
         average.n_averaged += 1
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Lightning builds the average in ``setup``, before the strategy moves the model to its device, so without
+        an explicit ``device`` the average stayed on the CPU: every step copied all weights to the host and averaged
+        them there (seconds per step for DiCo-XL). It follows the model instead."""
+        if self._average_model is not None and self._device is None:
+            self._average_model.to(pl_module.device)
+        self._pairs = None
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._pairs = None
         if stage == "fit":
             self._swapped = self._swapped_by_validation = self._ended = False
         if self._average_model is not None:
