@@ -278,7 +278,7 @@ def _module(args: argparse.Namespace) -> Any:
     model_cfg = composed_config(args.base, args.overlay)["model"]
     if args.model_kwargs:
         model_cfg = {**model_cfg, "model_kwargs": args.model_kwargs}
-    return DiffusionModule(**model_cfg, compile=args.compile)
+    return DiffusionModule(**{**model_cfg, "compile": args.compile or model_cfg.get("compile", False)})
 
 
 def phase_bare(args: argparse.Namespace, results: Path, precision: str) -> None:
