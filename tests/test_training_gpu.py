@@ -173,21 +173,19 @@ def test_async_checkpoints_are_atomic_writes_off_the_training_thread_and_resume_
 def test_async_checkpoints_still_refuse_diverged_weights(tmp_path):
     """The weight check runs while the checkpoint is assembled, on the training thread, before anything is handed to
     the writer thread: diverged weights stop training and no file holding them is written."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
 
     from dico.module import DivergedWeightsError, weights_are_sound
 
-    class Blowup(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
-            if trainer.global_step == 3:
-                with torch.no_grad():
-                    pl_module.model.head.proj.weight[0, 0] = 5e3
+    def blow_up(trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if trainer.global_step == 3:  # one weight far beyond max_abs_weight; the loss stays finite
+            pl_module.model.head.proj.weight.data[0, 0] = 5e3
 
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, save_last=True)
     trainer = Trainer(
         accelerator="cpu", max_steps=10, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, plugins=[async_atomic_io()],
-        callbacks=[EMA(decay=0.9), ckpt, Blowup()],
+        callbacks=[EMA(decay=0.9), ckpt, LambdaCallback(on_train_batch_start=blow_up)],
     )  # fmt: skip
     module = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, lr=1e-3, max_abs_weight=1e3)
     # the loss/weight check of step 3 (every step) is read when step 4's checkpoint is assembled
