@@ -135,6 +135,7 @@ class DiffusionModule(LightningModule):
         self.decoder_spec = decoder or {"kind": "pixels"}
         self._vae: Any = None
         self._divergence = DivergenceRecord()
+        self._unlogged_terms: dict[str, Tensor] | None = None
 
     # ------------------------------------------------------------------ checks
     def setup(self, stage: str) -> None:
@@ -202,12 +203,25 @@ class DiffusionModule(LightningModule):
         if every > 0 and self.global_step % every == 0:
             # the weights of this step's forward: a diverged model can still give a finite loss for a while
             self._divergence.observe(self.global_step, terms, self.model.parameters(), self.hparams.max_abs_weight)
+        self._unlogged_terms = None
         if self._logs_this_step():  # the host waits for the device here anyway
-            self._check_divergence()
-            self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=False)
-            # on the host: Lightning reads progress-bar values after every batch, logged this step or not
-            self.log("loss", terms["loss"].detach().cpu(), prog_bar=True, logger=False)
+            self._log_terms(terms)
+        else:  # kept (on the device) in case training stops after this step: Lightning writes that step's logs too
+            self._unlogged_terms = terms
         return terms["loss"]
+
+    def _log_terms(self, terms: dict[str, Tensor]) -> None:
+        self._check_divergence()
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=False)
+        # on the host: Lightning reads progress-bar values after every batch, logged this step or not
+        self.log("loss", terms["loss"].detach().cpu(), prog_bar=True, logger=False)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """A step where training stops (preemption, a callback's ``should_stop``) is logged by Lightning whatever
+        ``log_every_n_steps`` says: log its own values rather than leave those of the last logged step."""
+        if self._unlogged_terms is not None and self.trainer.should_stop:
+            self._log_terms(self._unlogged_terms)
+        self._unlogged_terms = None
 
     def _check_divergence(self, unwritten: bool = False) -> None:
         """Stop on the first observed step with a non-finite loss, or weights non-finite or beyond

@@ -259,3 +259,31 @@ def test_compiled_model_trains_checkpoints_resumes_and_samples_like_the_eager_on
         )
         samples[compile_] = m.sample([0, 1, 2], seed=1)
     assert_close(samples[True], samples[False], layers=200)  # 5 guided sampling steps through the whole model
+
+
+def test_the_step_where_training_stops_logs_its_own_loss(tmp_path):
+    """Losses are logged only on logging steps, but Lightning also writes the logs of the step where training stops
+    (preemption, a callback's ``should_stop``): that row holds that step's loss, not an earlier step's."""
+    import csv
+
+    class StopAfter(Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+            self.losses.append(float(outputs["loss"]))
+            if trainer.global_step == 6:
+                trainer.should_stop = True
+
+    stop = StopAfter()
+    trainer = Trainer(
+        accelerator="cpu", max_steps=20, log_every_n_steps=4, default_root_dir=tmp_path, enable_progress_bar=False,
+        logger=CSVLogger(tmp_path, name="csv", version=""), enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0, enable_checkpointing=False, callbacks=[stop],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    trainer.fit(DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, lr=1e-3), DigitsDataModule(batch_size=64))
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        rows = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+    assert sorted(rows) == [3, 5]  # the logging step (3 + 1) % 4 == 0, and the step training stopped at
+    assert rows[3] == pytest.approx(stop.losses[3]) and rows[5] == pytest.approx(stop.losses[5])
