@@ -14,8 +14,12 @@
 #   4. bf16 autocast + torch.compile, forward only: S, then XL, B, L while the stage's time budget lasts. Cold
 #      compilation is slow (H200, 2026-11-26: DiCo-B 33 s, DiCo-L 59 s, XL longer), so within the full script only S
 #      finishes; for every size run the stage alone: STAGES=4 COMPILE_LIMIT=420 COMPILE_BUDGET=360 bash benchmarks/gpu.sh
+#   5. `python cli.py fit` of DiCo-XL (base.yaml + dico-xl-256.yaml, batch 32) in 32-true and bf16-mixed beside the
+#      bare training step, the last.ckpt write, then guided 250-step sampling as `sample` runs it against bare model
+#      calls (benchmarks/gpu_fit.py; about 6 minutes, at most 8.5): not in the default list, run it alone:
+#      STAGES=5 bash benchmarks/gpu.sh
 #
-# STAGES="3 4" runs only those stages (default: all; 1b is stage 1's sampling part).
+# STAGES="3 4" runs only those stages (default: 1 1b 2 3 4; 1b is stage 1's sampling part).
 # DRY_RUN=1 runs the same stages on the CPU with tiny settings (checks the script's logic, not speed);
 # DRY_RUN_COMPILE=1 also runs stage 4 there (a few minutes of compilation).
 set -uo pipefail
@@ -76,4 +80,12 @@ if [ "${DRY_RUN:-0}" != 1 ] || [ "${DRY_RUN_COMPILE:-0}" = 1 ]; then
     stage 4_bf16_compiled "$compile_limit" "${common[@]}" "${compile_sizes[@]}" --dtypes bf16 --compile on \
         --modes forward --time-budget "$compile_budget"
 fi
+case " $STAGES " in *" 5 "*)
+    fit_args=()
+    [ "${DRY_RUN:-0}" = 1 ] && fit_args=(--dry-run)
+    echo "== 5_fit (at most 500s): gpu_fit.py ${fit_args[*]}" | tee "$OUT_DIR/5_fit.txt"
+    timeout --signal=INT --kill-after=20 500 "$PY" benchmarks/gpu_fit.py "${fit_args[@]}" --json "$OUT_DIR/5_fit.json" \
+        2>&1 | tee -a "$OUT_DIR/5_fit.txt"
+    ;;
+esac
 echo "== done in $(($(date +%s) - start))s; results in $OUT_DIR" | tee "$OUT_DIR/done.txt"

@@ -103,7 +103,10 @@ def synthetic_cache(root: Path, count: int, shard_size: int, shape: tuple[int, .
     for s in range(-(-count // shard_size)):
         n = min(shard_size, count - s * shard_size)
         lat, lab = root / f"{shard_stem(s)}.latents.npy", root / f"{shard_stem(s)}.labels.npy"
-        np.save(lat, rng.standard_normal((n, 2, 2, *shape), dtype=np.float32))
+        moments = rng.standard_normal((n, 2, 2, *shape), dtype=np.float32)  # (K, flips, mean|std, C, H, W)
+        # a posterior std is > 0: an exact 0 reads as zeroed bytes, which the reader refuses
+        moments[:, :, 1] = rng.uniform(0.05, 0.5, moments[:, :, 1].shape)
+        np.save(lat, moments)
         np.save(lab, rng.integers(0, 1000, n))
         records.append(ShardRecord(s, n, sha256_file(lat), sha256_file(lab), [], list(shape)))
     Manifest("synthetic", 0.18215, 256, list(shape), 1000, [str(i) for i in range(1000)], 2, "float32",

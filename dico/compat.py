@@ -23,6 +23,7 @@ PRIVATE_NAMES: list[tuple[type, str, list[str] | None]] = [
     (ModelCheckpoint, "_monitor_candidates", ["trainer"]),
     (ModelCheckpoint, "_save_last_checkpoint", ["trainer", "monitor_candidates"]),
     (WeightAveraging, "_average_model", None),
+    (WeightAveraging, "_latest_update_step", None),
     (WeightAveraging, "_swap_models", ["pl_module"]),
     (ExperimentWriter, "_check_log_dir_exists", []),  # overridden: keep metrics.csv on resume
     (ExperimentWriter, "_fs", None),
@@ -65,3 +66,13 @@ def averaged_model(callback: WeightAveraging) -> nn.Module | None:
 def swap_averaged(callback: WeightAveraging, pl_module: LightningModule) -> None:
     """Exchange the weights of ``pl_module`` and the callback's average, as its validation hooks do."""
     callback._swap_models(pl_module)
+
+
+def latest_update_step(callback: WeightAveraging) -> int:
+    """The global step of the callback's latest update of its average (saved in its state as such)."""
+    return callback._latest_update_step
+
+
+def set_latest_update_step(callback: WeightAveraging, step: int) -> None:
+    """Record an update of the average made outside ``WeightAveraging.on_train_batch_end`` at ``step``."""
+    callback._latest_update_step = step

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
 from dico.callbacks.ema import ema_weights
 from dico.compat import attached_trainer
 from dico.diffusion import GUIDANCE_MODES, SAMPLERS, create_diffusion, generate, sampling_diffusion
+from dico.divergence import Divergence, DivergenceRecord
 from dico.evaluation.images import to_uint8
 from dico.models import create_model
 from dico.models.official import rename_pre_shared_block_keys
@@ -81,10 +81,13 @@ class DiffusionModule(LightningModule):
         decoder: how samples become images, ``{"kind": "pixels"}`` or ``{"kind": "vae", "vae": id, "scale_factor"}``
             (filled in from the data by the CLI).
         seed: seeds the per-step randomness of training and validation.
-        check_finite_every_n_steps: how often to check the loss for NaN/inf and the weights for divergence (each
-            check waits for the device); 0 turns the checks off.
+        check_finite_every_n_steps: how often to check the loss for NaN/inf and the weights for divergence; 0 turns
+            the checks off. The check runs on the device and is read (training stops, naming the first diverged
+            step) at the next logging step, before any checkpoint is written and at the end of training.
         max_abs_weight: a weight beyond this magnitude (or NaN/inf) stops training as diverged; 0: finiteness only.
-        compile: ``torch.compile`` the backbone in place (same state dict).
+        compile: ``torch.compile`` the backbone in place (same state dict, so checkpoints load into compiled and
+            eager models alike); ``true`` for torch's defaults (Inductor), or ``torch.compile``'s arguments, e.g.
+            ``{mode: max-autotune-no-cudagraphs}`` or ``{dynamic: false}``.
         pretrained: start from released weights: a release name (``DiCo-XL-3750K``, see
             :data:`dico.pretrained.CATALOGUE`) or a checkpoint file in any published format. The model gets the
             EMA weights; ``fit`` then trains on from the non-EMA ones where the file has both (the EMA callback
@@ -111,7 +114,7 @@ class DiffusionModule(LightningModule):
         seed: int = 0,
         check_finite_every_n_steps: int = 1,
         max_abs_weight: float = 1e3,
-        compile: bool = False,
+        compile: bool | dict[str, Any] = False,
         pretrained: str | None = None,
     ) -> None:
         super().__init__()
@@ -128,11 +131,13 @@ class DiffusionModule(LightningModule):
 
             apply_pretrained(self, pretrained)
         if compile:
-            self.model.compile()
+            self.model.compile(**(compile if isinstance(compile, dict) else {}))
         self.diffusion = create_diffusion("", noise_schedule, diffusion_steps=diffusion_steps,
                                           learn_sigma=self.model.learn_sigma)  # fmt: skip
         self.decoder_spec = decoder or {"kind": "pixels"}
         self._vae: Any = None
+        self._divergence = DivergenceRecord()
+        self._unlogged_terms: dict[str, Tensor] | None = None
 
     # ------------------------------------------------------------------ checks
     def setup(self, stage: str) -> None:
@@ -187,32 +192,63 @@ class DiffusionModule(LightningModule):
         terms = self.diffusion.training_losses(self.model, x, t, model_kwargs=kwargs, noise=noise)
         return {k: v.mean() for k, v in terms.items()}
 
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning writes this step's logged values (every ``log_every_n_steps``; every step of a
+        ``fast_dev_run``). Values logged on other steps are never written, and reading them waits for the device."""
+        trainer = self.trainer
+        every = trainer.log_every_n_steps
+        return bool(trainer.fast_dev_run) or (every > 0 and (self.global_step + 1) % every == 0)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         g = self._generator(1, self.global_rank, self.global_step, batch_idx)
         terms = self._losses(batch, g, train=True)
         every = self.hparams.check_finite_every_n_steps
         if every > 0 and self.global_step % every == 0:
-            self._check_divergence(terms)
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=False)
-        self.log("loss", terms["loss"], prog_bar=True, logger=False)
+            # the weights of this step's forward: a diverged model can still give a finite loss for a while
+            self._divergence.observe(self.global_step, terms, self.model.parameters(), self.hparams.max_abs_weight)
+        self._unlogged_terms = None
+        if self._logs_this_step():  # the host waits for the device here anyway
+            self._log_terms(terms)
+        else:  # kept (on the device) in case training stops after this step: Lightning writes that step's logs too
+            self._unlogged_terms = terms
         return terms["loss"]
 
-    def _check_divergence(self, terms: dict[str, Tensor]) -> None:
-        """Stop on a non-finite loss, or on weights (those of this step's forward) that are non-finite or beyond
-        ``max_abs_weight``: a diverged model can still give a finite loss for a while. One device sync."""
-        params = [p.detach() for p in self.model.parameters() if p.is_floating_point()]
-        largest = torch.stack(torch._foreach_norm(params, float("inf"))).max().float()
-        loss_finite, weight = torch.stack([torch.isfinite(terms["loss"]).float(), largest]).tolist()
+    def _log_terms(self, terms: dict[str, Tensor]) -> None:
+        self._check_divergence()
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=False)
+        # on the host: Lightning reads progress-bar values after every batch, logged this step or not
+        self.log("loss", terms["loss"].detach().cpu(), prog_bar=True, logger=False)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """A step where training stops (preemption, a callback's ``should_stop``) is logged by Lightning whatever
+        ``log_every_n_steps`` says: log its own values rather than leave those of the last logged step."""
+        if self._unlogged_terms is not None and self.trainer.should_stop:
+            self._log_terms(self._unlogged_terms)
+        self._unlogged_terms = None
+
+    def _check_divergence(self, unwritten: bool = False) -> None:
+        """Stop on the first observed step with a non-finite loss, or weights non-finite or beyond
+        ``max_abs_weight``. One device sync."""
+        found = self._divergence.read()
+        if found is not None:
+            suffix = f" (the checkpoint of step {self.global_step} was not written)" if unwritten else ""
+            self._raise_divergence(found, suffix)
+
+    def _raise_divergence(self, found: Divergence, suffix: str = "") -> None:
         limit = self.hparams.max_abs_weight
-        if not loss_finite:
-            values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-            self._raise_diverged(NonFiniteLossError, f"non-finite training loss at step {self.global_step} ({values})")
-        if not within_limit(weight, limit):
-            self._raise_diverged(
-                DivergedWeightsError,
-                f"diverged weights at step {self.global_step}: max |w| = {weight:.4g}"
-                + (f" > model.max_abs_weight = {limit:g}" if limit > 0 else ""),
-            )
+        if not found.loss_is_finite:
+            values = ", ".join(f"{k}={v:.4g}" for k, v in found.terms.items())
+            self._raise_diverged(NonFiniteLossError, f"non-finite training loss at step {found.step} ({values})"
+                                 + suffix)  # fmt: skip
+        self._raise_diverged(
+            DivergedWeightsError,
+            f"diverged weights at step {found.step}: max |w| = {found.largest_abs_weight:.4g}"
+            + (f" > model.max_abs_weight = {limit:g}" if limit > 0 else "")
+            + suffix,
+        )
+
+    def on_train_end(self) -> None:
+        self._check_divergence()  # observed after the last logging step and checkpoint
 
     def _raise_diverged(self, error: type[TrainingDivergedError], what: str) -> None:
         candidates: set[Path] = set()
@@ -230,15 +266,19 @@ class DiffusionModule(LightningModule):
         raise error(f"{what}. No checkpoint with sound weights was saved before it: start the run again after {fix}.")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        every = self.trainer.log_every_n_steps
-        if every and self.global_step % every == 0:
-            norms = grad_norm(self.model, norm_type=2)
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+        if self._logs_this_step():  # this step's gradients, on the step Lightning writes them
+            grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
+            if grads:  # one fused norm per tensor and their norm: no host read per parameter
+                self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0))))
 
     def configure_optimizers(self) -> Any:
+        """AdamW, fused (one kernel for all parameters; the loop implementation runs a Python loop over the
+        parameters on CPUs) where every parameter is on a device that has the fused kernel."""
         hp = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        fused = bool(params) and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
+                                      fused=fused or None)  # fmt: skip
         if hp.warmup_steps <= 0:
             return optimizer
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / hp.warmup_steps))
@@ -247,6 +287,8 @@ class DiffusionModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Never write diverged weights (live or EMA): a checkpoint saved between two divergence checks would
         otherwise replace the last sound one (``last.ckpt``, a rotated top-k file) with weights no run can use."""
+        if self._trainer is not None:
+            self._check_divergence(unwritten=True)  # a step observed since the last logging step
         limit = self.hparams.max_abs_weight
         parts = [checkpoint[k] for k in ("state_dict", "current_model_state") if k in checkpoint]
         unsound = [w for w in map(largest_abs_weight, parts) if not within_limit(w, limit)]

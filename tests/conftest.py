@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # finish together. Files not listed come last.
 LONGEST_FIRST = (
     "test_quickstart.py", "test_ablation_runner.py", "test_notebooks.py", "test_models.py", "test_training.py",
+    "test_benchmarks.py",
     "test_ablation_models.py", "test_pretrained.py", "test_evaluation.py", "test_sample_sets.py",
 )  # fmt: skip
 
