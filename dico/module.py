@@ -287,7 +287,7 @@ class DiffusionModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Never write diverged weights (live or EMA): a checkpoint saved between two divergence checks would
         otherwise replace the last sound one (``last.ckpt``, a rotated top-k file) with weights no run can use."""
-        if self._trainer is not None:
+        if attached_trainer(self) is not None:
             self._check_divergence(unwritten=True)  # a step observed since the last logging step
         limit = self.hparams.max_abs_weight
         parts = [checkpoint[k] for k in ("state_dict", "current_model_state") if k in checkpoint]
