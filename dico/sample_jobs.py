@@ -1,4 +1,4 @@
-"""Sample jobs from a training checkpoint: class-balanced, reproducible on any number of devices, resumable."""
+"""Sample jobs from a training checkpoint: seeded labels, reproducible on any number of devices, resumable."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ class SampleJob:
         out: output folder: ``samples.npz`` (ADM format), ``samples.png``, ``samples.json``, ``parts/``.
         num_samples: how many samples.
         batch_size: samples per batch; keep it fixed to reproduce a set (a batch's noise is seeded by its first index).
-        labels: ``balanced`` (sample i has class i % num_classes) or ``uniform`` (random, as DiT's sample_ddp.py).
+        labels: ``uniform`` (random, seeded per batch, as the published sample_ddp.py) or ``balanced`` (sample i
+            has class i % num_classes).
         cfg_scale, guidance_mode, sampler, steps, eta: see :class:`~dico.evaluation.sample_set.SamplingOptions`.
         unsafe_full_unpickle: load a checkpoint that needs full unpickling (only for files you trust: unpickling
             can run arbitrary code). Off by default: checkpoints load with ``weights_only=True``.
@@ -45,7 +46,7 @@ class SampleJob:
     out: str = "samples"
     num_samples: int = 50_000
     batch_size: int = 64
-    labels: str = "balanced"
+    labels: str = "uniform"
     cfg_scale: float | None = None
     guidance_mode: str | None = None
     sampler: str | None = None

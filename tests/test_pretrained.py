@@ -80,7 +80,7 @@ def expected_samples(golden, arch: str, vae_dir: Path, cfg_scale: float) -> np.n
 def sample(ckpt: Path, out: Path, vae_dir: Path, *extra: str) -> np.ndarray:
     assert cli.main(["sample", "--ckpt", str(ckpt), "--out", str(out), "--num_samples", str(COUNT), "--batch_size",
                      str(BATCH), "--steps", str(STEPS), "--vae", str(vae_dir), "--accelerator", "cpu", "--devices", "1",
-                     *extra]) == 0  # fmt: skip
+                     "--labels", "balanced", *extra]) == 0  # fmt: skip
     images, labels = load_npz(out / "samples.npz")
     assert labels.tolist() == [i % 10 for i in range(COUNT)]
     return images
@@ -290,7 +290,8 @@ def test_the_test_protocol_on_a_released_file(golden, image_folder, tiny_vae_dir
         "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "default_root_dir": str(tmp_path / "run"),
                     "enable_progress_bar": False, "callbacks": [{"class_path": "dico.callbacks.FIDEvaluation",
                     "init_args": {"reference": str(reference), "weights_path": str(inception_weights),
-                                  "test_num_samples": 4, "batch_size": 2, "test_steps": STEPS}}]},
+                                  "test_num_samples": 4, "batch_size": 2, "test_steps": STEPS,
+                                  "labels": "balanced"}}]},
         "model": {"model": "DiCo-S", "cfg_scale": 1.0,
                   "model_kwargs": {"hidden_size": 32, "depth": [1] * 5, "num_classes": 2, "input_size": 8}},
         "data": {"class_path": "dico.data.LatentDataModule",

@@ -47,7 +47,8 @@ class FIDEvaluation(Callback):
         reference_image_size: the center crop of an image-folder source.
         feature_extractor / weights_path: see :class:`~dico.evaluation.fidelity.FeatureSpec`; Inception weights
             come from a local file when offline.
-        labels: ``balanced`` or ``uniform`` class labels (see :class:`~dico.evaluation.sample_set.SampleSet`).
+        labels: ``uniform`` (random, seeded: the published protocol) or ``balanced`` class labels (see
+            :class:`~dico.evaluation.sample_set.SampleSet`); the records' ``settings.labels`` say which.
         convention: ``adm`` (the paper's numbers) or ``torch-fidelity``, see
             :class:`~dico.evaluation.fidelity.MetricOptions`.
     """
@@ -70,7 +71,7 @@ class FIDEvaluation(Callback):
         cfg_scale: float | None = None,
         guidance_mode: str | None = None,
         seed: int = 0,
-        labels: str = "balanced",
+        labels: str = "uniform",
         convention: str = "adm",
         save_best: bool = False,
         test_num_samples: int = 50_000,
@@ -168,7 +169,9 @@ class FIDEvaluation(Callback):
             for logger in trainer.loggers:
                 if hasattr(logger, "log_image"):
                     logger.log_image(key="eval/samples", images=[str(grid)], step=trainer.global_step)
-        rank_zero_info(f"step {trainer.global_step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        settings = record["settings"]
+        rank_zero_info(f"step {trainer.global_step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                       + f" ({settings['num_samples']} samples, {settings['labels']} labels)")  # fmt: skip
 
     def _periodic(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
@@ -209,7 +212,8 @@ class FIDEvaluation(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({f"test/{k}": v for k, v in record["metrics"].items()}, step=record["step"])
-        rank_zero_info(f"test protocol ({self.test_set.num_samples} samples): {record['metrics']}")
+        rank_zero_info(f"test protocol ({self.test_set.num_samples} samples, {self.test_set.labels} labels): "
+                       f"{record['metrics']}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_fid": self.best_fid, "last_evaluated_step": self.last_evaluated_step}

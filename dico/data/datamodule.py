@@ -146,7 +146,7 @@ class ArrayDataModule(LightningDataModule):
         """The batches of a class-balanced sample set (seeded by ``seed``); Lightning shards them over ranks."""
         from dico.evaluation.sample_set import SampleSet
 
-        sample_set = SampleSet(self.predict_samples, self.num_classes, self.val_batch_size, seed=self.seed)
+        sample_set = SampleSet(self.predict_samples, self.num_classes, self.val_batch_size, self.seed, "balanced")
         return DataLoader(sample_set.dataset(), batch_size=None)
 
     # -- exact resume ---------------------------------------------------------------------------------

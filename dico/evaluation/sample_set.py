@@ -1,7 +1,7 @@
 """One reproducible sample set: what to draw (layout, labels, seeds, sampling options) and its files.
 
-Sample ``i`` of a set has class ``i % num_classes`` (``balanced``) or a label drawn from the batch's seed
-(``uniform``, as DiT's ``sample_ddp.py``). Samples are made in fixed batches of ``batch_size``; batch ``b`` is
+Sample ``i`` of a set has a class drawn uniformly at random from the batch's seed (``uniform``, the default: as
+the published ``sample_ddp.py`` of DiCo, DiT and ADM draw them) or class ``i % num_classes`` (``balanced``). Samples are made in fixed batches of ``batch_size``; batch ``b`` is
 seeded by :meth:`SampleSet.batch_seed` and runs on rank ``b % world_size``, so a checkpoint and a set give the
 same images on any number of devices. Each finished batch is one part file under ``<out>/parts/<job key>/``;
 :meth:`SampleSet.merge` streams exactly this set's parts into one ADM-format ``samples.npz``.
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-LABEL_LAYOUTS = ("balanced", "uniform")
+LABEL_LAYOUTS = ("uniform", "balanced")
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,9 @@ class SampleSet:
         num_classes: the model's number of classes.
         batch_size: samples per batch (>= 1); keep it fixed to reproduce a set.
         seed: the set's seed; batch ``b`` draws its noise from :meth:`batch_seed`.
-        labels: ``balanced`` (sample i has class i % num_classes: exactly balanced, our protocol) or ``uniform``
-            (labels drawn uniformly at random per batch, as DiT's ``sample_ddp.py``).
+        labels: ``uniform`` (labels drawn uniformly at random per batch from its seed, as the published
+            ``sample_ddp.py`` draws them: the paper's protocol) or ``balanced`` (sample i has class i % num_classes;
+            exactly balanced, which lowers FID: see the README's Evaluate section).
         options: the sampling options (resolve them against the module before recording a set).
     """
 
@@ -85,7 +86,7 @@ class SampleSet:
     num_classes: int
     batch_size: int
     seed: int = 0
-    labels: str = "balanced"
+    labels: str = "uniform"
     options: SamplingOptions = field(default_factory=SamplingOptions)
 
     def __post_init__(self) -> None:
