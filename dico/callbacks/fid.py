@@ -212,8 +212,9 @@ class FIDEvaluation(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({f"test/{k}": v for k, v in record["metrics"].items()}, step=record["step"])
-        rank_zero_info(f"test protocol ({self.test_set.num_samples} samples, {self.test_set.labels} labels): "
-                       f"{record['metrics']}")
+        rank_zero_info(
+            f"test protocol ({self.test_set.num_samples} samples, {self.test_set.labels} labels): {record['metrics']}"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_fid": self.best_fid, "last_evaluated_step": self.last_evaluated_step}

@@ -1,10 +1,11 @@
 """One reproducible sample set: what to draw (layout, labels, seeds, sampling options) and its files.
 
 Sample ``i`` of a set has a class drawn uniformly at random from the batch's seed (``uniform``, the default: as
-the published ``sample_ddp.py`` of DiCo, DiT and ADM draw them) or class ``i % num_classes`` (``balanced``). Samples are made in fixed batches of ``batch_size``; batch ``b`` is
-seeded by :meth:`SampleSet.batch_seed` and runs on rank ``b % world_size``, so a checkpoint and a set give the
-same images on any number of devices. Each finished batch is one part file under ``<out>/parts/<job key>/``;
-:meth:`SampleSet.merge` streams exactly this set's parts into one ADM-format ``samples.npz``.
+the published ``sample_ddp.py`` of DiCo, DiT and ADM draw them) or class ``i % num_classes`` (``balanced``).
+Samples are made in fixed batches of ``batch_size``; batch ``b`` is seeded by :meth:`SampleSet.batch_seed` and
+runs on rank ``b % world_size``, so a checkpoint and a set give the same images on any number of devices. Each
+finished batch is one part file under ``<out>/parts/<job key>/``; :meth:`SampleSet.merge` streams exactly this
+set's parts into one ADM-format ``samples.npz``.
 """
 
 from __future__ import annotations
