@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
@@ -52,3 +52,9 @@ def configure_cpu_threads(environ: MutableMapping[str, str] = os.environ, cpus: 
 
         torch.set_num_threads(int(environ["OMP_NUM_THREADS"]))
     return {key: environ[key] for key in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+
+
+def show_traceback(environ: Mapping[str, str] = os.environ) -> bool:
+    """``DICO_TRACEBACK=1``: the command line shows the traceback of an error from user input (a bad option, file or
+    config value) instead of its one-line message."""
+    return environ.get("DICO_TRACEBACK", "0") not in ("0", "", "false", "False")

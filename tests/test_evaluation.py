@@ -333,3 +333,47 @@ def test_inception_weights_come_from_the_torch_hub_cache_loaded_weights_only(inc
     torch.save({"weights": torch.ones(1), "trap": Path("/")}, cached)  # a pickled object: refused, not run
     with pytest.raises(Exception, match=r"Unsupported global|[Ww]eights only load failed"):
         build_feature_extractor(FeatureSpec(INCEPTION, None), ["2048"])
+
+
+def test_a_reference_made_from_another_source_or_extractor_is_refused(tmp_path, digits_u8, digits_spec, featurizer,
+                                                                      capsys):  # fmt: skip
+    """`reference --out` holding statistics of another source or extractor is not reused: the fix is named."""
+    ref = tmp_path / "ref.npz"
+    digits = ["--feature_extractor", "dico-digits", "--weights_path", digits_spec.weights_path]
+    assert cli.main(["reference", "--source", "digits", "--out", str(ref), "--max_features", "100", *digits]) == 0
+    made = ref.read_bytes()
+    batch = save_npz(tmp_path / "batch.npz", nhwc(digits_u8[:50]))
+    with pytest.raises(
+        ValueError, match=r"made with source digits \(asked: .*batch\.npz\).*--overwrite.*another --out"
+    ):
+        cli.main(["reference", "--source", str(batch), "--out", str(ref), *digits])
+    state = featurizer.extractor.classifier.state_dict()
+    torch.save({**state, "head.weight": 2 * state["head.weight"]}, tmp_path / "other.pt")
+    other = ["--feature_extractor", "dico-digits", "--weights_path", str(tmp_path / "other.pt")]
+    with pytest.raises(ValueError, match=r"weights_sha256 .* \(asked: .*--overwrite"):
+        cli.main(["reference", "--source", "digits", "--out", str(ref), *other])
+    assert ref.read_bytes() == made
+    assert cli.main(["reference", "--source", "digits", "--out", str(ref), *digits]) == 0
+    assert "reusing it" in capsys.readouterr().out
+    assert cli.main(["reference", "--source", str(batch), "--out", str(ref), "--overwrite", *digits]) == 0
+    assert Reference.load(ref).meta["source"] == str(batch) and Reference.load(ref).meta["count"] == 50
+    folder = Reference.load(ref)
+    folder.meta.update(source=str(tmp_path), image_size=[16, 16])  # as made from an image folder at 16x16
+    assert folder.differences(str(tmp_path), None, 16) == []
+    assert folder.differences(str(tmp_path), None, 32) == ["image size [16, 16] (asked: 32)"]
+
+
+def test_an_adm_batch_without_spatial_statistics_scores_fid_from_its_mu_sigma(tmp_path, digits_u8, featurizer):
+    """A reference batch with mu/sigma and no mu_s/sigma_s: FID against its mu/sigma (not its images'), no sFID,
+    and the reference says why."""
+    stats = adm_stats(featurizer(digits_u8[1000:]).get("pool").numpy())  # statistics of other digits than arr_0
+    batch = tmp_path / "VIRTUAL_digits.npz"
+    np.savez(batch, arr_0=nhwc(digits_u8[:300]), mu=stats[0], sigma=stats[1])
+    ref = compute_reference(str(batch), featurizer)
+    assert np.array_equal(ref.mu, stats[0]) and "sFID needs mu_s/sigma_s" in ref.meta["statistics"]
+    samples = save_npz(tmp_path / "s.npz", nhwc(digits_u8[300:600]))
+    ref.save(tmp_path / "ref.npz")
+    metrics = score_npz(samples, Reference.load(tmp_path / "ref.npz"), featurizer)["metrics"]
+    want = adm_fid(*adm_stats(featurizer(digits_u8[300:600])["pool"].numpy()), *stats)
+    assert metrics["frechet_inception_distance"] == pytest.approx(want, rel=1e-6)
+    assert "spatial_frechet_inception_distance" not in metrics

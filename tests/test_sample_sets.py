@@ -190,7 +190,8 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     ("bad", "message"),
     [(["--num_samples", "0"], "num_samples must be >= 1"), (["--batch_size", "0"], "batch_size must be >= 1"),
-     (["--cfg_scale", "-1"], "cfg_scale must be >= 0")],
+     (["--cfg_scale", "-1"], "cfg_scale must be >= 0"),
+     (["--steps", "5000"], "steps must be <= the model's 1000 diffusion steps")],
 )  # fmt: skip
 def test_sample_tool_rejects_bad_input_before_writing_and_the_rerun_works(tmp_path, tiny_ckpt, bad, message):
     args = ["sample", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "s"), "--num_samples", "6",
@@ -327,3 +328,16 @@ def test_scored_samples_have_random_labels_by_default_and_the_records_say_so(tmp
     assert cli.main([*args, "--out", str(tmp_path / "b"), "--labels", "balanced"]) == 0
     with np.load(tmp_path / "b" / "samples.npz") as data:
         assert data["arr_1"].tolist() == [i % 10 for i in range(40)]
+
+
+def test_a_cached_reference_of_another_source_is_refused_at_setup(tmp_path, digits_featurizer, digits_reference):
+    from dico.evaluation.images import save_npz
+
+    digits_reference.save(tmp_path / "ref.npz")
+    batch = save_npz(tmp_path / "batch.npz", np.zeros((4, 8, 8, 1), np.uint8))
+    spec = digits_featurizer.spec
+    callback = FIDEvaluation(reference=str(tmp_path / "ref.npz"), reference_source=str(batch),
+                             feature_extractor="dico-digits", weights_path=spec.weights_path)  # fmt: skip
+    trainer = Trainer(accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"made with source digits .*delete .*ref\.npz to recompute it from .*batch"):
+        callback.reference(trainer, DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL))

@@ -14,11 +14,12 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from dico.callbacks.ema import ema_weights
 from dico.callbacks.sample_grid import run_dir
+from dico.diffusion import SamplingOptions
 from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Featurizer, MetricOptions
 from dico.evaluation.images import save_grid
 from dico.evaluation.protocol import evaluate, write_record
 from dico.evaluation.reference import OutdatedReference, Reference, compute_reference
-from dico.evaluation.sample_set import SampleSet, SamplingOptions
+from dico.evaluation.sample_set import SampleSet
 
 
 class FIDEvaluation(Callback):
@@ -126,6 +127,10 @@ class FIDEvaluation(Callback):
                 trainer.strategy.barrier()
             self._reference = Reference.load(path)
             self._reference.check(self._featurizer.identity)
+            if self.reference_source is not None:  # a cached reference must be the one of reference_source
+                fix = (f"delete {path} to recompute it from {self.reference_source}, or set the FIDEvaluation "
+                       "reference to another file")  # fmt: skip
+                self._reference.check_made_by(self.reference_source, None, self.reference_image_size, fix)
         return self._reference
 
     # -- one evaluation -----------------------------------------------------------------------------

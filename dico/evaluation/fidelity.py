@@ -287,9 +287,10 @@ def compute_metrics(
     pool = generated["pool"]
     ref_pool = torch.from_numpy(np.asarray(reference.features, dtype=np.float32))
     out = {"frechet_inception_distance": frechet_distance(*gaussian_statistics(pool), reference.mu, reference.sigma)}
-    out["spatial_frechet_inception_distance"] = frechet_distance(
-        *gaussian_statistics(generated["spatial"]), reference.mu_s, reference.sigma_s
-    )
+    if len(reference.mu_s):  # (an ADM batch without mu_s/sigma_s gives no sFID; its record says so)
+        out["spatial_frechet_inception_distance"] = frechet_distance(
+            *gaussian_statistics(generated["spatial"]), reference.mu_s, reference.sigma_s
+        )
     n = min(len(pool), len(ref_pool))
     k = min(options.prc_neighborhood, n - 1)
     if options.convention == "adm":

@@ -24,48 +24,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from dico.diffusion.options import SamplingOptions
+
+__all__ = ["LABEL_LAYOUTS", "SampleBatches", "SampleSet", "SamplingOptions"]
+
 LABEL_LAYOUTS = ("uniform", "balanced")
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How each sample is drawn; ``None`` takes the module's configured default (see :meth:`resolved`)."""
-
-    sampler: str | None = None
-    steps: int | None = None
-    cfg_scale: float | None = None
-    guidance_mode: str | None = None
-    eta: float | None = None
-
-    def __post_init__(self) -> None:
-        from dico.diffusion import GUIDANCE_MODES, SAMPLERS
-
-        if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.guidance_mode is not None and self.guidance_mode not in GUIDANCE_MODES:
-            raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {self.guidance_mode!r}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1 (e.g. --steps 250), got {self.steps}")
-        if self.cfg_scale is not None and not self.cfg_scale >= 0:
-            raise ValueError(
-                f"cfg_scale must be >= 0 (1 = no guidance, the paper's guided runs use 1.5), got {self.cfg_scale}"
-            )
-        if self.eta is not None and not 0 <= self.eta <= 1:
-            raise ValueError(f"eta (DDIM) must be in [0, 1], got {self.eta}")
-
-    def resolved(self, hparams: Any) -> SamplingOptions:
-        """Every unset option filled in from a :class:`~dico.module.DiffusionModule`'s hyper-parameters."""
-        return SamplingOptions(
-            sampler=self.sampler or hparams["sampler"],
-            steps=self.steps or hparams["sampling_steps"],
-            cfg_scale=hparams["cfg_scale"] if self.cfg_scale is None else self.cfg_scale,
-            guidance_mode=self.guidance_mode or hparams["guidance_mode"],
-            eta=hparams["ddim_eta"] if self.eta is None else self.eta,
-        )
-
-    def as_kwargs(self) -> dict[str, Any]:
-        """The set options, as keyword arguments of ``DiffusionModule.sample``."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
