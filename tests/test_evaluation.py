@@ -377,3 +377,28 @@ def test_an_adm_batch_without_spatial_statistics_scores_fid_from_its_mu_sigma(tm
     want = adm_fid(*adm_stats(featurizer(digits_u8[300:600])["pool"].numpy()), *stats)
     assert metrics["frechet_inception_distance"] == pytest.approx(want, rel=1e-6)
     assert "spatial_frechet_inception_distance" not in metrics
+
+
+def test_small_sets_state_the_k_and_subset_sizes_used_and_one_sample_is_refused(tmp_path, digits_u8, featurizer,
+                                                                                monkeypatch):  # fmt: skip
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    ref = compute_reference_from(featurizer, digits_u8[:300])
+    two = save_npz(tmp_path / "two.npz", nhwc(digits_u8[300:302]))
+    record = score_npz(two, ref, featurizer, MetricOptions("torch-fidelity"))
+    used = record["conventions"]["used"]
+    assert record["conventions"]["prc_neighborhood"] == 3 and record["conventions"]["kid_subset_size"] == 1000
+    assert (used["prc_neighborhood"], used["kid_subset_size"], used["inception_score_splits"]) == (1, 2, 2)
+    pool, ref_pool = featurizer(digits_u8[300:302])["pool"], torch.from_numpy(ref.features)
+    kid = kid_features_to_metric(pool, ref_pool, kid_subset_size=2, verbose=False)["kernel_inception_distance_mean"]
+    prc = prc_features_to_metric(pool, ref_pool, prc_neighborhood=1, verbose=False)
+    assert record["metrics"]["kernel_inception_distance_mean"] == pytest.approx(float(kid), rel=1e-9)
+    assert record["metrics"]["precision"] == pytest.approx(float(prc["precision"]), abs=1e-12)
+    assert score_npz(save_npz(tmp_path / "many.npz", nhwc(digits_u8[300:800])), ref, featurizer)["conventions"][
+        "used"] == {"num_samples": 500, "num_reference_features": 300, "prc_neighborhood": 3, "kid_subset_size": 300,
+                    "inception_score_splits": 1}  # fmt: skip
+    one = save_npz(tmp_path / "one.npz", nhwc(digits_u8[:1]))
+    monkeypatch.setattr(Featurizer, "__call__", lambda *a, **k: pytest.fail("featurised before the check"))
+    with pytest.raises(ValueError, match=r"at least 2 samples .* got 1 samples: score more samples"):
+        score_npz(one, ref, featurizer)

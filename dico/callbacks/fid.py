@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from dico.callbacks.ema import ema_weights
 from dico.callbacks.sample_grid import run_dir
 from dico.diffusion import SamplingOptions
-from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Featurizer, MetricOptions
+from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Featurizer, MetricOptions, metric_settings_used
 from dico.evaluation.images import save_grid
 from dico.evaluation.protocol import evaluate, write_record
 from dico.evaluation.reference import OutdatedReference, Reference, compute_reference
@@ -110,7 +110,10 @@ class FIDEvaluation(Callback):
                 "FIDEvaluation callback (the paper's protocol: 50000) to score this checkpoint"
             )
         if stage in ("fit", "test"):
-            self.reference(trainer, pl_module)
+            count = len(self.reference(trainer, pl_module).features)
+            for sample_set in (self.sample_set, self.test_set) if stage == "fit" else (self.test_set,):
+                if sample_set is not None:  # too few samples fail now, not at the first evaluation
+                    metric_settings_used(self.metric_options, sample_set.num_samples, count)
 
     def reference(self, trainer: Trainer, pl_module: LightningModule) -> Reference:
         """The reference statistics (computed on rank 0 if missing and a source is given), checked against the

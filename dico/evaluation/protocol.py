@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .fidelity import Featurizer, MetricOptions, compute_metrics
+from .fidelity import Featurizer, MetricOptions, compute_metrics, metric_settings_used
 from .images import iter_npz_images, npz_images_shape, to_uint8
 from .reference import Reference
 from .sample_set import SampleSet
@@ -70,6 +70,7 @@ def evaluate(
     rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
     metrics = metrics or MetricOptions()
     reference.check(featurizer.identity)
+    metric_settings_used(metrics, sample_set.num_samples, len(reference.features))  # too few: refused before sampling
     if sample_set.num_batches < world:
         raise ValueError(
             f"{sample_set.num_batches} batches of {sample_set.batch_size} cannot feed {world} devices: lower the "
@@ -102,7 +103,7 @@ def evaluate(
             "sample_set": sample_set.record(),
             "settings": {**asdict(sample_set.options), "num_samples": sample_set.num_samples,
                          "batch_size": sample_set.batch_size, "seed": sample_set.seed, "labels": sample_set.labels},
-            **_reference_record(reference, metrics),
+            **_reference_record(reference, metrics, sample_set.num_samples),
             "metrics": scores,
             "seconds": round(time.perf_counter() - start, 1),
             "world_size": world,
@@ -117,12 +118,14 @@ def evaluate(
     return record
 
 
-def _reference_record(reference: Reference, metrics: MetricOptions) -> dict[str, Any]:
+def _reference_record(reference: Reference, metrics: MetricOptions, num_samples: int) -> dict[str, Any]:
+    """The reference, and the conventions: as configured, and as ``used`` on this many samples (k, subsets)."""
+    used = metric_settings_used(metrics, num_samples, len(reference.features))
     return {
         "feature_extractor": reference.meta["feature_extractor"],
         "reference": reference.meta,
         "reference_sha256": reference.sha256,
-        "conventions": {**asdict(metrics), "description": CONVENTIONS_NOTE[metrics.convention]},
+        "conventions": {**asdict(metrics), "description": CONVENTIONS_NOTE[metrics.convention], "used": used},
     }
 
 
@@ -145,7 +148,8 @@ def score_npz(
     metrics = metrics or MetricOptions()
     shape = npz_images_shape(samples)
     reference.check(featurizer.identity, tuple(shape[1:3]))
+    metric_settings_used(metrics, shape[0], len(reference.features))  # too few samples: refused before featurising
     feats = featurizer.run(iter_npz_images(samples, batch_size))
     scores = compute_metrics(feats, reference, metrics)
-    return {"samples": str(samples), "count": int(shape[0]), **_reference_record(reference, metrics),
+    return {"samples": str(samples), "count": int(shape[0]), **_reference_record(reference, metrics, shape[0]),
             "metrics": scores}  # fmt: skip
