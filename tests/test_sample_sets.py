@@ -341,3 +341,23 @@ def test_a_cached_reference_of_another_source_is_refused_at_setup(tmp_path, digi
     trainer = Trainer(accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path)
     with pytest.raises(ValueError, match=r"made with source digits .*delete .*ref\.npz to recompute it from .*batch"):
         callback.reference(trainer, DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL))
+
+
+def test_the_evaluate_record_carries_the_sample_job_and_the_samples_hash(tmp_path, tiny_ckpt, digits_reference,
+                                                                          digits_featurizer):  # fmt: skip
+    import hashlib
+
+    assert cli.main(["sample", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "s"), "--num_samples", "6",
+                     "--batch_size", "4", "--cfg_scale", "1.5", "--accelerator", "cpu",
+                     "--devices", "1"]) == 0  # fmt: skip
+    digits_reference.save(tmp_path / "ref.npz")
+    samples = tmp_path / "s" / "samples.npz"
+    assert cli.main(["evaluate", "--samples", str(samples), "--reference", str(tmp_path / "ref.npz"),
+                     "--feature_extractor", "dico-digits", "--weights_path", digits_featurizer.spec.weights_path,
+                     "--out", str(tmp_path / "record.json")]) == 0  # fmt: skip
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["samples_sha256"] == hashlib.sha256(samples.read_bytes()).hexdigest()
+    assert record["settings"] == {"sampler": "iddpm", "steps": 2, "cfg_scale": 1.5, "guidance_mode": "official",
+                                  "eta": 0.0, "num_samples": 6, "batch_size": 4, "seed": 0,
+                                  "labels": "uniform"}  # fmt: skip
+    assert record["sample_job"]["ckpt"] == str(tiny_ckpt) and record["sample_job"]["pretrained"] is None
