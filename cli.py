@@ -82,11 +82,14 @@ def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-u
             config["ckpt_path"] = released_ckpt_path_to_model(self.model, config.get("ckpt_path"))
 
         def after_test(self) -> None:
-            from dico.pretrained import compare_test_record
+            from dico.evaluation.published import comparison, release_of_test
 
-            line = compare_test_record(self.trainer, self.model)
-            if line:
-                print(f"[dico test] {line}")
+            record_path = Path(self.trainer.default_root_dir) / "test" / "record.json"
+            release = release_of_test(self.trainer, self.model)
+            if release is not None and record_path.is_file():
+                compared = comparison(release, json.loads(record_path.read_text()))
+                if compared:
+                    print(f"[dico test] {compared['line']}")
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
@@ -186,6 +189,7 @@ def reference(argv: list[str]) -> int:
 def evaluate(argv: list[str]) -> int:
     from dico.evaluation.fidelity import CONVENTIONS, FeatureSpec, Featurizer, MetricOptions
     from dico.evaluation.protocol import score_npz, write_record
+    from dico.evaluation.published import comparison, release_of_samples
     from dico.evaluation.reference import Reference
 
     parser = ArgumentParser(prog="dico evaluate", description="Score an ADM-format sample file.")
@@ -204,16 +208,16 @@ def evaluate(argv: list[str]) -> int:
     reference = Reference.load(args.reference)
     featurizer = Featurizer(FeatureSpec(args.feature_extractor, args.weights_path), args.device)
     record = score_npz(args.samples, reference, featurizer, MetricOptions(args.convention), args.batch_size)
+    compared = comparison(release_of_samples(record, args.pretrained), record)
+    if compared:
+        record["published_comparison"] = compared
     if args.out:
         write_record(args.out, record)
     print(json.dumps(record["metrics"], indent=1))
     if "spatial_frechet_inception_distance" not in record["metrics"]:
         print(f"[dico evaluate] the reference's statistics: {reference.meta['statistics']}")
-    from dico.pretrained import compare_sample_record
-
-    line = compare_sample_record(args.samples, record, args.pretrained)
-    if line:
-        print(f"[dico evaluate] {line}")
+    if compared:
+        print(f"[dico evaluate] {compared['line']}")
     return 0
 
 
