@@ -361,3 +361,19 @@ def test_the_evaluate_record_carries_the_sample_job_and_the_samples_hash(tmp_pat
                                   "eta": 0.0, "num_samples": 6, "batch_size": 4, "seed": 0,
                                   "labels": "uniform"}  # fmt: skip
     assert record["sample_job"]["ckpt"] == str(tiny_ckpt) and record["sample_job"]["pretrained"] is None
+
+
+def test_predict_with_the_sample_writer_gives_the_balanced_set(tmp_path):
+    """The data module's predict batches (dico.data.label_batches, no import of evaluation) written by SampleWriter:
+    exactly the class-balanced set, the same parts key as a SampleSet of that layout."""
+    from dico.callbacks import SampleWriter
+
+    writer = SampleWriter(str(tmp_path), source="tiny")
+    trainer = Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    data = DigitsDataModule(predict_samples=12, val_batch_size=5, seed=3)
+    trainer.predict(tiny_module(), data, return_predictions=False)
+    with np.load(tmp_path / "samples.npz") as saved:
+        assert saved["arr_0"].shape == (12, 8, 8, 1) and saved["arr_1"].tolist() == [i % 10 for i in range(12)]
+    key = SampleSet(12, 10, 5, seed=3, labels="balanced").job_key("tiny")
+    assert [p.name for p in (tmp_path / "parts").iterdir()] == [key]
