@@ -88,11 +88,14 @@ def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-u
             config["ckpt_path"] = released_ckpt_path_to_model(self.model, config.get("ckpt_path"))
 
         def after_test(self) -> None:
-            from dico.pretrained import compare_test_record
+            from dico.evaluation.published import comparison, release_of_test
 
-            line = compare_test_record(self.trainer, self.model)
-            if line:
-                print(f"[dico test] {line}")
+            record_path = Path(self.trainer.default_root_dir) / "test" / "record.json"
+            release = release_of_test(self.trainer, self.model)
+            if release is not None and record_path.is_file():
+                compared = comparison(release, json.loads(record_path.read_text()))
+                if compared:
+                    print(f"[dico test] {compared['line']}")
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
@@ -160,7 +163,7 @@ def reference(argv: list[str]) -> int:
     from pathlib import Path
 
     from dico.evaluation.fidelity import FeatureSpec, Featurizer
-    from dico.evaluation.reference import Reference, compute_reference
+    from dico.evaluation.reference import Reference, check_source, compute_reference
 
     parser = ArgumentParser(prog="dico reference", description="Compute and cache reference statistics.")
     parser.add_argument("--source", required=True, help="ADM .npz reference batch, image folder, or 'digits'")
@@ -171,11 +174,17 @@ def reference(argv: list[str]) -> int:
     _add_feature_arguments(parser)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    if Path(args.out).exists() and not args.overwrite:
-        ref = Reference.load(args.out)
-        print(f"[dico reference] {args.out} exists ({ref.meta}); reusing it (--overwrite to recompute)")
-        return 0
+    check_source(args.source, args.image_size)  # before the extractor is built (or trained and saved)
+    existing = Reference.load(args.out) if Path(args.out).exists() and not args.overwrite else None
+    fix = f"recompute it with --overwrite, or write these statistics to another --out than {args.out}"
+    if existing is not None:  # the same source, extractor name and crop before the extractor is built ...
+        existing.check_made_by(args.source, {"feature_extractor": args.feature_extractor}, args.image_size, fix)
     featurizer = Featurizer(FeatureSpec(args.feature_extractor, args.weights_path), args.device)
+    if existing is not None:  # ... and the same weights
+        existing.check_made_by(args.source, featurizer.identity, args.image_size, fix)
+        print(f"[dico reference] {args.out} exists, made from {args.source} with the same extractor; reusing it "
+              "(--overwrite to recompute)")  # fmt: skip
+        return 0
     ref = compute_reference(args.source, featurizer, args.image_size, args.max_features, args.seed, args.batch_size)
     ref.save(args.out)
     print(f"[dico reference] {ref.meta['count']} images -> {args.out} ({ref.meta['statistics']}; sha256 "
@@ -186,6 +195,7 @@ def reference(argv: list[str]) -> int:
 def evaluate(argv: list[str]) -> int:
     from dico.evaluation.fidelity import CONVENTIONS, FeatureSpec, Featurizer, MetricOptions
     from dico.evaluation.protocol import score_npz, write_record
+    from dico.evaluation.published import comparison, release_of_samples
     from dico.evaluation.reference import Reference
 
     parser = ArgumentParser(prog="dico evaluate", description="Score an ADM-format sample file.")
@@ -204,14 +214,16 @@ def evaluate(argv: list[str]) -> int:
     reference = Reference.load(args.reference)
     featurizer = Featurizer(FeatureSpec(args.feature_extractor, args.weights_path), args.device)
     record = score_npz(args.samples, reference, featurizer, MetricOptions(args.convention), args.batch_size)
+    compared = comparison(release_of_samples(record, args.pretrained), record)
+    if compared:
+        record["published_comparison"] = compared
     if args.out:
         write_record(args.out, record)
     print(json.dumps(record["metrics"], indent=1))
-    from dico.pretrained import compare_sample_record
-
-    line = compare_sample_record(args.samples, record, args.pretrained)
-    if line:
-        print(f"[dico evaluate] {line}")
+    if "spatial_frechet_inception_distance" not in record["metrics"]:
+        print(f"[dico evaluate] the reference's statistics: {reference.meta['statistics']}")
+    if compared:
+        print(f"[dico evaluate] {compared['line']}")
     return 0
 
 
@@ -297,5 +309,27 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+# Errors from user input (an option, a file, a config value): their messages name the fix, so the command line
+# prints them as one line; anything else keeps its traceback.
+USER_ERRORS = (ValueError, LookupError, OSError, EOFError)
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """The ``dico`` command (and ``python cli.py``): :func:`main`, with an error from user input printed as one line
+    that names the fix, exit status 1 (``DICO_TRACEBACK=1`` shows its traceback instead)."""
+    from dico.runtime import show_traceback
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return main(argv)
+    except USER_ERRORS as e:
+        if show_traceback():
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        command = argv[0] if argv else "dico"
+        print(f"[dico {command}] error: {message} (DICO_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from dico.callbacks.ema import ema_weights
 from dico.compat import attached_trainer
-from dico.diffusion import GUIDANCE_MODES, SAMPLERS, create_diffusion, generate, sampling_diffusion
+from dico.diffusion import SamplingOptions, create_diffusion, generate, sampling_diffusion
 from dico.divergence import Divergence, DivergenceRecord
 from dico.evaluation.images import to_uint8
 from dico.models import create_model
@@ -118,11 +118,8 @@ class DiffusionModule(LightningModule):
         pretrained: str | None = None,
     ) -> None:
         super().__init__()
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if guidance_mode not in GUIDANCE_MODES:
-            raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {guidance_mode!r}")
         self.save_hyperparameters()
+        SamplingOptions().resolved(self.hparams)  # the sampling defaults, validated before anything is built
         self.model = create_model(model, **(model_kwargs or {}))
         self.weights_source: Any = None  # what `pretrained` loaded (dico.checkpoints.LoadedWeights)
         self._training_weights: dict[str, Tensor] | None = None
@@ -367,8 +364,7 @@ class DiffusionModule(LightningModule):
         """
         hp = self.hparams
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
-        sampler = sampler or hp.sampler
-        steps = steps or hp.sampling_steps
+        options = SamplingOptions(sampler, steps, cfg_scale, guidance_mode, eta).resolved(hp)
         m = self.model
         shape = (m.in_channels, m.input_size, m.input_size)
         was_training = self.training
@@ -376,12 +372,9 @@ class DiffusionModule(LightningModule):
         try:
             with ema_weights(self):
                 z = generate(
-                    m, labels, shape, m.null_label,
-                    sampler=sampler, steps=steps,
-                    cfg_scale=hp.cfg_scale if cfg_scale is None else cfg_scale,
-                    guidance_mode=guidance_mode or hp.guidance_mode,
-                    eta=hp.ddim_eta if eta is None else eta, seed=seed, clip_denoised=hp.clip_denoised,
-                    diffusion=sampling_diffusion(sampler, steps, hp.diffusion_steps, hp.noise_schedule, m.learn_sigma),
+                    m, labels, shape, m.null_label, **options.as_kwargs(), seed=seed, clip_denoised=hp.clip_denoised,
+                    diffusion=sampling_diffusion(options.sampler, options.steps, hp.diffusion_steps, hp.noise_schedule,
+                                                 m.learn_sigma),
                     progress=progress,
                 )  # fmt: skip
         finally:

@@ -7,10 +7,8 @@ sample from is :func:`dico.sample_jobs.load_for_sampling`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -140,58 +138,3 @@ def check_vae_available(vae: str, option: str = "--vae PATH") -> None:
             f"the VAE {vae} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set. "
             f"Download it once: `hf download {vae}`, or pass a local copy (a `save_pretrained` folder) with {option}."
         )
-
-
-# ---------------------------------------------------------------------------------------------------- comparisons
-def published_comparison(
-    release: Release | str | None,
-    metrics: Mapping[str, float],
-    cfg_scale: float | None = None,
-    count: int | None = None,
-    sampler: str | None = None,
-    steps: int | None = None,
-) -> str | None:
-    """One line: our FID/IS beside the published ones, and what makes them incomparable (guidance scale, sample
-    count, sampler); None when there is no published figure to compare with."""
-    release = find_release(release) if isinstance(release, str) else release
-    if release is None or release.fid is None:
-        return None
-    fid = max(metrics["frechet_inception_distance"], 0.0)  # not -0.00 from rounding error of equal statistics
-    parts = [f"FID {fid:.2f} (published {release.fid:.2f})"]
-    if "inception_score_mean" in metrics and release.inception_score is not None:
-        parts.append(f"IS {metrics['inception_score_mean']:.2f} (published {release.inception_score:.2f})")
-    line = f"{release.name}: " + ", ".join(parts) + f"; published at cfg {release.cfg_scale}, 50K samples, 250 iDDPM"
-    notes = []
-    if cfg_scale is not None and abs(cfg_scale - release.cfg_scale) > 1e-9:
-        notes.append(f"cfg {cfg_scale}")
-    if count is not None and count != 50_000:
-        notes.append(f"{count:,} samples")
-    if (sampler is not None and sampler != "iddpm") or (steps is not None and steps != 250):
-        notes.append(f"{steps} {sampler} steps")
-    return line + (" -- not comparable, ours used " + ", ".join(notes) if notes else "") + f" [{release.source}]"
-
-
-def compare_sample_record(samples: str | Path, record: Mapping[str, Any], release: str | None = None) -> str | None:
-    """``evaluate``: compare with the release named, or with the one ``samples.json`` beside the samples names."""
-    import json
-
-    meta = Path(samples).with_name("samples.json")
-    job = json.loads(meta.read_text()) if meta.is_file() else {}
-    found = find_release(release or job.get("pretrained"))
-    return published_comparison(found, record["metrics"], job.get("cfg_scale"), record.get("count"),
-                                job.get("sampler"), job.get("steps"))  # fmt: skip
-
-
-def compare_test_record(trainer: Any, module: Any) -> str | None:
-    """``test``: compare the protocol's record (``<run>/test/record.json``) with the release the module's weights
-    are, when they are a release's (not when a Lightning checkpoint, e.g. a fine-tuned one, was restored)."""
-    import json
-
-    source = getattr(module, "weights_source", None)
-    record_path = Path(trainer.default_root_dir) / "test" / "record.json"
-    if source is None or source.release is None or trainer.ckpt_path or not record_path.is_file():
-        return None
-    record = json.loads(record_path.read_text())
-    run = record.get("settings", {})
-    return published_comparison(source.release, record["metrics"], run.get("cfg_scale"), run.get("num_samples"),
-                                run.get("sampler"), run.get("steps"))  # fmt: skip

@@ -63,3 +63,9 @@ def hub_offline(environ: Mapping[str, str] = os.environ) -> bool:
 
     value = environ.get("HF_HUB_OFFLINE") or environ.get("TRANSFORMERS_OFFLINE")
     return value is not None and value.upper() in constants.ENV_VARS_TRUE_VALUES
+
+
+def show_traceback(environ: Mapping[str, str] = os.environ) -> bool:
+    """``DICO_TRACEBACK=1``: the command line shows the traceback of an error from user input (a bad option, file or
+    config value) instead of its one-line message."""
+    return environ.get("DICO_TRACEBACK", "0") not in ("0", "", "false", "False")

@@ -1,5 +1,5 @@
 """Sample jobs from a training checkpoint or a release: the module built to sample from (any published format), and
-class-balanced sample sets, reproducible on any number of devices, resumable."""
+sample sets with seeded labels, reproducible on any number of devices, resumable."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from dico.callbacks.sample_writer import SampleWriter
 from dico.checkpoints import inspect_checkpoint, load_weights
-from dico.evaluation.sample_set import SampleSet, SamplingOptions
+from dico.diffusion import SamplingOptions
+from dico.evaluation.sample_set import SampleSet
 from dico.models.official import LIGHTNING
 from dico.module import DiffusionModule
 from dico.pretrained import SD_SCALE_FACTOR, SD_VAE, check_vae_available
@@ -33,8 +34,9 @@ class SampleJob:
         out: output folder: ``samples.npz`` (ADM format), ``samples.png``, ``samples.json``, ``parts/``.
         num_samples: how many samples.
         batch_size: samples per batch; keep it fixed to reproduce a set (a batch's noise is seeded by its first index).
-        labels: ``balanced`` (sample i has class i % num_classes) or ``uniform`` (random, as DiT's sample_ddp.py).
-        cfg_scale, guidance_mode, sampler, steps, eta: see :class:`~dico.evaluation.sample_set.SamplingOptions`.
+        labels: ``uniform`` (random, seeded per batch, as the published sample_ddp.py) or ``balanced`` (sample i
+            has class i % num_classes).
+        cfg_scale, guidance_mode, sampler, steps, eta: see :class:`~dico.diffusion.SamplingOptions`.
         unsafe_full_unpickle: load a checkpoint that needs full unpickling (only for files you trust: unpickling
             can run arbitrary code). Off by default: checkpoints load with ``weights_only=True``.
     """
@@ -49,7 +51,7 @@ class SampleJob:
     out: str = "samples"
     num_samples: int = 50_000
     batch_size: int = 64
-    labels: str = "balanced"
+    labels: str = "uniform"
     cfg_scale: float | None = None
     guidance_mode: str | None = None
     sampler: str | None = None
@@ -128,7 +130,12 @@ def run_sample_job(job: SampleJob) -> Path:
     source = module.weights_source
     print(f"[dico sample] {source.describe()}")
     sample_set = job.sample_set(module.model.num_classes)
-    sample_set = sample_set.with_options(sample_set.options.resolved(module.hparams))
+    sample_set = sample_set.with_options(sample_set.options.resolved(module.hparams))  # e.g. --steps 5000 fails here
+    if sample_set.options.cfg_scale != 1.0 and module.model.null_label is None:
+        raise ValueError(
+            f"--cfg_scale {sample_set.options.cfg_scale} needs a model trained with label dropout "
+            "(class_dropout_prob > 0); this one has no null label: sample with --cfg_scale 1"
+        )
     out = Path(job.out)
     record = {**asdict(job), **asdict(sample_set.options), "model": module.hparams.model,
               "pretrained": source.release.name if source.release else None}  # fmt: skip

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import cli
-from tests.conftest import ROOT
+from tests.conftest import QUICKSTART, ROOT
 
 
 def test_model_info_json(capsys, paper):
@@ -130,3 +130,31 @@ def test_every_config_composes_the_one_callback_list(capsys, monkeypatch):
                  *(ROOT / "ablations" / "configs" / "budgets").glob("*.yaml"),
                  ROOT / "dico" / "analysis" / "quickstart-tiny.yaml"]:  # fmt: skip
         assert "callbacks" not in (yaml.safe_load(path.read_text()).get("trainer") or {}), path
+
+
+def test_user_errors_are_one_line_naming_the_fix_without_a_traceback(tmp_path, capsys, monkeypatch):
+    """A bad model name, an empty reference file, a missing --source folder: one line that names the fix, exit status
+    1, nothing written; DICO_TRACEBACK=1 gives the traceback instead."""
+    monkeypatch.chdir(tmp_path)
+
+    def error_line(*argv: str) -> str:
+        capsys.readouterr()
+        assert cli.entry(list(argv)) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        [line] = [line for line in err.splitlines() if "error:" in line]
+        return line
+
+    fit = ["fit", "-c", str(QUICKSTART), "--model.model", "DiCo-Q", "--trainer.logger", "false"]
+    line = error_line(*fit)
+    assert "unknown model 'DiCo-Q'" in line and "DiCo-S," in line and "DiT-XL/2" in line
+    (tmp_path / "empty.npz").write_bytes(b"")
+    line = error_line("evaluate", "--samples", "s.npz", "--reference", "empty.npz")
+    assert "empty.npz is not a dico reference-statistics file" in line and "cli.py reference" in line
+    digits = ["--feature_extractor", "dico-digits", "--weights_path", str(tmp_path / "clf.pt")]
+    line = error_line("reference", "--source", "no/such/folder", "--image_size", "8", "--out", "ref.npz", *digits)
+    assert "--source no/such/folder does not exist" in line and "--data-path" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.npz"]  # no classifier trained, no reference
+    monkeypatch.setenv("DICO_TRACEBACK", "1")
+    with pytest.raises(KeyError, match="DiCo-Q"):
+        cli.entry(fit)

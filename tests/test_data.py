@@ -240,3 +240,26 @@ def test_latent_datamodule_reads_the_cache(cache):
     assert set(batch) == {"x", "std", "y"} and batch["x"].shape == (4, 4, 8, 8)
     record = json.loads((out / "manifest.json").read_text())
     assert record["count"] == 12
+
+
+def test_data_imports_nothing_of_models_diffusion_or_evaluation():
+    """dico/data is the floor below the rest: not one of its files imports dico.models, dico.diffusion or
+    dico.evaluation (at module level or inside a function)."""
+    import ast
+    from pathlib import Path
+
+    import dico.data
+
+    above = ("dico.models", "dico.diffusion", "dico.evaluation")
+    found = []
+    for path in sorted(Path(dico.data.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [f"dico.{node.module or ''}" if node.level > 1 else f"dico.data.{node.module or ''}"]
+                names = names if node.level else [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            found += [f"{path.name}: {n}" for n in names if n.startswith(above)]
+    assert found == []

@@ -247,3 +247,20 @@ def test_guided_sampling_does_not_synchronise_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out).all()
+
+
+def test_sampling_options_are_filled_in_and_validated_in_one_place():
+    """dico.diffusion.SamplingOptions: a module's sampling defaults are checked when it is built, and every sample
+    call resolves its options there (steps beyond the process fail before any sampling)."""
+    from dico.diffusion import SamplingOptions
+    from dico.module import DiffusionModule
+    from tests.conftest import TINY_MODEL
+
+    with pytest.raises(ValueError, match="guidance_mode must be one of"):
+        DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, guidance_mode="first3")
+    with pytest.raises(ValueError, match="steps must be <= the model's 100 diffusion steps"):
+        DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, diffusion_steps=100, sampling_steps=250)
+    module = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, diffusion_steps=100, sampling_steps=10, cfg_scale=2.0)
+    assert SamplingOptions(sampler="ddim").resolved(module.hparams) == SamplingOptions("ddim", 10, 2.0, "official", 0.0)
+    with pytest.raises(ValueError, match="steps must be <= the model's 100 diffusion steps"):
+        module.sample([0, 1], steps=500)

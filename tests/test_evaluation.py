@@ -391,3 +391,72 @@ def test_the_committed_classifier_is_what_training_gives_on_the_default_kernels(
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "PYTHONPATH": str(root)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_a_reference_made_from_another_source_or_extractor_is_refused(tmp_path, digits_u8, digits_spec, featurizer,
+                                                                      capsys):  # fmt: skip
+    """`reference --out` holding statistics of another source or extractor is not reused: the fix is named."""
+    ref = tmp_path / "ref.npz"
+    digits = ["--feature_extractor", "dico-digits", "--weights_path", digits_spec.weights_path]
+    assert cli.main(["reference", "--source", "digits", "--out", str(ref), "--max_features", "100", *digits]) == 0
+    made = ref.read_bytes()
+    batch = save_npz(tmp_path / "batch.npz", nhwc(digits_u8[:50]))
+    with pytest.raises(
+        ValueError, match=r"made with source digits \(asked: .*batch\.npz\).*--overwrite.*another --out"
+    ):
+        cli.main(["reference", "--source", str(batch), "--out", str(ref), *digits])
+    state = featurizer.extractor.classifier.state_dict()
+    torch.save({**state, "head.weight": 2 * state["head.weight"]}, tmp_path / "other.pt")
+    other = ["--feature_extractor", "dico-digits", "--weights_path", str(tmp_path / "other.pt")]
+    with pytest.raises(ValueError, match=r"weights_sha256 .* \(asked: .*--overwrite"):
+        cli.main(["reference", "--source", "digits", "--out", str(ref), *other])
+    assert ref.read_bytes() == made
+    assert cli.main(["reference", "--source", "digits", "--out", str(ref), *digits]) == 0
+    assert "reusing it" in capsys.readouterr().out
+    assert cli.main(["reference", "--source", str(batch), "--out", str(ref), "--overwrite", *digits]) == 0
+    assert Reference.load(ref).meta["source"] == str(batch) and Reference.load(ref).meta["count"] == 50
+    folder = Reference.load(ref)
+    folder.meta.update(source=str(tmp_path), image_size=[16, 16])  # as made from an image folder at 16x16
+    assert folder.differences(str(tmp_path), None, 16) == []
+    assert folder.differences(str(tmp_path), None, 32) == ["image size [16, 16] (asked: 32)"]
+
+
+def test_an_adm_batch_without_spatial_statistics_scores_fid_from_its_mu_sigma(tmp_path, digits_u8, featurizer):
+    """A reference batch with mu/sigma and no mu_s/sigma_s: FID against its mu/sigma (not its images'), no sFID,
+    and the reference says why."""
+    stats = adm_stats(featurizer(digits_u8[1000:]).get("pool").numpy())  # statistics of other digits than arr_0
+    batch = tmp_path / "VIRTUAL_digits.npz"
+    np.savez(batch, arr_0=nhwc(digits_u8[:300]), mu=stats[0], sigma=stats[1])
+    ref = compute_reference(str(batch), featurizer)
+    assert np.array_equal(ref.mu, stats[0]) and "sFID needs mu_s/sigma_s" in ref.meta["statistics"]
+    samples = save_npz(tmp_path / "s.npz", nhwc(digits_u8[300:600]))
+    ref.save(tmp_path / "ref.npz")
+    metrics = score_npz(samples, Reference.load(tmp_path / "ref.npz"), featurizer)["metrics"]
+    want = adm_fid(*adm_stats(featurizer(digits_u8[300:600])["pool"].numpy()), *stats)
+    assert metrics["frechet_inception_distance"] == pytest.approx(want, rel=1e-6)
+    assert "spatial_frechet_inception_distance" not in metrics
+
+
+def test_small_sets_state_the_k_and_subset_sizes_used_and_one_sample_is_refused(tmp_path, digits_u8, featurizer,
+                                                                                monkeypatch):  # fmt: skip
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    ref = compute_reference_from(featurizer, digits_u8[:300])
+    two = save_npz(tmp_path / "two.npz", nhwc(digits_u8[300:302]))
+    record = score_npz(two, ref, featurizer, MetricOptions("torch-fidelity"))
+    used = record["conventions"]["used"]
+    assert record["conventions"]["prc_neighborhood"] == 3 and record["conventions"]["kid_subset_size"] == 1000
+    assert (used["prc_neighborhood"], used["kid_subset_size"], used["inception_score_splits"]) == (1, 2, 2)
+    pool, ref_pool = featurizer(digits_u8[300:302])["pool"], torch.from_numpy(ref.features)
+    kid = kid_features_to_metric(pool, ref_pool, kid_subset_size=2, verbose=False)["kernel_inception_distance_mean"]
+    prc = prc_features_to_metric(pool, ref_pool, prc_neighborhood=1, verbose=False)
+    assert record["metrics"]["kernel_inception_distance_mean"] == pytest.approx(float(kid), rel=1e-9)
+    assert record["metrics"]["precision"] == pytest.approx(float(prc["precision"]), abs=1e-12)
+    assert score_npz(save_npz(tmp_path / "many.npz", nhwc(digits_u8[300:800])), ref, featurizer)["conventions"][
+        "used"] == {"num_samples": 500, "num_reference_features": 300, "prc_neighborhood": 3, "kid_subset_size": 300,
+                    "inception_score_splits": 1}  # fmt: skip
+    one = save_npz(tmp_path / "one.npz", nhwc(digits_u8[:1]))
+    monkeypatch.setattr(Featurizer, "__call__", lambda *a, **k: pytest.fail("featurised before the check"))
+    with pytest.raises(ValueError, match=r"at least 2 samples .* got 1 samples: score more samples"):
+        score_npz(one, ref, featurizer)

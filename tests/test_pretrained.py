@@ -24,7 +24,7 @@ from dico.evaluation.images import load_npz, save_npz, to_uint8
 from dico.models import load_official
 from dico.models.official import LIGHTNING, STATE_DICT, TRAINING, checkpoint_format, registered_name
 from dico.module import DiffusionModule
-from dico.pretrained import CATALOGUE, find_release, published_comparison
+from dico.pretrained import CATALOGUE, find_release
 from dico.sample_jobs import load_for_sampling
 from tests.conftest import ROOT
 
@@ -82,7 +82,7 @@ def expected_samples(golden, arch: str, vae_dir: Path, cfg_scale: float) -> np.n
 def sample(ckpt: Path, out: Path, vae_dir: Path, *extra: str) -> np.ndarray:
     assert cli.main(["sample", "--ckpt", str(ckpt), "--out", str(out), "--num_samples", str(COUNT), "--batch_size",
                      str(BATCH), "--steps", str(STEPS), "--vae", str(vae_dir), "--accelerator", "cpu", "--devices", "1",
-                     *extra]) == 0  # fmt: skip
+                     "--labels", "balanced", *extra]) == 0  # fmt: skip
     images, labels = load_npz(out / "samples.npz")
     assert labels.tolist() == [i % 10 for i in range(COUNT)]
     return images
@@ -129,8 +129,10 @@ def test_a_release_file_through_sample_npz_and_evaluate(standins, golden, tiny_v
     assert record["count"] == COUNT
     assert record["metrics"]["frechet_inception_distance"] == pytest.approx(0.0, abs=1e-2)  # the same images
     said = capsys.readouterr().out
-    assert "DiCo-XL-3750K: FID 0.00 (published 2.05)" in said
-    assert f"not comparable, ours used {COUNT} samples, {STEPS} iddpm steps" in said
+    assert "DiCo-XL-3750K: FID 0.00, IS" in said and "published 2.05" not in said  # not printed as a match
+    assert f"not comparable with the published figures: reference {batch}" in said
+    assert f"num_samples {COUNT} (published: 50000); steps {STEPS} (published: 250)" in said
+    assert "labels balanced (published: uniform)" in said and not record["published_comparison"]["comparable"]
 
 
 def test_training_checkpoint_weights_and_args(standins, golden):
@@ -195,10 +197,6 @@ def test_catalogue_figures_are_the_published_ones(paper):
     table2 = {r["model"]: r for r in paper["table2_imagenet512"]}
     assert CATALOGUE["DiT-XL-2-512"].inception_score == table2["DiT-XL/2 (cfg)"]["is"]
     assert find_release("/somewhere/DiCo-XL-3750K-256x256.pt") is xl
-    line = published_comparison("DiCo-XL-3750K", {"frechet_inception_distance": 2.1, "inception_score_mean": 280.0},
-                                cfg_scale=1.4, count=50_000, sampler="iddpm", steps=250)  # fmt: skip
-    assert "FID 2.10 (published 2.05)" in line and "IS 280.00 (published 282.17)" in line and "not comp" not in line
-    assert "not comparable" in published_comparison(xl, {"frechet_inception_distance": 9.0}, cfg_scale=1.0)
 
 
 def hub_cache(home: Path, repo: str, filename: str, source: Path) -> Path:
@@ -292,7 +290,8 @@ def test_the_test_protocol_on_a_released_file(golden, image_folder, tiny_vae_dir
         "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "default_root_dir": str(tmp_path / "run"),
                     "enable_progress_bar": False, "callbacks": [{"class_path": "dico.callbacks.FIDEvaluation",
                     "init_args": {"reference": str(reference), "weights_path": str(inception_weights),
-                                  "test_num_samples": 4, "batch_size": 2, "test_steps": STEPS}}]},
+                                  "test_num_samples": 4, "batch_size": 2, "test_steps": STEPS,
+                                  "labels": "balanced"}}]},
         "model": {"model": "DiCo-S", "cfg_scale": 1.0,
                   "model_kwargs": {"hidden_size": 32, "depth": [1] * 5, "num_classes": 2, "input_size": 8}},
         "data": {"class_path": "dico.data.LatentDataModule",
@@ -303,7 +302,8 @@ def test_the_test_protocol_on_a_released_file(golden, image_folder, tiny_vae_dir
     assert cli.main(["test", "-c", str(tmp_path / "config.yaml"), "--ckpt_path", str(released)]) == 0
     said = capsys.readouterr().out
     assert "DiCo-S-400K-256x256.pt (release DiCo-S-400K): a published DiCo state dict" in said
-    assert "DiCo-S-400K: FID" in said and "(published 49.97)" in said and "ours used 4 samples, 3 iddpm" in said
+    assert "DiCo-S-400K: FID" in said and "not comparable with the published figures" in said
+    assert "num_samples 4 (published: 50000); steps 3 (published: 250)" in said and "49.97" not in said
 
     model = load_official(two_classes, "dico", input_size=8).eval()
     vae, want = load_vae(str(tiny_vae_dir)), []

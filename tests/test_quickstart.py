@@ -15,6 +15,7 @@ import torch
 import yaml
 
 import cli
+from dico.evaluation import SampleSet
 from dico.evaluation.digits import class_accuracy, train_digits_classifier
 from tests.conftest import QUICKSTART
 
@@ -33,6 +34,12 @@ def run(cwd: Path, *args: str) -> None:
         assert cli.main(list(args)) == 0
     finally:
         os.chdir(old)
+
+
+def uniform_labels(count: int, batch_size: int, seed: int) -> list[int]:
+    """The labels of a default (``uniform``) sample set of digits."""
+    sample_set = SampleSet(count, 10, batch_size, seed)
+    return torch.cat([sample_set.batch(b)["y"] for b in range(sample_set.num_batches)]).tolist()
 
 
 def fid_settings(config: dict) -> dict:
@@ -112,7 +119,8 @@ def test_test_protocol_writes_its_record_and_samples(quickstart, tmp_path):
     assert record["checkpoint"].endswith("model.ckpt") and len(record["reference_sha256"]) == 64
     assert set(record["metrics"]) >= {"frechet_inception_distance", "inception_score_mean", "precision", "recall"}
     with np.load(tmp_path / "out" / "test" / "samples.npz") as data:
-        assert data["arr_0"].shape == (60, 8, 8, 1) and data["arr_1"].tolist() == [i % 10 for i in range(60)]
+        assert data["arr_0"].shape == (60, 8, 8, 1) and data["arr_1"].tolist() == uniform_labels(60, 100, 0)
+    assert settings["labels"] == "uniform"  # the published protocol's random labels, by default
 
 
 def test_sample_tool_is_reproducible_and_resumable(quickstart, tmp_path):
@@ -122,7 +130,7 @@ def test_sample_tool_is_reproducible_and_resumable(quickstart, tmp_path):
     run(tmp_path, *args, "--out", "a")
     with np.load(tmp_path / "a" / "samples.npz") as data:
         first, labels = data["arr_0"], data["arr_1"]
-    assert first.shape == (30, 8, 8, 1) and labels.tolist() == [i % 10 for i in range(30)]
+    assert first.shape == (30, 8, 8, 1) and labels.tolist() == uniform_labels(30, 8, 0)
     parts = sorted((tmp_path / "a" / "parts").glob("*/*"))  # one folder, keyed by the job
     assert [p.name for p in parts] == [f"{i:09d}.npz" for i in (0, 8, 16, 24)]
     parts[2].unlink()  # an interrupted job: only the missing batch is redone ...

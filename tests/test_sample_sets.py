@@ -41,7 +41,7 @@ def digits_reference(digits_featurizer):
 
 
 def test_sample_set_layout_seeds_and_rank_split():
-    s = SampleSet(10, 4, 3, seed=5)
+    s = SampleSet(10, 4, 3, seed=5, labels="balanced")
     assert s.num_batches == 4 and s.rank_batches(0, 2) == [0, 2] and s.rank_batches(1, 2) == [1, 3]
     batch = s.batch(3)
     assert batch["index"].tolist() == [9] and batch["y"].tolist() == [1]
@@ -89,7 +89,7 @@ def test_parts_are_keyed_by_the_job_and_merge_exactly_the_set(tmp_path, digits_f
     into samples.npz; an interrupted write (hidden temp part) is ignored; a missing part is refused."""
     module = tiny_module()
     for batch_size in (4, 7):
-        s = SampleSet(15, 10, batch_size, seed=1)
+        s = SampleSet(15, 10, batch_size, seed=1, labels="balanced")
         record = evaluate(module, s, digits_reference, digits_featurizer, samples_dir=tmp_path, source="ckpt@3")
         with np.load(record["samples"]) as data:
             assert data["arr_0"].shape == (15, 8, 8, 1) and data["arr_1"].tolist() == [i % 10 for i in range(15)]
@@ -97,7 +97,7 @@ def test_parts_are_keyed_by_the_job_and_merge_exactly_the_set(tmp_path, digits_f
     merged = np.concatenate(list(iter_npz_images(tmp_path / "samples.npz", 4)))  # streamed as ADM reads it
     with np.load(tmp_path / "samples.npz") as data:
         assert np.array_equal(merged, data["arr_0"])
-    s = SampleSet(15, 10, 7, seed=1).with_options(SamplingOptions().resolved(module.hparams))
+    s = SampleSet(15, 10, 7, seed=1, labels="balanced").with_options(SamplingOptions().resolved(module.hparams))
     key = s.job_key("ckpt@3")
     (s.parts_dir(tmp_path, key) / ".000000007.npz.tmp").write_bytes(b"half a part")
     assert s.finished(tmp_path, key) == {0, 1, 2}
@@ -110,7 +110,7 @@ def test_protocol_scores_once_and_records_the_conventions(tmp_path, digits_featu
     module = tiny_module()
     record = evaluate(module, SampleSet(20, 10, 8), digits_reference, digits_featurizer)
     assert record["conventions"]["convention"] == "adm" and record["conventions"]["isc_split_size"] == 5000
-    assert record["settings"]["steps"] == 3 and record["settings"]["labels"] == "balanced"
+    assert record["settings"]["steps"] == 3 and record["settings"]["labels"] == "uniform"
     assert set(record["metrics"]) >= {"frechet_inception_distance", "spatial_frechet_inception_distance",
                                       "inception_score_mean", "precision", "recall"}  # fmt: skip
     with pytest.raises(ValueError, match="cannot feed 4 devices"):
@@ -190,7 +190,8 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     ("bad", "message"),
     [(["--num_samples", "0"], "num_samples must be >= 1"), (["--batch_size", "0"], "batch_size must be >= 1"),
-     (["--cfg_scale", "-1"], "cfg_scale must be >= 0")],
+     (["--cfg_scale", "-1"], "cfg_scale must be >= 0"),
+     (["--steps", "5000"], "steps must be <= the model's 1000 diffusion steps")],
 )  # fmt: skip
 def test_sample_tool_rejects_bad_input_before_writing_and_the_rerun_works(tmp_path, tiny_ckpt, bad, message):
     args = ["sample", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "s"), "--num_samples", "6",
@@ -306,3 +307,73 @@ def test_an_outdated_reference_is_recomputed_from_its_source(tmp_path, digits_fe
     trainer = Trainer(accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path)
     module = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL)
     assert callback.reference(trainer, module).mu_s.shape == (112,)
+
+
+def test_scored_samples_have_random_labels_by_default_and_the_records_say_so(tmp_path, tiny_ckpt):
+    """The published sample_ddp.py draws each label uniformly at random; `sample`, `test` and the FID callback
+    do the same by default (seeded per batch), and `balanced` is an option."""
+    from dico.sample_jobs import SampleJob
+
+    callback = FIDEvaluation(reference=str(tmp_path / "ref.npz"))
+    assert callback.sample_set.labels == callback.test_set.labels == SampleJob().labels == "uniform"
+    args = ["sample", "--ckpt", str(tiny_ckpt), "--num_samples", "40", "--batch_size", "8", "--accelerator", "cpu",
+            "--devices", "1"]  # fmt: skip
+    assert cli.main([*args, "--out", str(tmp_path / "u")]) == 0
+    with np.load(tmp_path / "u" / "samples.npz") as data:
+        labels = data["arr_1"]
+    want = SampleSet(40, 10, 8, seed=0, labels="uniform")
+    assert labels.tolist() == torch.cat([want.batch(b)["y"] for b in range(5)]).tolist()
+    assert np.bincount(labels, minlength=10).tolist() != [4] * 10  # not the balanced layout
+    assert json.loads((tmp_path / "u" / "samples.json").read_text())["labels"] == "uniform"
+    assert cli.main([*args, "--out", str(tmp_path / "b"), "--labels", "balanced"]) == 0
+    with np.load(tmp_path / "b" / "samples.npz") as data:
+        assert data["arr_1"].tolist() == [i % 10 for i in range(40)]
+
+
+def test_a_cached_reference_of_another_source_is_refused_at_setup(tmp_path, digits_featurizer, digits_reference):
+    from dico.evaluation.images import save_npz
+
+    digits_reference.save(tmp_path / "ref.npz")
+    batch = save_npz(tmp_path / "batch.npz", np.zeros((4, 8, 8, 1), np.uint8))
+    spec = digits_featurizer.spec
+    callback = FIDEvaluation(reference=str(tmp_path / "ref.npz"), reference_source=str(batch),
+                             feature_extractor="dico-digits", weights_path=spec.weights_path)  # fmt: skip
+    trainer = Trainer(accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"made with source digits .*delete .*ref\.npz to recompute it from .*batch"):
+        callback.reference(trainer, DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL))
+
+
+def test_the_evaluate_record_carries_the_sample_job_and_the_samples_hash(tmp_path, tiny_ckpt, digits_reference,
+                                                                          digits_featurizer):  # fmt: skip
+    import hashlib
+
+    assert cli.main(["sample", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "s"), "--num_samples", "6",
+                     "--batch_size", "4", "--cfg_scale", "1.5", "--accelerator", "cpu",
+                     "--devices", "1"]) == 0  # fmt: skip
+    digits_reference.save(tmp_path / "ref.npz")
+    samples = tmp_path / "s" / "samples.npz"
+    assert cli.main(["evaluate", "--samples", str(samples), "--reference", str(tmp_path / "ref.npz"),
+                     "--feature_extractor", "dico-digits", "--weights_path", digits_featurizer.spec.weights_path,
+                     "--out", str(tmp_path / "record.json")]) == 0  # fmt: skip
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["samples_sha256"] == hashlib.sha256(samples.read_bytes()).hexdigest()
+    assert record["settings"] == {"sampler": "iddpm", "steps": 2, "cfg_scale": 1.5, "guidance_mode": "official",
+                                  "eta": 0.0, "num_samples": 6, "batch_size": 4, "seed": 0,
+                                  "labels": "uniform"}  # fmt: skip
+    assert record["sample_job"]["ckpt"] == str(tiny_ckpt) and record["sample_job"]["pretrained"] is None
+
+
+def test_predict_with_the_sample_writer_gives_the_balanced_set(tmp_path):
+    """The data module's predict batches (dico.data.label_batches, no import of evaluation) written by SampleWriter:
+    exactly the class-balanced set, the same parts key as a SampleSet of that layout."""
+    from dico.callbacks import SampleWriter
+
+    writer = SampleWriter(str(tmp_path), source="tiny")
+    trainer = Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    data = DigitsDataModule(predict_samples=12, val_batch_size=5, seed=3)
+    trainer.predict(tiny_module(), data, return_predictions=False)
+    with np.load(tmp_path / "samples.npz") as saved:
+        assert saved["arr_0"].shape == (12, 8, 8, 1) and saved["arr_1"].tolist() == [i % 10 for i in range(12)]
+    key = SampleSet(12, 10, 5, seed=3, labels="balanced").job_key("tiny")
+    assert [p.name for p in (tmp_path / "parts").iterdir()] == [key]

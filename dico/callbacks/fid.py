@@ -14,11 +14,12 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from dico.callbacks.ema import ema_weights
 from dico.callbacks.sample_grid import run_dir
-from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Featurizer, MetricOptions
+from dico.diffusion import SamplingOptions
+from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Featurizer, MetricOptions, metric_settings_used
 from dico.evaluation.images import save_grid
 from dico.evaluation.protocol import evaluate, write_record
 from dico.evaluation.reference import OutdatedReference, Reference, compute_reference
-from dico.evaluation.sample_set import SampleSet, SamplingOptions
+from dico.evaluation.sample_set import SampleSet
 
 
 class FIDEvaluation(Callback):
@@ -47,7 +48,8 @@ class FIDEvaluation(Callback):
         reference_image_size: the center crop of an image-folder source.
         feature_extractor / weights_path: see :class:`~dico.evaluation.fidelity.FeatureSpec`; Inception weights
             come from a local file when offline.
-        labels: ``balanced`` or ``uniform`` class labels (see :class:`~dico.evaluation.sample_set.SampleSet`).
+        labels: ``uniform`` (random, seeded: the published protocol) or ``balanced`` class labels (see
+            :class:`~dico.evaluation.sample_set.SampleSet`); the records' ``settings.labels`` say which.
         convention: ``adm`` (the paper's numbers) or ``torch-fidelity``, see
             :class:`~dico.evaluation.fidelity.MetricOptions`.
     """
@@ -70,7 +72,7 @@ class FIDEvaluation(Callback):
         cfg_scale: float | None = None,
         guidance_mode: str | None = None,
         seed: int = 0,
-        labels: str = "balanced",
+        labels: str = "uniform",
         convention: str = "adm",
         save_best: bool = False,
         test_num_samples: int = 50_000,
@@ -108,7 +110,10 @@ class FIDEvaluation(Callback):
                 "FIDEvaluation callback (the paper's protocol: 50000) to score this checkpoint"
             )
         if stage in ("fit", "test"):
-            self.reference(trainer, pl_module)
+            count = len(self.reference(trainer, pl_module).features)
+            for sample_set in (self.sample_set, self.test_set) if stage == "fit" else (self.test_set,):
+                if sample_set is not None:  # too few samples fail now, not at the first evaluation
+                    metric_settings_used(self.metric_options, sample_set.num_samples, count)
 
     def reference(self, trainer: Trainer, pl_module: LightningModule) -> Reference:
         """The reference statistics (computed on rank 0 if missing and a source is given), checked against the
@@ -125,6 +130,10 @@ class FIDEvaluation(Callback):
                 trainer.strategy.barrier()
             self._reference = Reference.load(path)
             self._reference.check(self._featurizer.identity)
+            if self.reference_source is not None:  # a cached reference must be the one of reference_source
+                fix = (f"delete {path} to recompute it from {self.reference_source}, or set the FIDEvaluation "
+                       "reference to another file")  # fmt: skip
+                self._reference.check_made_by(self.reference_source, None, self.reference_image_size, fix)
         return self._reference
 
     # -- one evaluation -----------------------------------------------------------------------------
@@ -168,7 +177,9 @@ class FIDEvaluation(Callback):
             for logger in trainer.loggers:
                 if hasattr(logger, "log_image"):
                     logger.log_image(key="eval/samples", images=[str(grid)], step=trainer.global_step)
-        rank_zero_info(f"step {trainer.global_step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        settings = record["settings"]
+        rank_zero_info(f"step {trainer.global_step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                       + f" ({settings['num_samples']} samples, {settings['labels']} labels)")  # fmt: skip
 
     def _periodic(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
@@ -209,7 +220,9 @@ class FIDEvaluation(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({f"test/{k}": v for k, v in record["metrics"].items()}, step=record["step"])
-        rank_zero_info(f"test protocol ({self.test_set.num_samples} samples): {record['metrics']}")
+        rank_zero_info(
+            f"test protocol ({self.test_set.num_samples} samples, {self.test_set.labels} labels): {record['metrics']}"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_fid": self.best_fid, "last_evaluated_step": self.last_evaluated_step}

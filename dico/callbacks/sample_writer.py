@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from dico.data.label_batches import LabelBatches
 from dico.evaluation.sample_set import SampleSet
 
 
 def predicted_sample_set(trainer: Trainer) -> SampleSet:
-    """The :class:`SampleSet` behind the trainer's predict loader (``SampleSet.dataset()``)."""
+    """The :class:`SampleSet` behind the trainer's predict loader (``SampleSet.dataset()``, or the data module's
+    :class:`~dico.data.label_batches.LabelBatches`, drawn with the module's sampling defaults)."""
     loaders = trainer.predict_dataloaders
     loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
     sample_set = getattr(getattr(loader, "dataset", None), "sample_set", None)
-    if sample_set is None:
+    if not isinstance(sample_set, LabelBatches):
         raise TypeError("SampleWriter writes the batches of a SampleSet: predict with DataLoader(set.dataset())")
-    return sample_set
+    return sample_set if isinstance(sample_set, SampleSet) else SampleSet(**asdict(sample_set))
 
 
 class SampleWriter(BasePredictionWriter):

@@ -1,6 +1,6 @@
 """Data: latent extraction (VAE), latent shards + manifest, samplers and LightningDataModules.
 
-Never imports ``dico.models`` or ``dico.diffusion``.
+Never imports ``dico.models``, ``dico.diffusion`` or ``dico.evaluation`` (it is the floor below them).
 """
 
 from .datamodule import ArrayDataModule, DigitsDataModule, LatentDataModule, load_digits_arrays

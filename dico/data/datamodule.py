@@ -15,6 +15,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from .label_batches import LabelBatches
 from .latents import InMemoryLatents, LatentArrays, ShardedLatents, identity_collate
 from .sampler import EpochSampler
 
@@ -144,10 +145,8 @@ class ArrayDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """The batches of a class-balanced sample set (seeded by ``seed``); Lightning shards them over ranks."""
-        from dico.evaluation.sample_set import SampleSet
-
-        sample_set = SampleSet(self.predict_samples, self.num_classes, self.val_batch_size, seed=self.seed)
-        return DataLoader(sample_set.dataset(), batch_size=None)
+        batches = LabelBatches(self.predict_samples, self.num_classes, self.val_batch_size, self.seed, "balanced")
+        return DataLoader(batches.dataset(), batch_size=None)
 
     # -- exact resume ---------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from .factory import create_diffusion
 from .gaussian_diffusion import GaussianDiffusion
 from .guidance import GUIDANCE_MODES, ClassifierFreeGuidance, guided
+from .options import SamplingOptions
 from .sampling import SAMPLERS, generate, sampling_diffusion
 from .schedule import space_timesteps
 
@@ -16,6 +17,7 @@ __all__ = [
     "SAMPLERS",
     "ClassifierFreeGuidance",
     "GaussianDiffusion",
+    "SamplingOptions",
     "create_diffusion",
     "generate",
     "guided",

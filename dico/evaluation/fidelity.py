@@ -276,29 +276,57 @@ def precision_recall_adm(real: Tensor, fake: Tensor, k: int = 3, block: int = 10
     }
 
 
+MIN_SAMPLES = 2  # a covariance (FID), a nearest neighbour other than itself (precision/recall), a KID pair
+
+
+def metric_settings_used(options: MetricOptions, num_samples: int, num_reference: int) -> dict[str, int]:
+    """What :func:`compute_metrics` uses on ``num_samples`` samples and ``num_reference`` reference features: k of
+    precision/recall and the KID subset size shrink to what the smaller set allows, the Inception Score splits
+    follow from the sample count. Raises (naming the minimum) below :data:`MIN_SAMPLES`."""
+    n = min(num_samples, num_reference)
+    if n < MIN_SAMPLES:
+        which = f"{num_samples} samples" if num_samples < MIN_SAMPLES else f"{num_reference} reference features"
+        raise ValueError(
+            f"the metrics need at least {MIN_SAMPLES} samples and {MIN_SAMPLES} reference features (a covariance, a "
+            f"nearest neighbour), got {which}: score more samples (the paper's protocol: 50000)"
+        )
+    if options.convention == "adm":
+        splits = -(-num_samples // options.isc_split_size)
+    else:
+        splits = min(options.isc_splits, num_samples)
+    return {
+        "num_samples": num_samples,
+        "num_reference_features": num_reference,
+        "prc_neighborhood": min(options.prc_neighborhood, n - 1),
+        "kid_subset_size": min(options.kid_subset_size, n),
+        "inception_score_splits": splits,
+    }
+
+
 def compute_metrics(
     generated: dict[str, Tensor], reference: Any, options: MetricOptions = MetricOptions()
 ) -> dict[str, float]:
     """FID, sFID, IS, precision/recall and KID of generated features (:class:`Featurizer` output) against a
-    :class:`~dico.evaluation.reference.Reference`."""
+    :class:`~dico.evaluation.reference.Reference`, with the k and subset sizes of :func:`metric_settings_used`."""
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
 
     pool = generated["pool"]
     ref_pool = torch.from_numpy(np.asarray(reference.features, dtype=np.float32))
+    used = metric_settings_used(options, len(pool), len(ref_pool))
     out = {"frechet_inception_distance": frechet_distance(*gaussian_statistics(pool), reference.mu, reference.sigma)}
-    out["spatial_frechet_inception_distance"] = frechet_distance(
-        *gaussian_statistics(generated["spatial"]), reference.mu_s, reference.sigma_s
-    )
-    n = min(len(pool), len(ref_pool))
-    k = min(options.prc_neighborhood, n - 1)
+    if len(reference.mu_s):  # (an ADM batch without mu_s/sigma_s gives no sFID; its record says so)
+        out["spatial_frechet_inception_distance"] = frechet_distance(
+            *gaussian_statistics(generated["spatial"]), reference.mu_s, reference.sigma_s
+        )
+    k = used["prc_neighborhood"]
     if options.convention == "adm":
         out.update(inception_score_adm(generated["logits"], options.isc_split_size))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         out.update(precision_recall_adm(ref_pool.to(device), pool.to(device), k))
     else:
-        out.update(isc_features_to_metric(generated["logits"], splits=min(options.isc_splits, len(pool))))
+        out.update(isc_features_to_metric(generated["logits"], splits=used["inception_score_splits"]))
         out.update(prc_features_to_metric(pool, ref_pool, prc_neighborhood=k, verbose=False))
-    out.update(kid_features_to_metric(pool, ref_pool, kid_subset_size=min(options.kid_subset_size, n), verbose=False))
+    out.update(kid_features_to_metric(pool, ref_pool, kid_subset_size=used["kid_subset_size"], verbose=False))
     return {key: float(v) for key, v in out.items()}

@@ -9,6 +9,7 @@ extractor, its weights and the samples' resolution before any sample is featuris
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .fidelity import Featurizer, MetricOptions, compute_metrics
+from .fidelity import Featurizer, MetricOptions, compute_metrics, metric_settings_used
 from .images import iter_npz_images, npz_images_shape, to_uint8
 from .reference import Reference
 from .sample_set import SampleSet
@@ -70,6 +71,7 @@ def evaluate(
     rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
     metrics = metrics or MetricOptions()
     reference.check(featurizer.identity)
+    metric_settings_used(metrics, sample_set.num_samples, len(reference.features))  # too few: refused before sampling
     if sample_set.num_batches < world:
         raise ValueError(
             f"{sample_set.num_batches} batches of {sample_set.batch_size} cannot feed {world} devices: lower the "
@@ -100,9 +102,8 @@ def evaluate(
         scores = compute_metrics({k: v[order] for k, v in everything.items()}, reference, metrics)
         record = {
             "sample_set": sample_set.record(),
-            "settings": {**asdict(sample_set.options), "num_samples": sample_set.num_samples,
-                         "batch_size": sample_set.batch_size, "seed": sample_set.seed, "labels": sample_set.labels},
-            **_reference_record(reference, metrics),
+            "settings": settings_of({**asdict(sample_set), **asdict(sample_set.options)}),
+            **_reference_record(reference, metrics, sample_set.num_samples),
             "metrics": scores,
             "seconds": round(time.perf_counter() - start, 1),
             "world_size": world,
@@ -117,13 +118,41 @@ def evaluate(
     return record
 
 
-def _reference_record(reference: Reference, metrics: MetricOptions) -> dict[str, Any]:
+def _reference_record(reference: Reference, metrics: MetricOptions, num_samples: int) -> dict[str, Any]:
+    """The reference, and the conventions: as configured, and as ``used`` on this many samples (k, subsets)."""
+    used = metric_settings_used(metrics, num_samples, len(reference.features))
     return {
         "feature_extractor": reference.meta["feature_extractor"],
         "reference": reference.meta,
         "reference_sha256": reference.sha256,
-        "conventions": {**asdict(metrics), "description": CONVENTIONS_NOTE[metrics.convention]},
+        "conventions": {**asdict(metrics), "description": CONVENTIONS_NOTE[metrics.convention], "used": used},
     }
+
+
+SETTINGS = ("sampler", "steps", "cfg_scale", "guidance_mode", "eta", "num_samples", "batch_size", "seed", "labels")
+
+
+def settings_of(job: dict[str, Any]) -> dict[str, Any]:
+    """A record's ``settings``: how the samples were drawn (sampling options, count, batches, seed, labels)."""
+    return {key: job.get(key) for key in SETTINGS}
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sample_job_of(samples: str | Path, count: int) -> dict[str, Any] | None:
+    """The ``samples.json`` that ``dico sample`` wrote beside ``samples`` (what made them), when it describes a file of
+    ``count`` samples; None otherwise."""
+    meta = Path(samples).with_name("samples.json")
+    if not meta.is_file():
+        return None
+    job = json.loads(meta.read_text())
+    return job if job.get("num_samples") == count else None
 
 
 def write_record(path: str | Path, record: dict[str, Any]) -> Path:
@@ -141,11 +170,18 @@ def score_npz(
     batch_size: int = 100,
 ) -> dict[str, Any]:
     """Metrics of an ADM-format sample file (e.g. from ``dico sample``), streamed in batches. The reference is
-    checked against the extractor and the file's resolution (read from its header) first."""
+    checked against the extractor and the file's resolution (read from its header) first. The record carries the
+    file's sha256 and, from the ``samples.json`` beside it, what made the samples: ``settings`` (sampler, steps,
+    guidance, labels ...) and ``sample_job`` (the checkpoint or release too)."""
     metrics = metrics or MetricOptions()
     shape = npz_images_shape(samples)
     reference.check(featurizer.identity, tuple(shape[1:3]))
+    metric_settings_used(metrics, shape[0], len(reference.features))  # too few samples: refused before featurising
     feats = featurizer.run(iter_npz_images(samples, batch_size))
     scores = compute_metrics(feats, reference, metrics)
-    return {"samples": str(samples), "count": int(shape[0]), **_reference_record(reference, metrics),
-            "metrics": scores}  # fmt: skip
+    job = sample_job_of(samples, int(shape[0]))
+    return {
+        "samples": str(samples), "samples_sha256": file_sha256(samples), "count": int(shape[0]),
+        "settings": settings_of(job) if job else None,  # None: no samples.json of this file beside it
+        "sample_job": job, **_reference_record(reference, metrics, shape[0]), "metrics": scores,
+    }  # fmt: skip

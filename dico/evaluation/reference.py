@@ -25,6 +25,8 @@ from torch import Tensor
 from .fidelity import Featurizer, gaussian_statistics
 
 FORMAT = 2  # 2: sFID statistics, weights hash, resolution
+ADM_STATISTICS = ("mu", "sigma", "mu_s", "sigma_s")
+NO_SFID = "the batch's own mu/sigma (ADM); no sFID: sFID needs mu_s/sigma_s, which the batch lacks"
 
 
 class OutdatedReference(ValueError):
@@ -68,6 +70,26 @@ class Reference:
                 f"VIRTUAL_imagenet{image_size[0]}*.npz) or sample at {ref_size[0]}"
             )
 
+    def differences(
+        self, source: str, identity: dict[str, str] | None = None, image_size: int | None = None
+    ) -> list[str]:
+        """What made this reference (source, extractor and weights, folder crop size) that differs from ``source``,
+        ``identity`` (:attr:`Featurizer.identity`) and ``image_size``; empty when it is the reference asked for."""
+        made = self.meta
+        out = [] if same_source(made.get("source"), source) else [f"source {made.get('source')} (asked: {source})"]
+        out += [f"{k} {made.get(k)} (asked: {v})" for k, v in (identity or {}).items() if made.get(k) != v]
+        folder = source != "digits" and not source.endswith(".npz")
+        if folder and image_size is not None and list(made.get("image_size") or []) != [image_size, image_size]:
+            out.append(f"image size {made.get('image_size')} (asked: {image_size})")
+        return out
+
+    def check_made_by(self, source: str, identity: dict[str, str] | None, image_size: int | None, fix: str) -> None:
+        """Raise, naming ``fix``, unless this reference was made from ``source`` with ``identity`` and ``image_size``
+        (see :meth:`differences`)."""
+        differ = self.differences(source, identity, image_size)
+        if differ:
+            raise ValueError(f"the reference {self.meta.get('path', '')} was made with {'; '.join(differ)}: {fix}")
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +109,7 @@ class Reference:
         try:
             d = np.load(path, allow_pickle=False)
             keys = set(d.files)
-        except (OSError, ValueError, zipfile.BadZipFile, AttributeError) as e:  # truncated, not a .npz, a bare .npy
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile, AttributeError) as e:  # empty, truncated, .npy
             raise ValueError(f"{path} is not a dico reference-statistics file ({e}); recompute it with {make}") from e
         try:
             with d:
@@ -105,6 +127,17 @@ class Reference:
         except (KeyError, OSError) as e:
             raise ValueError(f"{path} is not a dico reference-statistics file ({e}); recompute it with {make}") from e
         return cls(**arrays, meta={**meta, "path": str(path)})
+
+
+def same_source(recorded: str | None, source: str) -> bool:
+    """Whether a reference recorded as made from ``recorded`` was made from ``source``: the same path (or, for an
+    ADM reference batch, the same file name: the batches are named by what they are)."""
+    if recorded is None or recorded == source:
+        return recorded is not None
+    if "digits" in (recorded, source):
+        return False
+    a, b = Path(recorded), Path(source)
+    return a.resolve() == b.resolve() or (a.suffix == b.suffix == ".npz" and a.name == b.name)
 
 
 def subsample(features: Tensor, max_features: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,6 +162,7 @@ def compute_reference(
     Args:
         max_features: reference features kept for precision/recall and KID (a seeded random subset, ``seed``).
     """
+    check_source(source, image_size)
     adm_stats = None
     if source == "digits":
         from dico.data.datamodule import load_digits_arrays
@@ -142,12 +176,9 @@ def compute_reference(
 
         size = tuple(npz_images_shape(source)[1:3])
         with np.load(source, allow_pickle=False) as d:
-            if {"mu", "sigma", "mu_s", "sigma_s"} <= set(d.files):
-                adm_stats = {k: np.asarray(d[k], dtype=np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s")}
+            adm_stats = {k: np.asarray(d[k], dtype=np.float64) for k in ADM_STATISTICS if k in d.files} or None
         feats = featurizer.run(iter_npz_images(source, batch_size))
     else:
-        if image_size is None:
-            raise ValueError("a reference from an image folder needs --image_size (the ADM center crop, e.g. 256)")
         feats = featurizer.run(_folder_batches(source, image_size, batch_size))
         size = (image_size, image_size)
     if adm_stats is None:
@@ -155,19 +186,46 @@ def compute_reference(
         mu_s, sigma_s = gaussian_statistics(feats["spatial"])
         statistics = f"computed from the {len(feats['pool'])} images"
     else:
-        mu, sigma, mu_s, sigma_s = (adm_stats[k] for k in ("mu", "sigma", "mu_s", "sigma_s"))
-        if mu.shape != (feats["pool"].shape[1],) or mu_s.shape != (feats["spatial"].shape[1],):
-            raise ValueError(
-                f"{source}: mu {mu.shape} / mu_s {mu_s.shape} do not match the {featurizer.spec.name} features "
-                f"({feats['pool'].shape[1]} / {feats['spatial'].shape[1]}): ADM batches need inception-v3-compat"
-            )
-        statistics = "the batch's own mu/sigma and mu_s/sigma_s (ADM)"
+        mu, sigma, mu_s, sigma_s = _adm_statistics(source, adm_stats, feats, featurizer.spec.name)
+        statistics = "the batch's own mu/sigma and mu_s/sigma_s (ADM)" if len(mu_s) else NO_SFID
     kept, _ = subsample(feats["pool"], max_features, seed)
     meta = {
         "format": FORMAT, "source": str(source), **featurizer.identity, "image_size": list(size),
         "count": len(feats["pool"]), "statistics": statistics, "features_kept": len(kept), "subsample_seed": seed,
     }  # fmt: skip
     return Reference(mu, sigma, mu_s, sigma_s, kept, meta)
+
+
+def _adm_statistics(
+    source: str, stats: dict[str, np.ndarray], feats: dict[str, Tensor], extractor: str
+) -> tuple[np.ndarray, ...]:
+    """An ADM batch's ``mu``/``sigma`` and ``mu_s``/``sigma_s`` checked against the features; without the spatial
+    pair, empty ``mu_s``/``sigma_s`` (no sFID)."""
+    if not {"mu", "sigma"} <= set(stats):
+        raise ValueError(f"{source} holds {sorted(stats)} without mu/sigma: an ADM reference batch has mu and sigma "
+                         "(and mu_s/sigma_s for sFID); pass the batch as published, or its images alone")  # fmt: skip
+    mu, sigma = stats["mu"], stats["sigma"]
+    mu_s, sigma_s = stats.get("mu_s", np.zeros(0)), stats.get("sigma_s", np.zeros((0, 0)))
+    if mu.shape != (feats["pool"].shape[1],) or (len(mu_s) and mu_s.shape != (feats["spatial"].shape[1],)):
+        raise ValueError(
+            f"{source}: mu {mu.shape} / mu_s {mu_s.shape} do not match the {extractor} features "
+            f"({feats['pool'].shape[1]} / {feats['spatial'].shape[1]}): ADM batches need inception-v3-compat"
+        )
+    return mu, sigma, mu_s, sigma_s
+
+
+def check_source(source: str, image_size: int | None = None) -> None:
+    """Raise, naming the fix, unless ``source`` is ``digits``, an existing ``.npz`` or an image folder with an
+    ``image_size`` (checked before a feature extractor is built or anything is written)."""
+    if source == "digits":
+        return
+    if not Path(source).exists():
+        raise FileNotFoundError(
+            f"--source {source} does not exist: give an ADM reference batch (.npz), a folder of class folders of "
+            "images (with --image_size), or 'digits'"
+        )
+    if not source.endswith(".npz") and image_size is None:
+        raise ValueError("a reference from an image folder needs --image_size (the ADM center crop, e.g. 256)")
 
 
 def _folder_batches(root: str, image_size: int, batch_size: int):  # type: ignore[no-untyped-def]

@@ -1,10 +1,8 @@
-"""One reproducible sample set: what to draw (layout, labels, seeds, sampling options) and its files.
+"""One reproducible sample set: what to draw (:class:`~dico.data.label_batches.LabelBatches`: layout, labels,
+seeds), how (sampling options), and its files.
 
-Sample ``i`` of a set has class ``i % num_classes`` (``balanced``) or a label drawn from the batch's seed
-(``uniform``, as DiT's ``sample_ddp.py``). Samples are made in fixed batches of ``batch_size``; batch ``b`` is
-seeded by :meth:`SampleSet.batch_seed` and runs on rank ``b % world_size``, so a checkpoint and a set give the
-same images on any number of devices. Each finished batch is one part file under ``<out>/parts/<job key>/``;
-:meth:`SampleSet.merge` streams exactly this set's parts into one ADM-format ``samples.npz``.
+Each finished batch is one part file under ``<out>/parts/<job key>/``; :meth:`SampleSet.merge` streams exactly this
+set's parts into one ADM-format ``samples.npz``.
 """
 
 from __future__ import annotations
@@ -20,113 +18,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import Dataset
 
-LABEL_LAYOUTS = ("balanced", "uniform")
+from dico.data.label_batches import LABEL_LAYOUTS, LabelBatches, SampleBatches
+from dico.diffusion.options import SamplingOptions
 
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How each sample is drawn; ``None`` takes the module's configured default (see :meth:`resolved`)."""
-
-    sampler: str | None = None
-    steps: int | None = None
-    cfg_scale: float | None = None
-    guidance_mode: str | None = None
-    eta: float | None = None
-
-    def __post_init__(self) -> None:
-        from dico.diffusion import GUIDANCE_MODES, SAMPLERS
-
-        if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.guidance_mode is not None and self.guidance_mode not in GUIDANCE_MODES:
-            raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {self.guidance_mode!r}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1 (e.g. --steps 250), got {self.steps}")
-        if self.cfg_scale is not None and not self.cfg_scale >= 0:
-            raise ValueError(
-                f"cfg_scale must be >= 0 (1 = no guidance, the paper's guided runs use 1.5), got {self.cfg_scale}"
-            )
-        if self.eta is not None and not 0 <= self.eta <= 1:
-            raise ValueError(f"eta (DDIM) must be in [0, 1], got {self.eta}")
-
-    def resolved(self, hparams: Any) -> SamplingOptions:
-        """Every unset option filled in from a :class:`~dico.module.DiffusionModule`'s hyper-parameters."""
-        return SamplingOptions(
-            sampler=self.sampler or hparams["sampler"],
-            steps=self.steps or hparams["sampling_steps"],
-            cfg_scale=hparams["cfg_scale"] if self.cfg_scale is None else self.cfg_scale,
-            guidance_mode=self.guidance_mode or hparams["guidance_mode"],
-            eta=hparams["ddim_eta"] if self.eta is None else self.eta,
-        )
-
-    def as_kwargs(self) -> dict[str, Any]:
-        """The set options, as keyword arguments of ``DiffusionModule.sample``."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+__all__ = ["LABEL_LAYOUTS", "SampleBatches", "SampleSet", "SamplingOptions"]
 
 
 @dataclass(frozen=True)
-class SampleSet:
-    """A class-labelled, seeded sample set split into fixed batches.
+class SampleSet(LabelBatches):
+    """A class-labelled, seeded sample set split into fixed batches (see :class:`LabelBatches` for the layout
+    arguments) and drawn with ``options`` (resolve them against the module before recording a set)."""
 
-    Args:
-        num_samples: how many samples (>= 1).
-        num_classes: the model's number of classes.
-        batch_size: samples per batch (>= 1); keep it fixed to reproduce a set.
-        seed: the set's seed; batch ``b`` draws its noise from :meth:`batch_seed`.
-        labels: ``balanced`` (sample i has class i % num_classes: exactly balanced, our protocol) or ``uniform``
-            (labels drawn uniformly at random per batch, as DiT's ``sample_ddp.py``).
-        options: the sampling options (resolve them against the module before recording a set).
-    """
-
-    num_samples: int
-    num_classes: int
-    batch_size: int
-    seed: int = 0
-    labels: str = "balanced"
     options: SamplingOptions = field(default_factory=SamplingOptions)
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1 (the paper's protocol uses 50000), got {self.num_samples}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 (e.g. 64; lower it if memory runs out), got {self.batch_size}")
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        if self.labels not in LABEL_LAYOUTS:
-            raise ValueError(f"labels must be one of {LABEL_LAYOUTS}, got {self.labels!r}")
-
-    # -- layout -------------------------------------------------------------------------------------
-    @property
-    def num_batches(self) -> int:
-        return -(-self.num_samples // self.batch_size)
-
-    def batch_seed(self, b: int) -> int:
-        """The noise seed of batch ``b`` (a function of the set's seed and the batch's first index only)."""
-        return self.seed * 1_000_003 + b * self.batch_size
-
-    def batch_index(self, b: int) -> Tensor:
-        return torch.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples))
 
     def batch(self, b: int) -> dict[str, Any]:
         """Batch ``b``: sample ``index`` (B,), labels ``y`` (B,), its ``seed`` and the sampling ``options``."""
-        index = self.batch_index(b)
-        if self.labels == "balanced":
-            y = index % self.num_classes
-        else:
-            g = torch.Generator().manual_seed(self.batch_seed(b))
-            y = torch.randint(0, self.num_classes, (len(index),), generator=g)
-        return {"index": index, "y": y, "seed": self.batch_seed(b), "options": self.options.as_kwargs()}
-
-    def rank_batches(self, rank: int, world_size: int) -> list[int]:
-        """The batches rank ``rank`` of ``world_size`` makes (round robin)."""
-        return list(range(rank, self.num_batches, world_size))
-
-    def dataset(self, skip: set[int] | frozenset[int] = frozenset()) -> Dataset:
-        """The batches not in ``skip`` as a map-style dataset (use ``DataLoader(..., batch_size=None)``)."""
-        return SampleBatches(self, [b for b in range(self.num_batches) if b not in skip])
+        return {**super().batch(b), "options": self.options.as_kwargs()}
 
     def with_options(self, options: SamplingOptions) -> SampleSet:
         return replace(self, options=options)
@@ -216,16 +124,3 @@ class SampleSet:
         shown = torch.from_numpy(first_images[:grid_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
         save_grid(out_dir / "samples.png", shown, nrow=max(1, int(len(shown) ** 0.5)))
         return path
-
-
-class SampleBatches(Dataset):
-    """Selected batches of a :class:`SampleSet` (item i is the batch dict of ``batches[i]``)."""
-
-    def __init__(self, sample_set: SampleSet, batches: list[int]) -> None:
-        self.sample_set, self.batches = sample_set, batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.sample_set.batch(self.batches[i])
