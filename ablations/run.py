@@ -46,7 +46,14 @@ DEFAULT_OUT = ROOT / "ablations" / "runs"
 DEFAULT_RESULTS = ROOT / "ablations" / "results"
 REFERENCE_MODEL = "DiCo-S"  # both tables' throughput reference
 #: (forward batch, interleaved turns) of the throughput ratio per budget (the paper: batch 64 on an A100)
-THROUGHPUT = {"structure": (64, 10), "smoke": (4, 2), "proxy": (64, 20), "short": (64, 20), "paper": (64, 20)}
+THROUGHPUT = {
+    "structure": (64, 10),
+    "smoke": (4, 2),
+    "proxy": (64, 20),
+    "crops16": (64, 10),
+    "short": (64, 20),
+    "paper": (64, 20),
+}
 
 
 # ------------------------------------------------------------------------------------------------- configs
@@ -139,10 +146,19 @@ def stages(row: Row, out: Path, extra: list[str], config: dict[str, Any]) -> lis
 
 
 def score_record(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """The row's evaluation record: the test protocol's, or the final periodic one (``eval/step_<max_steps>``)."""
+    """The row's evaluation record: the test protocol's, or the final periodic one (``eval/step_<max_steps>``);
+    with the held-out loss (``HeldOutLoss``) of the last step in its metrics, or alone without an FID."""
+    step = config["trainer"]["max_steps"]
+    heldout = run_dir / "eval" / f"heldout_step_{step:07d}.json"
+    if not fid_settings(config):
+        return json.loads(heldout.read_text())
     if fid_settings(config).get("test_num_samples", 0) > 0:
-        return json.loads((run_dir / "test" / "record.json").read_text())
-    return json.loads((run_dir / "eval" / f"step_{config['trainer']['max_steps']:07d}.json").read_text())
+        record = json.loads((run_dir / "test" / "record.json").read_text())
+    else:
+        record = json.loads((run_dir / "eval" / f"step_{step:07d}.json").read_text())
+    if heldout.exists():
+        record["metrics"].update(json.loads(heldout.read_text())["metrics"])
+    return record
 
 
 def stage_lines(rows: list[Row], out: Path, extra: list[str]) -> list[str]:
@@ -370,8 +386,11 @@ def row_status(row: Row, out: Path) -> str:
     run_dir = row.run_dir(out)
     if (run_dir / "result.json").exists():
         result = json.loads((run_dir / "result.json").read_text())
-        fid = (result.get("metrics") or {}).get("frechet_inception_distance")
-        return "finished" + (f" (FID {fid:.2f})" if fid is not None else " (counted)")
+        metrics = result.get("metrics") or {}
+        fid, heldout = metrics.get("frechet_inception_distance"), metrics.get("heldout_mse")
+        if fid is not None:
+            return f"finished (FID {fid:.2f})"
+        return f"finished (held-out MSE {heldout:.5f})" if heldout is not None else "finished (counted)"
     if (run_dir / "failed.json").exists():
         return f"failed (log: {json.loads((run_dir / 'failed.json').read_text())['log']})"
     job = json.loads((run_dir / "job.json").read_text())["job_id"] if (run_dir / "job.json").exists() else None
