@@ -540,3 +540,31 @@ def test_resuming_with_another_models_optimizer_state_says_so(tmp_path):
     torch.save(checkpoint, tmp_path / "reordered.ckpt")
     with pytest.raises(ValueError, match=r"optimizer state does not match this model .*--model\.pretrained"):
         make(2).fit(tiny_module(), DigitsDataModule(batch_size=16), ckpt_path=tmp_path / "reordered.ckpt")
+
+
+def test_heldout_loss_scores_the_ema_weights_the_same_in_fit_and_test_and_moves_only_with_the_seed(tmp_path):
+    """HeldOutLoss at the end of fit (EMA weights) and in ``test`` of its last.ckpt: bit-identical records; a rerun of
+    the same seed too; another training seed gives another score (the score's only source of variation)."""
+    from dico.callbacks import HeldOutLoss
+    from dico.data import ImageCropsDataModule
+
+    def fit(root: Path, seed: int) -> dict:
+        keeper = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)
+        t = trainer(root, 2, [EMA(decay=0.9), HeldOutLoss(timesteps_per_sample=2, batch_size=32), keeper])
+        torch.manual_seed(seed)
+        module = DiffusionModule("DiCo-S", model_kwargs={**TINY_MODEL, "input_size": 16}, lr=1e-3, seed=seed)
+        data = ImageCropsDataModule(train_per_image=8, heldout_per_image=4, batch_size=16, seed=seed)
+        t.fit(module, data)
+        return json.loads((root / "eval" / "heldout_step_0000002.json").read_text())
+
+    first = fit(tmp_path / "a", 0)
+    assert first["settings"]["num_samples"] == 40 and first["step"] == 2 and set(first["metrics"]) == {
+        "heldout_loss", "heldout_mse", "heldout_vb"}  # fmt: skip
+    assert fit(tmp_path / "b", 0)["metrics"] == first["metrics"]
+    assert fit(tmp_path / "c", 1)["metrics"]["heldout_mse"] != first["metrics"]["heldout_mse"]
+    t = trainer(tmp_path / "a", 2, [HeldOutLoss(timesteps_per_sample=2, batch_size=32)])
+    t.test(DiffusionModule("DiCo-S", model_kwargs={**TINY_MODEL, "input_size": 16}),
+           ImageCropsDataModule(train_per_image=8, heldout_per_image=4, batch_size=16),
+           ckpt_path=str(tmp_path / "a" / "checkpoints" / "last.ckpt"), verbose=False)  # fmt: skip
+    tested = json.loads((tmp_path / "a" / "test" / "heldout.json").read_text())
+    assert tested["metrics"] == first["metrics"] and tested["step"] == 2

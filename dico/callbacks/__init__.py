@@ -1,4 +1,5 @@
-"""Lightning callbacks: EMA weights, FID evaluation, the held-out loss, sample grids and files, preemption checkpoints, throughput."""
+"""Lightning callbacks: EMA weights, FID evaluation, the held-out loss, sample grids and files, preemption
+checkpoints, throughput."""
 
 from .ema import EMA, ema_weights
 from .fid import FIDEvaluation

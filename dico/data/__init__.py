@@ -4,8 +4,8 @@ Never imports ``dico.models`` or ``dico.diffusion``.
 """
 
 from .datamodule import ArrayDataModule, DigitsDataModule, LatentDataModule, load_digits_arrays
-from .image_crops import ImageCropsDataModule, image_crops
 from .extract import ExtractConfig, center_crop_arr, extract_latents, list_image_folder
+from .image_crops import ImageCropsDataModule, image_crops
 from .latents import InMemoryLatents, ShardedLatents
 from .manifest import Manifest
 from .sampler import EpochSampler
