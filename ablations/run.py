@@ -40,6 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from dico.runtime import configure_cpu_threads  # noqa: E402
+
+# before torch loads (ablations.rows imports it): rank 0 times every row in this process, and with spinning OpenMP
+# workers on a shared 2-core machine one crops16 row's throughput turns took 4 minutes instead of seconds
+configure_cpu_threads()
 from ablations.rows import BUDGETS, TABLES, Row, canonical, rows_of  # noqa: E402
 
 DEFAULT_OUT = ROOT / "ablations" / "runs"

@@ -346,6 +346,18 @@ def test_report_from_every_finished_run_without_the_reference_row(tmp_path):
     assert "Not checked" in md and "1 of 1 attention rows slower" in md
 
 
+def test_the_runner_process_waits_passively_as_cli_does():
+    """The runner times rows in its own process (finalize): its OpenMP workers must sleep, not spin, when idle, or a
+    shared CPU slows the timing turns many times over. Set before torch loads; the user's own setting wins."""
+    env = {k: v for k, v in ENV.items() if k != "OMP_WAIT_POLICY"}
+    code = "import os, ablations.run; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["PASSIVE"]
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.split() == ["ACTIVE"]
+
+
 def test_report_of_a_budget_scored_by_the_heldout_loss_alone(tmp_path):
     """crops16 runs carry no FID: the table shows their held-out MSE per seed and its mean, the FID stays empty."""
     results = []
