@@ -544,13 +544,15 @@ def test_resuming_with_another_models_optimizer_state_says_so(tmp_path):
 
 def test_heldout_loss_scores_the_ema_weights_the_same_in_fit_and_test_and_moves_only_with_the_seed(tmp_path):
     """HeldOutLoss at the end of fit (EMA weights) and in ``test`` of its last.ckpt: bit-identical records; a rerun of
-    the same seed too; another training seed gives another score (the score's only source of variation)."""
+    the same seed too, also when it scored every step on the way; another training seed gives another score (the
+    score's only source of variation)."""
     from dico.callbacks import HeldOutLoss
     from dico.data import ImageCropsDataModule
 
-    def fit(root: Path, seed: int) -> dict:
+    def fit(root: Path, seed: int, every: int = 0) -> dict:
         keeper = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)
-        t = trainer(root, 2, [EMA(decay=0.9), HeldOutLoss(timesteps_per_sample=2, batch_size=32), keeper])
+        heldout = HeldOutLoss(timesteps_per_sample=2, batch_size=32, every_n_steps=every)
+        t = trainer(root, 2, [EMA(decay=0.9), heldout, keeper])
         torch.manual_seed(seed)
         module = DiffusionModule("DiCo-S", model_kwargs={**TINY_MODEL, "input_size": 16}, lr=1e-3, seed=seed)
         data = ImageCropsDataModule(train_per_image=8, heldout_per_image=4, batch_size=16, seed=seed)
@@ -560,7 +562,8 @@ def test_heldout_loss_scores_the_ema_weights_the_same_in_fit_and_test_and_moves_
     first = fit(tmp_path / "a", 0)
     assert first["settings"]["num_samples"] == 40 and first["step"] == 2 and set(first["metrics"]) == {
         "heldout_loss", "heldout_mse", "heldout_vb"}  # fmt: skip
-    assert fit(tmp_path / "b", 0)["metrics"] == first["metrics"]
+    assert fit(tmp_path / "b", 0, every=1)["metrics"] == first["metrics"]  # scoring on the way changes nothing
+    assert (tmp_path / "b" / "eval" / "heldout_step_0000001.json").exists()
     assert fit(tmp_path / "c", 1)["metrics"]["heldout_mse"] != first["metrics"]["heldout_mse"]
     t = trainer(tmp_path / "a", 2, [HeldOutLoss(timesteps_per_sample=2, batch_size=32)])
     t.test(DiffusionModule("DiCo-S", model_kwargs={**TINY_MODEL, "input_size": 16}),
