@@ -52,7 +52,7 @@ def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-u
     from lightning.pytorch.cli import LightningCLI
 
     import dico.callbacks.settings as callbacks_dir
-    from dico.callbacks.settings import CALLBACKS_FILE, CallbackSettings
+    from dico.callbacks.settings import CALLBACKS_FILE, CallbackSettings, active_callbacks
     from dico.data import ArrayDataModule
     from dico.module import DiffusionModule
     from dico.trainer import Trainer
@@ -99,6 +99,8 @@ def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-u
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
+            if isinstance(config.trainer.callbacks, list):
+                config.trainer.callbacks = active_callbacks(config.trainer.callbacks, config.callback_settings.disabled)
             loggers = config.trainer.logger
             for logger in loggers if isinstance(loggers, list) else [loggers]:
                 if getattr(logger, "class_path", None) in csv_loggers:

@@ -29,8 +29,10 @@ from dico.models.ablation import paper_row  # noqa: E402
 COLUMNS = [
     "row", "model", "seeds", "params_M", "params_ratio", "paper_params_ratio", "gflops", "gflops_ratio",
     "paper_gflops_ratio", "throughput_ratio", "paper_throughput_ratio", "fid", "fid_spread", "fid_per_seed",
-    "fid_seeds", "fid_geomean", "fid_ci_low", "fid_ci_high", "ln_fid_sd", "paper_fid", "eval_samples", "train_steps",
-    "sdpa_kernel", "commit", "config_sha256", "feature_extractor_sha256", "reference_sha256", "wandb",
+    "fid_seeds", "fid_geomean", "fid_ci_low", "fid_ci_high", "ln_fid_sd", "heldout_mse", "heldout_mse_per_seed",
+    "heldout_mse_seeds", "heldout_mse_geomean", "heldout_mse_ci_low", "heldout_mse_ci_high", "ln_heldout_mse_sd",
+    "paper_fid", "eval_samples", "train_steps", "sdpa_kernel", "commit", "config_sha256", "feature_extractor_sha256",
+    "reference_sha256", "wandb",
 ]  # fmt: skip
 
 CAVEATS = {
@@ -40,6 +42,10 @@ CAVEATS = {
     "proxy": "PROXY budget: reduced-size rows (one scaling rule, below) trained on scikit-learn's 8x8 digits and "
     "scored by the digits FID (Frechet distance on a small digits classifier's features). The values are not "
     "comparable with the paper's ImageNet FID-50K; only the rankings are compared.",
+    "crops16": "CROPS16 budget: reduced-size rows (widths / 4, stage maps 16, 8, 4; windows 4x4 and 16 agents, the "
+    "full size's fraction of every stage) trained on 16x16 crops of scikit-image's bundled images and scored by the "
+    "held-out denoising loss (noise-prediction MSE of the EMA model on 640 fixed held-out crops at fixed timesteps "
+    "and noise; lower is better), not by an FID. Only the rankings are compared with the paper's FID.",
     "short": "SHORT budget: FID-10K after 50K steps, beside the paper's FID-50K after 400K steps: not the same "
     "protocol; FID-10K is biased upwards and early training ranks variants less reliably.",
     "paper": "The paper's budget and protocol (400K steps, global batch 256, FID-50K, 250 iDDPM steps).",
@@ -83,8 +89,10 @@ def table_rows(table: str, budget: str, results: list[dict[str, Any]]) -> list[d
             size = runs[0]["trained_size"]
             # the reference's counts at the same size: from its own run, else from the row's interleaved timing run
             ref = reference_counts or runs[0].get("reference_size") or size
-            scored = [r for r in runs if r.get("metrics")]
+            scored = [r for r in runs if SCORES["fid"] in (r.get("metrics") or {})]
             fids = [r["metrics"][SCORES["fid"]] for r in scored]
+            lossed = [r for r in runs if SCORES["heldout_mse"] in (r.get("metrics") or {})]
+            heldout = [r["metrics"][SCORES["heldout_mse"]] for r in lossed]
             rec.update(
                 params_M=round(size["params"] / 1e6, 3), gflops=round(size["gmacs"], 4),
                 params_ratio=round(_ratio(size["params"], ref["params"]), 3),
@@ -95,11 +103,14 @@ def table_rows(table: str, budget: str, results: list[dict[str, Any]]) -> list[d
                 fid_spread=round(max(fids) - min(fids), 2) if len(fids) > 1 else "",
                 fid_per_seed=" ".join(f"{f:.2f}" for f in fids),
                 fid_seeds=" ".join(str(r["seed"]) for r in scored),
+                heldout_mse=_significant(statistics.mean(heldout)) if heldout else "",
+                heldout_mse_per_seed=" ".join(f"{h:.6f}" for h in heldout),
+                heldout_mse_seeds=" ".join(str(r["seed"]) for r in lossed),
                 eval_samples=runs[0].get("eval_samples", ""), train_steps=runs[0].get("steps", ""),
                 wandb=" ; ".join(r.get("wandb", "") for r in runs if r.get("wandb")),
                 **provenance_cells(runs),
             )  # fmt: skip
-        out.append(with_intervals({c: rec.get(c, "") for c in COLUMNS}))
+        out.append(with_intervals(with_intervals({c: rec.get(c, "") for c in COLUMNS}), "heldout_mse"))
     return out
 
 
@@ -159,14 +170,20 @@ def with_intervals(rec: dict[str, Any], score: str = "fid") -> dict[str, Any]:
     from ablations import stats
 
     scores = per_seed([rec], score).get(rec["row"])
+    shown = (lambda v: round(v, 2)) if score == "fid" else _significant
     if scores:
         r = stats.row_interval(scores)
-        rec[f"{score}_geomean"] = round(r.geomean, 2)
+        rec[f"{score}_geomean"] = shown(r.geomean)
         if r.sd_log is not None:
             low, high = r.interval()  # type: ignore[misc]
-            rec.update({f"{score}_ci_low": round(low, 2), f"{score}_ci_high": round(high, 2),
+            rec.update({f"{score}_ci_low": shown(low), f"{score}_ci_high": shown(high),
                         f"ln_{score}_sd": round(r.sd_log, 4)})  # fmt: skip
     return rec
+
+
+def _significant(value: float) -> float:
+    """``value`` to 4 significant digits (a loss of 0.0123 keeps its digits where FID's two decimals would not)."""
+    return float(f"{value:.4g}")
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -178,7 +195,7 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 
 #: The per-seed score of a row: CSV column prefix -> the key of ``result.json``'s ``metrics``. The statistics below
 #: are generic over it (a second score, e.g. a held-out loss, is one more entry).
-SCORES = {"fid": "frechet_inception_distance"}
+SCORES = {"fid": "frechet_inception_distance", "heldout_mse": "heldout_mse"}
 
 #: Pre-declared contrasts (declared before any run, from the paper's claims): (claim, rows as (lower-scoring row,
 #: higher-scoring row) by the paper's FID). Table 4: DiCo-S against every swap, in the paper's order.
@@ -265,16 +282,18 @@ def findings(table: str, rows: list[dict[str, Any]]) -> list[str]:
     """The rank correlation with the paper's FID column, the pre-declared contrasts and the speed claim."""
     by_row = {r["row"]: r for r in rows}
     lines = []
-    scored = [r for r in rows if r["fid"] != ""]
-    if len(scored) >= 3:
-        rho = spearman([float(r["fid"]) for r in scored], [float(r["paper_fid"]) for r in scored])
-        lines.append(
-            f"- Spearman rank correlation of our FID with the paper's over {len(scored)} rows: {rho:+.2f} (a "
-            "description of the means, not a test: it carries the seed noise below)"
-        )
-    else:
-        lines.append(f"- Spearman rank correlation: needs >= 3 scored rows ({len(scored)} so far)")
-    lines += statistics_lines(table, per_seed(rows))
+    for score in [s for s in SCORES if any(r[s] != "" for r in rows)] or ["fid"]:
+        scored = [r for r in rows if r[score] != ""]
+        if len(scored) >= 3:
+            rho = spearman([float(r[score]) for r in scored], [float(r["paper_fid"]) for r in scored])
+            lines.append(
+                f"- Spearman rank correlation of our {SCORE_NAMES[score]} with the paper's FID over {len(scored)} "
+                f"rows: {rho:+.2f} (a description of the means, not a test: it carries the seed noise below)"
+            )
+        else:
+            lines.append(f"- Spearman rank correlation ({SCORE_NAMES[score]}): needs >= 3 scored rows "
+                         f"({len(scored)} so far)")  # fmt: skip
+        lines += statistics_lines(table, per_seed(rows, score), score)
     speed = [(n, by_row[n]["throughput_ratio"]) for n in SPEED_CLAIM[table] if by_row[n]["throughput_ratio"] != ""]
     if speed:
         slower = [n for n, r in speed if float(r) < 1]
@@ -334,6 +353,7 @@ def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[
 
 
 SCORE_NOTE = "FID: geometric mean over seeds (the mean of ln FID) with its 95% t-interval over seeds, and the seeds."
+SCORE_NAMES = {"fid": "FID", "heldout_mse": "held-out MSE"}
 
 
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -343,11 +363,17 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
         "(ours / paper) | FID ours [95% CI] (seeds) | FID paper |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    heldout = any(r["heldout_mse"] != "" for r in rows)
+    if heldout:  # the crops16 proxy's score beside (or instead of) the FID
+        lines[0] = lines[0].replace("| FID paper |", "| held-out MSE ours [95% CI] (seeds) | FID paper |")
+        lines[1] += " --- |"
     for r in rows:
         lines.append(
             f"| {r['row']} | `{r['model']}` | {r['seeds']} | {r['params_ratio'] or '-'} / {r['paper_params_ratio']} "
             f"| {r['gflops_ratio'] or '-'} / {r['paper_gflops_ratio']} "
-            f"| {r['throughput_ratio'] or '-'} / {r['paper_throughput_ratio']} | {score_cell(r)} | {r['paper_fid']} |"
+            f"| {r['throughput_ratio'] or '-'} / {r['paper_throughput_ratio']} | {score_cell(r)} "
+            + (f"| {score_cell(r, 'heldout_mse')} " if heldout else "")
+            + f"| {r['paper_fid']} |"
         )
     return lines
 

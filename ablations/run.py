@@ -46,13 +46,25 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from dico.runtime import configure_cpu_threads  # noqa: E402
+
+# before torch loads (ablations.rows imports it): rank 0 times every row in this process, and with spinning OpenMP
+# workers on a shared 2-core machine one crops16 row's throughput turns took 4 minutes instead of seconds
+configure_cpu_threads()
 from ablations.rows import BUDGETS, TABLES, Row, canonical, rows_of  # noqa: E402
 
 DEFAULT_OUT = ROOT / "ablations" / "runs"
 DEFAULT_RESULTS = ROOT / "ablations" / "results"
 REFERENCE_MODEL = "DiCo-S"  # both tables' throughput reference
 #: (forward batch, interleaved turns) of the throughput ratio per budget (the paper: batch 64 on an A100)
-THROUGHPUT = {"structure": (64, 10), "smoke": (4, 2), "proxy": (64, 20), "short": (64, 20), "paper": (64, 20)}
+THROUGHPUT = {
+    "structure": (64, 10),
+    "smoke": (4, 2),
+    "proxy": (64, 20),
+    "crops16": (64, 10),
+    "short": (64, 20),
+    "paper": (64, 20),
+}
 
 
 # ------------------------------------------------------------------------------------------------- configs
@@ -127,9 +139,12 @@ def wandb_env(row: Row, out: Path) -> dict[str, str]:
 
 
 def fid_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """The FIDEvaluation callback's settings of a composed config (empty without one)."""
-    return next((cb.get("init_args") or {} for cb in config["trainer"].get("callbacks") or []
-                 if cb["class_path"].endswith("FIDEvaluation")), {})  # fmt: skip
+    """The FIDEvaluation callback's settings of a composed config (empty without one, or when it is off)."""
+    from dico.callbacks.settings import active_callbacks
+
+    disabled = (config.get("callback_settings") or {}).get("disabled") or []
+    callbacks = active_callbacks(config["trainer"].get("callbacks") or [], disabled)
+    return next((cb.get("init_args") or {} for cb in callbacks if cb["class_path"].endswith("FIDEvaluation")), {})
 
 
 def stages(row: Row, out: Path, extra: list[str], config: dict[str, Any]) -> list[list[str]]:
@@ -146,10 +161,19 @@ def stages(row: Row, out: Path, extra: list[str], config: dict[str, Any]) -> lis
 
 
 def score_record(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """The row's evaluation record: the test protocol's, or the final periodic one (``eval/step_<max_steps>``)."""
+    """The row's evaluation record: the test protocol's, or the final periodic one (``eval/step_<max_steps>``);
+    with the held-out loss (``HeldOutLoss``) of the last step in its metrics, or alone without an FID."""
+    step = config["trainer"]["max_steps"]
+    heldout = run_dir / "eval" / f"heldout_step_{step:07d}.json"
+    if not fid_settings(config):
+        return json.loads(heldout.read_text())
     if fid_settings(config).get("test_num_samples", 0) > 0:
-        return json.loads((run_dir / "test" / "record.json").read_text())
-    return json.loads((run_dir / "eval" / f"step_{config['trainer']['max_steps']:07d}.json").read_text())
+        record = json.loads((run_dir / "test" / "record.json").read_text())
+    else:
+        record = json.loads((run_dir / "eval" / f"step_{step:07d}.json").read_text())
+    if heldout.exists():
+        record["metrics"].update(json.loads(heldout.read_text())["metrics"])
+    return record
 
 
 def stage_lines(rows: list[Row], out: Path, extra: list[str]) -> list[str]:
@@ -585,8 +609,11 @@ def row_status(row: Row, out: Path) -> str:
     run_dir = row.run_dir(out)
     if (run_dir / "result.json").exists():
         result = json.loads((run_dir / "result.json").read_text())
-        fid = (result.get("metrics") or {}).get("frechet_inception_distance")
-        return "finished" + (f" (FID {fid:.2f})" if fid is not None else " (counted)")
+        metrics = result.get("metrics") or {}
+        fid, heldout = metrics.get("frechet_inception_distance"), metrics.get("heldout_mse")
+        if fid is not None:
+            return f"finished (FID {fid:.2f})"
+        return f"finished (held-out MSE {heldout:.5f})" if heldout is not None else "finished (counted)"
     failed = json.loads((run_dir / "failed.json").read_text()) if (run_dir / "failed.json").exists() else None
     done = progress(run_dir)
     record = job_record(run_dir)

@@ -262,31 +262,49 @@ SEARCHES: dict[str, Callable[[], SearchResult]] = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reduced-size rows (the ablation suite's ``proxy`` budget on the 8x8 digits)
+# Reduced-size rows (the ablation suite's ``proxy`` budget on the 8x8 digits, ``crops16`` on 16x16 image crops)
 # ---------------------------------------------------------------------------------------------------------------
-#: The one scaling rule. Widths (and attention head dims) shrink by ``WIDTH_DIVISOR``; the input shrinks from
-#: 32x32x4 latents to the 8x8x1 digits (10 classes), so every stage resolution shrinks by 4 and window sizes and
-#: agent grids shrink with it (same fraction of the stage); kernel sizes, head counts, FFN ratios, SE's reduction
-#: and stage depths stay. Rows whose depths the paper adjusted for equal counts (``Variant.adjusted``) are
-#: re-adjusted at the reduced size by the same search, targeting the paper's #params and Gflops *ratios* to DiCo-S
-#: (both tables' reference row) times the reduced DiCo-S's counts.
-WIDTH_DIVISOR = 4
-PROXY_DATA = {"in_channels": 1, "input_size": 8, "num_classes": 10}
+@dataclass(frozen=True)
+class ProxyRule:
+    """A scaling rule from the full-size rows (32x32x4 latents, 1000 classes) to a small dataset.
+
+    Widths (and attention head dims) shrink by ``width_divisor``; the input becomes ``data`` (``in_channels``,
+    ``input_size``, ``num_classes``), so every stage resolution shrinks by ``spatial_divisor`` (32 /
+    ``input_size``) and window sizes and agent grids shrink with it (same fraction of the stage); kernel sizes,
+    head counts, FFN ratios, SE's reduction and stage depths stay. Rows whose depths the paper adjusted for equal
+    counts (``Variant.adjusted``) are re-adjusted at the reduced size by the same search, targeting the paper's
+    #params and Gflops *ratios* to DiCo-S (both tables' reference row) times the reduced DiCo-S's counts."""
+
+    width_divisor: int
+    data: Mapping[str, int]
+    description: str
+
+    @property
+    def spatial_divisor(self) -> int:
+        return FULL_SIZE // self.data["input_size"]
+
+
+FULL_SIZE = 32  # the latent resolution of the paper's ablations (ImageNet 256 through the f8 VAE)
+#: The digits rule: 8x8x1 digits, stage maps 8, 4, 2 (window 8 -> 2, 49 agents -> 4).
+DIGITS_RULE = ProxyRule(4, {"in_channels": 1, "input_size": 8, "num_classes": 10}, "8x8 digits")
+#: The crops rule: 16x16x1 crops of scikit-image's images (dico.data.image_crops), stage maps 16, 8, 4 as the full
+#: size's 32, 16, 8 halved: window 8 -> 4 (16 tokens, 1/16 of the first stage as at full size), 49 agents -> 16.
+CROPS16_RULE = ProxyRule(4, {"in_channels": 1, "input_size": 16, "num_classes": 10}, "16x16 image crops")
 REFERENCE_ROW = (TABLE4, "DiCo-S")
 #: head_dim defaults of the attention mixers (their constructors') when a variant does not set one
 _HEAD_DIM_DEFAULTS = {"self_attention": 64, "window_attention": 32, "focused_linear_attention": 32,
                       "agent_attention": 32}  # fmt: skip
 
 
-def _scaled_mixer_kwargs(mixer: str, mixer_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def _scaled_mixer_kwargs(mixer: str, mixer_kwargs: Mapping[str, Any], rule: ProxyRule = DIGITS_RULE) -> dict[str, Any]:
     mk = dict(mixer_kwargs)
-    k = WIDTH_DIVISOR
+    k, s = rule.width_divisor, rule.spatial_divisor
     if mixer in _HEAD_DIM_DEFAULTS:
         mk["head_dim"] = mk.get("head_dim", _HEAD_DIM_DEFAULTS[mixer]) // k
     if "window_size" in mk:
-        mk["window_size"] = max(1, mk["window_size"] // k)
+        mk["window_size"] = max(1, mk["window_size"] // s)
     if "agent_num" in mk:
-        pool = max(1, round(math.isqrt(mk["agent_num"]) / k))
+        pool = max(1, round(math.isqrt(mk["agent_num"]) / s))
         mk["agent_num"], mk["bias_grid"] = pool * pool, pool
     if mk.get("channel_attention") == "channel_self_attention":
         cak = dict(mk.get("channel_attention_kwargs") or {})
@@ -295,14 +313,14 @@ def _scaled_mixer_kwargs(mixer: str, mixer_kwargs: Mapping[str, Any]) -> dict[st
     return mk
 
 
-def scaled_overrides(name: str) -> dict[str, Any]:
+def scaled_overrides(name: str, rule: ProxyRule = DIGITS_RULE) -> dict[str, Any]:
     """The rule without the depth re-adjustment: ``create_model(name, **scaled_overrides(name))``."""
     v = VARIANTS[name]
     kw = dict(v.kwargs)
-    out: dict[str, Any] = {**PROXY_DATA, "hidden_size": kw["hidden_size"] // WIDTH_DIVISOR}
+    out: dict[str, Any] = {**rule.data, "hidden_size": kw["hidden_size"] // rule.width_divisor}
     if v.arch == "DiT":
         return out  # heads stay (head dim shrinks with the width)
-    mk = _scaled_mixer_kwargs(kw.get("mixer", "conv"), kw.get("mixer_kwargs") or {})
+    mk = _scaled_mixer_kwargs(kw.get("mixer", "conv"), kw.get("mixer_kwargs") or {}, rule)
     if mk:
         out["mixer_kwargs"] = mk
     return out
@@ -333,20 +351,20 @@ def _counts(name: str, overrides: Mapping[str, Any]) -> tuple[int, int]:
     return exact_counts(lambda **kw: create_model(name, **kw), **overrides)
 
 
-def proxy_shape(name: str, tol: float = 0.03) -> ProxyShape:
-    """The reduced-size row of variant ``name`` by the rule above (:data:`WIDTH_DIVISOR`)."""
+def proxy_shape(name: str, tol: float = 0.03, rule: ProxyRule = DIGITS_RULE) -> ProxyShape:
+    """The reduced-size row of variant ``name`` by ``rule`` (:class:`ProxyRule`)."""
     v = VARIANTS[name]
-    overrides = scaled_overrides(name)
+    overrides = scaled_overrides(name, rule)
     if not v.adjusted:
         return ProxyShape(name, overrides, *_counts(name, overrides), None, None)
     ref_table, ref_row = REFERENCE_ROW
     ref, row = paper_row(ref_table, ref_row), paper_row(*_paper_key(name))
-    ref_p, ref_m = _counts(ref_row, scaled_overrides(ref_row))
+    ref_p, ref_m = _counts(ref_row, scaled_overrides(ref_row, rule))
     target_p, target_m = ref_p * row["params_M"] / ref["params_M"], ref_m * row["gflops"] / ref["gflops"]
     kw, width = dict(v.kwargs), overrides["hidden_size"]
-    fixed = {"in_channels": PROXY_DATA["in_channels"], "num_classes": PROXY_DATA["num_classes"]}
+    fixed = {"in_channels": rule.data["in_channels"], "num_classes": rule.data["num_classes"]}
     common = dict(mixer=kw.get("mixer", "conv"), mixer_kwargs=overrides.get("mixer_kwargs"), widths=(width,),
-                  input_size=PROXY_DATA["input_size"], tol=tol, **fixed)  # fmt: skip
+                  input_size=rule.data["input_size"], tol=tol, **fixed)  # fmt: skip
     if v.arch == "IsotropicDiCo":
         ratio = kw.get("mlp_ratio", 2.0)
         result = search_isotropic(target_p / 1e6, target_m / 1e9, long_skips=kw.get("long_skips", 0),

@@ -41,9 +41,9 @@ def ckpt_step(run_dir: Path) -> int:
 # ------------------------------------------------------------------------------------------------ configs
 def test_every_row_has_its_overlays_and_runs_are_keyed_by_model():
     overlays = {p for p in (CONFIGS / "rows").rglob("*.yaml")}
-    assert overlays == {Row("3", "x", m, b).overlay() for m in VARIANTS for b in ("paper", "proxy")}
+    assert overlays == {Row("3", "x", m, b).overlay() for m in VARIANTS for b in ("paper", "proxy", "crops16")}
     for (table, name), entry in ABLATION_ROWS.items():
-        for budget in ("paper", "proxy"):
+        for budget in ("paper", "proxy", "crops16"):
             row = Row("3" if table == TABLE3 else "4", name, entry.model, budget)
             assert yaml.safe_load(row.overlay().read_text())["model"]["model"] == entry.model
     # the two models of both tables train once per budget and seed
@@ -94,6 +94,67 @@ def test_every_proxy_row_builds_through_the_cli(tmp_path, monkeypatch):
     assert len(seen) == 15
     with pytest.raises(ValueError, match="test protocol off"):  # `cli.py test` on such a row says why it cannot
         fid.setup(built.trainer, built.model, "test")
+
+
+def test_crops16_budget_composes_every_table4_row(tmp_path, monkeypatch):
+    """Every Table 4 row at the crops16 budget builds through the CLI on 16x16 scikit-image crops, scored by the
+    held-out loss alone (one fit stage, no FID), with every source of training randomness following the seed."""
+    import cli
+    from dico.callbacks import FIDEvaluation, HeldOutLoss
+    from dico.data import ImageCropsDataModule
+
+    monkeypatch.chdir(ROOT)
+    rows = rows_of("4", "crops16", seeds=[3])
+    assert len(rows) == 11
+    for row in rows:
+        args = [a for a in row.cli_args(tmp_path) if a != "fit"]
+        built = cli.build_lightning_cli([*args, "--trainer.logger", "false"], run=False)
+        net, dm = built.model.model, built.datamodule
+        assert built.model.hparams.model == row.model and (net.input_size, net.in_channels, net.num_classes) == (
+            16, 1, 10)  # fmt: skip
+        assert isinstance(dm, ImageCropsDataModule) and dm.sample_shape == (1, 16, 16) and dm.num_classes == 10
+        assert built.model.hparams.seed == 3 and dm.seed == 3 and built.trainer.default_root_dir == str(row.run_dir(
+            tmp_path))  # fmt: skip
+        assert [type(c) for c in built.trainer.callbacks if isinstance(c, HeldOutLoss | FIDEvaluation)] == [HeldOutLoss]
+    config = run.resolve(rows[0], tmp_path, [])  # what --dry-run prints: one fit stage per row
+    assert [s[0] for s in run.stages(rows[0], tmp_path, [], config)] == ["fit"]
+
+
+def test_crops16_windows_and_agents_keep_the_full_size_order_against_the_3x3_conv(tmp_path):
+    """At full size (stage maps 32, 16, 8) a window sees 64 tokens: more than the 3x3 conv's 9, 1/16 of the first
+    stage, 1/4 of the second, all of the middle one. The crops16 rows' windows (measured on the built model's
+    stages) keep every one of these; the digits rows' 2x2 windows see fewer tokens than the conv."""
+    from dico.models import create_model
+    from dico.models.attention import AgentAttention2d, WindowAttention2d
+
+    def windows(model: str, budget: str) -> tuple[list[tuple[int, int]], list[torch.nn.Module]]:
+        kwargs = yaml.safe_load(Row("4", "x", model, budget).overlay().read_text())["model"]["model_kwargs"]
+        net = create_model(model, **kwargs).eval()
+        seen: list[tuple[int, int]] = []  # (stage map side, tokens per window) of every window-attention block
+        for m in net.modules():
+            if isinstance(m, WindowAttention2d):
+                m.register_forward_pre_hook(
+                    lambda m, a: seen.append((a[0].shape[1], m.windowing(*a[0].shape[1:3])[0] ** 2))
+                )
+        size = kwargs["input_size"]
+        net(torch.randn(1, 1, size, size), torch.tensor([500.0]), torch.tensor([0]))
+        return sorted(set(seen), reverse=True), [m for m in net.modules() if isinstance(m, AgentAttention2d)]
+
+    conv = 3 * 3
+    full_window = VARIANTS["DiCo-S-WindowAttn"].kwargs["mixer_kwargs"]["window_size"]
+    full = [(side, min(full_window, side) ** 2) for side in (32, 16, 8)]
+    assert full == [(32, 64), (16, 64), (8, 64)]
+    crops, _ = windows("DiCo-S-WindowAttn", "crops16")
+    assert [side for side, _ in crops] == [16, 8, 4]
+    for (side, tokens), (full_side, full_tokens) in zip(crops, full, strict=True):
+        assert tokens / side**2 == full_tokens / full_side**2  # the same fraction of every stage
+        assert conv < tokens <= side**2
+    digits, _ = windows("DiCo-S-WindowAttn", "proxy")
+    assert digits[0] == (8, 4) and digits[0][1] < conv  # why the digits proxy cannot test locality
+    _, agents = windows("DiCo-S-AgentAttn", "crops16")
+    full_agents = VARIANTS["DiCo-S-AgentAttn"].kwargs["mixer_kwargs"]["agent_num"]
+    assert full_agents == 49 and {a.agent_num for a in agents} == {16}
+    assert all(conv < a.agent_num <= a.resolution[0] * a.resolution[1] for a in agents)
 
 
 def test_smoke_rows_validate_on_one_batch_not_the_whole_split(tmp_path, monkeypatch):
@@ -288,6 +349,32 @@ def test_report_from_every_finished_run_without_the_reference_row(tmp_path):
     assert rows["w/o CCA"]["fid_seeds"] == "0 1"  # the seed numbers, for pairing
 
 
+def test_the_runner_process_waits_passively_as_cli_does():
+    """The runner times rows in its own process (finalize): its OpenMP workers must sleep, not spin, when idle, or a
+    shared CPU slows the timing turns many times over. Set before torch loads; the user's own setting wins."""
+    env = {k: v for k, v in ENV.items() if k != "OMP_WAIT_POLICY"}
+    code = "import os, ablations.run; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["PASSIVE"]
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.split() == ["ACTIVE"]
+
+
+def test_report_of_a_budget_scored_by_the_heldout_loss_alone(tmp_path):
+    """crops16 runs carry no FID: the table shows their held-out MSE per seed and its mean, the FID stays empty."""
+    results = []
+    for seed, mse in ((0, 0.0412), (1, 0.0416)):
+        r = fake_result("4", "DiCo-S", "DiCo-S", seed, 0.0, 1.0)
+        r.update(budget="crops16", metrics={"heldout_mse": mse, "heldout_vb": 0.003, "heldout_loss": mse + 0.003})
+        results.append(r)
+    paths = report.write_report("4", "crops16", results, tmp_path, "python ablations/run.py collect ...")
+    rows = {r["row"]: r for r in read_csv(paths[0])}
+    assert rows["DiCo-S"]["fid"] == "" and float(rows["DiCo-S"]["heldout_mse"]) == pytest.approx(0.0414)
+    assert rows["DiCo-S"]["heldout_mse_per_seed"] == "0.041200 0.041600"
+    assert "CROPS16 budget" in paths[1].read_text() and "| 0.0414 [" in paths[1].read_text()  # geomean [95% CI]
+
+
 # ------------------------------------------------------------------------------------------ ranks, status
 SMOKE_CONFIG = {"trainer": {"max_steps": 4, "callbacks": [
     {"class_path": "dico.callbacks.FIDEvaluation", "init_args": {"test_num_samples": 0}}]}}  # fmt: skip
@@ -340,6 +427,10 @@ def test_the_score_is_the_test_record_or_the_final_periodic_one(tmp_path):
                                                            "init_args": {"test_num_samples": 20}}]}}  # fmt: skip
     assert run.score_record(tmp_path, periodic)["metrics"]["frechet_inception_distance"] == 2.0
     assert run.score_record(tmp_path, protocol)["metrics"]["frechet_inception_distance"] == 1.0
+    # the held-out loss (HeldOutLoss) of the last step: beside the FID, or the score alone without one
+    (tmp_path / "eval" / "heldout_step_0000004.json").write_text('{"metrics": {"heldout_mse": 0.5}}')
+    assert run.score_record(tmp_path, periodic)["metrics"] == {"frechet_inception_distance": 2.0, "heldout_mse": 0.5}
+    assert run.score_record(tmp_path, {"trainer": {"max_steps": 4, "callbacks": []}})["metrics"] == {"heldout_mse": 0.5}
 
 
 def test_structure_budget_counts_full_size_rows_beside_the_paper(tmp_path):

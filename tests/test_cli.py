@@ -158,3 +158,19 @@ def test_user_errors_are_one_line_naming_the_fix_without_a_traceback(tmp_path, c
     monkeypatch.setenv("DICO_TRACEBACK", "1")
     with pytest.raises(KeyError, match="DiCo-Q"):
         cli.entry(fit)
+
+
+def test_callback_settings_disabled_leaves_out_callbacks_of_the_one_list(monkeypatch):
+    """``callback_settings.disabled`` names the callbacks a setup runs without: by default the held-out loss (only the
+    crops16 budget scores by it), and a name the list does not hold is refused rather than ignored."""
+    from dico.callbacks import EMA, FIDEvaluation, HeldOutLoss
+
+    monkeypatch.chdir(ROOT)
+    base = ["-c", "experiments/quickstart.yaml", "--trainer.logger", "false"]
+    kinds = [type(c) for c in cli.build_lightning_cli(base, run=False).trainer.callbacks]
+    assert EMA in kinds and FIDEvaluation in kinds and HeldOutLoss not in kinds
+    built = cli.build_lightning_cli([*base, "--callback_settings.disabled", "[FIDEvaluation]"], run=False)
+    kinds = [type(c) for c in built.trainer.callbacks]
+    assert HeldOutLoss in kinds and FIDEvaluation not in kinds and EMA in kinds
+    with pytest.raises(ValueError, match=r"disabled names \['FIDEvaluaton'\], which the callback list does not hold"):
+        cli.build_lightning_cli([*base, "--callback_settings.disabled", "[FIDEvaluaton]"], run=False)

@@ -263,3 +263,54 @@ def test_data_imports_nothing_of_models_diffusion_or_evaluation():
                 continue
             found += [f"{path.name}: {n}" for n in names if n.startswith(above)]
     assert found == []
+
+
+# ------------------------------------------------------------------------------------- scikit-image crops
+def test_image_crops_are_the_images_pixels_one_class_each_and_heldout_regions_no_training_crop_touches():
+    import skimage.data
+
+    from dico.data.image_crops import IMAGES, heldout_column, image_crops
+
+    crops = image_crops(train_per_image=50, heldout_per_image=8)
+    assert crops.train_x.shape == (500, 1, 16, 16) and crops.heldout_x.shape == (80, 1, 16, 16)
+    assert np.array_equal(np.bincount(crops.train_y), [50] * 10) and np.array_equal(
+        np.bincount(crops.heldout_y), [8] * 10
+    )
+    assert crops.train_x.min() >= -1 and crops.train_x.max() <= 1
+    for x, y, corners in [(crops.train_x, crops.train_y, crops.train_corners),
+                          (crops.heldout_x, crops.heldout_y, crops.heldout_corners)]:  # fmt: skip
+        for i in range(0, len(y), 7):  # every crop is its class's image at its corner
+            image = getattr(skimage.data, IMAGES[y[i]])()
+            r, c = corners[i]
+            assert np.array_equal(np.round((x[i, 0] + 1) * 127.5).astype(np.uint8), image[r : r + 16, c : c + 16])
+    for label, name in enumerate(IMAGES):
+        start = heldout_column(getattr(skimage.data, name)().shape[1], 16, 0.25)
+        train_right = crops.train_corners[crops.train_y == label, 1] + 16
+        heldout_left = crops.heldout_corners[crops.heldout_y == label, 1]
+        assert train_right.max() <= start <= heldout_left.min()  # column ranges never overlap
+        assert len({tuple(c) for c in crops.heldout_corners[crops.heldout_y == label]}) == 8  # distinct tiles
+
+
+def test_image_crops_are_deterministic_and_the_crop_seed_moves_only_the_training_crops():
+    from dico.data.image_crops import image_crops
+
+    a, b = image_crops(train_per_image=20, heldout_per_image=4), image_crops(train_per_image=20, heldout_per_image=4)
+    assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
+    c = image_crops(train_per_image=20, heldout_per_image=4, crop_seed=1)
+    assert not np.array_equal(a.train_corners, c.train_corners)
+    assert np.array_equal(a.heldout_x, c.heldout_x)  # the held-out set does not depend on any seed
+
+
+def test_image_crops_datamodule_validates_and_tests_on_the_heldout_crops_only():
+    from dico.data import ImageCropsDataModule
+    from dico.data.image_crops import image_crops
+
+    dm = ImageCropsDataModule(train_per_image=30, heldout_per_image=6, batch_size=16, seed=3)
+    assert dm.num_classes == 10 and dm.sample_shape == (1, 16, 16) and dm.decoder == {"kind": "pixels"}
+    train, heldout = dm.split()
+    assert len(train) == 300 and len(heldout) == 60
+    crops = image_crops(train_per_image=30, heldout_per_image=6)
+    val = torch.cat([b["x"] for b in dm.val_dataloader()])
+    assert torch.equal(val, torch.from_numpy(crops.heldout_x))  # whatever the data seed
+    first = next(iter(dm.train_dataloader()))["x"]
+    assert all((first[i] == torch.from_numpy(crops.train_x)).flatten(1).all(1).any() for i in range(len(first)))

@@ -264,3 +264,35 @@ def test_sampling_options_are_filled_in_and_validated_in_one_place():
     assert SamplingOptions(sampler="ddim").resolved(module.hparams) == SamplingOptions("ddim", 10, 2.0, "official", 0.0)
     with pytest.raises(ValueError, match="steps must be <= the model's 100 diffusion steps"):
         module.sample([0, 1], steps=500)
+
+
+def test_heldout_losses_depend_on_the_weights_alone():
+    """Fixed timesteps (one per K-th slice of [0, T) for every sample) and fixed noise: the same weights give a
+    bit-identical score whatever the global RNG state; other weights another score."""
+    from dico.diffusion import create_diffusion
+    from dico.diffusion.heldout import fixed_draws, heldout_losses
+    from dico.models import create_model
+
+    t, noise = fixed_draws(6, (1, 4, 4), 1000, 8, seed=0)
+    assert t.shape == (48,) and noise.shape == (48, 1, 4, 4)
+    assert torch.equal(t.view(6, 8) // 125, torch.arange(8).expand(6, 8))  # stratified
+    assert len(set(t.view(6, 8)[:, 0].tolist())) == 6  # offsets differ between samples
+
+    diffusion = create_diffusion("", "linear", diffusion_steps=1000, learn_sigma=True)
+    kw = {"hidden_size": 8, "depth": [1, 1, 1, 1, 1], "in_channels": 1, "input_size": 16, "num_classes": 10}
+    model, other = create_model("DiCo-S", **kw).eval(), create_model("DiCo-S", **kw).eval()
+    for net, seed in ((model, 0), (other, 1)):  # trained-looking weights (the output layer starts at zero)
+        g = torch.Generator().manual_seed(seed)
+        for p in net.parameters():
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    x, y = torch.rand(12, 1, 16, 16) * 2 - 1, torch.arange(12) % 10
+    first = heldout_losses(diffusion, model, x, y, timesteps_per_sample=4, batch_size=16)
+    torch.manual_seed(123)  # the global RNG is not used
+    assert heldout_losses(diffusion, model, x, y, timesteps_per_sample=4, batch_size=16) == first
+    assert set(first) == {"loss", "mse", "vb"} and first["loss"] == pytest.approx(first["mse"] + first["vb"])
+    assert heldout_losses(diffusion, other, x, y, timesteps_per_sample=4, batch_size=16)["mse"] != first["mse"]
+    assert heldout_losses(diffusion, model, x, y, timesteps_per_sample=4, seed=1)["mse"] != first["mse"]
+    # batching changes the float rounding only
+    assert heldout_losses(diffusion, model, x, y, timesteps_per_sample=4, batch_size=5)["mse"] == pytest.approx(
+        first["mse"], rel=1e-5
+    )

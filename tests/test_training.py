@@ -594,3 +594,34 @@ def test_dit_checkpoints_of_the_old_block_layout_load_and_resume(tmp_path):
     resumed = dit()
     make(3).fit(resumed, DigitsDataModule(batch_size=16), ckpt_path=tmp_path / "old.ckpt")
     assert resumed.global_step == 3  # optimizer state, live weights and EMA were all restored
+
+
+def test_heldout_loss_scores_the_ema_weights_the_same_in_fit_and_test_and_moves_only_with_the_seed(tmp_path):
+    """HeldOutLoss at the end of fit (EMA weights) and in ``test`` of its last.ckpt: bit-identical records; a rerun of
+    the same seed too, also when it scored every step on the way; another training seed gives another score (the
+    score's only source of variation)."""
+    from dico.callbacks import HeldOutLoss
+    from dico.data import ImageCropsDataModule
+
+    def fit(root: Path, seed: int, every: int = 0) -> dict:
+        keeper = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)
+        heldout = HeldOutLoss(timesteps_per_sample=2, batch_size=32, every_n_steps=every)
+        t = trainer(root, 2, [EMA(decay=0.9), heldout, keeper])
+        torch.manual_seed(seed)
+        module = DiffusionModule("DiCo-S", model_kwargs={**TINY_MODEL, "input_size": 16}, lr=1e-3, seed=seed)
+        data = ImageCropsDataModule(train_per_image=8, heldout_per_image=4, batch_size=16, seed=seed)
+        t.fit(module, data)
+        return json.loads((root / "eval" / "heldout_step_0000002.json").read_text())
+
+    first = fit(tmp_path / "a", 0)
+    assert first["settings"]["num_samples"] == 40 and first["step"] == 2 and set(first["metrics"]) == {
+        "heldout_loss", "heldout_mse", "heldout_vb"}  # fmt: skip
+    assert fit(tmp_path / "b", 0, every=1)["metrics"] == first["metrics"]  # scoring on the way changes nothing
+    assert (tmp_path / "b" / "eval" / "heldout_step_0000001.json").exists()
+    assert fit(tmp_path / "c", 1)["metrics"]["heldout_mse"] != first["metrics"]["heldout_mse"]
+    t = trainer(tmp_path / "a", 2, [HeldOutLoss(timesteps_per_sample=2, batch_size=32)])
+    t.test(DiffusionModule("DiCo-S", model_kwargs={**TINY_MODEL, "input_size": 16}),
+           ImageCropsDataModule(train_per_image=8, heldout_per_image=4, batch_size=16),
+           ckpt_path=str(tmp_path / "a" / "checkpoints" / "last.ckpt"), verbose=False)  # fmt: skip
+    tested = json.loads((tmp_path / "a" / "test" / "heldout.json").read_text())
+    assert tested["metrics"] == first["metrics"] and tested["step"] == 2

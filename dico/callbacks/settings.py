@@ -7,7 +7,9 @@ still replace the whole list (``trainer.callbacks: [...]``), as before.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 from dico.evaluation.fidelity import INCEPTION
 
@@ -26,6 +28,8 @@ class CallbackSettings:
             ``every_n_steps``, ``per_class`` (0: no grids), ``num_classes_shown`` and ``final_per_class``.
         fid_*: :class:`~dico.callbacks.FIDEvaluation`'s arguments of the same names (``fid_reference`` is its
             ``reference``).
+        disabled: class names of the list's callbacks this setup runs without (by default the held-out loss, which only
+            the crops16 ablation budget scores by; it turns the FID and the sample grids off instead).
     """
 
     ema_decay: float = 0.9999
@@ -50,3 +54,19 @@ class CallbackSettings:
     fid_test_sampler: str = "iddpm"
     fid_test_steps: int = 250
     fid_test_save_samples: bool = True
+    disabled: list[str] = field(default_factory=lambda: ["HeldOutLoss"])
+
+
+def class_name(callback: Any) -> str:
+    """``FIDEvaluation`` of a callback entry of a config (a dict or a jsonargparse Namespace with ``class_path``)."""
+    path = callback["class_path"] if isinstance(callback, dict) else callback.class_path
+    return path.rsplit(".", 1)[-1]
+
+
+def active_callbacks(callbacks: list[Any], disabled: Iterable[str]) -> list[Any]:
+    """The entries of ``callbacks`` that a setup with ``callback_settings.disabled`` runs; a disabled name that is
+    not in the list is an error (a misspelt name would otherwise leave its callback on)."""
+    off, names = set(disabled), [class_name(cb) for cb in callbacks]
+    if unknown := sorted(off - set(names)):
+        raise ValueError(f"callback_settings.disabled names {unknown}, which the callback list does not hold: {names}")
+    return [cb for cb, name in zip(callbacks, names, strict=True) if name not in off]
