@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dico.evaluation.fidelity import INCEPTION
@@ -64,9 +65,13 @@ def class_name(callback: Any) -> str:
 
 
 def active_callbacks(callbacks: list[Any], disabled: Iterable[str]) -> list[Any]:
-    """The entries of ``callbacks`` that a setup with ``callback_settings.disabled`` runs; a disabled name that is
-    not in the list is an error (a misspelt name would otherwise leave its callback on)."""
+    """The entries of ``callbacks`` that a setup with ``callback_settings.disabled`` runs. A disabled name that is
+    in neither the one list nor ``callbacks`` (a config may replace the list) is an error: a misspelt name would
+    otherwise leave its callback on."""
+    import yaml
+
+    one_list = yaml.safe_load(Path(__file__).with_name(CALLBACKS_FILE).read_text())["trainer"]["callbacks"]
     off, names = set(disabled), [class_name(cb) for cb in callbacks]
-    if unknown := sorted(off - set(names)):
+    if unknown := sorted(off - set(names) - {class_name(cb) for cb in one_list}):
         raise ValueError(f"callback_settings.disabled names {unknown}, which the callback list does not hold: {names}")
     return [cb for cb, name in zip(callbacks, names, strict=True) if name not in off]
