@@ -153,9 +153,9 @@ def sample(argv: list[str]) -> int:
 
 def _add_feature_arguments(parser: ArgumentParser) -> None:
     """The feature extractor options shared by ``reference`` and ``evaluate``."""
-    from dico.evaluation.fidelity import INCEPTION
+    from dico.evaluation.fidelity import FEATURE_EXTRACTORS, INCEPTION
 
-    parser.add_argument("--feature_extractor", default=INCEPTION, choices=[INCEPTION, "dico-digits"])
+    parser.add_argument("--feature_extractor", default=INCEPTION, choices=list(FEATURE_EXTRACTORS))
     parser.add_argument("--weights_path", type=str | None, default=None, help="local feature-extractor weights")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--batch_size", type=int, default=100, help="images per feature-extractor batch")

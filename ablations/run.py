@@ -6,6 +6,7 @@
         --partition gpu --time 4320 --account ACC --mem-gb 200          # one SLURM job per row (submitit)
     python ablations/run.py status --table 4 --budget proxy              # pending / requeued / running / failed
     python ablations/run.py collect --table 4 --budget proxy --seeds 0 1 # rebuild the tables from finished rows
+    python ablations/run.py patch-fid --table 4 --budget crops16         # add crops16's patch FID to finished rows
 
 A row is ``python cli.py fit -c experiments/base.yaml -c ablations/configs/table<T>.yaml -c
 ablations/configs/budgets/<budget>.yaml -c ablations/configs/rows/[digits/]<model>.yaml`` (``--dry-run`` prints
@@ -51,6 +52,7 @@ from dico.runtime import configure_cpu_threads  # noqa: E402
 # before torch loads (ablations.rows imports it): rank 0 times every row in this process, and with spinning OpenMP
 # workers on a shared 2-core machine one crops16 row's throughput turns took 4 minutes instead of seconds
 configure_cpu_threads()
+from ablations.patch_fid import PATCH_FID, score_finished  # noqa: E402
 from ablations.rows import BUDGETS, TABLES, Row, canonical, rows_of  # noqa: E402
 
 DEFAULT_OUT = ROOT / "ablations" / "runs"
@@ -694,7 +696,7 @@ def warn_if_inside_checkout(out: Path, args: argparse.Namespace) -> None:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("run", "status", "collect") else "run"
+    command = argv.pop(0) if argv and argv[0] in ("run", "status", "collect", "patch-fid") else "run"
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", choices=sorted(TABLES), required=True)
     p.add_argument("--budget", choices=BUDGETS, default="structure")
@@ -759,6 +761,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "collect":
         collect(args.table, args.budget, out, args.results, command, args.seeds, args.overrides)
         return 0
+    if args.command == "patch-fid":
+        if args.budget not in PATCH_FID:
+            raise SystemExit(f"the patch FID is a score of the {', '.join(PATCH_FID)} budget(s), not of {args.budget}")
+        models = {r.run_dir(out).parent for r in rows}
+        dirs = [r.run_dir(out) for r in rows] if args.seeds else sorted(d for m in models for d in m.glob("seed*"))
+        score_finished(dirs, resolve(rows[0], out, args.extra), out, args.budget)
+        collect(args.table, args.budget, out, args.results, command, args.seeds, args.overrides)
+        return 0
     if args.dry_run:
         print("\n".join(stage_lines(rows, out, args.extra)))
         return 0
@@ -778,6 +788,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.devices and todo:
         args.extra = [*args.extra, *placement(resolve(todo[0], out, args.extra), None, args.devices)]
     failed = [row for row in todo if not run_local(row, out, args)]
+    if args.budget in PATCH_FID:  # the budget's second score, from the finished rows' checkpoints
+        score_finished([r.run_dir(out) for r in dict.fromkeys(rows)], resolve(rows[0], out, args.extra), out,
+                       args.budget)  # fmt: skip
     collect(args.table, args.budget, out, args.results, command, None, args.overrides)
     if failed:
         print(f"[ablations] failed: {[r.key for r in failed]}", flush=True)

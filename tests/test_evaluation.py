@@ -355,7 +355,7 @@ def test_the_digits_fid_uses_the_committed_classifier_on_every_machine(tmp_path)
     assert all(torch.equal(v, committed[k]) for k, v in digits.load_or_train_classifier(None).state_dict().items())
     other = digits.DigitsClassifier().state_dict()
     torch.save(other, tmp_path / "other.pt")
-    with pytest.warns(UserWarning, match="not the committed digits classifier"):
+    with pytest.warns(UserWarning, match="not the committed dico-digits classifier"):
         model = digits.load_or_train_classifier(tmp_path / "other.pt")
     assert torch.equal(model.state_dict()["head.bias"], other["head.bias"])
 

@@ -293,7 +293,11 @@ def test_protocol_gives_the_same_metrics_and_samples_on_two_processes(tmp_path, 
     one = evaluate(tiny_module(), SampleSet(20, 10, 6, seed=2), reference,
                    digits_featurizer, samples_dir=tmp_path / "one", source="ddp")  # fmt: skip
     two = [json.loads((tmp_path / "two" / f"record{r}.json").read_text()) for r in (0, 1)]
-    assert two[0] == two[1] == pytest.approx(one["metrics"], rel=1e-12, abs=1e-12)
+    assert two[0] == two[1]  # scored once on rank 0 and broadcast: bit-equal
+    # The featurizer runs in float32 on other batch splits and thread counts in the two settings (a forked child
+    # need not use the parent's thread count, and matmul blocking follows it): float32 rounding, not 1e-12. A lost
+    # or duplicated sample moves these metrics by percents.
+    assert two[0] == pytest.approx(one["metrics"], rel=1e-5, abs=1e-6)
     with np.load(tmp_path / "one" / "samples.npz") as a, np.load(tmp_path / "two" / "samples.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
 

@@ -27,6 +27,9 @@ from dico.runtime import hub_offline
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 DIGITS = "dico-digits"
+CROPS16 = "dico-crops16"
+SMALL_CLASSIFIERS = (DIGITS, CROPS16)  # dico.evaluation.small_classifier.COMMITTED
+FEATURE_EXTRACTORS = (INCEPTION, *SMALL_CLASSIFIERS)
 SPATIAL_CHANNELS = 7  # ADM's sFID: mixed_6/conv[..., :7]
 CONVENTIONS = ("adm", "torch-fidelity")
 
@@ -36,10 +39,11 @@ class FeatureSpec:
     """Which torch-fidelity feature extractor, and where its weights are.
 
     Args:
-        name: ``inception-v3-compat`` (the paper's protocol) or ``dico-digits`` (the quickstart's classifier).
+        name: ``inception-v3-compat`` (the paper's protocol), ``dico-digits`` (the quickstart's classifier) or
+            ``dico-crops16`` (the crops16 ablation budget's patch FID).
         weights_path: a local weights file. Required offline for Inception (torch-fidelity's
-            ``weights-inception-2015-12-05-6726825d.pth``); for ``dico-digits`` a missing file gets a copy of
-            the committed classifier (``dico/evaluation/digits_classifier.pt``), None uses it in place.
+            ``weights-inception-2015-12-05-6726825d.pth``); for the small classifiers a missing file gets a copy of
+            the committed one (``dico/evaluation/<name>_classifier.pt``), None uses it in place.
     """
 
     name: str = INCEPTION
@@ -106,12 +110,13 @@ def _cached_inception_weights() -> Path:
 def build_feature_extractor(spec: FeatureSpec, features: Iterable[str], device: torch.device | str = "cpu") -> Any:
     """A torch-fidelity feature extractor producing ``features`` (e.g. ``("2048", "logits_unbiased")``)."""
     features = list(features)
-    if spec.name == DIGITS:
-        from .digits import DigitsFeatureExtractor
+    if spec.name in SMALL_CLASSIFIERS:
+        from .small_classifier import SmallClassifierFeatureExtractor
 
-        return DigitsFeatureExtractor(DIGITS, features, feature_extractor_weights_path=spec.weights_path).to(device)
+        weights = spec.weights_path
+        return SmallClassifierFeatureExtractor(spec.name, features, feature_extractor_weights_path=weights).to(device)
     if spec.name != INCEPTION:
-        raise ValueError(f"unknown feature extractor {spec.name!r}; use {INCEPTION!r} or {DIGITS!r}")
+        raise ValueError(f"unknown feature extractor {spec.name!r}; use one of {FEATURE_EXTRACTORS}")
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     weights_path = spec.weights_path or _cached_inception_weights()
@@ -147,8 +152,8 @@ class Featurizer:
     ``spatial`` (N, S) for sFID and ``logits`` (N, K) for the Inception Score, as float32 on the CPU.
 
     For Inception, ``spatial`` is ADM's: the first 7 channels of ``Mixed_6d`` (TF ``mixed_6``, 17x17 at 299
-    pixels) flattened in NHWC order (N, 2023); for ``dico-digits`` the first 7 channels of its pooled conv
-    features (N, 112).
+    pixels) flattened in NHWC order (N, 2023); for the small classifiers the first 7 channels of their pooled
+    conv features (N, 7 x (S/2)^2: 112 for ``dico-digits``, 448 for ``dico-crops16``).
     """
 
     def __init__(self, spec: FeatureSpec, device: torch.device | str = "cpu") -> None:
