@@ -43,9 +43,12 @@ CAVEATS = {
     "scored by the digits FID (Frechet distance on a small digits classifier's features). The values are not "
     "comparable with the paper's ImageNet FID-50K; only the rankings are compared.",
     "crops16": "CROPS16 budget: reduced-size rows (widths / 4, stage maps 16, 8, 4; windows 4x4 and 16 agents, the "
-    "full size's fraction of every stage) trained on 16x16 crops of scikit-image's bundled images and scored by the "
-    "held-out denoising loss (noise-prediction MSE of the EMA model on 640 fixed held-out crops at fixed timesteps "
-    "and noise; lower is better), not by an FID. Only the rankings are compared with the paper's FID.",
+    "full size's fraction of every stage) trained on 16x16 crops of scikit-image's bundled images and scored twice: "
+    "by the held-out denoising loss (noise-prediction MSE of the EMA model on 640 fixed held-out crops at fixed "
+    "timesteps and noise; lower is better) and by a patch FID (the FID column: 640 EMA samples, 64 a class, iDDPM-50, "
+    "sampling seed 0 for every row, against the training crops in the features of the committed crop classifier "
+    "`dico-crops16`; biased upwards by the sample count, comparable only between rows). Only the rankings are "
+    "compared with the paper's FID.",
     "short": "SHORT budget: FID-10K after 50K steps, beside the paper's FID-50K after 400K steps: not the same "
     "protocol; FID-10K is biased upwards and early training ranks variants less reliably.",
     "paper": "The paper's budget and protocol (400K steps, global batch 256, FID-50K, 250 iDDPM steps).",

@@ -485,3 +485,47 @@ def test_large_runs_inside_the_checkout_get_a_loud_note(tmp_path, capsys):
                               ("proxy", ROOT / "ablations" / "runs", False)):  # fmt: skip
         run.warn_if_inside_checkout(out, run.parse(["--table", "4", "--budget", budget]))
         assert ("INSIDE the checkout" in capsys.readouterr().err) == loud
+
+
+@pytest.mark.slow
+def test_crops16_rows_get_a_patch_fid_beside_the_heldout_loss(tmp_path, capsys, monkeypatch):
+    """A crops16 row is scored twice: its held-out loss at the end of fit, then a patch FID of its EMA samples
+    against the training crops in the committed crop classifier's features, merged into result.json (the
+    recorded FID is the saved samples' FID against the saved reference) and into the table; scoring again is a
+    no-op."""
+    from ablations import patch_fid
+    from dico.evaluation import FeatureSpec, Featurizer, Reference, compute_metrics
+    from dico.evaluation.images import load_npz
+
+    sample = {**patch_fid.PATCH_FID["crops16"]["sample"], "num_samples": 20, "batch_size": 20, "steps": 3}
+    monkeypatch.setitem(patch_fid.PATCH_FID["crops16"], "sample", sample)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out, results = tmp_path / "runs", tmp_path / "results"
+    common = ["--table", "4", "--budget", "crops16", "--rows", "DiCo-S", "--out", str(out), "--results", str(results)]
+    extra = ["--", "--trainer.max_steps", "3", "--data.init_args.train_per_image", "64",
+             "--data.init_args.heldout_per_image", "8"]  # fmt: skip
+    assert run.main([*common, "--throughput-batch", "4", "--throughput-turns", "2", *extra]) == 0
+    run_dir = out / "crops16" / "dico-s" / "seed0"
+    result = json.loads((run_dir / "result.json").read_text())
+    fid = result["metrics"]["frechet_inception_distance"]
+    assert fid > 0 and result["metrics"]["heldout_mse"] > 0
+    assert {k: result["patch_fid"]["settings"][k] for k in ("num_samples", "steps", "labels", "seed")} == {
+        "num_samples": 20, "steps": 3, "labels": "balanced", "seed": 0}  # fmt: skip
+    prov = result["provenance"]
+    assert prov["feature_extractor"] == "dico-crops16"
+    featurizer = Featurizer(FeatureSpec("dico-crops16"))  # the committed classifier
+    assert prov["feature_extractor_sha256"] == featurizer.weights_sha256
+    reference = Reference.load(patch_fid.reference_path(out, "crops16"))
+    assert reference.meta["count"] == 640  # the rows' own training crops: 64 a class, as the composed config says
+    samples, labels = load_npz(run_dir / "patch_fid" / "samples.npz")
+    assert samples.shape == (20, 16, 16, 1) and labels.tolist() == [i % 10 for i in range(20)]
+    again = compute_metrics(featurizer(samples), reference)["frechet_inception_distance"]
+    assert again == pytest.approx(fid, rel=1e-6)
+    [row] = [r for r in read_csv(results / "table4-crops16.csv") if r["row"] == "DiCo-S"]
+    assert float(row["fid"]) == pytest.approx(fid, abs=0.01) and row["heldout_mse"] != ""
+    assert row["feature_extractor_sha256"] == prov["feature_extractor_sha256"][:16]
+    capsys.readouterr()
+    assert run.main(["patch-fid", *common, *extra]) == 0
+    assert "patch FID 1/" not in capsys.readouterr().out
+    assert json.loads((run_dir / "result.json").read_text()) == result
