@@ -111,12 +111,20 @@ def has_patch_fid(result_path: Path) -> bool:
 
 
 def score_finished(run_dirs: list[Path], config: dict[str, Any], out: Path, budget: str) -> list[Path]:
-    """Add the patch FID to every finished run in ``run_dirs`` that has none; returns the runs scored now."""
+    """Add the patch FID to every finished run in ``run_dirs`` that has none; returns the runs it failed on (each
+    named with the fix; the others are still scored, and the row's training is untouched)."""
     todo = [d for d in run_dirs if (d / "result.json").exists() and not has_patch_fid(d / "result.json")]
     if not todo:
         return []
     reference = prepare_reference(config, out, budget)
+    failed = []
     for i, run_dir in enumerate(todo, 1):
         print(f"[ablations] patch FID {i}/{len(todo)}: {run_dir}", flush=True)
-        add_to_result(run_dir / "result.json", score_run(run_dir, budget, reference))
-    return todo
+        try:
+            add_to_result(run_dir / "result.json", score_run(run_dir, budget, reference))
+        except subprocess.CalledProcessError as e:
+            fix = f"python ablations/run.py patch-fid --table T --budget {budget} --out {out}"
+            print(f"[ablations] patch FID of {run_dir} failed ({e}); its training is kept: rerun `{fix}` once fixed",
+                  flush=True)  # fmt: skip
+            failed.append(run_dir)
+    return failed

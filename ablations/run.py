@@ -766,9 +766,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"the patch FID is a score of the {', '.join(PATCH_FID)} budget(s), not of {args.budget}")
         models = {r.run_dir(out).parent for r in rows}
         dirs = [r.run_dir(out) for r in rows] if args.seeds else sorted(d for m in models for d in m.glob("seed*"))
-        score_finished(dirs, resolve(rows[0], out, args.extra), out, args.budget)
+        unscored = score_finished(dirs, resolve(rows[0], out, args.extra), out, args.budget)
         collect(args.table, args.budget, out, args.results, command, args.seeds, args.overrides)
-        return 0
+        return 1 if unscored else 0
     if args.dry_run:
         print("\n".join(stage_lines(rows, out, args.extra)))
         return 0
@@ -789,8 +789,9 @@ def main(argv: list[str] | None = None) -> int:
         args.extra = [*args.extra, *placement(resolve(todo[0], out, args.extra), None, args.devices)]
     failed = [row for row in todo if not run_local(row, out, args)]
     if args.budget in PATCH_FID:  # the budget's second score, from the finished rows' checkpoints
-        score_finished([r.run_dir(out) for r in dict.fromkeys(rows)], resolve(rows[0], out, args.extra), out,
-                       args.budget)  # fmt: skip
+        unscored = score_finished([r.run_dir(out) for r in dict.fromkeys(rows)], resolve(rows[0], out, args.extra),
+                                  out, args.budget)  # fmt: skip
+        failed += [row for row in rows if row.run_dir(out) in unscored]
     collect(args.table, args.budget, out, args.results, command, None, args.overrides)
     if failed:
         print(f"[ablations] failed: {[r.key for r in failed]}", flush=True)

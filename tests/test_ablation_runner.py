@@ -529,3 +529,20 @@ def test_crops16_rows_get_a_patch_fid_beside_the_heldout_loss(tmp_path, capsys, 
     assert run.main(["patch-fid", *common, *extra]) == 0
     assert "patch FID 1/" not in capsys.readouterr().out
     assert json.loads((run_dir / "result.json").read_text()) == result
+
+
+def test_a_failed_patch_fid_keeps_the_row_and_names_the_fix(tmp_path, capsys):
+    from ablations import patch_fid
+
+    run_dir = tmp_path / "crops16" / "dico-s" / "seed0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    result = {"metrics": {"heldout_mse": 0.03}}
+    (run_dir / "result.json").write_text(json.dumps(result))
+    config = {"data": {"init_args": {"crop_size": 16, "train_per_image": 8, "heldout_per_image": 4}}}
+    assert patch_fid.score_finished([run_dir], config, tmp_path, "crops16") == [run_dir]
+    assert json.loads((run_dir / "result.json").read_text()) == result
+    assert "its training is kept: rerun `python ablations/run.py patch-fid" in capsys.readouterr().out
+    from dico.evaluation import Reference
+
+    assert Reference.load(patch_fid.reference_path(tmp_path, "crops16")).meta["count"] == 80  # 8 a class, reused
