@@ -533,6 +533,7 @@ def test_crops16_rows_get_a_patch_fid_beside_the_heldout_loss(tmp_path, capsys, 
 
 def test_a_failed_patch_fid_keeps_the_row_and_names_the_fix(tmp_path, capsys):
     from ablations import patch_fid
+    from dico.evaluation import Reference
 
     run_dir = tmp_path / "crops16" / "dico-s" / "seed0"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -543,6 +544,4 @@ def test_a_failed_patch_fid_keeps_the_row_and_names_the_fix(tmp_path, capsys):
     assert patch_fid.score_finished([run_dir], config, tmp_path, "crops16") == [run_dir]
     assert json.loads((run_dir / "result.json").read_text()) == result
     assert "its training is kept: rerun `python ablations/run.py patch-fid" in capsys.readouterr().out
-    from dico.evaluation import Reference
-
-    assert Reference.load(patch_fid.reference_path(tmp_path, "crops16")).meta["count"] == 80  # 8 a class, reused
+    assert Reference.load(patch_fid.reference_path(tmp_path, "crops16")).meta["count"] == 80  # the config's 8 a class
