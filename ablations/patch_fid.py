@@ -35,7 +35,6 @@ PATCH_FID: dict[str, dict[str, Any]] = {
         "reference_features_kept": 5000,
     },
 }  # fmt: skip
-CROP_ARGS = ("crop_size", "train_per_image", "heldout_per_image", "heldout_fraction", "crop_seed", "images")
 
 
 def reference_path(out: Path, budget: str) -> Path:
@@ -50,6 +49,10 @@ def _run(command: list[str]) -> None:
 def prepare_reference(config: dict[str, Any], out: Path, budget: str) -> Path:
     """The reference statistics of the rows' training crops (their data as the composed ``config`` builds it),
     written once under ``out``: the crops as an ADM batch, then ``python cli.py reference``."""
+    import inspect
+
+    import torch
+
     from dico.data.image_crops import image_crops
     from dico.evaluation.images import save_npz, to_uint8
 
@@ -57,9 +60,8 @@ def prepare_reference(config: dict[str, Any], out: Path, budget: str) -> Path:
     if path.exists():
         return path
     init = config["data"].get("init_args") or {}
-    crops = image_crops(**{k: (tuple(v) if k == "images" else v) for k, v in init.items() if k in CROP_ARGS})
-    import torch
-
+    crop_args = inspect.signature(image_crops).parameters  # the data module's crop options are image_crops's
+    crops = image_crops(**{k: (tuple(v) if k == "images" else v) for k, v in init.items() if k in crop_args})
     images = save_npz(out / budget / "patch-fid-train-crops.npz", to_uint8(torch.from_numpy(crops.train_x)),
                       crops.train_y)  # fmt: skip
     _run([sys.executable, str(ROOT / "cli.py"), "reference", "--source", str(images), "--out", str(path),
