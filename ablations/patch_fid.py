@@ -9,7 +9,7 @@ row, so its ratios between rows are what the statistics test. The score lands in
 (``metrics.frechet_inception_distance`` and the evaluation's other metrics; ``patch_fid``: the sampling settings,
 the samples' sha256, the commit that scored it), so ``collect`` treats it as the row's FID.
 
-    python ablations/run.py patch-fid --table 4 --budget crops16 --out /tmp/abl  # rows finished without it
+    python ablations/run.py patch-fid --table 4 --budget crops16 --out runs/ablations  # rows finished without it
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What the class-label layout of a sample set does to FID and IS (not a test): the quickstart model on the digits.
 
     python cli.py fit -c experiments/quickstart.yaml            # the model (runs/quickstart/checkpoints/last.ckpt)
-    python benchmarks/labels.py --seeds 8                       # 8 seeds x 2 layouts of 500 samples (README)
+    python benchmarks/labels.py --seeds 8                      # 8 seeds x 2 layouts of 500 samples (docs/evaluation.md)
 
 Each seed is one sample set of ``--samples`` samples (500: 50 a class, as FID-50K has 50 per ImageNet class) drawn
 with ``uniform`` labels (random, seeded: the published ``sample_ddp.py``, dico's default) and with ``balanced``

@@ -17,7 +17,7 @@ Examples::
     python benchmarks/speed.py --models S --quick                 # a few minutes on a laptop CPU
     python benchmarks/speed.py --models S --batch-forward 64 --batch-train 32 --reps 7 --cpu-env tuned
     python benchmarks/speed.py --dtypes fp32 bf16 --compile both  # the full table (meant for a GPU)
-    git worktree add /tmp/before HEAD~1 && python benchmarks/speed.py --models S --baseline-tree /tmp/before
+    git worktree add ../before HEAD~1 && python benchmarks/speed.py --models S --baseline-tree ../before
 
 This is a benchmark, not a test: it asserts nothing about speed.
 """

@@ -1,8 +1,7 @@
-"""Shared fixtures: the read-only reference material beside the checkout (``../shared``)."""
+"""Shared fixtures: the reference material (``tests/reference/``), tiny models and data, an offline network."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -40,26 +39,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)
 
 
-def shared_dir() -> Path:
-    """``$DICO_SHARED``, else ``shared/`` in or beside the checkout (CI lays a copy beside the clone)."""
-    candidates = [os.environ.get("DICO_SHARED"), ROOT / "shared", ROOT.parent / "shared"]
-    for c in candidates:
-        if c and (Path(c) / "golden" / "official_reference.pt").exists():
-            return Path(c)
-    raise FileNotFoundError(
-        "reference material not found: set DICO_SHARED to the folder holding golden/ and reference/ "
-        f"(looked in {[str(c) for c in candidates if c]})"
-    )
+#: The goldens of the published code; what made them, and every file's sha256: ``tests/reference/README.md``.
+GOLDEN = ROOT / "tests" / "reference" / "official_reference.pt"
 
 
 @pytest.fixture(scope="session")
 def golden() -> dict:
-    return torch.load(shared_dir() / "golden" / "official_reference.pt", weights_only=True)
+    return torch.load(GOLDEN, weights_only=True)
 
 
 @pytest.fixture(scope="session")
 def paper() -> dict:
-    return json.loads((shared_dir() / "reference" / "paper_tables.json").read_text())
+    """The paper's figures, from their one home: the package's ``dico/reference/paper_tables.json``."""
+    from dico.models.ablation import paper_tables
+
+    return paper_tables()
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,5 @@
-"""The package's shape (the intended one: /work/shared/ARCHITECTURE.md): no two files of dico/ import each other,
-directly or round a circle, and the release catalogue builds nothing."""
+"""The package's shape (docs/architecture.md): no two files of dico/ import each other, directly or round a circle,
+each floor imports only the floors below it, and the release catalogue builds nothing."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_modules(path: Path, known: set[str]) -> set[str]:
+def imported_modules(path: Path, known: set[str], outside: bool = False) -> set[str]:
     """The dico modules a file imports anywhere in it (inside functions too): ``import a.b``, ``from a import b``
-    (``a.b`` when that is a module, else ``a``) and relative imports."""
+    (``a.b`` when that is a module, else ``a``) and relative imports; with ``outside``, also the top-level names
+    of what it imports from outside dico (``lightning``, ``cli``, ...)."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
@@ -33,13 +34,13 @@ def imported_modules(path: Path, known: set[str]) -> set[str]:
             for alias in node.names:
                 full = f"{base}.{alias.name}"
                 found.add(full if full in known else base)
-    return {m for m in found if m in known and m != name}
+    return {m for m in found if m != name and (m in known or (outside and m and not m.startswith("dico")))}
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(outside: bool = False) -> dict[str, set[str]]:
     files = sorted(PACKAGE.rglob("*.py"))
     known = {module_name(p) for p in files}
-    return {module_name(p): imported_modules(p, known) for p in files}
+    return {module_name(p): imported_modules(p, known, outside) for p in files}
 
 
 def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -83,3 +84,36 @@ def test_the_release_catalogue_builds_nothing():
     assert "dico.module" not in graph["dico.pretrained"] and "dico.sample_jobs" not in graph["dico.pretrained"]
     assert "dico.checkpoints" not in graph["dico.pretrained"]  # checkpoints resolve release names, not the reverse
     assert "dico.module" not in graph["dico.checkpoints"]
+
+
+def part_of(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+# (whose imports, what they may not import, why): docs/architecture.md states them.
+FORBIDDEN = [
+    ("dico.models", ["dico.diffusion", "lightning", "wandb", "torch_fidelity"], "pure torch, no sampler"),
+    ("dico.diffusion", ["dico.models", "lightning", "wandb", "torch_fidelity"], "takes the model as a callable"),
+    ("dico.data", ["dico.models", "dico.diffusion", "dico.evaluation"], "the floor below evaluation"),
+    ("dico", ["cli", "ablations", "benchmarks", "notebooks"], "the package is imported by them, never the reverse"),
+    ("dico.profiling", ["dico"], "a leaf"),
+    ("dico.models.ablation", ["dico.shape_search"], "the variant table is data; the search imports it"),
+]
+
+
+def broken_rules(graph: dict[str, set[str]]) -> list[str]:
+    return [
+        f"{module} imports {target} ({why})"
+        for owner, forbidden, why in FORBIDDEN
+        for module, targets in sorted(graph.items())
+        if part_of(module, owner)
+        for target in sorted(targets)
+        if any(part_of(target, f) and not part_of(target, owner) for f in forbidden)
+    ]
+
+
+def test_each_floor_imports_only_what_docs_architecture_allows():
+    graph = import_graph(outside=True)
+    assert "lightning" in {t.split(".")[0] for t in graph["dico.module"]}  # outside imports are seen
+    assert broken_rules({"dico.models.dico": {"lightning.pytorch"}, "dico.data.x": {"dico.evaluation.fidelity"}})
+    assert not broken_rules(graph), broken_rules(graph)

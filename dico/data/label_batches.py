@@ -29,7 +29,7 @@ class LabelBatches:
         seed: the set's seed; batch ``b`` draws its noise from :meth:`batch_seed`.
         labels: ``uniform`` (labels drawn uniformly at random per batch from its seed, as the published
             ``sample_ddp.py`` draws them: the paper's protocol) or ``balanced`` (sample i has class i % num_classes;
-            exactly balanced, which lowers FID: see the README's Evaluate section).
+            exactly balanced, which lowers FID: see docs/evaluation.md).
     """
 
     num_samples: int
