@@ -23,8 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from ablations.budgets import budget_of  # noqa: E402
 from ablations.rows import TABLES, canonical, rows_of  # noqa: E402
 from dico.models.ablation import paper_row  # noqa: E402
+from dico.shape_search import DIGITS_RULE  # noqa: E402
 
 COLUMNS = [
     "row", "model", "seeds", "params_M", "params_ratio", "paper_params_ratio", "gflops", "gflops_ratio",
@@ -35,24 +37,7 @@ COLUMNS = [
     "reference_sha256", "wandb",
 ]  # fmt: skip
 
-CAVEATS = {
-    "structure": "No training at this budget: counts and throughput ratios only.",
-    "smoke": "SMOKE budget: a few steps of reduced-size models on the digits with a 20-sample FID. The numbers test "
-    "the plumbing and mean nothing; no ranking or claim below should be read as evidence.",
-    "proxy": "PROXY budget: reduced-size rows (one scaling rule, below) trained on scikit-learn's 8x8 digits and "
-    "scored by the digits FID (Frechet distance on a small digits classifier's features). The values are not "
-    "comparable with the paper's ImageNet FID-50K; only the rankings are compared.",
-    "crops16": "CROPS16 budget: reduced-size rows (widths / 4, stage maps 16, 8, 4; windows 4x4 and 16 agents, the "
-    "full size's fraction of every stage) trained on 16x16 crops of scikit-image's bundled images and scored twice: "
-    "by the held-out denoising loss (noise-prediction MSE of the EMA model on 640 fixed held-out crops at fixed "
-    "timesteps and noise; lower is better) and by a patch FID (the FID column: 640 EMA samples, 64 a class, iDDPM-50, "
-    "sampling seed 0 for every row, against the training crops in the features of the committed crop classifier "
-    "`dico-crops16`; biased upwards by the sample count, comparable only between rows). Only the rankings are "
-    "compared with the paper's FID.",
-    "short": "SHORT budget: FID-10K after 50K steps, beside the paper's FID-50K after 400K steps: not the same "
-    "protocol; FID-10K is biased upwards and early training ranks variants less reliably.",
-    "paper": "The paper's budget and protocol (400K steps, global batch 256, FID-50K, 250 iDDPM steps).",
-}
+#: the digits rule (:data:`dico.shape_search.DIGITS_RULE`), said under the tables of the budgets trained by it
 SCALING_RULE = (
     "Scaling rule (dico.shape_search.proxy_shape): every row is its full-size shape with widths and attention head "
     "dims divided by 4 on the 8x8x1 digits instead of 32x32x4 latents, so every stage resolution is divided by 4 "
@@ -323,11 +308,11 @@ def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[
         "Rows trained by:", *sorted({f"- `{r.get('launched_by') or '?'}`" for r in results}), "",
         "Machine(s):", *sorted({f"- {r.get('machine') or '?'}" for r in results}), "",
         "Finished: " + (f"{min(dates)} to {max(dates)}" if dates else "-"), "",
-        f"> {CAVEATS[budget]}", "",
+        f"> {budget_of(budget).caveat}", "",
     ]  # fmt: skip
     if missing:
         lines += [f"> PARTIAL: not finished yet: {', '.join(missing)}.", ""]
-    if budget in ("smoke", "proxy"):
+    if budget_of(budget).rule == DIGITS_RULE:
         lines += [SCALING_RULE, ""]
     lines += [
         f"Throughput ratio: forward images/s of the row over DiCo-S's at the same size, timed side by side in "
