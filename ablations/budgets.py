@@ -66,24 +66,29 @@ class Budget:
     @property
     def scores(self) -> tuple[str, ...]:
         """The scores a finished row carries, in the order they are made."""
-        return (("fid",) if self.fid else ()) + (("heldout_loss",) if self.heldout_loss else ()) + (
-            ("patch_fid",) if self.patch_fid else ())  # fmt: skip
+        made = {"fid": self.fid is not None, "heldout_loss": self.heldout_loss, "patch_fid": self.patch_fid is not None}
+        return tuple(score for score, made_here in made.items() if made_here)
 
 
-BUDGETS: dict[str, Budget] = {b.name: b for b in [
+_RECORDS = (
     Budget("structure", "No training at this budget: counts and throughput ratios only.", throughput=(64, 10)),
     Budget(
         "smoke",
         "SMOKE budget: a few steps of reduced-size models on the digits with a 20-sample FID. The numbers test the "
         "plumbing and mean nothing; no ranking or claim below should be read as evidence.",
-        fid="test", rows="digits", rule=DIGITS_RULE, throughput=(4, 2),
+        fid="test",
+        rows="digits",
+        rule=DIGITS_RULE,
+        throughput=(4, 2),
     ),
     Budget(
         "proxy",
         "PROXY budget: reduced-size rows (one scaling rule, below) trained on scikit-learn's 8x8 digits and scored "
         "by the digits FID (Frechet distance on a small digits classifier's features). The values are not "
         "comparable with the paper's ImageNet FID-50K; only the rankings are compared.",
-        fid="last_step", rows="digits", rule=DIGITS_RULE,
+        fid="last_step",
+        rows="digits",
+        rule=DIGITS_RULE,
     ),
     Budget(
         "crops16",
@@ -94,11 +99,21 @@ BUDGETS: dict[str, Budget] = {b.name: b for b in [
         "iDDPM-50, sampling seed 0 for every row, against the training crops in the features of the committed crop "
         "classifier `dico-crops16`; biased upwards by the sample count, comparable only between rows). Only the "
         "rankings are compared with the paper's FID.",
-        heldout_loss=True, rows="crops16", rule=CROPS16_RULE, throughput=(64, 10),
+        heldout_loss=True,
+        rows="crops16",
+        rule=CROPS16_RULE,
+        throughput=(64, 10),
         patch_fid={
             # iDDPM, 50 steps, no guidance, the same seed and balanced labels for every row and seed
-            "sample": {"num_samples": 640, "batch_size": 320, "sampler": "iddpm", "steps": 50, "cfg_scale": 1.0,
-                       "labels": "balanced", "seed": 0},
+            "sample": {
+                "num_samples": 640,
+                "batch_size": 320,
+                "sampler": "iddpm",
+                "steps": 50,
+                "cfg_scale": 1.0,
+                "labels": "balanced",
+                "seed": 0,
+            },
             "feature_extractor": "dico-crops16",
             # FID from all training crops' mu/sigma; precision/recall and KID against a seeded subset (all 40,960
             # made their k-NN radii the evaluation's whole cost: a minute and 3 GB a row)
@@ -109,11 +124,17 @@ BUDGETS: dict[str, Budget] = {b.name: b for b in [
         "short",
         "SHORT budget: FID-10K after 50K steps, beside the paper's FID-50K after 400K steps: not the same protocol; "
         "FID-10K is biased upwards and early training ranks variants less reliably.",
-        fid="test", large=True,
+        fid="test",
+        large=True,
     ),
-    Budget("paper", "The paper's budget and protocol (400K steps, global batch 256, FID-50K, 250 iDDPM steps).",
-           fid="test", large=True),
-]}  # fmt: skip
+    Budget(
+        "paper",
+        "The paper's budget and protocol (400K steps, global batch 256, FID-50K, 250 iDDPM steps).",
+        fid="test",
+        large=True,
+    ),
+)
+BUDGETS: dict[str, Budget] = {b.name: b for b in _RECORDS}
 DEFAULT_BUDGET = "structure"  # run.py's --budget default: counts only, no training
 
 

@@ -23,8 +23,8 @@ def resolve(row: Row, out: Path, extra: list[str]) -> dict[str, Any]:
     try:
         return cli.compose_lightning_config(row.cli_args(out, extra, absolute=True))
     except SystemExit as e:  # the parser said why above
-        raise SystemExit(f"could not compose the config of {row.model} ({row.key}): `python cli.py fit "
-                         f"{' '.join(row.cli_args(out, extra))}` fails as above") from e  # fmt: skip
+        command = "python cli.py fit " + " ".join(row.cli_args(out, extra))
+        raise SystemExit(f"could not compose the config of {row.model} ({row.key}): `{command}` fails as above") from e
 
 
 def placement(config: dict[str, Any], nodes: int | None, devices: int | None) -> list[str]:
