@@ -17,6 +17,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import ArgumentParser
 
@@ -44,10 +45,11 @@ def lightning(argv: list[str]) -> int:
     return status
 
 
-def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-untyped-def]
+def build_lightning_cli(argv: list[str], run: bool = True, instantiate: bool = True):  # type: ignore[no-untyped-def]
     """The LightningCLI of ``fit``/``validate``/``test``/``predict``: atomic checkpoint files (``trainer.plugins``)
     and a CSV logger that keeps its history on resume. ``run=False`` only parses ``argv`` (without the subcommand)
-    and instantiates the model, data and trainer, as a check that a composed config builds."""
+    and instantiates the model, data and trainer, as a check that a composed config builds; ``instantiate=False``
+    (with ``run=False``) only parses: nothing is built or seeded (:func:`compose_lightning_config`)."""
     from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
 
@@ -109,7 +111,18 @@ def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-u
     # Configs compose (`-c base.yaml -c overlay.yaml`) and may refer to other keys of the merged result, e.g.
     # `dirpath: ${trainer.default_root_dir}/checkpoints`, so that an overlay moves a whole run with one line.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    return DicoCLI(
+
+    class ComposeOnly(DicoCLI):
+        def _set_seed(self) -> None:  # no seed_everything in a process that only reads the config
+            pass
+
+        def before_instantiate_classes(self) -> None:
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+    return (DicoCLI if instantiate else ComposeOnly)(
         DiffusionModule,
         ArrayDataModule,
         subclass_mode_data=True,
@@ -119,6 +132,19 @@ def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-u
         parser_kwargs={"parser_mode": "omegaconf+"},
         run=run,
     )
+
+
+def compose_lightning_config(argv: list[str]) -> dict[str, Any]:
+    """The config of ``python cli.py fit ARGV`` as ``--print_config`` prints it (configs merged, interpolations
+    resolved), composed by the same parser in this process: nothing is built, seeded or run."""
+    import warnings
+
+    import yaml
+
+    with warnings.catch_warnings():  # a caller's own command line (sys.argv) is not what is parsed here
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        composed = build_lightning_cli(argv, run=False, instantiate=False)
+    return yaml.safe_load(composed.parser.dump(composed.config, skip_none=False))
 
 
 def extract(argv: list[str]) -> int:

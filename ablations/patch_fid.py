@@ -20,21 +20,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from ablations.budgets import ROOT, budget_of
 
-#: budget -> how its rows are sampled for the patch FID (``cli.py sample`` options) and which features score them
-PATCH_FID: dict[str, dict[str, Any]] = {
-    "crops16": {
-        "sample": {
-            "num_samples": 640, "batch_size": 320, "sampler": "iddpm", "steps": 50, "cfg_scale": 1.0,
-            "labels": "balanced", "seed": 0,
-        },
-        "feature_extractor": "dico-crops16",
-        # FID from all training crops' mu/sigma; precision/recall and KID against a seeded subset (all 40,960 made
-        # their k-NN radii the evaluation's whole cost: a minute and 3 GB a row)
-        "reference_features_kept": 5000,
-    },
-}  # fmt: skip
+
+def settings_of(budget: str) -> dict[str, Any]:
+    """How the budget's rows are sampled for the patch FID (``cli.py sample`` options) and which features score them
+    (its record's ``patch_fid``); an error for a budget without one."""
+    settings = budget_of(budget).patch_fid
+    if settings is None:
+        raise SystemExit(f"the {budget} budget has no patch FID (ablations/budgets.py: its record's patch_fid)")
+    return settings
 
 
 def reference_path(out: Path, budget: str) -> Path:
@@ -65,14 +60,14 @@ def prepare_reference(config: dict[str, Any], out: Path, budget: str) -> Path:
     images = save_npz(out / budget / "patch-fid-train-crops.npz", to_uint8(torch.from_numpy(crops.train_x)),
                       crops.train_y)  # fmt: skip
     _run([sys.executable, str(ROOT / "cli.py"), "reference", "--source", str(images), "--out", str(path),
-          "--feature_extractor", PATCH_FID[budget]["feature_extractor"],
-          "--max_features", str(PATCH_FID[budget]["reference_features_kept"])])  # fmt: skip
+          "--feature_extractor", settings_of(budget)["feature_extractor"],
+          "--max_features", str(settings_of(budget)["reference_features_kept"])])  # fmt: skip
     return path
 
 
 def score_run(run_dir: Path, budget: str, reference: Path) -> dict[str, Any]:
     """Sample the run's ``last.ckpt`` (EMA) and score the samples: the ``evaluate`` record."""
-    settings = PATCH_FID[budget]
+    settings = settings_of(budget)
     folder = run_dir / "patch_fid"
     sample = [f"--{k}={v}" for k, v in settings["sample"].items()]
     _run([sys.executable, str(ROOT / "cli.py"), "sample", "--ckpt", str(run_dir / "checkpoints" / "last.ckpt"),

@@ -13,7 +13,6 @@ import datetime
 import hashlib
 import json
 import math
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -23,8 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from ablations.budgets import budget_of  # noqa: E402
+from ablations.findings import SCORES, findings, per_seed  # noqa: E402
 from ablations.rows import TABLES, canonical, rows_of  # noqa: E402
 from dico.models.ablation import paper_row  # noqa: E402
+from dico.shape_search import DIGITS_RULE  # noqa: E402
 
 COLUMNS = [
     "row", "model", "seeds", "params_M", "params_ratio", "paper_params_ratio", "gflops", "gflops_ratio",
@@ -35,24 +37,7 @@ COLUMNS = [
     "reference_sha256", "wandb",
 ]  # fmt: skip
 
-CAVEATS = {
-    "structure": "No training at this budget: counts and throughput ratios only.",
-    "smoke": "SMOKE budget: a few steps of reduced-size models on the digits with a 20-sample FID. The numbers test "
-    "the plumbing and mean nothing; no ranking or claim below should be read as evidence.",
-    "proxy": "PROXY budget: reduced-size rows (one scaling rule, below) trained on scikit-learn's 8x8 digits and "
-    "scored by the digits FID (Frechet distance on a small digits classifier's features). The values are not "
-    "comparable with the paper's ImageNet FID-50K; only the rankings are compared.",
-    "crops16": "CROPS16 budget: reduced-size rows (widths / 4, stage maps 16, 8, 4; windows 4x4 and 16 agents, the "
-    "full size's fraction of every stage) trained on 16x16 crops of scikit-image's bundled images and scored twice: "
-    "by the held-out denoising loss (noise-prediction MSE of the EMA model on 640 fixed held-out crops at fixed "
-    "timesteps and noise; lower is better) and by a patch FID (the FID column: 640 EMA samples, 64 a class, iDDPM-50, "
-    "sampling seed 0 for every row, against the training crops in the features of the committed crop classifier "
-    "`dico-crops16`; biased upwards by the sample count, comparable only between rows). Only the rankings are "
-    "compared with the paper's FID.",
-    "short": "SHORT budget: FID-10K after 50K steps, beside the paper's FID-50K after 400K steps: not the same "
-    "protocol; FID-10K is biased upwards and early training ranks variants less reliably.",
-    "paper": "The paper's budget and protocol (400K steps, global batch 256, FID-50K, 250 iDDPM steps).",
-}
+#: the digits rule (:data:`dico.shape_search.DIGITS_RULE`), said under the tables of the budgets trained by it
 SCALING_RULE = (
     "Scaling rule (dico.shape_search.proxy_shape): every row is its full-size shape with widths and attention head "
     "dims divided by 4 on the 8x8x1 digits instead of 32x32x4 latents, so every stage resolution is divided by 4 "
@@ -189,125 +174,6 @@ def _significant(value: float) -> float:
     return float(f"{value:.4g}")
 
 
-def spearman(xs: list[float], ys: list[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties)."""
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(xs, ys).statistic)
-
-
-#: The per-seed score of a row: CSV column prefix -> the key of ``result.json``'s ``metrics``. The statistics below
-#: are generic over it (a second score, e.g. a held-out loss, is one more entry).
-SCORES = {"fid": "frechet_inception_distance", "heldout_mse": "heldout_mse"}
-
-#: Pre-declared contrasts (declared before any run, from the paper's claims): (claim, rows as (lower-scoring row,
-#: higher-scoring row) by the paper's FID). Table 4: DiCo-S against every swap, in the paper's order.
-CONTRASTS: dict[str, list[tuple[str, list[tuple[str, str]]]]] = {
-    "3": [
-        ("U-shape beats isotropic (lower FID)", [("DiT (U-shape)", "DiT (iso.)"), ("DiT (U-shape)", "DiT (iso.&skip)"),
-                                                ("DiCo (U-shape)", "DiCo (iso.)"),
-                                                ("DiCo (U-shape)", "DiCo (iso.&skip)")]),
-        ("DiCo beats DiT at equal budget (lower FID)", [("DiCo (iso.)", "DiT (iso.)"),
-                                                       ("DiCo (iso.&skip)", "DiT (iso.&skip)"),
-                                                       ("DiCo (U-shape)", "DiT (U-shape)")]),
-    ],
-    "4": [
-        ("DiCo-S's parts against each swap, in the paper's order (lower FID first)", [
-            ("DiCo-S", "GELU->ReLU"), ("3x3->5x5 DWC", "DiCo-S"), ("3x3->7x7 DWC", "DiCo-S"), ("DiCo-S", "w/o CCA"),
-            ("DiCo-S", "CCA->SE module"), ("DiCo-S", "CCA->Channel Self-Attn"), ("DiCo-S", "CM->Self-Attn"),
-            ("DiCo-S", "CM->Window Attn"), ("DiCo-S", "CM->Focused Linear Attn"), ("DiCo-S", "CM->Agent Attn")]),
-    ],
-}  # fmt: skip
-SPEED_CLAIM = {"3": ["DiT (U-shape)"], "4": ["CM->Self-Attn", "CM->Window Attn", "CM->Focused Linear Attn",
-                                             "CM->Agent Attn"]}  # fmt: skip
-
-
-def per_seed(rows: list[dict[str, Any]], score: str = "fid") -> dict[str, dict[int, float]]:
-    """{row name: {seed: score}} from the table rows' ``<score>_seeds`` and ``<score>_per_seed`` columns."""
-    out = {}
-    for r in rows:
-        seeds, values = str(r.get(f"{score}_seeds", "")).split(), str(r.get(f"{score}_per_seed", "")).split()
-        if seeds and len(seeds) == len(values):
-            out[r["row"]] = {int(s): float(v) for s, v in zip(seeds, values, strict=True)}
-    return out
-
-
-def statistics_lines(table: str, scores: dict[str, dict[int, float]], score: str = "fid") -> list[str]:
-    """The per-seed noise, each pre-declared contrast (paired seeds, interval, verdict) and the seeds it would need."""
-    from ablations import stats
-
-    paper = {r: paper_row(TABLES[table], r)["fid"] for c in CONTRASTS.get(table, []) for p in c[1] for r in p}
-    sd, df = stats.pooled_sd(scores)
-    level = f"{1 - stats.ALPHA:.0%}"
-    lines = [
-        f"- Per-seed noise: SD of ln({score}) pooled over the rows with >= 2 seeds: "
-        + (f"{sd:.3f} ({df} degrees of freedom)" if sd is not None else "not measured (no row has 2 seeds)"),
-        f"- Each claim is a pre-declared paired contrast: the ratio {score}(higher) / {score}(lower) by the paper's "
-        f'order, geometric mean over the seeds both rows share, with its two-sided {level} t-interval. "resolved" '
-        f"when the interval excludes 1 (false-positive rate {stats.ALPHA:.0%} per contrast on rows that do not "
-        f'differ); otherwise "not resolved", whatever the point estimate. Seeds needed: paired seeds a row for '
-        f"{stats.POWER:.0%} power at the paper's own ratio, given the measured noise.",
-    ]
-    resolved, tested = [], []
-    for claim, pairs in CONTRASTS.get(table, []):
-        lines.append(f"- Paper: {claim}:")
-        for better, worse in pairs:
-            c = stats.paired_contrast(better, scores.get(better, {}), worse, scores.get(worse, {}))
-            effect = math.log(paper[worse] / paper[better])
-            need = stats.seeds_needed(effect, sd) if sd else None
-            needed = (
-                ""
-                if sd is None
-                else f"; paper ratio {math.exp(effect):.3f} needs "
-                + (f"{need} paired seeds" if need else f"> {stats.MAX_SEEDS} paired seeds")
-            )
-            lines.append(f"  - {c.describe()}{needed}")
-            tested += [c] if c.p_value is not None else []
-            if c.resolved:
-                resolved.append(c)
-    lines.append(
-        f"- Resolved: {len(resolved)} contrast(s)"
-        + (": " + "; ".join(f"{c.worse} vs {c.better} ({'agrees' if c.agrees else 'disagrees'})" for c in resolved)
-           if resolved else ": none; no ordering of these rows is claimed from these runs.")
-    )  # fmt: skip
-    if tested:
-        family = stats.holm(tested)
-        lines.append(
-            f"- Of {len(tested)} tested contrasts about {stats.ALPHA * len(tested):.1f} would resolve by chance if no "
-            f"row differed. Held to {stats.ALPHA:.0%} for the whole family (Holm): "
-            + ("; ".join(f"{c.worse} vs {c.better} (p = {c.p_value:.2g})" for c in family) + " resolved."
-               if family else "none resolves.")
-        )  # fmt: skip
-    return lines
-
-
-def findings(table: str, rows: list[dict[str, Any]]) -> list[str]:
-    """The rank correlation with the paper's FID column, the pre-declared contrasts and the speed claim."""
-    by_row = {r["row"]: r for r in rows}
-    lines = []
-    for score in [s for s in SCORES if any(r[s] != "" for r in rows)] or ["fid"]:
-        scored = [r for r in rows if r[score] != ""]
-        if len(scored) >= 3:
-            rho = spearman([float(r[score]) for r in scored], [float(r["paper_fid"]) for r in scored])
-            lines.append(
-                f"- Spearman rank correlation of our {SCORE_NAMES[score]} with the paper's FID over {len(scored)} "
-                f"rows: {rho:+.2f} (a description of the means, not a test: it carries the seed noise below)"
-            )
-        else:
-            lines.append(f"- Spearman rank correlation ({SCORE_NAMES[score]}): needs >= 3 scored rows "
-                         f"({len(scored)} so far)")  # fmt: skip
-        lines += statistics_lines(table, per_seed(rows, score), score)
-    speed = [(n, by_row[n]["throughput_ratio"]) for n in SPEED_CLAIM[table] if by_row[n]["throughput_ratio"] != ""]
-    if speed:
-        slower = [n for n, r in speed if float(r) < 1]
-        lines.append(
-            f"- Paper: the conv module is faster than every attention swap. Proxy (throughput / DiCo-S, interleaved): "
-            f"{len(slower)} of {len(speed)} attention rows slower: "
-            + ", ".join(f"{n} {float(r):.3f}x" for n, r in speed)
-        )
-    return lines
-
-
 def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[dict[str, Any]], command: str,
              left_out: list[str] | None = None) -> str:  # fmt: skip
     missing = [r["row"] for r in rows if not r["seeds"]]
@@ -323,11 +189,11 @@ def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[
         "Rows trained by:", *sorted({f"- `{r.get('launched_by') or '?'}`" for r in results}), "",
         "Machine(s):", *sorted({f"- {r.get('machine') or '?'}" for r in results}), "",
         "Finished: " + (f"{min(dates)} to {max(dates)}" if dates else "-"), "",
-        f"> {CAVEATS[budget]}", "",
+        f"> {budget_of(budget).caveat}", "",
     ]  # fmt: skip
     if missing:
         lines += [f"> PARTIAL: not finished yet: {', '.join(missing)}.", ""]
-    if budget in ("smoke", "proxy"):
+    if budget_of(budget).rule == DIGITS_RULE:
         lines += [SCALING_RULE, ""]
     lines += [
         f"Throughput ratio: forward images/s of the row over DiCo-S's at the same size, timed side by side in "
@@ -356,7 +222,6 @@ def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[
 
 
 SCORE_NOTE = "FID: geometric mean over seeds (the mean of ln FID) with its 95% t-interval over seeds, and the seeds."
-SCORE_NAMES = {"fid": "FID", "heldout_mse": "held-out MSE"}
 
 
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -436,58 +301,10 @@ def write_report(table: str, budget: str, results: list[dict[str, Any]], out_dir
     return [csv_path, md_path, plot(table, budget, rows, out_dir / f"{name}.png")]
 
 
-LEGACY_NOTE = (
-    "> Rebuilt from the committed CSV and Markdown of an older runner (`python ablations/report.py restat`): the "
-    "runs' folders are gone, and these rows LACK PROVENANCE: no commit, config hashes, feature-extractor or reference "
-    "hashes were recorded (the digits classifier behind this FID was trained at run time, with weights that depended "
-    "on the thread count). The per-seed FIDs and the seed numbers are the recorded ones; the statistics are "
-    "recomputed from them."
-)
-_RUN_LINE = re.compile(r"^- `(?P<model>[^`]+)` seed (?P<seed>\d+) \(")
-_ABSOLUTE_RUNS = re.compile(r"/[^\s()`]*/ablations/runs/")
-
-
-def restat(table: str, budget: str, results_dir: Path) -> list[Path]:
-    """Rewrite ``table<T>-<budget>.{csv,md}`` of an older runner with today's statistics: the seed numbers from the
-    Markdown's run list, intervals and contrasts from the per-seed FIDs, absolute run paths made relative. The other
-    measured columns are kept as recorded."""
-    name = f"table{table}-{budget}"
-    csv_path, md_path = results_dir / f"{name}.csv", results_dir / f"{name}.md"
-    text = md_path.read_text()
-    seeds: dict[str, list[int]] = {}
-    for line in text.splitlines():
-        if m := _RUN_LINE.match(line):
-            seeds.setdefault(canonical(m["model"]), []).append(int(m["seed"]))
-    with open(csv_path, newline="") as f:
-        old = list(csv.DictReader(f))
-    rows = []
-    for r in old:
-        rec = {c: r.get(c, "") for c in COLUMNS}
-        values = rec["fid_per_seed"].split()
-        known = sorted(set(seeds.get(canonical(rec["model"]), [])))
-        if values and not rec["fid_seeds"] and len(known) == len(values):  # listed by seed (the old runner sorted)
-            rec["fid_seeds"] = " ".join(map(str, known))
-        rec["wandb"] = _ABSOLUTE_RUNS.sub("ablations/runs/", rec["wandb"])
-        rows.append(with_intervals(rec))
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    head, rest = text.split("\n| row |", 1)
-    rest = rest[rest.index("\n\n") :]  # after the table
-    head = re.sub(r"FID: mean over seeds; spread: max - min over seeds\.|FID: geometric mean.*the seeds\.", SCORE_NOTE,
-                  head)  # fmt: skip
-    if LEGACY_NOTE not in head:
-        head = head.replace("\n\n> ", f"\n\n{LEGACY_NOTE}\n\n> ", 1)
-    before, after = rest.split("## What the runs show", 1)
-    after = after[after.index("\nOpen question") :] if "\nOpen question" in after else after[after.index("\n## ") :]
-    body = "\n".join(["", *table_lines(rows)]) + before + "## What the runs show\n\n" + "\n".join(findings(table, rows))
-    md_path.write_text(_ABSOLUTE_RUNS.sub("ablations/runs/", head + body + "\n" + after))
-    return [csv_path, md_path]
-
-
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin command line over restat
     import argparse
+
+    from ablations.restat import restat
 
     p = argparse.ArgumentParser(description="`restat`: " + (restat.__doc__ or ""))
     p.add_argument("command", choices=["restat"])

@@ -4,10 +4,10 @@ A row trains as ``python cli.py fit`` on four composed configs::
 
     experiments/base.yaml                     the paper's training setup (ImageNet 256, Table 6, 400K steps)
     ablations/configs/table{3,4}.yaml         the table: wandb group, one run per row
-    ablations/configs/budgets/<budget>.yaml   structure | smoke | proxy | crops16 | short | paper
+    ablations/configs/budgets/<budget>.yaml   the budget (:mod:`ablations.budgets`)
     ablations/configs/rows/<model>.yaml       the row: its registry model (full size), or, for the reduced-size
-                                              budgets, rows/<data>/<model>.yaml: rows/digits/ (smoke, proxy: the
-                                              8x8 digits), rows/crops16/ (crops16: 16x16 image crops)
+                                              budgets, rows/<folder>/<model>.yaml (the budget's ``rows``: its
+                                              scaling rule's size, e.g. rows/digits/ for the 8x8 digits)
 
 The row overlays are generated from the variant table (:data:`dico.models.ablation.VARIANTS`) and the proxy
 scaling rule (:func:`dico.shape_search.proxy_shape`); ``python ablations/rows.py`` rewrites them.
@@ -26,14 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from ablations.budgets import BASE, budget_of, reduced_rows  # noqa: E402
 from dico.models.ablation import ABLATION_ROWS, TABLE3, TABLE4, VARIANTS, AblationRow  # noqa: E402
 
 CONFIGS = ROOT / "ablations" / "configs"
-BASE = ROOT / "experiments" / "base.yaml"
 TABLES = {"3": TABLE3, "4": TABLE4}
-BUDGETS = ("structure", "smoke", "proxy", "crops16", "short", "paper")
-#: reduced-size budgets -> their rows' folder under configs/rows/ (the others train the full-size rows)
-REDUCED_BUDGETS = {"smoke": "digits", "proxy": "digits", "crops16": "crops16"}
 
 
 def slug(name: str) -> str:
@@ -69,19 +66,19 @@ class Row:
         return f"{self.budget}/{slug(canonical(self.model))}/seed{self.seed}"
 
     def overlay(self) -> Path:
-        sub = f"rows/{REDUCED_BUDGETS[self.budget]}" if self.budget in REDUCED_BUDGETS else "rows"
-        return CONFIGS / sub / f"{slug(self.model)}.yaml"
+        folder = budget_of(self.budget).rows
+        return CONFIGS / "rows" / (folder or "") / f"{slug(self.model)}.yaml"
 
     def configs(self) -> list[Path]:
-        return [BASE, CONFIGS / f"table{self.table}.yaml", CONFIGS / "budgets" / f"{self.budget}.yaml",
-                self.overlay()]  # fmt: skip
+        return [BASE, CONFIGS / f"table{self.table}.yaml", budget_of(self.budget).config, self.overlay()]
 
     def run_dir(self, out: Path) -> Path:
         return out / self.key
 
-    def cli_args(self, out: Path, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
-        """Arguments of ``python cli.py fit|test`` (after the subcommand) that train/score this row."""
-        args = [a for c in self.configs() for a in ("-c", str(c.relative_to(ROOT)))]
+    def cli_args(self, out: Path, extra: list[str] | tuple[str, ...] = (), absolute: bool = False) -> list[str]:
+        """Arguments of ``python cli.py fit|test`` (after the subcommand) that train/score this row: its config
+        files relative to the checkout (where the commands run), or ``absolute``."""
+        args = [a for c in self.configs() for a in ("-c", str(c if absolute else c.relative_to(ROOT)))]
         return [*args, "--seed_everything", str(self.seed), "--trainer.default_root_dir", str(self.run_dir(out)),
                 *extra]  # fmt: skip
 
@@ -109,9 +106,9 @@ def _yaml(model: str, kwargs: dict[str, Any] | None, header: str) -> str:
 
 def row_overlays() -> dict[Path, str]:
     """Every row overlay's path and text, from the variant table and the proxy scaling rules."""
-    from dico.shape_search import CROPS16_RULE, DIGITS_RULE, proxy_shape
+    from dico.shape_search import proxy_shape
 
-    rules = {"digits": DIGITS_RULE, "crops16": CROPS16_RULE}
+    rules = reduced_rows()
     out: dict[Path, str] = {}
     for name, variant in VARIANTS.items():
         rows = ", ".join(f"Table {t[5]} {r!r}" for (t, r), e in ABLATION_ROWS.items() if e.model == name)

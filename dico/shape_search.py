@@ -262,7 +262,7 @@ SEARCHES: dict[str, Callable[[], SearchResult]] = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reduced-size rows (the ablation suite's ``proxy`` budget on the 8x8 digits, ``crops16`` on 16x16 image crops)
+# Reduced-size rows: one scaling rule per small dataset (which ablation budget trains by which: ablations/budgets.py)
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ProxyRule:
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - a report,
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--proxy", action="store_true", help="print the reduced-size rows of the proxy budget")
+    parser.add_argument("--proxy", action="store_true", help="print the reduced-size rows of the digits rule")
     if parser.parse_args(argv).proxy:
         for name in VARIANTS:
             shape = proxy_shape(name)

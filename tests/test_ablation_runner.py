@@ -16,7 +16,8 @@ import pytest
 import torch
 import yaml
 
-from ablations import report, run
+from ablations import compose, local, report, run, slurm, stages, status
+from ablations.budgets import Budget, budget_of
 from ablations.rows import CONFIGS, ROOT, Row, rows_of, slug
 from dico.models.ablation import ABLATION_ROWS, TABLE3, TABLE4, VARIANTS
 
@@ -117,8 +118,8 @@ def test_crops16_budget_composes_every_table4_row(tmp_path, monkeypatch):
         assert built.model.hparams.seed == 3 and dm.seed == 3 and built.trainer.default_root_dir == str(row.run_dir(
             tmp_path))  # fmt: skip
         assert [type(c) for c in built.trainer.callbacks if isinstance(c, HeldOutLoss | FIDEvaluation)] == [HeldOutLoss]
-    config = run.resolve(rows[0], tmp_path, [])  # what --dry-run prints: one fit stage per row
-    assert [s[0] for s in run.stages(rows[0], tmp_path, [], config)] == ["fit"]
+    # what --dry-run prints: one fit stage per row
+    assert [s[0] for s in stages.stages(rows[0], tmp_path, [])] == ["fit"]
 
 
 def test_crops16_windows_and_agents_keep_the_full_size_order_against_the_3x3_conv(tmp_path):
@@ -173,13 +174,13 @@ def test_smoke_rows_validate_on_one_batch_not_the_whole_split(tmp_path, monkeypa
 def test_global_batch_is_kept_or_rejected():
     config = {"trainer": {"num_nodes": 1, "devices": 8, "accumulate_grad_batches": 1},
               "data": {"init_args": {"batch_size": 32}}}  # fmt: skip
-    assert run.placement(config, 2, 8) == ["--trainer.num_nodes", "2", "--trainer.devices", "8",
+    assert compose.placement(config, 2, 8) == ["--trainer.num_nodes", "2", "--trainer.devices", "8",
                                             "--data.init_args.batch_size", "16"]  # fmt: skip
-    assert run.placement(config, None, None) == []
+    assert compose.placement(config, None, None) == []
     with pytest.raises(SystemExit, match="does not divide over 1 node"):
-        run.placement(config, 1, 3)
+        compose.placement(config, 1, 3)
     with pytest.raises(SystemExit, match="does not divide"):
-        run.placement(config, 64, 8)  # 512 devices for a global batch of 256: never floored to 0
+        compose.placement(config, 64, 8)  # 512 devices for a global batch of 256: never floored to 0
 
 
 def test_slurm_job_parameters_and_requeue(tmp_path, monkeypatch):
@@ -198,13 +199,13 @@ def test_slurm_job_parameters_and_requeue(tmp_path, monkeypatch):
     executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm")
     # the job's shape comes from the composed trainer config after --nodes/--gpus-per-node moved it (one source)
     placed = {"trainer": {"num_nodes": 2, "devices": 8, "accelerator": "auto"}, "data": {"init_args": {}}}
-    executor.update_parameters(**run.slurm_parameters(placed, args))
+    executor.update_parameters(**slurm.slurm_parameters(placed, args))
     text = executor._executor._make_submission_file_text("python -c pass", "UID")
     for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--time=600",
                  "--account=acc", "--requeue"):  # fmt: skip
         assert f"#SBATCH {line}" in text
     row = rows_of("4", "paper", ["w/o CCA"])[0]
-    job = run.RowJob(row, tmp_path / "out", args, ["--trainer.devices", "8"])
+    job = slurm.RowJob(row, tmp_path / "out", args, ["--trainer.devices", "8"])
     again = job.checkpoint()
     assert isinstance(again, submitit.helpers.DelayedSubmission)
     assert again.function.row == row and again.function.extra == job.extra
@@ -222,7 +223,7 @@ def test_local_runner_trains_like_the_cli_resumes_a_killed_row_and_skips_finishe
             "--", "--trainer.max_steps", "30"]  # fmt: skip
     run_dir = out / "smoke" / "dico-s-nocca" / "seed0"
     # the row's fit command as `--dry-run` prints it for a researcher to run by hand
-    [fit, _] = run.stage_lines(rows_of("4", "smoke", ["w/o CCA"]), out, argv[-2:])
+    [fit, _] = stages.stage_lines(rows_of("4", "smoke", ["w/o CCA"]), out, argv[-2:])
     # 1. kill the runner mid-row: its training process checkpoints on the way out
     with open(tmp_path / "runner.log", "w") as log:
         proc = subprocess.Popen(runner(*argv), cwd=tmp_path, env=ENV, stdout=log, stderr=subprocess.STDOUT)
@@ -324,7 +325,7 @@ def test_report_from_every_finished_run_without_the_reference_row(tmp_path):
                              for s in (0, 1)])  # fmt: skip
     rows_t3 = [fake_result("3", "DiT (iso.)", "DiT-S/2", 0, 99.0, 1.2)]
     write_results(tmp_path, rows_t3)  # another table's run in the same folder: not in Table 4
-    results = run.finished_results("4", "proxy", tmp_path)
+    results = status.finished_results("4", "proxy", tmp_path)
     assert len(results) == 6
     paths = report.write_report("4", "proxy", results, tmp_path / "res", "python ablations/run.py collect ...")
     rows = {r["row"]: r for r in read_csv(paths[0])}
@@ -390,14 +391,14 @@ def test_only_rank_0_of_a_job_measures_and_writes_the_result(tmp_path, monkeypat
 
     calls, finalized = [], []
     monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv[0]) or 0)
-    monkeypatch.setattr(run, "resolve", lambda *a: SMOKE_CONFIG)
-    monkeypatch.setattr(run, "finalize", lambda *a: finalized.append(a[0]))
+    monkeypatch.setattr(slurm, "resolve", lambda *a: SMOKE_CONFIG)
+    monkeypatch.setattr(slurm, "finalize", lambda *a: finalized.append(a[0]))
     monkeypatch.setattr(submitit, "JobEnvironment", lambda: type("Env", (), {"global_rank": rank})())
     monkeypatch.chdir(tmp_path)
     for name in ("WANDB_RUN_ID", "WANDB_RESUME"):  # the job sets them for its process: undo them after the test
         monkeypatch.setenv(name, "")
-    row = rows_of("4", "smoke", ["DiCo-S"])[0]
-    run.RowJob(row, tmp_path, run.parse(["--table", "4"]), [])()
+    row = rows_of("4", "proxy", ["DiCo-S"])[0]
+    slurm.RowJob(row, tmp_path, run.parse(["--table", "4"]), [])()
     assert calls == ["fit"]  # the proxy-style budget scores at its last step: no test stage
     assert finalized == ([row] if rank == 0 else [])
 
@@ -411,7 +412,7 @@ def test_status_of_pending_running_failed_and_finished_rows(tmp_path):
     (dirs[1] / "csv" / "metrics.csv").write_text("epoch,step,train/loss\n0,9,0.5\n0,19,0.25\n")
     (dirs[2] / "failed.json").write_text(json.dumps({"stage": "fit", "log": str(dirs[2] / "run.log")}))
     (dirs[3] / "result.json").write_text(json.dumps({"metrics": {"frechet_inception_distance": 12.345}}))
-    states = [run.row_status(r, tmp_path) for r in rows]
+    states = [status.row_status(r, tmp_path) for r in rows]
     assert states[0] == "pending"
     assert states[1] == "running or interrupted (step 19, loss 0.2500)"
     assert states[2] == f"failed (log: {dirs[2] / 'run.log'})"
@@ -423,15 +424,14 @@ def test_the_score_is_the_test_record_or_the_final_periodic_one(tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "test" / "record.json").write_text('{"metrics": {"frechet_inception_distance": 1.0}}')
     (tmp_path / "eval" / "step_0000004.json").write_text('{"metrics": {"frechet_inception_distance": 2.0}}')
-    periodic = SMOKE_CONFIG
-    protocol = {"trainer": {"max_steps": 4, "callbacks": [{"class_path": "x.FIDEvaluation",
-                                                           "init_args": {"test_num_samples": 20}}]}}  # fmt: skip
-    assert run.score_record(tmp_path, periodic)["metrics"]["frechet_inception_distance"] == 2.0
-    assert run.score_record(tmp_path, protocol)["metrics"]["frechet_inception_distance"] == 1.0
+    periodic, protocol, no_fid = Budget("x", "", fid="last_step"), Budget("x", "", fid="test"), Budget("x", "")
+    assert stages.score_record(tmp_path, periodic, 4)["metrics"]["frechet_inception_distance"] == 2.0
+    assert stages.score_record(tmp_path, protocol, 4)["metrics"]["frechet_inception_distance"] == 1.0
     # the held-out loss (HeldOutLoss) of the last step: beside the FID, or the score alone without one
     (tmp_path / "eval" / "heldout_step_0000004.json").write_text('{"metrics": {"heldout_mse": 0.5}}')
-    assert run.score_record(tmp_path, periodic)["metrics"] == {"frechet_inception_distance": 2.0, "heldout_mse": 0.5}
-    assert run.score_record(tmp_path, {"trainer": {"max_steps": 4, "callbacks": []}})["metrics"] == {"heldout_mse": 0.5}
+    both = {"frechet_inception_distance": 2.0, "heldout_mse": 0.5}
+    assert stages.score_record(tmp_path, periodic, 4)["metrics"] == both
+    assert stages.score_record(tmp_path, no_fid, 4)["metrics"] == {"heldout_mse": 0.5}
 
 
 def test_structure_budget_counts_full_size_rows_beside_the_paper(tmp_path):
@@ -458,27 +458,27 @@ def test_a_row_is_trained_by_one_invocation_at_a_time(tmp_path):
     """Parallel invocations sharing a row (DiCo-S is in both tables): a live holder keeps it, a dead one does not."""
     import socket
 
-    assert run.claim(tmp_path)
+    assert local.claim(tmp_path)
     held = json.loads((tmp_path / "running.json").read_text())
     assert held == {"host": socket.gethostname(), "pid": os.getpid()}
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         (tmp_path / "running.json").write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid}))
-        assert not run.claim(tmp_path)
+        assert not local.claim(tmp_path)
     finally:
         other.kill()
         other.wait()
-    assert run.claim(tmp_path)  # the holder is gone
+    assert local.claim(tmp_path)  # the holder is gone
 
 
 def test_test_samples_are_removed_once_scored_unless_kept(tmp_path):
     samples = tmp_path / "test" / "samples.npz"
     samples.parent.mkdir()
     samples.write_bytes(b"x" * 1000)
-    assert run.drop_test_samples(tmp_path, keep=True) == str(samples) and samples.exists()
-    said = run.drop_test_samples(tmp_path, keep=False)
+    assert stages.drop_test_samples(tmp_path, keep=True) == str(samples) and samples.exists()
+    said = stages.drop_test_samples(tmp_path, keep=False)
     assert not samples.exists() and said.startswith("removed after scoring") and "--keep-test-samples" in said
-    assert run.drop_test_samples(tmp_path, keep=False) == "not saved"
+    assert stages.drop_test_samples(tmp_path, keep=False) == "not saved"
 
 
 def test_large_runs_inside_the_checkout_get_a_loud_note(tmp_path, capsys):
@@ -498,8 +498,8 @@ def test_crops16_rows_get_a_patch_fid_beside_the_heldout_loss(tmp_path, capsys, 
     from dico.evaluation import FeatureSpec, Featurizer, Reference, compute_metrics
     from dico.evaluation.images import load_npz
 
-    sample = {**patch_fid.PATCH_FID["crops16"]["sample"], "num_samples": 20, "batch_size": 20, "steps": 3}
-    monkeypatch.setitem(patch_fid.PATCH_FID["crops16"], "sample", sample)
+    sample = {**budget_of("crops16").patch_fid["sample"], "num_samples": 20, "batch_size": 20, "steps": 3}
+    monkeypatch.setitem(budget_of("crops16").patch_fid, "sample", sample)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out, results = tmp_path / "runs", tmp_path / "results"

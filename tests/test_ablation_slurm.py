@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ablations import run
+from ablations import run, status
+from ablations import slurm as slurm_jobs
 from ablations.rows import rows_of
 
 SBATCH = """#!/bin/sh
@@ -119,9 +120,9 @@ def test_slurm_parameters_refuse_a_device_count_they_cannot_know():
     args = run.parse(["--table", "4", "--launcher", "slurm"])
     config = {"trainer": {"devices": "auto", "num_nodes": 1}, "data": {"init_args": {"num_workers": 2}}}
     with pytest.raises(SystemExit, match="--gpus-per-node"):
-        run.slurm_parameters(config, args)
+        slurm_jobs.slurm_parameters(config, args)
     config["trainer"].update(devices=2, accelerator="cpu")
-    params = run.slurm_parameters(config, args)
+    params = slurm_jobs.slurm_parameters(config, args)
     assert (params["tasks_per_node"], params["gpus_per_node"], params["cpus_per_task"]) == (2, 0, 3)
 
 
@@ -136,7 +137,7 @@ def test_status_tells_the_jobs_state_and_its_real_log(tmp_path, cluster):
     (rows[1].run_dir(out) / "csv").mkdir()
     (rows[1].run_dir(out) / "csv" / "metrics.csv").write_text("epoch,step,train/loss\n0,99,0.5\n")
     (rows[2].run_dir(out) / "requeued.json").write_text(json.dumps([{"job_id": ids[2]}]))  # requeued once
-    states = [run.row_status(r, out) for r in rows]
+    states = [status.row_status(r, out) for r in rows]
     assert states[0] == f"pending (job {ids[0]} PENDING; log: {logs[0]})"
     assert states[1] == f"running (job {ids[1]} RUNNING, step 99, loss 0.5000; log: {logs[1]})"
     assert states[2] == f"requeued (job {ids[2]} PENDING, 1 requeue(s), no last.ckpt yet, starts over; log: {logs[2]})"
@@ -163,11 +164,11 @@ def in_job(tmp_path, monkeypatch):
                         ("SUBMITIT_LOCAL_NTASKS", "1"), ("SUBMITIT_FOLDER", str(folder)),
                         ("WANDB_RUN_ID", ""), ("WANDB_RESUME", "")):  # fmt: skip
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(run, "resolve", lambda *a: SMOKE)
-    monkeypatch.setattr(run, "finalize", lambda *a: None)
+    monkeypatch.setattr(slurm_jobs, "resolve", lambda *a: SMOKE)
+    monkeypatch.setattr(slurm_jobs, "finalize", lambda *a: None)
     monkeypatch.chdir(tmp_path)
     row = rows_of("4", "smoke", ["DiCo-S"])[0]
-    job = run.RowJob(row, tmp_path / "runs", run.parse(["--table", "4"]), [])
+    job = slurm_jobs.RowJob(row, tmp_path / "runs", run.parse(["--table", "4"]), [])
     delayed = DelayedSubmission(job)
     delayed.set_timeout(60, 3)
     env = submitit.JobEnvironment()
@@ -242,7 +243,8 @@ def test_a_preempted_local_job_requeues_resumes_and_finishes(tmp_path, monkeypat
     log = out / "submitit" / job_id / f"{job_id}_0_log.out"
     deadline = time.time() + 600
     while not (run_dir / "checkpoints" / "last.ckpt").exists():  # training, with Lightning's signal handlers on
-        assert time.time() < deadline and run.job_state(run.job_record(run_dir))[0] == "RUNNING", log.read_text()
+        state = slurm_jobs.job_state(slurm_jobs.job_record(run_dir))[0]
+        assert time.time() < deadline and state == "RUNNING", log.read_text()
         time.sleep(0.5)
     os.kill(int(job_id), signal.SIGTERM)  # the local controller forwards it to the task, as SLURM does
     while not ((run_dir / "result.json").exists() or (run_dir / "failed.json").exists()):
@@ -256,4 +258,4 @@ def test_a_preempted_local_job_requeues_resumes_and_finishes(tmp_path, monkeypat
     result = json.loads((run_dir / "result.json").read_text())
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert result["steps"] == ckpt["global_step"] == 60
-    assert run.row_status(rows_of("4", "smoke", ["w/o CCA"])[0], out).startswith("finished (FID")
+    assert status.row_status(rows_of("4", "smoke", ["w/o CCA"])[0], out).startswith("finished (FID")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from ablations import report, stats
+from ablations import findings, stats
 
 SIMULATIONS = 4000
 
@@ -103,7 +103,7 @@ def test_pooled_sd_weights_rows_by_degrees_of_freedom():
 def test_report_declares_each_contrast_with_seeds_interval_verdict_and_seeds_needed():
     scores = {"DiCo-S": {0: 50.0, 1: 60.0, 2: 55.0}, "w/o CCA": {0: 55.0, 1: 66.0, 2: 60.5},
               "CCA->SE module": {0: 48.0, 1: 70.0}, "GELU->ReLU": {5: 40.0}}  # fmt: skip
-    lines = report.statistics_lines("4", scores)
+    lines = findings.statistics_lines("4", scores)
     text = "\n".join(lines)
     sd, _ = stats.pooled_sd(scores)
     assert f"SD of ln(fid) pooled over the rows with >= 2 seeds: {sd:.3f} (5 degrees of freedom)" in text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,13 +67,11 @@ def read_result_csv(path: str | Path) -> ResultTable:
     return ResultTable(path, match["table"], match["budget"], rows)
 
 
-BUDGET_ORDER = ("structure", "smoke", "proxy", "short", "paper")
-
-
-def read_results(results_dir: str | Path) -> list[ResultTable]:
-    """Every ``table*-*.csv`` in ``results_dir``, by table then budget (structure, smoke, proxy, short, paper)."""
+def read_results(results_dir: str | Path, budget_order: Sequence[str] = ()) -> list[ResultTable]:
+    """Every ``table*-*.csv`` in ``results_dir``, by table, then by ``budget_order`` (the ablation suite's budgets
+    are its record's: ``list(ablations.budgets.BUDGETS)``; the package knows none), then by name."""
     tables = [read_result_csv(p) for p in sorted(Path(results_dir).glob("table[34]-*.csv"))]
-    rank = {b: i for i, b in enumerate(BUDGET_ORDER)}
+    rank = {b: i for i, b in enumerate(budget_order)}
     return sorted(tables, key=lambda t: (t.table, rank.get(t.budget, len(rank)), t.budget))
 
 
@@ -86,4 +85,4 @@ def paper_table(table: str) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["BUDGET_ORDER", "ResultTable", "paper_table", "read_result_csv", "read_results"]
+__all__ = ["ResultTable", "paper_table", "read_result_csv", "read_results"]
