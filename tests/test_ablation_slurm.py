@@ -246,10 +246,18 @@ def test_a_job_stopped_by_its_time_limit_resumes_from_the_step_it_reached(in_job
 
     job, env = in_job
     limit = {"class_path": "tests.test_ablation_slurm.TimeLimitAt", "init_args": {"step": 3}}
-    job.extra = ["--trainer.max_steps", "6", "--trainer.val_check_interval", "100",
-                 "--callback_settings.checkpoint_every_n_steps", "100",
-                 "--callback_settings.disabled", '["HeldOutLoss", "FIDEvaluation"]',
-                 "--trainer.callbacks+", json.dumps(limit)]  # fmt: skip
+    job.extra = [
+        "--trainer.max_steps",
+        "6",
+        "--trainer.val_check_interval",
+        "100",
+        "--callback_settings.checkpoint_every_n_steps",
+        "100",
+        "--callback_settings.disabled",
+        '["HeldOutLoss", "FIDEvaluation"]',
+        "--trainer.callbacks+",
+        json.dumps(limit),
+    ]
     run_dir = job.row.run_dir(job.out)
     caplog.set_level(logging.INFO)
     with pytest.raises(SystemExit) as exit_:

@@ -217,8 +217,14 @@ def test_sigterm_or_a_time_limit_signal_saves_a_resumable_checkpoint_and_stops(t
     """SIGTERM, or the signal a scheduler sends ahead of a time limit (SIGUSR1: Lightning's SLURM requeue signal,
     here inside a SLURM job, whose own handler would write an hpc_ckpt from inside the step and requeue; SIGUSR2:
     submitit's): last.ckpt at the step reached, the save logged with its duration, the process's handlers back."""
-    for name, value in (("SLURM_NTASKS", "1"), ("SLURM_JOB_NAME", "train"), ("SLURM_JOB_ID", "77"),
-                        ("SLURM_PROCID", "0"), ("SLURM_LOCALID", "0"), ("SLURM_NODEID", "0")):  # fmt: skip
+    for name, value in (
+        ("SLURM_NTASKS", "1"),
+        ("SLURM_JOB_NAME", "train"),
+        ("SLURM_JOB_ID", "77"),
+        ("SLURM_PROCID", "0"),
+        ("SLURM_LOCALID", "0"),
+        ("SLURM_NODEID", "0"),
+    ):
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol: Lightning's requeue would fail loudly
     before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
