@@ -18,7 +18,7 @@
 #   5. `python cli.py fit` of DiCo-XL (base.yaml + dico-xl-256.yaml, batch 32) in 32-true and bf16-mixed beside the
 #      bare training step, a logging step and the last.ckpt write inside the timed window, then guided 250-step
 #      sampling as `sample` runs it against bare model calls (benchmarks/gpu_fit.py; its phases' limits add up to
-#      less than FIT_LIMIT, 420 s; the stage ends by FIT_LIMIT + 15 s): not in the default list, run it alone:
+#      less than FIT_LIMIT, 450 s; the stage ends by FIT_LIMIT + 15 s): not in the default list, run it alone:
 #      STAGES=5 bash benchmarks/gpu.sh
 #
 # STAGES="3 4" runs only those stages (default: 1 1b 2 3 4; 1b is stage 1's sampling part).
@@ -83,7 +83,7 @@ if [ "${DRY_RUN:-0}" != 1 ] || [ "${DRY_RUN_COMPILE:-0}" = 1 ]; then
         --modes forward --time-budget "$compile_budget"
 fi
 case " $STAGES " in *" 5 "*)
-    fit_limit=${FIT_LIMIT:-420} fit_args=()
+    fit_limit=${FIT_LIMIT:-450} fit_args=()
     if [ "${DRY_RUN:-0}" = 1 ]; then fit_limit=${FIT_LIMIT:-1000} fit_args=(--dry-run); fi
     # gpu_fit.py keeps its phases inside --time-limit and, cut (SIGINT), ends the running phase's process group and
     # prints what it measured; `timeout` is the backstop
