@@ -89,6 +89,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "(submitit's slurm_additional_parameters; repeatable)")  # fmt: skip
     p.add_argument("--partition", help="slurm partition")
     p.add_argument("--time", type=int, default=4320, help="slurm time limit per job (minutes); jobs requeue")
+    p.add_argument(
+        "--signal-delay",
+        type=int,
+        default=300,
+        help="slurm: seconds before the time limit at which the job saves last.ckpt at the step reached and requeues "
+        "(submitit's USR2); more than a step plus the save ('checkpoint ...: written in S s' in the log)",
+    )
     p.add_argument("--account", help="slurm account")
     p.add_argument("--cluster", help="submitit cluster (default: auto; 'local' or 'debug' run the jobs here)")
     p.add_argument("--device", help="device of the throughput measurement (default: cuda if available)")

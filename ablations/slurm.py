@@ -31,13 +31,14 @@ class RowJob:
 
     Stopped early, the job requeues through submitit and resumes from ``last.ckpt``; neither is a failure:
 
-    - time limit or preemption signal (submitit's ``USR2``, ``signal_delay_s`` before the limit): submitit calls
-      :meth:`checkpoint` on rank 0, which returns the same row as a :class:`submitit.helpers.DelayedSubmission`, and
-      requeues the job (``scontrol requeue``; the local executor restarts it). The requeued job resumes from the
-      latest periodic ``last.ckpt`` (the ``ModelCheckpoint``'s ``every_n_train_steps``).
-    - SIGTERM (preemption without the signal, ``scancel --signal TERM``): Lightning finishes the step,
-      :class:`dico.callbacks.PreemptionCheckpoint` saves ``last.ckpt`` there and ``cli.py`` exits with status 75;
-      rank 0 then takes submitit's own checkpoint-and-requeue path.
+    - time limit (submitit's ``USR2``, ``--signal-delay`` seconds before it) or SIGTERM (preemption, ``scancel
+      --signal TERM``) during training: Lightning finishes the step, :class:`dico.callbacks.PreemptionCheckpoint`
+      saves ``last.ckpt`` there and ``cli.py`` exits with status 75; rank 0 then takes submitit's own
+      checkpoint-and-requeue path: submitit calls :meth:`checkpoint`, which returns the same row as a
+      :class:`submitit.helpers.DelayedSubmission`, and requeues the job (``scontrol requeue``; the local executor
+      restarts it). The requeued job resumes from the step reached.
+    - the signal outside training (start-up, the test stage): submitit's handler takes that path at once; the job
+      resumes from the latest ``last.ckpt``.
 
     Each (re)start clears a stale ``failed.json``; only a stage that really fails writes one, with the task's log.
     """
@@ -130,7 +131,8 @@ def slurm_parameters(config: dict[str, Any], args: argparse.Namespace) -> dict[s
     """submitit ``AutoExecutor`` parameters from the row's composed config (after :func:`placement`): one task per
     device on each of ``trainer.num_nodes`` nodes, as Lightning's SLURM environment expects (one source of truth);
     CPUs per task from ``--cpus-per-task``, else the DataModule's ``num_workers`` + 1; ``--mem-gb``; extra sbatch
-    options (``--slurm-param KEY=VALUE``) beside ``--requeue``."""
+    options (``--slurm-param KEY=VALUE``) beside ``--requeue``; submitit's time-limit signal ``--signal-delay`` seconds
+    ahead of the limit."""
     trainer, data = config["trainer"], config["data"].get("init_args") or {}
     devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
     if isinstance(devices, list):
@@ -150,7 +152,7 @@ def slurm_parameters(config: dict[str, Any], args: argparse.Namespace) -> dict[s
                               "name": "dico-ablation"}  # fmt: skip
     if args.cluster in (None, "slurm"):
         slurm = {"slurm_partition": args.partition, "slurm_account": args.account,
-                 "slurm_additional_parameters": extra}  # fmt: skip
+                 "slurm_signal_delay_s": args.signal_delay, "slurm_additional_parameters": extra}  # fmt: skip
         params.update(slurm)
     return {k: v for k, v in params.items() if v is not None}
 

@@ -13,13 +13,19 @@ lines as it goes (a phase cut short keeps the lines it finished):
    ``bare``: the training step alone (module loss, backward, AdamW; then the same with the EMA update) on batches
    already on the device; ``fit``: ``cli.main(["fit", "-c", base, "-c", overlay, ...])`` with the config's
    callbacks and loggers except the FID evaluation (no Inception weights here), wandb offline, a timing callback
-   and a timed checkpoint writer: start-up to the first step, steady img/s after warm-up, peak memory, the
-   ``last.ckpt`` write (seconds, GB, GB/s) and what the end of fit costs after the last step.
+   and a timed checkpoint writer: start-up to the first step, steady img/s after warm-up (no logging, no save),
+   then a window holding the run's one logging step and one holding a ``last.ckpt`` save, each reported on its
+   own, peak memory of the steady steps and with both, the ``last.ckpt`` write (seconds, GB, GB/s) and what the
+   end of fit costs after the last step.
 3. ``sampling``: guided 250-step iDDPM of the trained checkpoint as ``sample`` and ``test`` run it
    (``DiffusionModule.sample``; ``cli.py sample`` end to end) against the bare model calls it makes.
 
-The table at the end lists every phase; ``--json`` keeps every number. ``--fork`` runs the phases in forked
-children of this process instead of fresh interpreters (the CPU dry run in the test suite; no start-up cost).
+Each phase runs in its own process group; one that reaches its limit (or a cut of this script: SIGINT or SIGTERM,
+e.g. ``timeout``) is ended with its whole group (loader workers included), and the table of what was measured is
+printed all the same. The phases' limits (``--limits``) must add up to less than ``--time-limit`` (the stage's), and
+no phase runs past it. ``--json PATH`` receives every number as a JSON line the moment it is measured (outside the
+work folder, so a cut run keeps them). ``--fork`` runs the phases in forked children of this process instead of
+fresh interpreters (the CPU dry run in the test suite; no start-up cost).
 """
 
 from __future__ import annotations
@@ -49,7 +55,12 @@ configure_cpu_threads()  # before torch loads, as `python cli.py` does (passive 
 
 from training import synthetic_cache  # noqa: E402  (benchmarks/training.py)
 
-SAVE_WINDOW = 10  # steps after the steady ones, with one last.ckpt save in the middle: the save's cost to training
+LOG_WINDOW = 10  # steps after the steady ones, with the one logging step in the middle: its cost to training
+SAVE_WINDOW = 10  # steps after those, with one last.ckpt save in the middle: the save's cost to training
+LIMITS = {"setup": 25, "bare": 50, "fit": 120, "sampling": 70}  # seconds per phase (bare and fit: per precision)
+TIME_LIMIT = 450  # seconds for the whole script (gpu.sh stage 5 gives it this, plus its table's margin)
+DRY_RUN_LIMITS, DRY_RUN_TIME_LIMIT = {"setup": 120, "bare": 120, "fit": 240, "sampling": 120}, 1000  # a 2-core CPU
+RESERVE = 10  # seconds of the time limit kept for ending a phase's process group and printing the table
 # The dry run: a DiCo of the same stages at tiny width on 4x8x8 latents
 TINY_MODEL = {"hidden_size": 16, "depth": [1, 1, 1, 1, 1], "input_size": 8}
 
@@ -107,7 +118,7 @@ def fit_argv(args: argparse.Namespace, precision: str, run_dir: Path, results: P
     callbacks = [c for c in cfg["trainer"]["callbacks"] if not c["class_path"].endswith("FIDEvaluation")]
     for c in callbacks:  # last.ckpt once, inside the save window after the steady steps (see FitTimer)
         if c["class_path"].endswith("ModelCheckpoint") and c.get("init_args", {}).get("save_last"):
-            c["init_args"]["every_n_train_steps"] = args.warmup + args.steps + SAVE_WINDOW // 2
+            c["init_args"]["every_n_train_steps"] = args.warmup + args.steps + LOG_WINDOW + SAVE_WINDOW // 2
     timer = {"class_path": "gpu_fit.FitTimer", "init_args": {"warmup": args.warmup, "steps": args.steps,
              "results": str(results), "phase": f"fit {precision}", "launched": launched}}  # fmt: skip
     checkpoint_io = {"class_path": "gpu_fit.TimedCheckpointIO",
@@ -123,7 +134,9 @@ def fit_argv(args: argparse.Namespace, precision: str, run_dir: Path, results: P
         "fit", "-c", str(args.base), "-c", str(args.overlay),
         "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.accelerator", args.accelerator,
         "--trainer.precision", precision,
-        "--trainer.max_steps", str(args.warmup + args.steps + SAVE_WINDOW),
+        "--trainer.max_steps", str(args.warmup + args.steps + LOG_WINDOW + SAVE_WINDOW),
+        # Lightning logs batch b when (b + 1) % log_every_n_steps == 0: once, in the middle of the logging window
+        "--trainer.log_every_n_steps", str(args.warmup + args.steps + LOG_WINDOW // 2 + 1),
         "--trainer.default_root_dir", str(run_dir),
         "--trainer.callbacks", json.dumps(resolve([timer, *callbacks], run_dir)),
         "--trainer.logger", json.dumps(resolve(loggers, run_dir)),
@@ -132,6 +145,8 @@ def fit_argv(args: argparse.Namespace, precision: str, run_dir: Path, results: P
         "--data.init_args.vae", str(args.work / "vae"),
         "--data.init_args.batch_size", str(args.batch),
     ]  # fmt: skip
+    if 2 * (args.warmup + args.steps + LOG_WINDOW // 2 + 1) <= args.warmup + args.steps + LOG_WINDOW + SAVE_WINDOW:
+        raise SystemExit("--warmup + --steps must be at least 9: a second logging step would fall inside the windows")
     if args.num_workers is not None:
         argv += ["--data.init_args.num_workers", str(args.num_workers)]
     if args.model_kwargs:
@@ -167,7 +182,10 @@ except ImportError:  # the parent of fresh interpreters needs neither
 
 class FitTimer(Callback):  # type: ignore[misc,valid-type]
     """Times a ``fit`` from the launch of its interpreter: start-up to the end of the first step (with where it went),
-    then ``steps`` steps after ``warmup`` (the device synchronised only at both ends), and the end of fit."""
+    then ``steps`` steps after ``warmup`` without logging or saving (the device synchronised only at both ends), then
+    :data:`LOG_WINDOW` steps holding the run's one logging step and :data:`SAVE_WINDOW` steps holding one
+    ``last.ckpt`` save, each reported as its excess over as many steady steps; peak memory of the steady steps and
+    of all three windows (the save's included: ``AsyncCheckpointIO`` first copies every tensor on the device)."""
 
     def __init__(self, warmup: int, steps: int, results: str, phase: str, launched: float) -> None:
         self.warmup, self.steps, self.results, self.phase, self.launched = warmup, steps, Path(results), phase, launched
@@ -216,14 +234,30 @@ class FitTimer(Callback):  # type: ignore[misc,valid-type]
             record(self.results, self.phase, img_per_s=rate, ms_per_step=1000 * elapsed / self.steps,
                    peak_gib=_peak_gib(), batch=batch_size)  # fmt: skip
             self._step_s, self._t0 = elapsed / self.steps, time.perf_counter()
-        elif step == self.warmup + self.steps + SAVE_WINDOW:
+        elif step == self.warmup + self.steps + LOG_WINDOW:
+            _sync()
+            window = time.perf_counter() - self._t0
+            extra = window - LOG_WINDOW * self._step_s
+            log(
+                f"[{self.phase}] {LOG_WINDOW} steps with the logging step (step {step - LOG_WINDOW // 2}): "
+                f"{window:.2f} s, {extra:.3f} s more than {LOG_WINDOW} steady steps (what logging costs: the "
+                "logged values read back from the device, the loggers' writes)"
+            )
+            record(self.results, self.phase, log_step_s=extra)
+            self._t0 = time.perf_counter()
+        elif step == self.warmup + self.steps + LOG_WINDOW + SAVE_WINDOW:
             _sync()
             window = time.perf_counter() - self._t0
             stall = window - SAVE_WINDOW * self._step_s
-            log(f"[{self.phase}] {SAVE_WINDOW} steps with a last.ckpt save at step {step - SAVE_WINDOW // 2}: "
+            log(
+                f"[{self.phase}] {SAVE_WINDOW} steps with a last.ckpt save at step {step - SAVE_WINDOW // 2}: "
                 f"{window:.2f} s, {stall:.2f} s more than {SAVE_WINDOW} steady steps (what the save stalls "
-                "training; an asynchronous write finishes later, in its thread)")  # fmt: skip
-            record(self.results, self.phase, save_stall_s=stall, last_step_at=time.time())
+                "training; an asynchronous write finishes later, in its thread); peak memory since the steady "
+                f"steps began, the logging step and the save included: {_peak_gib():.2f} GiB"
+            )
+            record(
+                self.results, self.phase, save_stall_s=stall, peak_with_save_gib=_peak_gib(), last_step_at=time.time()
+            )
 
 
 class TimedCheckpointIO(AtomicCheckpointIO):  # type: ignore[misc,valid-type]
@@ -444,39 +478,73 @@ def child_main(argv: list[str]) -> None:
     PHASES[phase](args, Path(spec["results"]), *spec["extra"])
 
 
+CUT: list[str] = []  # the signal that cut this script (SIGINT or SIGTERM, e.g. from `timeout`), once one came
+
+
+def _cut(signum: int, frame: Any) -> None:  # noted only: the waits below poll it (an exception could land anywhere)
+    CUT.append(signal.Signals(signum).name)
+
+
+def _own_group(target: Any, *args: Any) -> None:
+    """The forked child: leader of its own process group, with the default signal handlers (not the parent's)."""
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    target(*args)
+
+
+def end_group(pid: int) -> None:
+    """SIGINT to the phase's process group (Lightning stops cleanly on it), SIGKILL to what is left after 5 s."""
+    for sig, wait in ((signal.SIGINT, 5.0), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+
 def run_phase(args: argparse.Namespace, results: Path, phase: str, limit: float, *extra: Any) -> bool:
-    """Run one phase under ``limit`` seconds (its printed lines and recorded numbers stay if it is cut short)."""
+    """Run one phase in its own process group under ``limit`` seconds, never past the script's deadline; a phase
+    cut short (or a cut of this script) ends its whole group; its printed lines and recorded numbers stay."""
     label = " ".join([phase, *(str(e) for e in extra if isinstance(e, str) and not e.startswith("/"))])
+    limit = min(limit, args.deadline - time.monotonic() - RESERVE)
+    if CUT or limit <= 0:
+        log(f"== {label}: skipped ({f'cut by {CUT[0]}' if CUT else 'the time limit is reached'})")
+        return False
     log(f"== {label} (at most {limit:.0f} s)")
     start = time.perf_counter()
     spec = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "results": str(results), "extra": list(extra)}  # fmt: skip
     if args.fork:
-        ctx = multiprocessing.get_context("fork")
-        proc = ctx.Process(target=child_main, args=([phase, json.dumps(spec)],))
+        proc = multiprocessing.get_context("fork").Process(
+            target=_own_group, args=(child_main, [phase, json.dumps(spec)])
+        )
         proc.start()
-        proc.join(limit)
-        timed_out = proc.is_alive()
-        if timed_out:
-            proc.terminate()
-            proc.join(10)
-        ok = not timed_out and proc.exitcode == 0
-        status = "time limit" if timed_out else proc.exitcode
+        pid, poll = proc.pid, lambda: proc.exitcode
     else:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([sys.executable, __file__, "--child", phase, json.dumps(spec)], env=env,
-                                start_new_session=True)  # fmt: skip
-        try:
-            status = proc.wait(limit)
-            ok = status == 0
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGINT)  # Lightning stops cleanly on SIGINT; its loader workers with it
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            ok, status = False, "time limit"
+        popen = subprocess.Popen(
+            [sys.executable, __file__, "--child", phase, json.dumps(spec)], env=env, start_new_session=True
+        )
+        pid, poll = popen.pid, popen.poll
+    end = time.monotonic() + limit
+    while poll() is None and time.monotonic() < end and not CUT:
+        time.sleep(0.1)
+    status: Any = poll()
+    if status is None:  # past its limit, or this script was cut
+        end_group(pid)
+        status = f"cut by {CUT[0]}" if CUT else "time limit"
+        for _ in range(50):  # reap it
+            if poll() is not None:
+                break
+            time.sleep(0.1)
+    ok = status == 0
     log(f"== {label}: {'done' if ok else f'ended ({status})'} in {time.perf_counter() - start:.1f} s")
     return ok
 
@@ -501,11 +569,13 @@ def table(found: dict[str, dict[str, Any]], precisions: list[str], async_io: lis
             (f"bare {p}", "peak GiB", bare.get("ema_peak_gib")),
             (f"fit {p}", "start-up to the first step, s", fit.get("startup_s")),
             (f"fit {p}", "img/s", fit.get("img_per_s")),
-            (f"fit {p}", "peak GiB", fit.get("peak_gib")),
+            (f"fit {p}", "peak GiB, steady steps", fit.get("peak_gib")),
+            (f"fit {p}", "peak GiB, with logging and save", fit.get("peak_with_save_gib")),
             (f"fit {p}", "fit / bare step", fit["img_per_s"] / bare["img_per_s"] if "img_per_s" in fit and
              "img_per_s" in bare else None),
             (f"fit {p}", "fit / bare step + EMA", fit["img_per_s"] / bare["ema_img_per_s"] if "img_per_s" in fit and
              "ema_img_per_s" in bare else None),
+            (f"fit {p}", "logging step, s over a steady step", fit.get("log_step_s")),
             (f"fit {p}", "save stall on training, s" + (" (async)" if p in async_io else ""),
              fit.get("save_stall_s")),
             (f"fit {p}", "last.ckpt write, s", fit.get("ckpt_s")),
@@ -548,11 +618,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--limits",
         type=json.loads,
-        default={"setup": 40, "bare": 70, "fit": 140, "sampling": 100},
-        help='seconds per phase, JSON: {"setup": 40, "bare": 70, "fit": 140, "sampling": 100}',
+        default={},
+        help=f"seconds per phase (bare, fit: per precision), JSON: {json.dumps(LIMITS)} (--dry-run: "
+        f"{json.dumps(DRY_RUN_LIMITS)}); the phases not named keep theirs",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help=f"seconds for the whole run (the stage's limit; the phases' limits must add up to less): "
+        f"{TIME_LIMIT} ({DRY_RUN_TIME_LIMIT} with --dry-run)",
     )
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one, removed)")
-    parser.add_argument("--json", type=Path, default=None, help="write every measurement here")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="every measurement as a JSON line, written when measured (kept when the run is cut)",
+    )
     parser.add_argument("--fork", action="store_true", help="phases in forked children, not fresh interpreters")
     parser.add_argument(
         "--compile",
@@ -565,17 +648,30 @@ def main(argv: list[str] | None = None) -> int:
     args.accelerator, args.model_kwargs = "auto", None
     if args.dry_run:
         args.accelerator, args.model_kwargs, args.latent_size = "cpu", TINY_MODEL, 8
-        args.batch, args.warmup, args.steps, args.sample_batch, args.sample_steps = 4, 2, 3, 2, 4
+        args.batch, args.warmup, args.steps, args.sample_batch, args.sample_steps = 4, 2, 7, 2, 4
         args.num_workers = 0 if args.num_workers is None else args.num_workers
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     keep = args.work is not None
     args.work = Path(args.work or tempfile.mkdtemp(prefix="gpu_fit-")).resolve()
     args.work.mkdir(parents=True, exist_ok=True)
-    results = args.work / "results.jsonl"
+    results = args.json or args.work / "results.jsonl"
+    results.parent.mkdir(parents=True, exist_ok=True)
     results.unlink(missing_ok=True)
-    limits = args.limits
+    limits = {**(DRY_RUN_LIMITS if args.dry_run else LIMITS), **args.limits}
+    if args.time_limit is None:
+        args.time_limit = DRY_RUN_TIME_LIMIT if args.dry_run else TIME_LIMIT
+    planned = limits["setup"] + len(args.precisions) * (limits["bare"] + limits["fit"]) + limits["sampling"]
+    if planned > args.time_limit - RESERVE:
+        raise SystemExit(
+            f"the phases' limits add up to {planned:.0f} s (setup + {len(args.precisions)} x (bare + fit) "
+            f"+ sampling), more than --time-limit {args.time_limit:.0f} s less {RESERVE} s: lower "
+            f"--limits or raise --time-limit"
+        )
+    args.deadline = time.monotonic() + args.time_limit
     start = time.perf_counter()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _cut)
     log(f"[gpu_fit] {args.base.name} + {args.overlay.name}, batch {args.batch}, precisions {args.precisions}, "
         f"{args.steps} timed steps after {args.warmup}; work folder {args.work}")  # fmt: skip
     try:
@@ -596,9 +692,12 @@ def main(argv: list[str] | None = None) -> int:
         for phase, quantity, value in rows:
             shown = "missing" if value is None or value != value else f"{value:.3f}"
             log(f"{phase:<18} {quantity:<40} {shown:>10}")
-        log(f"[gpu_fit] done in {time.perf_counter() - start:.1f} s")
-        if args.json:
-            args.json.write_text(json.dumps(found, indent=1))
+        log(
+            f"[gpu_fit] {f'cut by {CUT[0]}' if CUT else 'done'} in {time.perf_counter() - start:.1f} s"
+            + (f"; every number as JSON lines in {args.json}" if args.json else "")
+        )
+        if CUT:
+            return 124  # as `timeout` reports a command it cut
         return 0 if all(v is not None and v == v for _, _, v in rows) else 1
     finally:
         if not keep:

@@ -97,9 +97,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cpu: CPU seconds of this process instead of wall time; on a shared, loaded CPU with --threads 1 it\n"
         "measures the work done rather than the share of the machine the run got",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one training step of DiT and DiCo of each\n"
+        "size (--batch-train, first of --dtypes; torch.profiler): time by group of operations",
+    )
     p.add_argument("--time-budget", type=float, help="seconds; rows that would start later are skipped")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", help="also write every measurement as JSON")
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write every measurement as JSON lines (the first: the run's "
+        "settings), each row when it is measured (a run cut short keeps them)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.reps, args.warmup = min(args.reps, 3), min(args.warmup, 1)
@@ -217,6 +228,149 @@ def paired_speedup(base: list[float], new: list[float]) -> float:
     return statistics.median(b / n for b, n in zip(base, new, strict=True))
 
 
+# --------------------------------------------------------------------------------------------- the profile
+#: The groups a training step's time is split into (``--profile``); "idle gaps" is the step's wall time outside
+#: every operation's own time: between kernels on a GPU (launch latency, host work, synchronisation), Python and
+#: dispatch on a CPU.
+GROUPS = (
+    "matrix products",
+    "conv pointwise (1x1)",
+    "conv depthwise",
+    "conv other",
+    "attention",
+    "norms",
+    "elementwise",
+    "optimizer",
+    "idle gaps",
+)
+AUTOGRAD_NODE = "autograd::engine::evaluate_function: "
+POINTWISE = "speed.py: 1x1 conv"  # the profiler range around each 1x1 convolution module's forward (DiCo's run as
+# matrix products over channels-last maps, like DiT's linear layers: only the module tells them apart)
+
+
+def _chain(event: Any) -> list[Any]:
+    """``event`` and its enclosing operations, innermost first."""
+    out = []
+    while event is not None:
+        out.append(event)
+        event = event.cpu_parent
+    return out
+
+
+def _group(chain: list[Any]) -> str:
+    """The group of an operation from its forward context (the op and the ops enclosing it, innermost first)."""
+    names = [e.name for e in chain]
+    if any(n.startswith("Optimizer.") for n in names):  # record_function ranges of step and zero_grad
+        return "optimizer"
+    if any("scaled_dot_product" in n or "_attention" in n for n in names):
+        return "attention"
+    if any("norm" in n for n in names):  # layer_norm, group_norm, batch_norm, rms_norm, their inner ops
+        return "norms"
+    if POINTWISE in names:
+        return "conv pointwise (1x1)"
+    for e in chain:
+        shapes = e.input_shapes or []
+        if "conv" in e.name and len(shapes) > 1 and len(shapes[1]) == 4:  # (input, weight [Co, Ci/groups, kh, kw])
+            _, per_group, kh, kw = shapes[1]
+            return "conv pointwise (1x1)" if kh == kw == 1 else "conv depthwise" if per_group == 1 else "conv other"
+    products = [
+        e
+        for e in chain
+        if e.name in ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+    ]
+    if products:
+        outer = products[-1]
+        shapes = outer.input_shapes or [[]]
+        if outer.name != "aten::linear" and len(shapes) > 1 and len(shapes[1]) >= 3:  # two activations' product:
+            return "attention"  # attention's scores or values
+        return "matrix products"
+    return "elementwise"
+
+
+def step_groups(events: Any, wall_us: float, cuda: bool) -> dict[str, float]:
+    """Milliseconds of one profiled step by group. Each operation's own time (device time of the kernels it
+    launched on CUDA, CPU time otherwise) goes to the group of its forward context: a backward operation is
+    attributed through its autograd node's sequence number to the forward operation that made the node."""
+    forward: dict[int, list[Any]] = {}  # sequence number -> the deepest forward op chain that recorded it
+    for e in events:
+        chain = _chain(e)
+        backward = any(a.name.startswith(AUTOGRAD_NODE) for a in chain)
+        if e.sequence_nr >= 0 and not backward and len(chain) > len(forward.get(e.sequence_nr, [])):
+            forward[e.sequence_nr] = chain
+    ms = dict.fromkeys(GROUPS, 0.0)
+    for e in events:
+        if e.is_user_annotation or (cuda and e.device_type.name != "CPU"):
+            continue
+        own = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if own <= 0:
+            continue
+        chain = _chain(e)
+        node = next((a for a in chain if a.name.startswith(AUTOGRAD_NODE)), None)
+        context = forward.get(node.sequence_nr, chain) if node is not None else chain
+        ms[_group(context)] += own / 1000
+    ms["idle gaps"] = max(0.0, wall_us / 1000 - sum(ms.values()))
+    return ms
+
+
+def profile_step(torch: Any, fn: Callable[[], None], dev: Any, model: Any) -> dict[str, Any]:
+    """One call of ``fn`` (a training step of ``model``, warmed up) under ``torch.profiler``: its wall time and
+    groups; the forward of each 1x1 convolution module of ``model`` inside a :data:`POINTWISE` range."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    ranges: dict[int, Any] = {}
+
+    def enter(module: Any, inputs: Any) -> None:
+        ranges[id(module)] = record_function(POINTWISE).__enter__()
+
+    def leave(module: Any, inputs: Any, output: Any) -> None:
+        ranges.pop(id(module)).__exit__(None, None, None)
+
+    pointwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)]
+    hooks = [h for m in pointwise for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.cuda else [])
+    dev.sync()
+    try:
+        with profile(activities=activities, record_shapes=True) as prof:
+            start = time.perf_counter()
+            fn()
+            dev.sync()
+            wall_us = (time.perf_counter() - start) * 1e6
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"step_ms": wall_us / 1000, "groups_ms": step_groups(prof.events(), wall_us, dev.cuda)}
+
+
+def print_profile(p: dict[str, Any]) -> None:
+    """Both models' step by group, and the bound each group implies: the step without it (Amdahl)."""
+    dit, dico = SIZES[p["size"]]
+    a, b = p[dit], p[dico]
+    print(
+        f"\nprofile of one training step, {p['size']}, {p['dtype']}, batch {p['batch']} ({p['device']}): {dit} "
+        f"{a['step_ms']:.1f} ms, {dico} {b['step_ms']:.1f} ms (DiCo/DiT speed {a['step_ms'] / b['step_ms']:.2f}x)"
+    )
+    print(
+        f"| group | {dit} ms | % | {dico} ms | % | DiCo - DiT ms | bound: {dico} without it | "
+        f"DiCo/DiT if DiCo's took DiT's |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for g in GROUPS:
+        ta, tb = a["groups_ms"][g], b["groups_ms"][g]
+        rest = b["step_ms"] - tb
+        bound = f"{b['step_ms'] / rest:.2f}x faster" if rest > 0 else "-"
+        closed = a["step_ms"] / (rest + ta) if rest + ta > 0 else float("nan")
+        print(
+            f"| {g} | {ta:.2f} | {100 * ta / a['step_ms']:.1f} | {tb:.2f} | {100 * tb / b['step_ms']:.1f} | "
+            f"{tb - ta:+.2f} | {bound} | {closed:.2f}x |",
+            flush=True,
+        )
+    print(
+        "# own time of each operation by forward context (backward ops through their autograd node); matrix "
+        "products: linear layers (1x1 conv modules, DiCo's run as matrix products too, count as conv pointwise); "
+        "idle gaps: the step's wall time outside all of them; bound: the step if the group cost nothing"
+    )
+
+
 # --------------------------------------------------------------------------------------------- the benchmark
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
@@ -226,6 +380,7 @@ class Bench:
         self.dev = Device(torch, args.device)
         self.latent = args.image_size // 8
         self.results: list[dict[str, Any]] = []
+        self._saved = False  # the --json file started (its settings line written)
         self.start = time.perf_counter()
         self.published = self._import_published(args.published_dico)
         self.baseline = self._import_tree(args.baseline_tree)
@@ -424,6 +579,21 @@ class Bench:
             gc.collect()
         return out
 
+    def profile(self, size: str, dtype: str) -> dict[str, Any]:
+        """One training step of each model of ``size`` under ``torch.profiler`` (after warm-up), its time by group
+        of operations (:func:`step_groups`), in ms."""
+        args, torch = self.args, self.torch
+        out: dict[str, Any] = {"size": size, "dtype": dtype, "batch": args.batch_train, "device": self.dev.name()}
+        for name in SIZES[size]:
+            model = self.build(name)
+            fn = self.train_fn(model, model, dtype, args.batch_train)
+            for _ in range(max(1, args.warmup)):
+                fn()
+            out[name] = profile_step(torch, fn, self.dev, model)
+            del model, fn
+            gc.collect()
+        return out
+
     def over_budget(self) -> bool:
         return self.args.time_budget is not None and time.perf_counter() - self.start > self.args.time_budget
 
@@ -446,7 +616,16 @@ class Bench:
                             continue
                         self.results.append(row)
                         self.print_row(row)
-                        self.save()
+                        self.save(row)
+        if args.profile:
+            for size in args.models:
+                if self.over_budget():
+                    print(f"skipped (time budget): profile {size}", flush=True)
+                    break
+                p = self.profile(size, args.dtypes[0])
+                self.results.append({"profile": p})
+                print_profile(p)
+                self.save({"profile": p})
         if args.sampling:
             for size in args.models[:1]:
                 if self.over_budget():
@@ -455,7 +634,7 @@ class Bench:
                 s = self.sampling(size, args.dtypes[0])
                 self.results.append({"sampling": s})
                 self.print_sampling(s)
-                self.save()
+                self.save({"sampling": s})
         self.footer()
 
     # ---- output
@@ -526,13 +705,19 @@ class Bench:
               "above resident memory (CUDA allocator peak; CPU peak RSS)")  # fmt: skip
         if not self.dev.cuda and hasattr(os, "getloadavg"):
             print(f"# load average at end {os.getloadavg()[0]:.2f} ({os.cpu_count()} logical CPUs)")
-        self.save()
 
-    def save(self) -> None:
-        """Write the results so far (after every row: a run cut short by a time limit keeps what it measured)."""
-        if self.args.json:
+    def save(self, row: dict[str, Any]) -> None:
+        """Append one measured row to ``--json`` as a JSON line, the run's settings before the first (a run cut short
+        by a time limit keeps every row it finished, and a cut mid-write loses at most that line)."""
+        if not self.args.json:
+            return
+        path = Path(self.args.json)
+        if not self._saved:
             meta = {"device": self.dev.name(), "torch": self.torch.__version__, "args": vars(self.args)}
-            Path(self.args.json).write_text(json.dumps({"meta": meta, "results": self.results}, indent=1))
+            path.write_text(json.dumps({"meta": meta}) + "\n")
+            self._saved = True
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

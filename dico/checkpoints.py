@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import time
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch
 from fsspec.utils import get_protocol
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from dico.models.info import VAE_DOWNSAMPLING
@@ -319,14 +321,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Remote URLs (``s3://`` ...) keep Lightning's own transactional writer. Loading is ``weights_only`` unless the
     caller asks for full unpickling (``fit --weights_only false``, for files you trust): Lightning leaves the choice
     to torch's default, which an environment variable or an ``http(s)://`` path turns into full unpickling.
-    ``python cli.py fit`` uses this plugin by default (``trainer.plugins``)."""
+    ``python cli.py fit`` uses this plugin by default (``trainer.plugins``). Each save's size and duration is
+    logged."""
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         location = {} if map_location is None else {"map_location": map_location}  # else Lightning's default
         return super().load_checkpoint(path, weights_only=weights_only is not False, **location)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        start = time.monotonic()
         if storage_options is not None or get_protocol(str(path)) != "file":
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_torch_save(checkpoint, path)
-        return None
+            super().save_checkpoint(checkpoint, path, storage_options)
+        else:
+            atomic_torch_save(checkpoint, path)
+        # how long a save takes: what a time-limit signal's advance must leave for it (PreemptionCheckpoint)
+        local = Path(str(path))
+        size = f"{local.stat().st_size / 1e9:.2f} GB, " if local.is_file() else ""
+        rank_zero_info(f"checkpoint {path}: {size}written in {time.monotonic() - start:.1f} s")

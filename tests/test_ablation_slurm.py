@@ -7,14 +7,17 @@ the trainer will use."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import signal
 from pathlib import Path
 
 import pytest
+from lightning.pytorch import Callback
+from submitit import JobEnvironment
 
-from ablations import run, status
+from ablations import run, stages, status
 from ablations import slurm as slurm_jobs
 from ablations.rows import rows_of
 
@@ -96,13 +99,14 @@ def test_a_row_is_submitted_once_across_invocations_and_tables(tmp_path, cluster
 
 def test_the_job_asks_slurm_for_what_the_trainer_uses(tmp_path, cluster):
     """Nodes x GPUs x tasks come from the composed trainer config (8 devices at the paper budget), or set both from
-    --nodes/--gpus-per-node; CPUs per task default to num_workers + 1; memory and extra sbatch options pass through."""
+    --nodes/--gpus-per-node; CPUs per task default to num_workers + 1; memory and extra sbatch options pass through;
+    submitit's time-limit signal comes --signal-delay (300) s ahead of the limit."""
     out = tmp_path / "runs"
     assert run.main(slurm(out, "4", "DiCo-S", more=("--mem-gb", "64", "--slurm-param", "qos=high",
                                                     "--slurm-param", "constraint=a100"))) == 0  # fmt: skip
     [script] = cluster.submitted().values()
     for line in ("--nodes=1", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=9", "--mem=64GB",
-                 "--requeue", "--qos=high", "--constraint=a100"):  # fmt: skip
+                 "--requeue", "--qos=high", "--constraint=a100", "--signal=USR2@300"):  # fmt: skip
         assert f"#SBATCH {line}\n" in script, line
     # 2 nodes x 4 GPUs: the trainer is moved there too (global batch 256 kept: 32 a device), and 3 CPUs a task
     assert (
@@ -221,6 +225,54 @@ def test_a_timeout_signal_requeues_and_is_no_failure_but_a_crash_is(in_job, monk
     failed = json.loads((run_dir / "failed.json").read_text())
     assert failed["log"] == str(env.paths.stdout) and failed["log"].endswith("4242/4242_0_log.out")
     assert failed["rank"] == 0 and "exit status 1" in failed["error"]
+
+
+class TimeLimitAt(Callback):
+    """Sends this process submitit's time-limit signal after the training step that reaches ``step``: what SLURM sends
+    ``--signal-delay`` seconds before the job's time limit (the local executor: ``signal_delay_s`` before its own)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.Signals["SIG" + JobEnvironment.USR_SIG])
+
+
+def test_a_job_stopped_by_its_time_limit_resumes_from_the_step_it_reached(in_job, caplog):
+    """The time-limit signal at step 3 of 6, periodic saves every 100 steps: the job saves last.ckpt at step 3 and
+    takes submitit's requeue (the local executor's exit status 144), not a failure; the requeued job (what submitit
+    pickled for it) resumes at step 3, not from scratch, and finishes."""
+    from submitit.core.utils import DelayedSubmission
+
+    job, env = in_job
+    limit = {"class_path": "tests.test_ablation_slurm.TimeLimitAt", "init_args": {"step": 3}}
+    job.extra = [
+        "--trainer.max_steps",
+        "6",
+        "--trainer.val_check_interval",
+        "100",
+        "--callback_settings.checkpoint_every_n_steps",
+        "100",
+        "--callback_settings.disabled",
+        '["HeldOutLoss", "FIDEvaluation"]',
+        "--trainer.callbacks+",
+        json.dumps(limit),
+    ]
+    run_dir = job.row.run_dir(job.out)
+    caplog.set_level(logging.INFO)
+    with pytest.raises(SystemExit) as exit_:
+        job()
+    assert exit_.value.code == 144  # submitit's local requeue
+    last = stages.last_checkpoint(run_dir)
+    assert stages.checkpoint_step(run_dir) == 3
+    assert [r["resumes_from_step"] for r in json.loads((run_dir / "requeued.json").read_text())] == [3]
+    assert f"SIG{JobEnvironment.USR_SIG}: saved {last} at step 3" in caplog.text
+    caplog.clear()
+    again = DelayedSubmission.load(env.paths.submitted_pickle).function
+    again()  # the requeued job
+    assert f"Restoring states from the checkpoint path at {last}" in caplog.text
+    assert stages.checkpoint_step(run_dir) == 6 and not (run_dir / "failed.json").exists()
 
 
 # ------------------------------------------------------------------------------------------- end to end

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import cli
 from dico.callbacks import EMA, PreemptionCheckpoint, ema_weights
+from dico.checkpoints import AtomicCheckpointIO
 from dico.data import DigitsDataModule
 from dico.module import DiffusionModule, DivergedWeightsError, NonFiniteLossError
 from tests.conftest import QUICKSTART, ROOT, TINY_MODEL
@@ -210,19 +212,40 @@ def test_diverged_weights_stop_training_and_are_never_checkpointed(tmp_path):
             )
 
 
-def test_sigterm_saves_a_resumable_checkpoint_and_stops(tmp_path):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+def test_sigterm_or_a_time_limit_signal_saves_a_resumable_checkpoint_and_stops(tmp_path, monkeypatch, caplog, sig):
+    """SIGTERM, or the signal a scheduler sends ahead of a time limit (SIGUSR1: Lightning's SLURM requeue signal,
+    here inside a SLURM job, whose own handler would write an hpc_ckpt from inside the step and requeue; SIGUSR2:
+    submitit's): last.ckpt at the step reached, the save logged with its duration, the process's handlers back."""
+    for name, value in (
+        ("SLURM_NTASKS", "1"),
+        ("SLURM_JOB_NAME", "train"),
+        ("SLURM_JOB_ID", "77"),
+        ("SLURM_PROCID", "0"),
+        ("SLURM_LOCALID", "0"),
+        ("SLURM_NODEID", "0"),
+    ):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol: Lightning's requeue would fail loudly
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
+
     class Preempt(Callback):
         def on_train_batch_end(self, trainer, pl_module, *args, **kwargs):
             if trainer.global_step == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.Signals[sig])
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=100, save_last=True)
-    t = trainer(tmp_path, 50, [EMA(decay=0.9), ckpt, Preempt(), PreemptionCheckpoint()])
-    with pytest.raises(SIGTERMException):  # Lightning ends the process (SystemExit) after the step
-        t.fit(tiny_module(), digits())
+    t = trainer(tmp_path, 50, [EMA(decay=0.9), ckpt, Preempt(), PreemptionCheckpoint()], plugins=[AtomicCheckpointIO()])
+    with pytest.raises(SIGTERMException), caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        t.fit(tiny_module(), digits())  # Lightning ends the process (SystemExit) after the step
     assert t.global_step == 2
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 2 and "current_model_state" in saved  # EMA and live weights both kept
+    assert re.search(r"checkpoint \S+last.ckpt: [0-9.]+ GB, written in [0-9.]+ s", caplog.text), caplog.text
+    assert f"{sig}: saved {tmp_path / 'ckpt' / 'last.ckpt'} at step 2" in caplog.text
+    assert ("s after the signal" in caplog.text) == (sig != "SIGTERM")
+    assert not list(tmp_path.glob("hpc_ckpt_*.ckpt"))
+    assert {s: signal.getsignal(s) for s in before} == before
     t2 = trainer(tmp_path, 4, [EMA(decay=0.9), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
     t2.fit(tiny_module(), digits(), ckpt_path="last")
     assert t2.global_step == 4
@@ -323,7 +346,6 @@ def test_preempted_cli_run_exits_non_zero_and_resumes_in_place(tmp_path, monkeyp
     through the atomic checkpoint IO; ``--ckpt_path last`` continues it, updates that same ``last.ckpt`` and keeps
     the metrics logged before the preemption in ``csv/metrics.csv``."""
     from dico.callbacks.preemption import PREEMPTED_EXIT_CODE
-    from dico.checkpoints import AtomicCheckpointIO
 
     saves = []
     real_save = AtomicCheckpointIO.save_checkpoint

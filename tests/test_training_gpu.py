@@ -4,6 +4,7 @@ what logging needs (on the CPU: no host read from dico's code between logging st
 
 from __future__ import annotations
 
+import json
 import traceback
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch.overrides import TorchFunctionMode
 
-from dico.callbacks import EMA, Throughput
+from dico.callbacks import EMA
 from dico.data import DigitsDataModule
 from dico.module import DiffusionModule
 from tests.conftest import ROOT, TINY_MODEL
@@ -60,20 +61,71 @@ class WatchSteps(Callback):
             self.mode = None
 
 
+def fit_default_callbacks(root: Path, accelerator: str, precision: str, first: Callback, last: Callback) -> None:
+    """``python cli.py fit -c experiments/quickstart.yaml`` in ``root/precision`` at a tiny model for 9 steps, logging
+    every 4th, with the whole default callback list (``dico/callbacks/callbacks.yaml``) and a CSV logger; ``first``
+    runs each hook before all of them, ``last`` after all of them (the checkpoint callbacks, which Lightning runs
+    last, included). The periodic evaluations, grids and saves fall outside steps 1-8 (every 300 steps; the FID
+    neither at the start nor at the end, no final grid)."""
+    import yaml
+
+    from cli import build_lightning_cli
+    from dico.callbacks.settings import CALLBACKS_FILE, CallbackSettings
+    from tests.conftest import QUICKSTART
+
+    run = root / precision  # the digits FID's reference and classifier: made once in root
+    logger = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run)}}]
+    argv = [
+        "-c",
+        str(QUICKSTART),
+        "--model.model_kwargs",
+        yaml.safe_dump(TINY_MODEL, default_flow_style=True),
+        "--callback_settings.fid_reference",
+        str(root / "digits-reference.npz"),
+        "--callback_settings.fid_weights_path",
+        str(root / "digits-classifier.pt"),
+        "--trainer.default_root_dir",
+        str(run),
+        "--trainer.accelerator",
+        accelerator,
+        "--trainer.devices",
+        "1",
+        "--trainer.precision",
+        precision,
+        "--trainer.max_steps",
+        "9",
+        "--trainer.log_every_n_steps",
+        "4",
+        "--trainer.logger",
+        json.dumps(logger),
+        "--trainer.enable_progress_bar",
+        "true",
+        "--callback_settings.fid_at_start",
+        "false",
+        "--callback_settings.fid_every_n_steps",
+        "0",
+        "--callback_settings.grid_final_per_class",
+        "0",
+        "--data.init_args.batch_size",
+        "64",
+    ]
+    cli = build_lightning_cli(argv, run=False)
+    callbacks = cli.trainer.callbacks
+    one_list = yaml.safe_load((ROOT / "dico" / "callbacks" / CALLBACKS_FILE).read_text())["trainer"]["callbacks"]
+    listed = {c["class_path"].rsplit(".", 1)[-1] for c in one_list} - set(CallbackSettings().disabled)
+    assert listed <= {type(c).__name__ for c in callbacks}  # the whole list (the progress bar and config saver too)
+    callbacks.insert(0, first)
+    callbacks.append(last)
+    torch.manual_seed(0)
+    cli.trainer.fit(cli.model, cli.datamodule)
+
+
 def test_training_steps_between_logging_steps_read_nothing_back_from_the_device(tmp_path):
     """The loss and weight check, the EMA update, the gradient norm and the progress-bar loss read values to the host
     only on the steps Lightning logs (every ``log_every_n_steps``); the steps between make no host read from dico's
-    code, with the config's per-step callbacks (EMA, throughput, learning-rate monitor) and the progress bar on."""
-    from lightning.pytorch.callbacks import LearningRateMonitor
-
+    code, with the whole default callback list and the progress bar on."""
     watch = WatchSteps()
-    trainer = Trainer(
-        accelerator="cpu", max_steps=9, log_every_n_steps=4, default_root_dir=tmp_path, enable_model_summary=False,
-        logger=CSVLogger(tmp_path), num_sanity_val_steps=0, limit_val_batches=0, enable_checkpointing=False,
-        callbacks=[watch, EMA(decay=0.9), Throughput(), LearningRateMonitor(logging_interval="step")],
-    )  # fmt: skip
-    torch.manual_seed(0)
-    trainer.fit(DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, lr=1e-3), DigitsDataModule(batch_size=64))
+    fit_default_callbacks(tmp_path, "cpu", "32-true", watch, Callback())
     logging_steps = {3, 7}  # (step + 1) % 4 == 0
     assert {step for step, _ in watch.reads} == logging_steps, watch.reads  # reads happen, only on those steps
 
@@ -92,36 +144,39 @@ def test_the_ema_average_follows_the_model_to_its_training_device():
         assert {t.device.type for t in [*average.parameters(), *average.buffers()]} == {expected}
 
 
+class SyncDebugOn(Callback):
+    """Before every other callback's ``on_train_batch_start`` of a step that is not logged (from step 1): any call that
+    synchronises with the GPU raises (``torch.cuda.set_sync_debug_mode("error")``)."""
+
+    def __init__(self) -> None:
+        self.checked = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        step = trainer.global_step
+        if step >= 1 and (step + 1) % trainer.log_every_n_steps:
+            torch.cuda.set_sync_debug_mode("error")
+            self.checked += 1
+
+
+class SyncDebugOff(Callback):
+    """After every other callback's ``on_train_batch_end`` (the checkpoint callbacks' too): the check ends."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args):  # type: ignore[no-untyped-def]
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the sync debug mode watches CUDA streams")
 def test_cuda_training_steps_do_not_synchronise_between_logging_steps(tmp_path):
-    """training_step (loss, divergence check), backward, the fused AdamW step and the EMA update of steps that are
-    not logged run under ``torch.cuda.set_sync_debug_mode("error")``: any synchronising call raises."""
-
-    class SyncDebug(Callback):  # listed after EMA: its on_train_batch_end (the EMA update) runs inside the window
-        def __init__(self) -> None:
-            self.checked = 0
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
-            step = trainer.global_step
-            if step >= 1 and (step + 1) % trainer.log_every_n_steps:
-                torch.cuda.set_sync_debug_mode("error")
-                self.checked += 1
-
-        def on_train_batch_end(self, trainer, pl_module, *args):  # type: ignore[no-untyped-def]
-            torch.cuda.set_sync_debug_mode("default")
-
-    sync = SyncDebug()
+    """The steps that are not logged run under ``torch.cuda.set_sync_debug_mode("error")`` from the first callback's
+    ``on_train_batch_start`` to the last one's ``on_train_batch_end``, with the whole default callback list: every
+    callback hook, training_step (loss, divergence check), backward, the fused AdamW step and the EMA update."""
     for precision in ("32-true", "bf16-mixed"):
-        trainer = Trainer(
-            accelerator="cuda", devices=1, max_steps=8, log_every_n_steps=4, default_root_dir=tmp_path,
-            logger=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-            limit_val_batches=0, precision=precision, callbacks=[EMA(decay=0.9), sync],
-        )  # fmt: skip
+        on = SyncDebugOn()
         try:
-            trainer.fit(DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL), DigitsDataModule(batch_size=64))
+            fit_default_callbacks(tmp_path, "cuda", precision, on, SyncDebugOff())
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert sync.checked == 2 * 5  # steps 1, 2, 4, 5, 6 of each run
+        assert on.checked == 6  # steps 1, 2, 4, 5, 6, 8
 
 
 # ---------------------------------------------------------------------------------------------- async checkpoints
