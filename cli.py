@@ -21,6 +21,13 @@ from pathlib import Path
 from jsonargparse import ArgumentParser
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# Options are taken whole: argparse's prefix matching would read `sample --cfg 2` as --cfg_scale 2.
+PARSER_KWARGS = {"allow_abbrev": False}
+
+
+def tool_parser(command: str, description: str) -> ArgumentParser:
+    """The parser of the tool ``dico COMMAND``."""
+    return ArgumentParser(prog=f"dico {command}", description=description, **PARSER_KWARGS)
 
 
 def lightning(argv: list[str]) -> int:
@@ -116,7 +123,7 @@ def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-u
         trainer_class=Trainer,  # `--trainer.limit_val_batches 1` is one batch, not 100%
         args=None if argv == sys.argv[1:] else argv,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        parser_kwargs={"parser_mode": "omegaconf+", **PARSER_KWARGS},
         run=run,
     )
 
@@ -124,7 +131,7 @@ def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-u
 def extract(argv: list[str]) -> int:
     from dico.data.extract import ExtractConfig, extract_latents
 
-    parser = ArgumentParser(prog="dico extract", description="Encode an image folder into a latent cache.")
+    parser = tool_parser("extract", "Encode an image folder into a latent cache.")
     parser.add_class_arguments(ExtractConfig, as_positional=False)
     parser.add_argument("--config", action="config")
     cfg = parser.parse_args(argv)
@@ -141,7 +148,7 @@ def extract(argv: list[str]) -> int:
 def sample(argv: list[str]) -> int:
     from dico.sample_jobs import SampleJob, run_sample_job
 
-    parser = ArgumentParser(prog="dico sample", description="Generate samples from a checkpoint (EMA weights).")
+    parser = tool_parser("sample", "Generate samples from a checkpoint (EMA weights).")
     parser.add_class_arguments(SampleJob, as_positional=False)
     parser.add_argument("--config", action="config")
     cfg = parser.parse_args(argv)
@@ -167,7 +174,7 @@ def reference(argv: list[str]) -> int:
     from dico.evaluation.fidelity import FeatureSpec, Featurizer
     from dico.evaluation.reference import Reference, check_source, compute_reference
 
-    parser = ArgumentParser(prog="dico reference", description="Compute and cache reference statistics.")
+    parser = tool_parser("reference", "Compute and cache reference statistics.")
     parser.add_argument("--source", required=True, help="ADM .npz reference batch, image folder, or 'digits'")
     parser.add_argument("--out", required=True, help="where to cache the statistics (.npz)")
     parser.add_argument("--image_size", type=int | None, default=None, help="ADM center crop of folder images")
@@ -200,7 +207,7 @@ def evaluate(argv: list[str]) -> int:
     from dico.evaluation.published import comparison, release_of_samples
     from dico.evaluation.reference import Reference
 
-    parser = ArgumentParser(prog="dico evaluate", description="Score an ADM-format sample file.")
+    parser = tool_parser("evaluate", "Score an ADM-format sample file.")
     parser.add_argument("--samples", required=True, help="ADM .npz (arr_0 uint8 NHWC)")
     parser.add_argument("--reference", required=True, help="statistics from `dico reference`")
     parser.add_argument("--out", type=str | None, default=None, help="write the JSON record here")
@@ -239,7 +246,7 @@ def model_info(argv: list[str]) -> int:
     from dico.models import list_models
     from dico.models.info import model_info as info
 
-    parser = ArgumentParser(prog="dico model-info", description="Parameters, Gflops (MACs) and shapes of a model.")
+    parser = tool_parser("model-info", "Parameters, Gflops (MACs) and shapes of a model.")
     parser.add_argument("--model", type=str | None, default=None, choices=[*list_models(), None],
                         help="registered model name (or the architecture of --ckpt/--pretrained)")  # fmt: skip
     parser.add_argument("--ckpt", type=str | None, default=None, help="a checkpoint file, any published format")

@@ -174,3 +174,15 @@ def test_callback_settings_disabled_leaves_out_callbacks_of_the_one_list(monkeyp
     assert HeldOutLoss in kinds and FIDEvaluation not in kinds and EMA in kinds
     with pytest.raises(ValueError, match=r"disabled names \['FIDEvaluaton'\], which the callback list does not hold"):
         cli.build_lightning_cli([*base, "--callback_settings.disabled", "[FIDEvaluaton]"], run=False)
+
+
+@pytest.mark.parametrize(
+    ("argv", "prefix"),
+    [(["sample", "--cfg", "2"], "--cfg"), (["model-info", "--model", "DiCo-S", "--js"], "--js"),
+     (["fit", "-c", str(QUICKSTART), "--trainer.max_st", "5", "--print_config"], "--trainer.max_st")],
+)  # fmt: skip
+def test_options_are_taken_whole_not_as_prefixes(argv, prefix, capsys):
+    """argparse would read ``--cfg`` as ``--cfg_scale``, ``--js`` as ``--json``: every parser refuses a prefix."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2 and f"unrecognized arguments: {prefix}" in capsys.readouterr().err
