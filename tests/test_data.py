@@ -261,6 +261,23 @@ def test_latent_datamodule_reads_the_cache(cache):
     assert record["count"] == 12
 
 
+def test_a_relative_vae_path_is_recorded_absolute(tmp_path, image_folder, tiny_vae_dir, monkeypatch):
+    """``extract --vae`` and the datamodule's ``vae`` given relative to the working folder: the cache and the
+    checkpoint's decoder record the absolute path, so that sampling from another folder finds the VAE."""
+    from dico.pretrained import check_vae_available
+
+    monkeypatch.chdir(tiny_vae_dir.parent)
+    manifest = extract_latents(config(image_folder, tmp_path / "latents", tiny_vae_dir.name, shard_size=12))
+    assert manifest is not None and manifest.vae == str(tiny_vae_dir.resolve())
+    local = LatentDataModule(str(tmp_path / "latents"), vae=f"./{tiny_vae_dir.name}")
+    monkeypatch.chdir(tmp_path)  # sampling elsewhere, offline
+    decoders = [LatentDataModule(str(tmp_path / "latents")).decoder, local.decoder]
+    assert [d["vae"] for d in decoders] == [str(tiny_vae_dir.resolve())] * 2
+    for d in decoders:
+        check_vae_available(d["vae"])
+    assert LatentDataModule(str(tmp_path / "latents"), vae="org/hub-vae").decoder["vae"] == "org/hub-vae"
+
+
 def test_data_imports_nothing_of_models_diffusion_or_evaluation():
     """dico/data is the floor below the rest: not one of its files imports dico.models, dico.diffusion or
     dico.evaluation (at module level or inside a function)."""

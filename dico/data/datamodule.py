@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from .label_batches import LabelBatches
 from .latents import InMemoryLatents, LatentArrays, ShardedLatents, identity_collate
 from .sampler import EpochSampler
+from .vae import vae_location
 
 
 class ResumableDataLoader(DataLoader):
@@ -166,7 +167,7 @@ class LatentDataModule(ArrayDataModule):
         super().__init__(**kwargs)
         self.root = root
         self.verify_checksums = verify_checksums
-        self.vae = vae
+        self.vae = vae_location(vae) if vae else None
 
     def build_dataset(self) -> LatentArrays:
         return ShardedLatents(self.root, verify_checksums=self.verify_checksums)

@@ -34,7 +34,7 @@ from .manifest import (
     sha256_file,
     shard_stem,
 )
-from .vae import DEFAULT_VAE, encode_moments, load_vae, vae_scale_factor, vae_weights_sha256
+from .vae import DEFAULT_VAE, encode_moments, load_vae, vae_location, vae_scale_factor, vae_weights_sha256
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jpe", ".gif")
 
@@ -173,7 +173,7 @@ def extract_latents(cfg: ExtractConfig) -> Manifest | None:
     device = _device(cfg)
     vae = load_vae(cfg.vae, device)  # also to check finished shards against its weights
     made_with = {
-        "vae": cfg.vae, "vae_sha256": vae_weights_sha256(vae), "image_size": cfg.image_size,
+        "vae": vae_location(cfg.vae), "vae_sha256": vae_weights_sha256(vae), "image_size": cfg.image_size,
         "flips": 2 if cfg.flips else 1, "dtype": cfg.dtype, "scale_factor": vae_scale_factor(vae),
     }  # fmt: skip
     todo = []
