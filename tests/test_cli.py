@@ -176,13 +176,37 @@ def test_callback_settings_disabled_leaves_out_callbacks_of_the_one_list(monkeyp
         cli.build_lightning_cli([*base, "--callback_settings.disabled", "[FIDEvaluaton]"], run=False)
 
 
-@pytest.mark.parametrize(
-    ("argv", "prefix"),
-    [(["sample", "--cfg", "2"], "--cfg"), (["model-info", "--model", "DiCo-S", "--js"], "--js"),
-     (["fit", "-c", str(QUICKSTART), "--trainer.max_st", "5", "--print_config"], "--trainer.max_st")],
-)  # fmt: skip
+PREFIXES = [
+    (["sample", "--cfg", "2"], "--cfg"),
+    (["model-info", "--model", "DiCo-S", "--js"], "--js"),
+    (["fit", "-c", str(QUICKSTART), "--trainer.max_st", "5", "--print_config"], "--trainer.max_st"),
+]
+
+
+@pytest.mark.parametrize(("argv", "prefix"), PREFIXES)
 def test_options_are_taken_whole_not_as_prefixes(argv, prefix, capsys):
     """argparse would read ``--cfg`` as ``--cfg_scale``, ``--js`` as ``--json``: every parser refuses a prefix."""
     with pytest.raises(SystemExit) as stop:
         cli.main(argv)
     assert stop.value.code == 2 and f"unrecognized arguments: {prefix}" in capsys.readouterr().err
+
+
+BAD_SIZES = [
+    ("--image-size", "0", "--image-size must be a positive multiple of 8"),
+    ("--image-size", "-16", "--image-size must be a positive multiple of 8"),
+    ("--shard-size", "0", "--shard-size must be at least 1, got 0"),
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+]
+
+
+@pytest.mark.parametrize(("option", "value", "message"), BAD_SIZES)
+def test_extract_refuses_invalid_sizes_in_one_line_writing_nothing(
+    tmp_path, image_folder, option, value, message, capsys
+):
+    """``--image-size 0`` used to call every image unreadable and exit 0 with an empty cache."""
+    sizes = {"--image-size": "16", "--shard-size": "5", "--batch-size": "4", option: value}
+    argv = ["extract", "--data-path", str(image_folder), "--out", str(tmp_path / "out"), "--vae", "no/such-vae"]
+    argv += ["--num-workers", "0", "--progress", "false", *[s for kv in sizes.items() for s in kv]]
+    assert cli.entry(argv) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert message in line and not (tmp_path / "out").exists()

@@ -159,8 +159,13 @@ def _check_made_with(out: Path, record: ShardRecord, made_with: dict[str, Any]) 
 
 def extract_latents(cfg: ExtractConfig) -> Manifest | None:
     """Encode this rank's unfinished shards; returns the manifest once every shard of the cache is done."""
-    if cfg.image_size % 8:
-        raise ValueError(f"--image-size must be a multiple of 8 (the VAE downsamples by 8), got {cfg.image_size}")
+    if cfg.image_size <= 0 or cfg.image_size % 8:
+        raise ValueError(
+            f"--image-size must be a positive multiple of 8 (the VAE downsamples by 8), got {cfg.image_size}"
+        )
+    for name, least in {"batch_size": 1, "shard_size": 1, "num_workers": 0}.items():
+        if getattr(cfg, name) < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(cfg, name)}")
     dtype = np.dtype(cfg.dtype)
     if dtype not in (np.float32, np.float16):
         raise ValueError(f"--dtype must be float32 or float16, got {cfg.dtype}")
