@@ -60,11 +60,12 @@ def read_checkpoint(path: str | Path, unsafe_full_unpickle: bool = False) -> Map
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        refused = [line for line in str(e).splitlines() if "Unsupported global" in line]
+        # a global safe loading does not allow, or a call to one (os.system): refused, not corrupt
+        refused = [line for line in str(e).splitlines() if "GLOBAL " in line or "Trying to call reduce" in line]
         if not refused:  # not a class safe loading refuses: bytes that are no pickle at all
             raise unreadable_checkpoint(path, e) from e
         reason = refused[0].strip()[:300]
-        raise RuntimeError(
+        raise ValueError(
             f"{path} holds objects that safe loading refuses ({reason}). If you trust the file, pass "
             "--unsafe_full_unpickle true (full unpickling can run arbitrary code)."
         ) from e

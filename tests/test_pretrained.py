@@ -151,9 +151,30 @@ def test_training_checkpoint_weights_and_args(standins, golden):
 def test_unsafe_objects_are_refused_without_the_opt_in(tmp_path, golden):
     path = tmp_path / "odd.pt"
     torch.save({"model": golden["dico"]["state_dict"], "args": Path("/etc")}, path)  # a class not allowed
-    with pytest.raises(RuntimeError, match="unsafe_full_unpickle"):
+    with pytest.raises(ValueError, match="unsafe_full_unpickle"):
         inspect_checkpoint(str(path))
     assert inspect_checkpoint(str(path), unsafe_full_unpickle=True).format == TRAINING
+
+
+class CallsOnLoad:
+    """Unpickling it calls ``os.mkdir(path)``: a stand-in for a payload that runs code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return os.mkdir, (str(self.path),)
+
+
+def test_a_pickle_that_runs_code_is_refused_as_needing_full_unpickling_not_as_corrupt(tmp_path, golden, capsys):
+    """A checkpoint whose unpickling would call a function is refused in one line that names the opt-in, without
+    calling it; it is not described as a truncated or corrupt file."""
+    path = tmp_path / "payload.pt"
+    torch.save({"state_dict": golden["dico"]["state_dict"], "x": CallsOnLoad(tmp_path / "ran")}, path)
+    assert cli.entry(["model-info", "--ckpt", str(path)]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "payload.pt holds objects that safe loading refuses" in line and "--unsafe_full_unpickle true" in line
+    assert "corrupt" not in line and not (tmp_path / "ran").exists()
 
 
 def test_unreadable_checkpoint_files_are_named_as_such(tmp_path, monkeypatch):
