@@ -33,6 +33,23 @@ def test_model_info_at_512_as_a_script():
     assert json.loads(out.stdout)["input_shape"] == [4, 64, 64]
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            '{"hidden_size": "x"}',
+            "model_kwargs hidden_size='x' (str) does not fit DiCo-S, whose hidden_size is of type int",
+        ),
+        ('{"depth": 2}', "model_kwargs depth=2 (int) does not fit DiCo-S, whose depth is of type list"),
+        ('{"hiden_size": 8}', "DiCo-S takes no argument ['hiden_size'] (model_kwargs); it takes: "),
+    ],
+)
+def test_model_info_with_bad_model_kwargs_is_one_line_naming_the_key(kwargs, message, capsys):
+    assert cli.entry(["model-info", "--model", "DiCo-S", "--model_kwargs", kwargs]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert message in line
+
+
 def test_unknown_command_and_option_fail(capsys):
     assert cli.main(["nonsense"]) == 2
     with pytest.raises(SystemExit):
