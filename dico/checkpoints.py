@@ -100,6 +100,7 @@ class LoadedWeights:
     model_kwargs: dict[str, Any]
     state_dict: Mapping[str, Tensor] = field(repr=False)
     training_state_dict: Mapping[str, Tensor] | None = field(default=None, repr=False)
+    pixels: bool = False  # the model makes pixels (a dico checkpoint's decoder says so), not VAE latents
 
     def describe(self) -> str:
         kinds = {
@@ -108,7 +109,7 @@ class LoadedWeights:
             STATE_DICT: f"a published {self.arch_name} state dict",
         }
         size = self.model_kwargs.get("input_size")
-        shape = f", {size}x{size} latents" if size else ""
+        shape = f", {size}x{size} {'pixels' if self.pixels else 'latents'}" if size else ""
         released = f" (release {self.release.name})" if self.release else ""
         kwargs = f" {self.model_kwargs}" if self.model_kwargs else ""
         line = f"{self.path.name}{released}: {kinds[self.format]}, {self.weights} -> {self.model}{kwargs}{shape}"
@@ -144,7 +145,7 @@ def inspect_checkpoint(
         return LoadedWeights(path, release or find_release(hp.get("pretrained")), fmt, "ours",
                              "the weights in its state_dict (EMA when trained with the EMA callback)",
                              hp.get("model", "?"), dict(hp.get("model_kwargs") or {}),
-                             checkpoint["state_dict"])  # fmt: skip
+                             checkpoint["state_dict"], pixels=makes_pixels(hp))  # fmt: skip
     args = None
     if fmt == TRAINING:
         args = checkpoint.get("args")  # the published scripts' argparse options (image_size, model)
@@ -157,6 +158,11 @@ def inspect_checkpoint(
     arch = infer_arch(state_dict)
     name, overrides = _architecture(state_dict, arch, release, args, model, model_kwargs or {}, image_size)
     return LoadedWeights(path, release, fmt, arch, weights, name, overrides, state_dict, training)
+
+
+def makes_pixels(hparams: Mapping[str, Any]) -> bool:
+    """Whether a dico checkpoint's model makes pixels: its ``decoder`` (DiffusionModule's default: pixels)."""
+    return (hparams.get("decoder") or {}).get("kind", "pixels") == "pixels"
 
 
 def _architecture(
@@ -243,7 +249,7 @@ def checkpoint_info(
         "loaded": loaded.describe(),
         "model": loaded.model,
         "model_kwargs": loaded.model_kwargs,
-        "image_size": latent * VAE_DOWNSAMPLING,
+        "image_size": latent * (1 if loaded.pixels else VAE_DOWNSAMPLING),
         "input_shape": [net.in_channels, latent, latent],
         "output_shape": [net.out_channels, latent, latent],
         "num_classes": net.num_classes,

@@ -25,6 +25,27 @@ def test_model_info_json(capsys, paper):
     assert info["input_shape"] == [1, 8, 8] and info["output_shape"] == [2, 8, 8] and info["num_classes"] == 10
 
 
+def test_model_info_of_a_checkpoint_gives_the_image_size_of_pixels_or_latents(tmp_path, capsys):
+    """The quickstart's 8x8 pixel model makes 8x8 images; a model of 8x8 VAE latents makes 64x64 ones."""
+    import torch
+
+    from dico.module import DiffusionModule
+    from tests.conftest import TINY_MODEL
+
+    sizes = {}
+    for kind, decoder in {
+        "pixels": {"kind": "pixels"},
+        "vae": {"kind": "vae", "vae": "org/vae", "scale_factor": 0.2},
+    }.items():
+        module = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, decoder=decoder)
+        path = tmp_path / f"{kind}.ckpt"
+        torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+        assert cli.main(["model-info", "--ckpt", str(path), "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        sizes[kind] = (info["image_size"], info["input_shape"], info["loaded"].rsplit(", ", 1)[-1])
+    assert sizes == {"pixels": (8, [1, 8, 8], "8x8 pixels"), "vae": (64, [1, 8, 8], "8x8 latents")}
+
+
 def test_model_info_at_512_as_a_script():
     out = subprocess.run(
         [sys.executable, "cli.py", "model-info", "--model", "DiT-S/2", "--image-size", "512", "--json"],
