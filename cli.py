@@ -107,7 +107,10 @@ def build_lightning_cli(argv: list[str], run: bool = True):  # type: ignore[no-u
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             if isinstance(config.trainer.callbacks, list):
-                config.trainer.callbacks = active_callbacks(config.trainer.callbacks, config.callback_settings.disabled)
+                disabled = config.callback_settings.disabled
+                if config.trainer.logger in (False, []):  # no logger to report learning rates to
+                    disabled = [*disabled, "LearningRateMonitor"]
+                config.trainer.callbacks = active_callbacks(config.trainer.callbacks, disabled)
             loggers = config.trainer.logger
             for logger in loggers if isinstance(loggers, list) else [loggers]:
                 if getattr(logger, "class_path", None) in csv_loggers:

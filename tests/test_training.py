@@ -306,6 +306,16 @@ def test_fit_fast_dev_run_through_the_cli(tmp_path):
             cwd=tmp_path)  # fmt: skip
 
 
+def test_fit_without_a_logger_runs_the_callbacks_that_need_none(tmp_path):
+    """``trainer.logger: false``: the learning-rate monitor of the one callback list (which needs a logger) is left
+    out instead of failing at the first step."""
+    ema = {"class_path": "dico.callbacks.EMA", "init_args": {"decay": 0.9}}
+    callbacks = json.dumps([ema, {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}])
+    args = ["--trainer.callbacks", callbacks, "--trainer.logger", "false", "--trainer.max_steps", "1"]
+    run_cli("fit", "-c", str(QUICKSTART), *TINY_CLI[:-2], *args, "--data.init_args.batch_size", "16", cwd=tmp_path)
+    assert not (tmp_path / "runs" / "quickstart" / "csv").exists()
+
+
 def cli_status(*args: str, cwd: Path) -> int | None:
     """``cli.main``'s exit status (what ``python cli.py`` would exit with)."""
     old = os.getcwd()
