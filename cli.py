@@ -161,11 +161,13 @@ def sample(argv: list[str]) -> int:
     return 0
 
 
-def _add_feature_arguments(parser: ArgumentParser) -> None:
-    """The feature extractor options shared by ``reference`` and ``evaluate``."""
-    from dico.evaluation.fidelity import FEATURE_EXTRACTORS, INCEPTION
+def _add_feature_arguments(parser: ArgumentParser, extractor: str | None) -> None:
+    """The feature extractor options shared by ``reference`` and ``evaluate``; ``extractor`` None: by default the one
+    the reference was made with."""
+    from dico.evaluation.fidelity import FEATURE_EXTRACTORS
 
-    parser.add_argument("--feature_extractor", default=INCEPTION, choices=list(FEATURE_EXTRACTORS))
+    said = "default: the one the reference was made with" if extractor is None else None
+    parser.add_argument("--feature_extractor", default=extractor, choices=list(FEATURE_EXTRACTORS), help=said)
     parser.add_argument("--weights_path", type=str | None, default=None, help="local feature-extractor weights")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--batch_size", type=int, default=100, help="images per feature-extractor batch")
@@ -174,7 +176,7 @@ def _add_feature_arguments(parser: ArgumentParser) -> None:
 def reference(argv: list[str]) -> int:
     from pathlib import Path
 
-    from dico.evaluation.fidelity import FeatureSpec, Featurizer
+    from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Featurizer
     from dico.evaluation.reference import Reference, check_source, compute_reference
 
     parser = tool_parser("reference", "Compute and cache reference statistics.")
@@ -183,7 +185,7 @@ def reference(argv: list[str]) -> int:
     parser.add_argument("--image_size", type=int | None, default=None, help="ADM center crop of folder images")
     parser.add_argument("--max_features", type=int, default=50_000, help="features kept for precision/recall, KID")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random subset of kept features")
-    _add_feature_arguments(parser)
+    _add_feature_arguments(parser, INCEPTION)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     check_source(args.source, args.image_size)  # before the extractor is built (or trained and saved)
@@ -205,7 +207,7 @@ def reference(argv: list[str]) -> int:
 
 
 def evaluate(argv: list[str]) -> int:
-    from dico.evaluation.fidelity import CONVENTIONS, FeatureSpec, Featurizer, MetricOptions
+    from dico.evaluation.fidelity import CONVENTIONS, INCEPTION, FeatureSpec, Featurizer, MetricOptions
     from dico.evaluation.protocol import score_npz, write_record
     from dico.evaluation.published import comparison, release_of_samples
     from dico.evaluation.reference import Reference
@@ -221,10 +223,11 @@ def evaluate(argv: list[str]) -> int:
         help="release to compare with (default: the one named by samples.json beside the samples)",
     )
     parser.add_argument("--convention", default="adm", choices=list(CONVENTIONS), help="IS splits, P/R distances")
-    _add_feature_arguments(parser)
+    _add_feature_arguments(parser, None)
     args = parser.parse_args(argv)
     reference = Reference.load(args.reference)
-    featurizer = Featurizer(FeatureSpec(args.feature_extractor, args.weights_path), args.device)
+    extractor = args.feature_extractor or reference.meta.get("feature_extractor", INCEPTION)
+    featurizer = Featurizer(FeatureSpec(extractor, args.weights_path), args.device)
     record = score_npz(args.samples, reference, featurizer, MetricOptions(args.convention), args.batch_size)
     compared = comparison(release_of_samples(record, args.pretrained), record)
     if compared:
