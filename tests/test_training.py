@@ -109,6 +109,21 @@ def test_exact_resume_matches_an_uninterrupted_run(tmp_path, workers, accumulate
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resuming_with_another_global_batch_says_so(tmp_path):
+    """A run trained with 2 accumulated batches of 512 (as with 2 processes of 512) resumed with 1: it continues,
+    warning with the old and the new global batch; resumed with the same global batch, it says nothing."""
+    import warnings
+
+    fit_to_last(tmp_path, 1, [], accumulate_grad_batches=2)
+    message = r"resuming with a global batch of 512 = 512 \(batch_size\) x 1 \(processes\) x 1; the checkpoint was "
+    with pytest.warns(UserWarning, match=message + r"trained with 1024 = 512 \(batch_size\) x 1 \(processes\) x 2\."):
+        assert fit_to_last(tmp_path, 2, [], ckpt_path="last").global_step == 2
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        fit_to_last(tmp_path, 3, [], ckpt_path="last")
+    assert not [w for w in said if "global batch" in str(w.message)]
+
+
 def test_ema_follows_the_published_update(tmp_path):
     """ema_0 = initial weights; ema_k = d * ema_{k-1} + (1 - d) * w_k after every optimizer step."""
     seen: list[dict[str, torch.Tensor]] = []
