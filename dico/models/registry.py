@@ -71,8 +71,9 @@ def _build_config(name: str, ctor: Callable[..., nn.Module], config: dict[str, A
     unknown = sorted(set(overrides) - set(params)) if params is not None else []
     if unknown:
         raise ValueError(f"{name} takes no argument {unknown} (model_kwargs); it takes: {', '.join(sorted(params))}")
-    for key, value in overrides.items():  # a value of another kind than the one it replaces: named, not a traceback
-        like = config.get(key, params[key].default if params and key in params else None)
+    for key, value in overrides.items():  # a value of another kind than its default's: named, not a traceback
+        default = params[key].default if params and key in params else inspect.Parameter.empty
+        like = config.get(key) if default is inspect.Parameter.empty else default
         if not _same_kind(value, like):
             like = list(like) if isinstance(like, tuple) else like
             raise ValueError(
