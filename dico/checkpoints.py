@@ -43,7 +43,7 @@ from dico.models.official import (
     registered_name,
     rename_pre_shared_block_keys,
 )
-from dico.pretrained import CATALOGUE, Release, find_release, resolve
+from dico.pretrained import CATALOGUE, Release, WeightsNotFoundError, find_release, resolve
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -278,7 +278,11 @@ def released_ckpt_path_to_model(module: LightningModule, ckpt_path: str | None) 
                 return ckpt_path
         except (RuntimeError, ValueError):
             return ckpt_path  # let Lightning load it and report
-    loaded = apply_pretrained(module, ckpt_path)
+    try:
+        loaded = apply_pretrained(module, ckpt_path)
+    except WeightsNotFoundError as e:
+        e.option = "--ckpt_path PATH"
+        raise
     module._training_weights = None
     print(f"[dico] {loaded.describe()}")
     return None
