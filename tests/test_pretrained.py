@@ -263,17 +263,19 @@ def test_release_names_resolve_through_the_hub_cache_offline(standins, golden, t
     assert str(home / "hub") in missing.stderr
 
 
-def test_test_of_a_release_not_cached_offline_names_ckpt_path(tmp_path, monkeypatch, capsys):
-    """``test --ckpt_path RELEASE`` offline without the file: one line with the download command and the option that
-    takes the file instead, ``--ckpt_path PATH`` (``--ckpt`` is the tools' option)."""
+def test_a_release_not_cached_offline_names_the_option_that_takes_the_file(tmp_path, monkeypatch, capsys):
+    """``test --ckpt_path RELEASE`` or ``fit --model.pretrained RELEASE`` offline without the file: one line with the
+    download command and the option that takes the file instead (``--ckpt`` is the tools' option)."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     args = ["-c", str(ROOT / "experiments" / "quickstart.yaml"), "--trainer.default_root_dir", str(tmp_path / "run")]
-    assert cli.entry(["test", *args, "--trainer.logger", "false", "--ckpt_path", "DiCo-S-400K"]) == 1
-    [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert "`hf download shallowdream204/DiCo DiCo-S-400K-256x256.pt`, or pass the file with --ckpt_path PATH." in line
+    download = "`hf download shallowdream204/DiCo DiCo-S-400K-256x256.pt`, or pass the file with"
+    for command, option in (("test", "--ckpt_path"), ("fit", "--model.pretrained")):
+        assert cli.entry([command, *args, "--trainer.logger", "false", option, "DiCo-S-400K"]) == 1
+        [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert f"{download} {option} PATH." in line
 
 
 def test_fine_tuning_starts_from_the_released_model_and_ema(standins, golden, tmp_path):
