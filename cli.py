@@ -22,6 +22,13 @@ from typing import Any
 from jsonargparse import ArgumentParser
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# Options are taken whole: argparse's prefix matching would read `sample --cfg 2` as --cfg_scale 2.
+PARSER_KWARGS = {"allow_abbrev": False}
+
+
+def tool_parser(command: str, description: str) -> ArgumentParser:
+    """The parser of the tool ``dico COMMAND``."""
+    return ArgumentParser(prog=f"dico {command}", description=description, **PARSER_KWARGS)
 
 
 def lightning(argv: list[str]) -> int:
@@ -102,7 +109,10 @@ def build_lightning_cli(argv: list[str], run: bool = True, instantiate: bool = T
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             if isinstance(config.trainer.callbacks, list):
-                config.trainer.callbacks = active_callbacks(config.trainer.callbacks, config.callback_settings.disabled)
+                disabled = config.callback_settings.disabled
+                if config.trainer.logger in (False, []):  # no logger to report learning rates to
+                    disabled = [*disabled, "LearningRateMonitor"]
+                config.trainer.callbacks = active_callbacks(config.trainer.callbacks, disabled)
             loggers = config.trainer.logger
             for logger in loggers if isinstance(loggers, list) else [loggers]:
                 if getattr(logger, "class_path", None) in csv_loggers:
@@ -129,7 +139,7 @@ def build_lightning_cli(argv: list[str], run: bool = True, instantiate: bool = T
         trainer_class=Trainer,  # `--trainer.limit_val_batches 1` is one batch, not 100%
         args=None if argv == sys.argv[1:] else argv,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        parser_kwargs={"parser_mode": "omegaconf+", **PARSER_KWARGS},
         run=run,
     )
 
@@ -150,7 +160,7 @@ def compose_lightning_config(argv: list[str]) -> dict[str, Any]:
 def extract(argv: list[str]) -> int:
     from dico.data.extract import ExtractConfig, extract_latents
 
-    parser = ArgumentParser(prog="dico extract", description="Encode an image folder into a latent cache.")
+    parser = tool_parser("extract", "Encode an image folder into a latent cache.")
     parser.add_class_arguments(ExtractConfig, as_positional=False)
     parser.add_argument("--config", action="config")
     cfg = parser.parse_args(argv)
@@ -167,7 +177,7 @@ def extract(argv: list[str]) -> int:
 def sample(argv: list[str]) -> int:
     from dico.sample_jobs import SampleJob, run_sample_job
 
-    parser = ArgumentParser(prog="dico sample", description="Generate samples from a checkpoint (EMA weights).")
+    parser = tool_parser("sample", "Generate samples from a checkpoint (EMA weights).")
     parser.add_class_arguments(SampleJob, as_positional=False)
     parser.add_argument("--config", action="config")
     cfg = parser.parse_args(argv)
@@ -177,11 +187,13 @@ def sample(argv: list[str]) -> int:
     return 0
 
 
-def _add_feature_arguments(parser: ArgumentParser) -> None:
-    """The feature extractor options shared by ``reference`` and ``evaluate``."""
-    from dico.evaluation.fidelity import FEATURE_EXTRACTORS, INCEPTION
+def _add_feature_arguments(parser: ArgumentParser, extractor: str | None) -> None:
+    """The feature extractor options shared by ``reference`` and ``evaluate``; ``extractor`` None: by default the one
+    the reference was made with."""
+    from dico.evaluation.fidelity import FEATURE_EXTRACTORS
 
-    parser.add_argument("--feature_extractor", default=INCEPTION, choices=list(FEATURE_EXTRACTORS))
+    said = "default: the one the reference was made with" if extractor is None else None
+    parser.add_argument("--feature_extractor", default=extractor, choices=list(FEATURE_EXTRACTORS), help=said)
     parser.add_argument("--weights_path", type=str | None, default=None, help="local feature-extractor weights")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--batch_size", type=int, default=100, help="images per feature-extractor batch")
@@ -190,16 +202,16 @@ def _add_feature_arguments(parser: ArgumentParser) -> None:
 def reference(argv: list[str]) -> int:
     from pathlib import Path
 
-    from dico.evaluation.fidelity import FeatureSpec, Featurizer
+    from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Featurizer
     from dico.evaluation.reference import Reference, check_source, compute_reference
 
-    parser = ArgumentParser(prog="dico reference", description="Compute and cache reference statistics.")
+    parser = tool_parser("reference", "Compute and cache reference statistics.")
     parser.add_argument("--source", required=True, help="ADM .npz reference batch, image folder, or 'digits'")
     parser.add_argument("--out", required=True, help="where to cache the statistics (.npz)")
     parser.add_argument("--image_size", type=int | None, default=None, help="ADM center crop of folder images")
     parser.add_argument("--max_features", type=int, default=50_000, help="features kept for precision/recall, KID")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random subset of kept features")
-    _add_feature_arguments(parser)
+    _add_feature_arguments(parser, INCEPTION)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     check_source(args.source, args.image_size)  # before the extractor is built (or trained and saved)
@@ -221,12 +233,12 @@ def reference(argv: list[str]) -> int:
 
 
 def evaluate(argv: list[str]) -> int:
-    from dico.evaluation.fidelity import CONVENTIONS, FeatureSpec, Featurizer, MetricOptions
+    from dico.evaluation.fidelity import CONVENTIONS, INCEPTION, FeatureSpec, Featurizer, MetricOptions
     from dico.evaluation.protocol import score_npz, write_record
     from dico.evaluation.published import comparison, release_of_samples
     from dico.evaluation.reference import Reference
 
-    parser = ArgumentParser(prog="dico evaluate", description="Score an ADM-format sample file.")
+    parser = tool_parser("evaluate", "Score an ADM-format sample file.")
     parser.add_argument("--samples", required=True, help="ADM .npz (arr_0 uint8 NHWC)")
     parser.add_argument("--reference", required=True, help="statistics from `dico reference`")
     parser.add_argument("--out", type=str | None, default=None, help="write the JSON record here")
@@ -237,10 +249,11 @@ def evaluate(argv: list[str]) -> int:
         help="release to compare with (default: the one named by samples.json beside the samples)",
     )
     parser.add_argument("--convention", default="adm", choices=list(CONVENTIONS), help="IS splits, P/R distances")
-    _add_feature_arguments(parser)
+    _add_feature_arguments(parser, None)
     args = parser.parse_args(argv)
     reference = Reference.load(args.reference)
-    featurizer = Featurizer(FeatureSpec(args.feature_extractor, args.weights_path), args.device)
+    extractor = args.feature_extractor or reference.meta.get("feature_extractor", INCEPTION)
+    featurizer = Featurizer(FeatureSpec(extractor, args.weights_path), args.device)
     record = score_npz(args.samples, reference, featurizer, MetricOptions(args.convention), args.batch_size)
     compared = comparison(release_of_samples(record, args.pretrained), record)
     if compared:
@@ -265,7 +278,7 @@ def model_info(argv: list[str]) -> int:
     from dico.models import list_models
     from dico.models.info import model_info as info
 
-    parser = ArgumentParser(prog="dico model-info", description="Parameters, Gflops (MACs) and shapes of a model.")
+    parser = tool_parser("model-info", "Parameters, Gflops (MACs) and shapes of a model.")
     parser.add_argument("--model", type=str | None, default=None, choices=[*list_models(), None],
                         help="registered model name (or the architecture of --ckpt/--pretrained)")  # fmt: skip
     parser.add_argument("--ckpt", type=str | None, default=None, help="a checkpoint file, any published format")

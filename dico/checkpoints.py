@@ -45,7 +45,7 @@ from dico.models.official import (
     registered_name,
     rename_pre_shared_block_keys,
 )
-from dico.pretrained import CATALOGUE, Release, find_release, resolve
+from dico.pretrained import CATALOGUE, Release, WeightsNotFoundError, find_release, resolve
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -62,11 +62,12 @@ def read_checkpoint(path: str | Path, unsafe_full_unpickle: bool = False) -> Map
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        refused = [line for line in str(e).splitlines() if "Unsupported global" in line]
+        # a global safe loading does not allow, or a call to one (os.system): refused, not corrupt
+        refused = [line for line in str(e).splitlines() if "GLOBAL " in line or "Trying to call reduce" in line]
         if not refused:  # not a class safe loading refuses: bytes that are no pickle at all
             raise unreadable_checkpoint(path, e) from e
         reason = refused[0].strip()[:300]
-        raise RuntimeError(
+        raise ValueError(
             f"{path} holds objects that safe loading refuses ({reason}). If you trust the file, pass "
             "--unsafe_full_unpickle true (full unpickling can run arbitrary code)."
         ) from e
@@ -101,6 +102,7 @@ class LoadedWeights:
     model_kwargs: dict[str, Any]
     state_dict: Mapping[str, Tensor] = field(repr=False)
     training_state_dict: Mapping[str, Tensor] | None = field(default=None, repr=False)
+    pixels: bool = False  # the model makes pixels (a dico checkpoint's decoder says so), not VAE latents
 
     def describe(self) -> str:
         kinds = {
@@ -109,7 +111,7 @@ class LoadedWeights:
             STATE_DICT: f"a published {self.arch_name} state dict",
         }
         size = self.model_kwargs.get("input_size")
-        shape = f", {size}x{size} latents" if size else ""
+        shape = f", {size}x{size} {'pixels' if self.pixels else 'latents'}" if size else ""
         released = f" (release {self.release.name})" if self.release else ""
         kwargs = f" {self.model_kwargs}" if self.model_kwargs else ""
         line = f"{self.path.name}{released}: {kinds[self.format]}, {self.weights} -> {self.model}{kwargs}{shape}"
@@ -145,7 +147,7 @@ def inspect_checkpoint(
         return LoadedWeights(path, release or find_release(hp.get("pretrained")), fmt, "ours",
                              "the weights in its state_dict (EMA when trained with the EMA callback)",
                              hp.get("model", "?"), dict(hp.get("model_kwargs") or {}),
-                             checkpoint["state_dict"])  # fmt: skip
+                             checkpoint["state_dict"], pixels=makes_pixels(hp))  # fmt: skip
     args = None
     if fmt == TRAINING:
         args = checkpoint.get("args")  # the published scripts' argparse options (image_size, model)
@@ -158,6 +160,11 @@ def inspect_checkpoint(
     arch = infer_arch(state_dict)
     name, overrides = _architecture(state_dict, arch, release, args, model, model_kwargs or {}, image_size)
     return LoadedWeights(path, release, fmt, arch, weights, name, overrides, state_dict, training)
+
+
+def makes_pixels(hparams: Mapping[str, Any]) -> bool:
+    """Whether a dico checkpoint's model makes pixels: its ``decoder`` (DiffusionModule's default: pixels)."""
+    return (hparams.get("decoder") or {}).get("kind", "pixels") == "pixels"
 
 
 def _architecture(
@@ -244,7 +251,7 @@ def checkpoint_info(
         "loaded": loaded.describe(),
         "model": loaded.model,
         "model_kwargs": loaded.model_kwargs,
-        "image_size": latent * VAE_DOWNSAMPLING,
+        "image_size": latent * (1 if loaded.pixels else VAE_DOWNSAMPLING),
         "input_shape": [net.in_channels, latent, latent],
         "output_shape": [net.out_channels, latent, latent],
         "num_classes": net.num_classes,
@@ -273,7 +280,11 @@ def released_ckpt_path_to_model(module: LightningModule, ckpt_path: str | None) 
                 return ckpt_path
         except (RuntimeError, ValueError):
             return ckpt_path  # let Lightning load it and report
-    loaded = apply_pretrained(module, ckpt_path)
+    try:
+        loaded = apply_pretrained(module, ckpt_path)
+    except WeightsNotFoundError as e:
+        e.option = "--ckpt_path PATH"
+        raise
     module._training_weights = None
     print(f"[dico] {loaded.describe()}")
     return None

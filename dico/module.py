@@ -125,8 +125,13 @@ class DiffusionModule(LightningModule):
         self._training_weights: dict[str, Tensor] | None = None
         if pretrained:
             from dico.checkpoints import apply_pretrained
+            from dico.pretrained import WeightsNotFoundError
 
-            apply_pretrained(self, pretrained)
+            try:
+                apply_pretrained(self, pretrained)
+            except WeightsNotFoundError as e:
+                e.option = "--model.pretrained PATH"
+                raise
         if compile:
             self.model.compile(**(compile if isinstance(compile, dict) else {}))
         self.diffusion = create_diffusion("", noise_schedule, diffusion_steps=diffusion_steps,

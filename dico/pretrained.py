@@ -64,7 +64,15 @@ CATALOGUE: dict[str, Release] = {
 
 
 class WeightsNotFoundError(FileNotFoundError):
-    """A released checkpoint is neither cached nor downloadable; the message holds the download command."""
+    """A released checkpoint is neither cached nor downloadable; the message holds the download command and, where
+    ``option`` is set, the option that takes the file instead (the caller that knows it may change it)."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.option = message, option
+
+    def __str__(self) -> str:
+        return self.message + (f", or pass the file with {self.option}." if self.option else "")
 
 
 def find_release(name_or_path: str | Path | None) -> Release | None:
@@ -104,7 +112,8 @@ def _from_hub(release: Release) -> Path:
         raise WeightsNotFoundError(
             f"{release.filename} ({release.name}) is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
             f"{why}. Download it once on a machine with a network (same HF_HOME): "
-            f"`{release.download_command()}`, or pass the file with --ckpt PATH."
+            f"`{release.download_command()}`",
+            "--ckpt PATH",
         ) from None
 
 
@@ -116,7 +125,8 @@ def _from_url(release: Release) -> Path:
     if hub_offline():
         raise WeightsNotFoundError(
             f"{release.filename} ({release.name}) is not at {dest} and HF_HUB_OFFLINE is set. Download it once: "
-            f"`{command}`, or pass the file with --ckpt PATH."
+            f"`{command}`",
+            "--ckpt PATH",
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -25,12 +25,50 @@ def test_model_info_json(capsys, paper):
     assert info["input_shape"] == [1, 8, 8] and info["output_shape"] == [2, 8, 8] and info["num_classes"] == 10
 
 
+def test_model_info_of_a_checkpoint_gives_the_image_size_of_pixels_or_latents(tmp_path, capsys):
+    """The quickstart's 8x8 pixel model makes 8x8 images; a model of 8x8 VAE latents makes 64x64 ones."""
+    import torch
+
+    from dico.module import DiffusionModule
+    from tests.conftest import TINY_MODEL
+
+    sizes = {}
+    for kind, decoder in {
+        "pixels": {"kind": "pixels"},
+        "vae": {"kind": "vae", "vae": "org/vae", "scale_factor": 0.2},
+    }.items():
+        module = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, decoder=decoder)
+        path = tmp_path / f"{kind}.ckpt"
+        torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+        assert cli.main(["model-info", "--ckpt", str(path), "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        sizes[kind] = (info["image_size"], info["input_shape"], info["loaded"].rsplit(", ", 1)[-1])
+    assert sizes == {"pixels": (8, [1, 8, 8], "8x8 pixels"), "vae": (64, [1, 8, 8], "8x8 latents")}
+
+
 def test_model_info_at_512_as_a_script():
     out = subprocess.run(
         [sys.executable, "cli.py", "model-info", "--model", "DiT-S/2", "--image-size", "512", "--json"],
         cwd=ROOT, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert json.loads(out.stdout)["input_shape"] == [4, 64, 64]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            '{"hidden_size": "x"}',
+            "model_kwargs hidden_size='x' (str) does not fit DiCo-S, whose hidden_size is of type int",
+        ),
+        ('{"depth": 2}', "model_kwargs depth=2 (int) does not fit DiCo-S, whose depth is of type list"),
+        ('{"hiden_size": 8}', "DiCo-S takes no argument ['hiden_size'] (model_kwargs); it takes: "),
+    ],
+)
+def test_model_info_with_bad_model_kwargs_is_one_line_naming_the_key(kwargs, message, capsys):
+    assert cli.entry(["model-info", "--model", "DiCo-S", "--model_kwargs", kwargs]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert message in line
 
 
 def test_unknown_command_and_option_fail(capsys):
@@ -174,3 +212,39 @@ def test_callback_settings_disabled_leaves_out_callbacks_of_the_one_list(monkeyp
     assert HeldOutLoss in kinds and FIDEvaluation not in kinds and EMA in kinds
     with pytest.raises(ValueError, match=r"disabled names \['FIDEvaluaton'\], which the callback list does not hold"):
         cli.build_lightning_cli([*base, "--callback_settings.disabled", "[FIDEvaluaton]"], run=False)
+
+
+PREFIXES = [
+    (["sample", "--cfg", "2"], "--cfg"),
+    (["model-info", "--model", "DiCo-S", "--js"], "--js"),
+    (["fit", "-c", str(QUICKSTART), "--trainer.max_st", "5", "--print_config"], "--trainer.max_st"),
+]
+
+
+@pytest.mark.parametrize(("argv", "prefix"), PREFIXES)
+def test_options_are_taken_whole_not_as_prefixes(argv, prefix, capsys):
+    """argparse would read ``--cfg`` as ``--cfg_scale``, ``--js`` as ``--json``: every parser refuses a prefix."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2 and f"unrecognized arguments: {prefix}" in capsys.readouterr().err
+
+
+BAD_SIZES = [
+    ("--image-size", "0", "--image-size must be a positive multiple of 8"),
+    ("--image-size", "-16", "--image-size must be a positive multiple of 8"),
+    ("--shard-size", "0", "--shard-size must be at least 1, got 0"),
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+]
+
+
+@pytest.mark.parametrize(("option", "value", "message"), BAD_SIZES)
+def test_extract_refuses_invalid_sizes_in_one_line_writing_nothing(
+    tmp_path, image_folder, option, value, message, capsys
+):
+    """``--image-size 0`` used to call every image unreadable and exit 0 with an empty cache."""
+    sizes = {"--image-size": "16", "--shard-size": "5", "--batch-size": "4", option: value}
+    argv = ["extract", "--data-path", str(image_folder), "--out", str(tmp_path / "out"), "--vae", "no/such-vae"]
+    argv += ["--num-workers", "0", "--progress", "false", *[s for kv in sizes.items() for s in kv]]
+    assert cli.entry(argv) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert message in line and not (tmp_path / "out").exists()

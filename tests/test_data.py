@@ -196,6 +196,25 @@ def test_zeroed_bytes_in_a_shard_are_detected_without_checksums(cache, tmp_path)
         data.__getitems__(all_keys)
 
 
+@pytest.mark.parametrize(("value", "image", "part"), [(np.nan, 2, 1), (np.inf, 0, 0), (-np.inf, 3, 1)])
+def test_nan_or_inf_in_a_shard_is_refused_on_read_naming_the_shard_and_row(cache, tmp_path, value, image, part):
+    """A NaN or inf in one posterior mean or std (one value of one flip) is refused when its row is read, naming the
+    shard and the row; every other row reads normally."""
+    out, _ = cache
+    for f in out.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    path = tmp_path / "shard-00001.latents.npy"  # cache indices 4..7
+    arr = np.load(path)
+    arr[image, 1, part, 2, 3, 4] = value
+    np.save(path, arr)
+    data = ShardedLatents(tmp_path)
+    all_keys = [2 * i + f for i in range(len(data)) for f in (0, 1)]
+    batch = data.__getitems__([k for k in all_keys if k // 2 != 4 + image])
+    assert all(torch.isfinite(v).all() for v in batch.values())
+    with pytest.raises(ValueError, match=rf"shard-00001\.latents\.npy holds NaN or inf \(image {image} of the shard\)"):
+        data.__getitems__(all_keys)
+
+
 def test_sampler_partitions_ranks_draws_flips_and_resumes():
     data = InMemoryLatents(np.zeros((10, 1, 4, 4)), np.arange(10) % 2, num_classes=2)
     full = EpochSampler(data, flips=2, seed=3)
@@ -240,6 +259,23 @@ def test_latent_datamodule_reads_the_cache(cache):
     assert set(batch) == {"x", "std", "y"} and batch["x"].shape == (4, 4, 8, 8)
     record = json.loads((out / "manifest.json").read_text())
     assert record["count"] == 12
+
+
+def test_a_relative_vae_path_is_recorded_absolute(tmp_path, image_folder, tiny_vae_dir, monkeypatch):
+    """``extract --vae`` and the datamodule's ``vae`` given relative to the working folder: the cache and the
+    checkpoint's decoder record the absolute path, so that sampling from another folder finds the VAE."""
+    from dico.pretrained import check_vae_available
+
+    monkeypatch.chdir(tiny_vae_dir.parent)
+    manifest = extract_latents(config(image_folder, tmp_path / "latents", tiny_vae_dir.name, shard_size=12))
+    assert manifest is not None and manifest.vae == str(tiny_vae_dir.resolve())
+    local = LatentDataModule(str(tmp_path / "latents"), vae=f"./{tiny_vae_dir.name}")
+    monkeypatch.chdir(tmp_path)  # sampling elsewhere, offline
+    decoders = [LatentDataModule(str(tmp_path / "latents")).decoder, local.decoder]
+    assert [d["vae"] for d in decoders] == [str(tiny_vae_dir.resolve())] * 2
+    for d in decoders:
+        check_vae_available(d["vae"])
+    assert LatentDataModule(str(tmp_path / "latents"), vae="org/hub-vae").decoder["vae"] == "org/hub-vae"
 
 
 def test_data_imports_nothing_of_models_diffusion_or_evaluation():

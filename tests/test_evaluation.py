@@ -225,6 +225,8 @@ def test_bad_references_are_refused_before_any_sample_is_featurised(tmp_path, di
 
 
 def test_reference_and_evaluate_commands(tmp_path, digits_u8, digits_spec, capsys):
+    """``evaluate`` takes the feature extractor the reference was made with (here the digits classifier, as the
+    quickstart's own reference): no --feature_extractor needed, and no Inception to download."""
     ref_path = tmp_path / "ref.npz"
     args = ["--feature_extractor", "dico-digits", "--weights_path", digits_spec.weights_path]
     assert cli.main(["reference", "--source", "digits", "--out", str(ref_path), "--max_features", "500", *args]) == 0
@@ -234,8 +236,8 @@ def test_reference_and_evaluate_commands(tmp_path, digits_u8, digits_spec, capsy
     assert cli.main(["reference", "--source", "digits", "--out", str(ref_path), *args]) == 0
     assert "reusing" in capsys.readouterr().out
     samples = save_npz(tmp_path / "s.npz", nhwc(digits_u8[:500]))
-    assert cli.main(["evaluate", "--samples", str(samples), "--reference", str(ref_path), *args,
-                     "--batch_size", "64", "--out", str(tmp_path / "rec.json")]) == 0  # fmt: skip
+    rec = tmp_path / "rec.json"
+    assert cli.main(["evaluate", "--samples", str(samples), "--reference", str(ref_path), "--out", str(rec)]) == 0
     record = json.loads((tmp_path / "rec.json").read_text())
     assert record["count"] == 500 and record["reference_sha256"] == ref.sha256
     assert record["conventions"]["convention"] == "adm" and record["conventions"]["prc_neighborhood"] == 3

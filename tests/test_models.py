@@ -235,7 +235,7 @@ def test_unknown_part_names_list_the_choices():
     with pytest.raises(KeyError, match="DiCo-S"):
         create_model("DiCo-XXL")
     for name in ("DiCo-S", "DiT-S/2"):  # a misspelt model_kwargs key: named, with the keys the model takes
-        with pytest.raises(TypeError, match=rf"{name} takes no argument \['hiden_size'\] .*hidden_size, in_channels"):
+        with pytest.raises(ValueError, match=rf"{name} takes no argument \['hiden_size'\] .*hidden_size, in_channels"):
             create_model(name, hiden_size=8)
 
 

@@ -151,9 +151,30 @@ def test_training_checkpoint_weights_and_args(standins, golden):
 def test_unsafe_objects_are_refused_without_the_opt_in(tmp_path, golden):
     path = tmp_path / "odd.pt"
     torch.save({"model": golden["dico"]["state_dict"], "args": Path("/etc")}, path)  # a class not allowed
-    with pytest.raises(RuntimeError, match="unsafe_full_unpickle"):
+    with pytest.raises(ValueError, match="unsafe_full_unpickle"):
         inspect_checkpoint(str(path))
     assert inspect_checkpoint(str(path), unsafe_full_unpickle=True).format == TRAINING
+
+
+class CallsOnLoad:
+    """Unpickling it calls ``os.mkdir(path)``: a stand-in for a payload that runs code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return os.mkdir, (str(self.path),)
+
+
+def test_a_pickle_that_runs_code_is_refused_as_needing_full_unpickling_not_as_corrupt(tmp_path, golden, capsys):
+    """A checkpoint whose unpickling would call a function is refused in one line that names the opt-in, without
+    calling it; it is not described as a truncated or corrupt file."""
+    path = tmp_path / "payload.pt"
+    torch.save({"state_dict": golden["dico"]["state_dict"], "x": CallsOnLoad(tmp_path / "ran")}, path)
+    assert cli.entry(["model-info", "--ckpt", str(path)]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "payload.pt holds objects that safe loading refuses" in line and "--unsafe_full_unpickle true" in line
+    assert "corrupt" not in line and not (tmp_path / "ran").exists()
 
 
 def test_unreadable_checkpoint_files_are_named_as_such(tmp_path, monkeypatch):
@@ -240,6 +261,21 @@ def test_release_names_resolve_through_the_hub_cache_offline(standins, golden, t
     assert "DiCo-XL-3750K-256x256.pt" in missing.stderr
     assert "`hf download shallowdream204/DiCo DiCo-XL-3750K-256x256.pt`" in missing.stderr
     assert str(home / "hub") in missing.stderr
+
+
+def test_a_release_not_cached_offline_names_the_option_that_takes_the_file(tmp_path, monkeypatch, capsys):
+    """``test --ckpt_path RELEASE`` or ``fit --model.pretrained RELEASE`` offline without the file: one line with the
+    download command and the option that takes the file instead (``--ckpt`` is the tools' option)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    args = ["-c", str(ROOT / "experiments" / "quickstart.yaml"), "--trainer.default_root_dir", str(tmp_path / "run")]
+    download = "`hf download shallowdream204/DiCo DiCo-S-400K-256x256.pt`, or pass the file with"
+    for command, option in (("test", "--ckpt_path"), ("fit", "--model.pretrained")):
+        assert cli.entry([command, *args, "--trainer.logger", "false", option, "DiCo-S-400K"]) == 1
+        [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert f"{download} {option} PATH." in line
 
 
 def test_fine_tuning_starts_from_the_released_model_and_ema(standins, golden, tmp_path):

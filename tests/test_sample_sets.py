@@ -132,9 +132,9 @@ def evaluated_steps(root: Path) -> list[int]:
     return sorted(int(p.stem.split("_")[1]) for p in (root / "eval").glob("step_*.json"))
 
 
-def test_periodic_evaluation_schedule_with_accumulation_resume_and_test(tmp_path, digits_featurizer):
+def test_periodic_evaluation_schedule_with_accumulation_resume_and_test(tmp_path, digits_featurizer, capsys):
     """With accumulate_grad_batches=2 no unrequested step-0 evaluation; a resume at an evaluated step does not
-    evaluate it again; the test record carries the checkpoint's step."""
+    evaluate it again; the test record carries the checkpoint's step, and its metrics are printed as a table."""
     spec = digits_featurizer.spec
 
     def trainer(max_steps: int, **kwargs) -> Trainer:
@@ -153,11 +153,15 @@ def test_periodic_evaluation_schedule_with_accumulation_resume_and_test(tmp_path
     assert evaluated_steps(tmp_path) == [4]  # step 2 was evaluated before the resume
     assert (tmp_path / "checkpoints" / "best_fid.ckpt").exists()
     test_module = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, sampling_steps=2, clip_denoised=True)
+    capsys.readouterr()
     trainer(4, limit_test_batches=1).test(test_module, DigitsDataModule(batch_size=64),
                                           ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))  # fmt: skip
     record = json.loads((tmp_path / "test" / "record.json").read_text())
     assert record["step"] == 4 and record["settings"]["num_samples"] == 20
     assert record["feature_extractor"] == "dico-digits" and len(record["reference"]["weights_sha256"]) == 64
+    title, *rows = capsys.readouterr().out.split("test protocol (20 samples")[1].splitlines()
+    table = dict(row.split() for row in rows[: len(record["metrics"])])
+    assert table == {name: f"{value:.6g}" for name, value in record["metrics"].items()} and "record.json" in title
     with np.load(tmp_path / "test" / "samples.npz") as data:
         assert len(data["arr_0"]) == 20
 

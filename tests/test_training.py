@@ -111,6 +111,21 @@ def test_exact_resume_matches_an_uninterrupted_run(tmp_path, workers, accumulate
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resuming_with_another_global_batch_says_so(tmp_path):
+    """A run trained with 2 accumulated batches of 512 (as with 2 processes of 512) resumed with 1: it continues,
+    warning with the old and the new global batch; resumed with the same global batch, it says nothing."""
+    import warnings
+
+    fit_to_last(tmp_path, 1, [], accumulate_grad_batches=2)
+    message = r"resuming with a global batch of 512 = 512 \(batch_size\) x 1 \(processes\) x 1; the checkpoint was "
+    with pytest.warns(UserWarning, match=message + r"trained with 1024 = 512 \(batch_size\) x 1 \(processes\) x 2\."):
+        assert fit_to_last(tmp_path, 2, [], ckpt_path="last").global_step == 2
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        fit_to_last(tmp_path, 3, [], ckpt_path="last")
+    assert not [w for w in said if "global batch" in str(w.message)]
+
+
 def test_ema_follows_the_published_update(tmp_path):
     """ema_0 = initial weights; ema_k = d * ema_{k-1} + (1 - d) * w_k after every optimizer step."""
     seen: list[dict[str, torch.Tensor]] = []
@@ -327,6 +342,16 @@ TINY_CLI = ["--model.model_kwargs", yaml.safe_dump(TINY_MODEL, default_flow_styl
 def test_fit_fast_dev_run_through_the_cli(tmp_path):
     run_cli("fit", "-c", str(QUICKSTART), *TINY_CLI, "--trainer.fast_dev_run", "2", "--data.init_args.batch_size", "16",
             cwd=tmp_path)  # fmt: skip
+
+
+def test_fit_without_a_logger_runs_the_callbacks_that_need_none(tmp_path):
+    """``trainer.logger: false``: the learning-rate monitor of the one callback list (which needs a logger) is left
+    out instead of failing at the first step."""
+    ema = {"class_path": "dico.callbacks.EMA", "init_args": {"decay": 0.9}}
+    callbacks = json.dumps([ema, {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}])
+    args = ["--trainer.callbacks", callbacks, "--trainer.logger", "false", "--trainer.max_steps", "1"]
+    run_cli("fit", "-c", str(QUICKSTART), *TINY_CLI[:-2], *args, "--data.init_args.batch_size", "16", cwd=tmp_path)
+    assert not (tmp_path / "runs" / "quickstart" / "csv").exists()
 
 
 def cli_status(*args: str, cwd: Path) -> int | None:

@@ -220,9 +220,11 @@ class FIDEvaluation(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({f"test/{k}": v for k, v in record["metrics"].items()}, step=record["step"])
-        rank_zero_info(
-            f"test protocol ({self.test_set.num_samples} samples, {self.test_set.labels} labels): {record['metrics']}"
-        )
+            title = (
+                f"test protocol ({self.test_set.num_samples} samples, {self.test_set.labels} labels; {out}/record.json)"
+            )
+            bar = trainer.progress_bar_callback  # prints above a progress bar, not onto its line
+            (bar.print if bar is not None else print)(metrics_table(title, record["metrics"]))
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_fid": self.best_fid, "last_evaluated_step": self.last_evaluated_step}
@@ -230,6 +232,13 @@ class FIDEvaluation(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_fid = state_dict.get("best_fid", float("inf"))
         self.last_evaluated_step = state_dict.get("last_evaluated_step", -1)
+
+
+def metrics_table(title: str, metrics: dict[str, Any]) -> str:
+    """``title`` over one aligned ``name  value`` row per metric."""
+    shown = {name: f"{value:.6g}" if isinstance(value, float) else str(value) for name, value in metrics.items()}
+    width = max(map(len, shown), default=0)
+    return "\n".join([title, *(f"  {name:<{width}}  {value:>12}" for name, value in shown.items())])
 
 
 def _outdated(path: Path) -> bool:

@@ -12,12 +12,14 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .label_batches import LabelBatches
 from .latents import InMemoryLatents, LatentArrays, ShardedLatents, identity_collate
 from .sampler import EpochSampler
+from .vae import vae_location
 
 
 class ResumableDataLoader(DataLoader):
@@ -93,6 +95,33 @@ class ArrayDataModule(LightningDataModule):
     def sample_shape(self) -> tuple[int, int, int]:
         return tuple(self.data.shape)  # type: ignore[return-value]
 
+    # -- checkpoint state -----------------------------------------------------------------------------
+    def _global_batch(self) -> dict[str, int]:
+        trainer = self.trainer
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        return {"batch_size": self.batch_size, "processes": self._world()[0], "accumulate_grad_batches": accumulate}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What makes the global batch, kept in the checkpoint to compare with when the run resumes."""
+        return {"global_batch": self._global_batch()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resuming ``fit`` with another global batch (other processes or accumulation) is allowed, and said."""
+        old, new = state.get("global_batch"), self._global_batch()
+        if old is None or old == new or self.trainer is None or self.trainer.state.fn != "fit":
+            return
+
+        def said(parts: dict[str, int]) -> str:
+            batch, processes, accumulate = parts["batch_size"], parts["processes"], parts["accumulate_grad_batches"]
+            return f"{batch * processes * accumulate} = {batch} (batch_size) x {processes} (processes) x {accumulate}"
+
+        rank_zero_warn(
+            f"resuming with a global batch of {said(new)}; the checkpoint was trained with {said(old)}. The steps "
+            "that follow see another number of samples each (learning rate and EMA per sample change) and the data "
+            "order does not continue exactly. To continue the run as it was, resume with its processes "
+            "(trainer.devices x trainer.num_nodes) and trainer.accumulate_grad_batches (the last factor)"
+        )
+
     # -- splits ---------------------------------------------------------------------------------------
     def split(self) -> tuple[Tensor, Tensor]:
         """Seeded train / validation index split (the same on every rank and every run)."""
@@ -166,7 +195,7 @@ class LatentDataModule(ArrayDataModule):
         super().__init__(**kwargs)
         self.root = root
         self.verify_checksums = verify_checksums
-        self.vae = vae
+        self.vae = vae_location(vae) if vae else None
 
     def build_dataset(self) -> LatentArrays:
         return ShardedLatents(self.root, verify_checksums=self.verify_checksums)

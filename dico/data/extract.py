@@ -34,7 +34,7 @@ from .manifest import (
     sha256_file,
     shard_stem,
 )
-from .vae import DEFAULT_VAE, encode_moments, load_vae, vae_scale_factor, vae_weights_sha256
+from .vae import DEFAULT_VAE, encode_moments, load_vae, vae_location, vae_scale_factor, vae_weights_sha256
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jpe", ".gif")
 
@@ -159,8 +159,13 @@ def _check_made_with(out: Path, record: ShardRecord, made_with: dict[str, Any]) 
 
 def extract_latents(cfg: ExtractConfig) -> Manifest | None:
     """Encode this rank's unfinished shards; returns the manifest once every shard of the cache is done."""
-    if cfg.image_size % 8:
-        raise ValueError(f"--image-size must be a multiple of 8 (the VAE downsamples by 8), got {cfg.image_size}")
+    if cfg.image_size <= 0 or cfg.image_size % 8:
+        raise ValueError(
+            f"--image-size must be a positive multiple of 8 (the VAE downsamples by 8), got {cfg.image_size}"
+        )
+    for name, least in {"batch_size": 1, "shard_size": 1, "num_workers": 0}.items():
+        if getattr(cfg, name) < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(cfg, name)}")
     dtype = np.dtype(cfg.dtype)
     if dtype not in (np.float32, np.float16):
         raise ValueError(f"--dtype must be float32 or float16, got {cfg.dtype}")
@@ -173,7 +178,7 @@ def extract_latents(cfg: ExtractConfig) -> Manifest | None:
     device = _device(cfg)
     vae = load_vae(cfg.vae, device)  # also to check finished shards against its weights
     made_with = {
-        "vae": cfg.vae, "vae_sha256": vae_weights_sha256(vae), "image_size": cfg.image_size,
+        "vae": vae_location(cfg.vae), "vae_sha256": vae_weights_sha256(vae), "image_size": cfg.image_size,
         "flips": 2 if cfg.flips else 1, "dtype": cfg.dtype, "scale_factor": vae_scale_factor(vae),
     }  # fmt: skip
     todo = []

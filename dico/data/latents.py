@@ -140,7 +140,7 @@ class ShardedLatents(LatentArrays):
             rows, local = rows[order], local[order]
             moments[rows] = self._latents[s][local, flip[rows]]  # one fancy-indexed read per shard
             y[rows] = self._labels[s][local]
-            self._check_not_zeroed(moments[rows], s, local)
+            self._check_sound(moments[rows], s, local)
         # numpy, not torch: one single-threaded pass, no thread-pool wake-ups in the loader process
         np.multiply(moments, np.float32(self.scale), out=moments)
         t = torch.from_numpy(moments)
@@ -149,19 +149,22 @@ class ShardedLatents(LatentArrays):
     def labels(self) -> np.ndarray:
         return np.concatenate([np.asarray(lab) for lab in self._labels]) if self._labels else np.zeros(0, np.int64)
 
-    def _check_not_zeroed(self, moments: np.ndarray, shard: int, local: np.ndarray) -> None:
-        """Zeroed bytes (a lost page, a sparse file after a crash) keep a shard's size and shape; they are caught
-        here, on the rows just read, without checksumming: the VAE's posterior std is never 0, and
+    def _check_sound(self, moments: np.ndarray, shard: int, local: np.ndarray) -> None:
+        """Zeroed bytes (a lost page, a sparse file after a crash) keep a shard's size and shape, and so do NaN or inf
+        (an encoding that overflowed, flipped bits); they are caught here, on the rows just read, without
+        checksumming or a pass over the whole cache at start-up: the VAE's posterior std is never 0, and
         ``ZEROED_COUNT`` exact zeros in one posterior mean do not happen in a real encoding."""
-        std_zero = (moments[:, 1] == 0).reshape(len(moments), -1).any(axis=1)
-        mean_zeros = (moments[:, 0] == 0).reshape(len(moments), -1).sum(axis=1)
-        bad = np.nonzero(std_zero | (mean_zeros >= min(ZEROED_COUNT, moments[0, 0].size)))[0]
+        flat = moments.reshape(len(moments), 2, -1)  # (B, mean|std, C*H*W)
+        not_finite = ~np.isfinite(flat).all(axis=(1, 2))
+        zeroed = (flat[:, 1] == 0).any(axis=1) | ((flat[:, 0] == 0).sum(axis=1) >= min(ZEROED_COUNT, flat.shape[2]))
+        bad = np.nonzero(not_finite | zeroed)[0]
         if len(bad):
             stem = self.manifest.shards[shard].stem
+            what = "NaN or inf" if not_finite[bad[0]] else "zeroed bytes"
             raise ValueError(
-                f"{self.root / stem}.latents.npy holds zeroed bytes (image {int(local[bad[0]])} of the shard): the "
-                f"file is corrupt. Delete {stem}.latents.npy and {stem}.json, then re-run `dico extract` on the same "
-                "folder to rebuild only that shard"
+                f"{self.root / stem}.latents.npy holds {what} (image {int(local[bad[0]])} of the shard): the file is "
+                f"corrupt. Delete {stem}.latents.npy and {stem}.json, then re-run `dico extract` on the same folder "
+                "to rebuild only that shard"
             )
 
 

@@ -35,6 +35,13 @@ def load_vae(path_or_id: str = DEFAULT_VAE, device: torch.device | str = "cpu") 
     return vae.to(device).eval().requires_grad_(False)
 
 
+def vae_location(path_or_id: str) -> str:
+    """A local VAE folder as its absolute path, a hub id as given: what a cache or checkpoint records, so that it
+    decodes from any working folder."""
+    local = Path(path_or_id).expanduser()
+    return str(local.resolve()) if local.exists() else path_or_id
+
+
 def vae_weights_sha256(vae: Any) -> str:
     """sha256 of a VAE's weights: every state-dict entry's name, dtype, shape and bytes, in order."""
     h = hashlib.sha256()

@@ -67,23 +67,47 @@ def register_configs(ctor: Callable[..., nn.Module], configs: Mapping[str, Mappi
 
 
 def _build_config(name: str, ctor: Callable[..., nn.Module], config: dict[str, Any], **overrides: Any) -> nn.Module:
-    accepted = accepted_keywords(ctor)
-    unknown = sorted(set(overrides) - accepted) if accepted is not None else []
+    params = keyword_parameters(ctor)
+    unknown = sorted(set(overrides) - set(params)) if params is not None else []
     if unknown:
-        raise TypeError(f"{name} takes no argument {unknown} (model_kwargs); it takes: {', '.join(sorted(accepted))}")
+        raise ValueError(f"{name} takes no argument {unknown} (model_kwargs); it takes: {', '.join(sorted(params))}")
+    for key, value in overrides.items():  # a value of another kind than its default's: named, not a traceback
+        default = params[key].default if params and key in params else inspect.Parameter.empty
+        like = config.get(key) if default is inspect.Parameter.empty else default
+        if not _same_kind(value, like):
+            like = list(like) if isinstance(like, tuple) else like
+            raise ValueError(
+                f"model_kwargs {key}={value!r} ({type(value).__name__}) does not fit {name}, whose {key} is of type "
+                f"{type(like).__name__} (e.g. {like!r})"
+            )
     return ctor(**{**config, **overrides})
 
 
-def accepted_keywords(ctor: Callable[..., Any]) -> set[str] | None:
-    """The keyword arguments ``ctor`` takes, following a class's ``**kwargs`` up to the base ``__init__`` that
+def _same_kind(value: Any, like: Any) -> bool:
+    """Whether ``value`` can stand where ``like`` (a configured or default value) stands: anything where ``like`` is
+    None or not given, an int where a float is, a list or tuple where either is."""
+    if like is None or like is inspect.Parameter.empty or value is None:
+        return True
+    if isinstance(like, bool) or isinstance(value, bool):
+        return isinstance(like, bool) and isinstance(value, bool)
+    if isinstance(like, float):
+        return isinstance(value, (int, float))
+    if isinstance(like, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(like))
+
+
+def keyword_parameters(ctor: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
+    """The keyword parameters ``ctor`` takes, following a class's ``**kwargs`` up to the base ``__init__`` that
     receives them; None when some ``**kwargs`` takes anything."""
-    names: set[str] = set()
+    params: dict[str, inspect.Parameter] = {}
     inits = [vars(c)["__init__"] for c in ctor.__mro__ if "__init__" in vars(c)] if isinstance(ctor, type) else [ctor]
     for init in inits:
-        params = inspect.signature(init).parameters
-        names |= {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return names
+        found = inspect.signature(init).parameters
+        kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        params |= {n: p for n, p in found.items() if n != "self" and p.kind not in kinds}
+        if not any(p.kind is p.VAR_KEYWORD for p in found.values()):
+            return params
     return None
 
 
