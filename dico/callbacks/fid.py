@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from dico.callbacks.ema import ema_weights
+from dico.callbacks.ema import EMA, ema_weights
 from dico.callbacks.sample_grid import run_dir
 from dico.diffusion import SamplingOptions
 from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Featurizer, MetricOptions, metric_settings_used
@@ -99,6 +99,7 @@ class FIDEvaluation(Callback):
         self.best_fid = float("inf")
         self.last_evaluated_step = -1
         self._checkpoint_step: int | None = None
+        self._checkpoint_ema: bool | None = None
         self._reference: Reference | None = None
         self._featurizer: Featurizer | None = None
 
@@ -150,9 +151,27 @@ class FIDEvaluation(Callback):
                               samples_dir, source)  # fmt: skip
         record["step"] = step
         record["checkpoint"] = trainer.ckpt_path
+        record["sample_job"] = self._sample_job(trainer, pl_module)
         if trainer.is_global_zero:
             write_record(run_dir(trainer) / name, record)
         return record
+
+    def _sample_job(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        """What sampled: the release whose weights ``test`` scores (see
+        :func:`~dico.evaluation.published.release_of_test`; none during fit), whether the weights are an EMA, the
+        precision and the decoder, as a sample job's ``samples.json`` says them."""
+        from dico.evaluation.published import release_of_test
+
+        release = release_of_test(trainer, pl_module) if trainer.state.fn == "test" else None
+        source = getattr(pl_module, "weights_source", None)
+        if trainer.state.fn == "fit":
+            ema = any(isinstance(cb, EMA) for cb in trainer.callbacks)  # type: ignore[attr-defined]
+        elif trainer.ckpt_path:
+            ema = self._checkpoint_ema
+        else:
+            ema = source.ema if source is not None else None
+        return {"pretrained": release.name if release else None, "checkpoint": trainer.ckpt_path, "ema": ema,
+                "precision": str(trainer.precision), "decoder": dict(pl_module.decoder_spec)}  # fmt: skip
 
     def _step(self, trainer: Trainer) -> int:
         """The optimizer step of the weights: the trainer's during fit, the checkpoint's during test."""
@@ -211,6 +230,7 @@ class FIDEvaluation(Callback):
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
+        self._checkpoint_ema = "current_model_state" in checkpoint  # the EMA callback's live weights beside them
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.test_set is not None
