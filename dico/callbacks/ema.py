@@ -171,3 +171,11 @@ def ema_weights(pl_module: LightningModule) -> Any:
         if isinstance(cb, EMA):
             return cb.averaged(pl_module)
     return nullcontext()
+
+
+def weights_suffix(pl_module: LightningModule) -> str:
+    """``"_ema"`` when ``pl_module``'s trainer has an :class:`EMA` callback (sampling during fit uses its average),
+    else ``""`` (the live weights): what the names of logged sample grids and sample metrics end with."""
+    trainer = attached_trainer(pl_module)
+    callbacks = trainer.callbacks if trainer is not None else []  # type: ignore[attr-defined]
+    return "_ema" if any(isinstance(cb, EMA) for cb in callbacks) else ""
