@@ -238,28 +238,12 @@ def set_wandb_job_type(loggers: Any, command: str | None) -> None:
             logger.init_args.job_type = command
 
 
-def code_state() -> dict[str, Any]:
-    """The checkout's commit and whether tracked files differ from it (``git``; "unknown" outside a checkout)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout
-
-    try:
-        commit = git("rev-parse", "HEAD").strip()
-        changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": "unknown", "dirty": None}
-    return {"commit": commit, "dirty": bool(changed)}
-
-
 def run_summary(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
     """What the config does not say directly: the global batch (devices x nodes x batch size x accumulation), the
     world size, the parameter count, the code's commit, and notes on metrics whose unit needs one (callbacks'
     ``metric_notes``)."""
     from dico.profiling import count_parameters
+    from dico.runtime import code_state
 
     datamodule = getattr(trainer, "datamodule", None)
     batch = getattr(datamodule, "batch_size", None)
@@ -271,7 +255,7 @@ def run_summary(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         "global_batch": batch * world * trainer.accumulate_grad_batches if batch else None,
         "world_size": world,
         "parameters": count_parameters(pl_module.model if hasattr(pl_module, "model") else pl_module),
-        **code_state(),
+        **{k: v for k, v in code_state().items() if k != "changed"},
         "metric_notes": notes,
     }
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,21 @@ def wandb_records(path: Path) -> list[Any]:
     return out
 
 
+def finished_records(folder: Path, timeout: float = 60.0) -> list[Any]:
+    """The records of the offline run in ``folder`` once wandb's service process has written its end (``exit``):
+    ``wandb.finish`` may return before the service has flushed the file."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(next(folder.glob("run-*.wandb")))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
 def read_run(folder: Path) -> dict[str, Any]:
     """An offline run folder's id, group, job type, config (nested, all updates applied) and history rows."""
     run, config, history = None, {}, []
-    for record in wandb_records(next(folder.glob("run-*.wandb"))):
+    for record in finished_records(folder):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
