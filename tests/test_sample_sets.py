@@ -159,6 +159,11 @@ def test_periodic_evaluation_schedule_with_accumulation_resume_and_test(tmp_path
     record = json.loads((tmp_path / "test" / "record.json").read_text())
     assert record["step"] == 4 and record["settings"]["num_samples"] == 20
     assert record["feature_extractor"] == "dico-digits" and len(record["reference"]["weights_sha256"]) == 64
+    # what sampled: the checkpoint's EMA weights (it holds the live ones beside them), no release, in float32
+    assert record["sample_job"] == {"pretrained": None, "checkpoint": str(tmp_path / "ckpt" / "last.ckpt"),
+                                    "ema": True, "precision": "32-true", "decoder": {"kind": "pixels"}}  # fmt: skip
+    periodic = json.loads((tmp_path / "eval" / "step_0000004.json").read_text())["sample_job"]
+    assert periodic["ema"] is True and periodic["pretrained"] is None  # during fit: the EMA callback's average
     with np.load(tmp_path / "test" / "samples.npz") as data:
         assert len(data["arr_0"]) == 20
 
