@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from dico.callbacks.ema import EMA, ema_weights, weights_suffix
+from dico.callbacks.ema import ema_weights, samples_use_ema, weights_suffix
 from dico.callbacks.sample_grid import run_dir
 from dico.diffusion import SamplingOptions
 from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Featurizer, MetricOptions, metric_settings_used
@@ -177,7 +177,7 @@ class FIDEvaluation(Callback):
         release = release_of_test(trainer, pl_module) if trainer.state.fn == "test" else None
         source = getattr(pl_module, "weights_source", None)
         if trainer.state.fn == "fit":
-            ema = any(isinstance(cb, EMA) for cb in trainer.callbacks)  # type: ignore[attr-defined]
+            ema = samples_use_ema(pl_module)
         elif trainer.ckpt_path:
             ema = self._checkpoint_ema
         else:

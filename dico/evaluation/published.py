@@ -22,7 +22,7 @@ from .fidelity import INCEPTION, INCEPTION_FILE, INCEPTION_SHA256
 from .reference import ADM_STATISTICS
 
 ADM_REFERENCE_BATCHES = {256: "VIRTUAL_imagenet256_labeled.npz", 512: "VIRTUAL_imagenet512.npz"}
-ADM_REFERENCE_COUNT = 10_000  # images in each ADM reference batch (its arr_0)
+ADM_REFERENCE_COUNT = 10_000  # ADM: "statistics over the whole dataset, as well as 10,000 images" (its arr_0)
 PUBLISHED_PRECISION = ("32-true", "32")  # sample_ddp.py samples in float32
 ADM_OWN_STATISTICS = "the batch's own mu/sigma and mu_s/sigma_s (ADM)"
 PUBLISHED_SETTINGS = {"num_samples": 50_000, "sampler": "iddpm", "steps": 250, "labels": "uniform",
