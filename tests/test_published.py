@@ -42,6 +42,9 @@ def test_the_published_protocol_is_compared_with_the_published_figures():
     unguided["settings"]["guidance_mode"] = "all"  # does nothing without guidance
     assert comparison("DiCo-S-400K", unguided)["comparable"]
     assert comparison(None, unguided) is None
+    hub_copy = published_protocol_record()  # the VAE given as its folder in the Hugging Face cache
+    hub_copy["sample_job"]["decoder"]["vae"] = "/hf/hub/models--stabilityai--sd-vae-ft-ema/snapshots/f04b2c4b"
+    assert comparison("DiCo-XL-3750K", hub_copy)["comparable"]
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,9 @@ def _sample_job_differences(release: Any, job: Mapping[str, Any] | None) -> list
     if str(job.get("precision")) not in PUBLISHED_PRECISION:
         out.append(f"precision {job.get('precision')} (published: {PUBLISHED_PRECISION[0]})")
     decoder = job.get("decoder") or {}
-    if decoder.get("vae") != SD_VAE or decoder.get("scale_factor") != SD_SCALE_FACTOR:
+    vae = str(decoder.get("vae"))
+    hub_copy = "models--" + SD_VAE.replace("/", "--") in Path(vae).parts  # its Hugging Face cache folder
+    if (vae != SD_VAE and not hub_copy) or decoder.get("scale_factor") != SD_SCALE_FACTOR:
         out.append(f"VAE {decoder.get('vae')} x {decoder.get('scale_factor')} (published: {SD_VAE} x "
                    f"{SD_SCALE_FACTOR})")  # fmt: skip
     return out
