@@ -63,6 +63,7 @@ def build_lightning_cli(argv: list[str], run: bool = True, instantiate: bool = T
     import dico.callbacks.settings as callbacks_dir
     from dico.callbacks.settings import CALLBACKS_FILE, CallbackSettings, active_callbacks
     from dico.data import ArrayDataModule
+    from dico.loggers import LoggedConfig, set_wandb_job_type
     from dico.module import DiffusionModule
     from dico.trainer import Trainer
 
@@ -117,6 +118,7 @@ def build_lightning_cli(argv: list[str], run: bool = True, instantiate: bool = T
             for logger in loggers if isinstance(loggers, list) else [loggers]:
                 if getattr(logger, "class_path", None) in csv_loggers:
                     logger.class_path = "dico.loggers.CSVLogger"  # same arguments; appends on resume
+            set_wandb_job_type(loggers, self.subcommand)  # validate/test: runs grouped with the fit run
 
     # Configs compose (`-c base.yaml -c overlay.yaml`) and may refer to other keys of the merged result, e.g.
     # `dirpath: ${trainer.default_root_dir}/checkpoints`, so that an overlay moves a whole run with one line.
@@ -138,6 +140,7 @@ def build_lightning_cli(argv: list[str], run: bool = True, instantiate: bool = T
         subclass_mode_data=True,
         trainer_class=Trainer,  # `--trainer.limit_val_batches 1` is one batch, not 100%
         args=None if argv == sys.argv[1:] else argv,
+        save_config_callback=LoggedConfig,  # config.yaml, and the whole config in the wandb run
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf+", **PARSER_KWARGS},
         run=run,

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from ablations.rows import ROOT, Row, canonical, rows_of
+from dico.runtime import code_state
 
 #: the table overlays name the wandb group only: a model trained for Table 3 serves Table 4 (runs are shared)
 LOGGING_ONLY = ("ablations/configs/table3.yaml", "ablations/configs/table4.yaml")
@@ -24,20 +24,6 @@ LOGGING_ONLY = ("ablations/configs/table3.yaml", "ablations/configs/table4.yaml"
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def code_state() -> dict[str, Any]:
-    """The checkout's commit and whether tracked files differ from it (``git``; "unknown" outside a checkout)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout
-
-    try:
-        commit = git("rev-parse", "HEAD").strip()
-        changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": "unknown", "dirty": None, "changed": []}
-    return {"commit": commit, "dirty": bool(changed), "changed": changed[:20]}
 
 
 def record_start(run_dir: Path) -> None:

@@ -90,7 +90,8 @@ class LoadedWeights:
     """What a checkpoint file is and which of its weights were taken.
 
     ``state_dict`` holds the chosen weights under the published key names (under ours for ``lightning``);
-    ``training_state_dict`` the non-EMA weights of a training checkpoint when the EMA ones were chosen.
+    ``training_state_dict`` the non-EMA weights of a training checkpoint when the EMA ones were chosen; ``ema``
+    whether the chosen weights are an EMA (a released state dict's are; ours when trained with the EMA callback).
     """
 
     path: Path
@@ -102,6 +103,7 @@ class LoadedWeights:
     model_kwargs: dict[str, Any]
     state_dict: Mapping[str, Tensor] = field(repr=False)
     training_state_dict: Mapping[str, Tensor] | None = field(default=None, repr=False)
+    ema: bool | None = None
     pixels: bool = False  # the model makes pixels (a dico checkpoint's decoder says so), not VAE latents
 
     def describe(self) -> str:
@@ -118,6 +120,13 @@ class LoadedWeights:
         if self.release is not None and self.format != LIGHTNING and self.model != self.release.model:
             line += f" (not the release's {self.release.model} architecture: another file of the same name?)"
         return line
+
+    @property
+    def released(self) -> Release | None:
+        """The release these weights are: a published-format file of it with its architecture (not a dico checkpoint
+        that started from it, nor another file of the same name)."""
+        r = self.release
+        return r if r is not None and self.format != LIGHTNING and self.model == r.model else None
 
     @property
     def arch_name(self) -> str:
@@ -146,9 +155,9 @@ def inspect_checkpoint(
         hp = dict(checkpoint.get("hyper_parameters", {}))
         return LoadedWeights(path, release or find_release(hp.get("pretrained")), fmt, "ours",
                              "the weights in its state_dict (EMA when trained with the EMA callback)",
-                             hp.get("model", "?"), dict(hp.get("model_kwargs") or {}),
-                             checkpoint["state_dict"], pixels=makes_pixels(hp))  # fmt: skip
-    args = None
+                             hp.get("model", "?"), dict(hp.get("model_kwargs") or {}), checkpoint["state_dict"],
+                             ema="current_model_state" in checkpoint, pixels=makes_pixels(hp))  # fmt: skip
+    args, chosen = None, None
     if fmt == TRAINING:
         args = checkpoint.get("args")  # the published scripts' argparse options (image_size, model)
         chosen = "ema" if use_ema and "ema" in checkpoint else "model"
@@ -159,7 +168,8 @@ def inspect_checkpoint(
         weights, state_dict, training = "the released (EMA) weights", checkpoint, None
     arch = infer_arch(state_dict)
     name, overrides = _architecture(state_dict, arch, release, args, model, model_kwargs or {}, image_size)
-    return LoadedWeights(path, release, fmt, arch, weights, name, overrides, state_dict, training)
+    ema = fmt == STATE_DICT or chosen == "ema"
+    return LoadedWeights(path, release, fmt, arch, weights, name, overrides, state_dict, training, ema)
 
 
 def makes_pixels(hparams: Mapping[str, Any]) -> bool:

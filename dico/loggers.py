@@ -1,29 +1,38 @@
 """Loggers for long, resumed runs on cluster nodes.
 
 - :class:`AutoWandbLogger`: wandb that never blocks: online when credentials exist and the server answers within
-  seconds, otherwise offline (syncable later).
+  seconds, otherwise offline (syncable later); one wandb run per run folder, continued by every resumed ``fit``,
+  with ``validate``/``test`` runs grouped with it.
+- :class:`LoggedConfig`: the whole composed config (and the global batch, parameter count and commit) in the run's
+  wandb config.
 - :class:`CSVLogger`: Lightning's CSV logger, but a resumed run appends to ``metrics.csv`` instead of deleting it.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import netrc
 import os
 import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info
 
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule, Trainer
+
 LEGACY_WANDB_HOST = "https://api.wandb.ai"
+WANDB_RUN_FILE = "wandb-run.json"  # in the logger's save_dir (the run folder): the fit run's id and group
 
 
 def wandb_base_url() -> str:
@@ -102,7 +111,13 @@ def finish_wandb_run(exit_code: int = 0, keep: Any = None) -> None:
 class AutoWandbLogger(WandbLogger):
     """A :class:`WandbLogger` whose mode is chosen for you: ``offline=None`` means online if credentials are
     available and the server answers within ``probe_timeout`` seconds, else offline with a note on how to
-    ``wandb sync`` the run later. ``WANDB_MODE`` still wins."""
+    ``wandb sync`` the run later. ``WANDB_MODE`` still wins.
+
+    One wandb run per run folder: ``fit`` keeps its run's id in ``<save_dir>/wandb-run.json`` when the run starts,
+    and a later ``fit`` in the folder (a resume after preemption) continues that run (``resume="allow"``) instead of
+    starting another. ``validate``/``test`` (``job_type``, set by ``python cli.py`` to the command) get runs of their
+    own in the fit run's ``group`` (the configured one, else the fit run's id), named ``<name> (<job_type>)``.
+    """
 
     def __init__(
         self,
@@ -114,6 +129,7 @@ class AutoWandbLogger(WandbLogger):
         offline: bool | None = None,
         log_model: bool = False,
         probe_timeout: float = 5.0,
+        job_type: str = "fit",
         **kwargs: Any,
     ) -> None:
         mode = os.environ.get("WANDB_MODE")
@@ -137,10 +153,33 @@ class AutoWandbLogger(WandbLogger):
         # absolute: wandb's service process keeps the working directory it started in, so a relative folder would
         # put a later run of this process (after a chdir) in the first run's folder
         save_dir = str(Path(save_dir).resolve())
+        run_file = Path(save_dir) / WANDB_RUN_FILE
+        fit_run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+        if job_type == "fit":
+            kwargs["id"] = kwargs.get("id") or fit_run.get("id") or new_run_id()
+            group = group or fit_run.get("group") or kwargs["id"]
+            self._run_record: dict[str, str] | None = {"id": kwargs["id"], "group": group}
+        else:
+            group = group or fit_run.get("group")
+            name = f"{name} ({job_type})" if name else None
+            self._run_record = None
         super().__init__(
             project=project, name=name, save_dir=save_dir, group=group, tags=tags, offline=offline,
-            log_model=log_model, **kwargs,
+            log_model=log_model, job_type=job_type, **kwargs,
         )  # fmt: skip
+        self._run_file = run_file
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        """The wandb run, started on first use; a fit run's id goes to the run folder then."""
+        run = WandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
+        if self._run_record is not None:  # (the id of the run logged into: a run the user opened is reused)
+            tmp = self._run_file.with_name(f".{self._run_file.name}.tmp")
+            tmp.write_text(json.dumps({**self._run_record, "id": getattr(run, "id", None) or self._run_record["id"]}))
+            os.replace(tmp, self._run_file)
+            self._run_record = None
+        return run
 
 
 class _AppendingExperimentWriter(ExperimentWriter):
@@ -181,3 +220,58 @@ class CSVLogger(LightningCSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+def new_run_id() -> str:
+    """A wandb run id as wandb makes them: 8 random lowercase letters and digits."""
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def set_wandb_job_type(loggers: Any, command: str | None) -> None:
+    """``python cli.py <command>``: the :class:`AutoWandbLogger` entries of a config's ``trainer.logger`` (before they
+    are built) log to a wandb run of that job type (see :class:`AutoWandbLogger`)."""
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if str(getattr(logger, "class_path", "")).endswith("AutoWandbLogger") and command:
+            logger.init_args.job_type = command
+
+
+def run_summary(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    """What the config does not say directly: the global batch (devices x nodes x batch size x accumulation), the
+    world size, the parameter count, the code's commit, and notes on metrics whose unit needs one (callbacks'
+    ``metric_notes``)."""
+    from dico.profiling import count_parameters
+    from dico.runtime import code_state
+
+    datamodule = getattr(trainer, "datamodule", None)
+    batch = getattr(datamodule, "batch_size", None)
+    world = trainer.world_size
+    notes: dict[str, str] = {}
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        notes.update(getattr(callback, "metric_notes", None) or {})
+    return {
+        "global_batch": batch * world * trainer.accumulate_grad_batches if batch else None,
+        "world_size": world,
+        "parameters": count_parameters(pl_module.model if hasattr(pl_module, "model") else pl_module),
+        **{k: v for k, v in code_state().items() if k != "changed"},
+        "metric_notes": notes,
+    }
+
+
+class LoggedConfig(SaveConfigCallback):
+    """LightningCLI's config file writer that also puts the whole composed config (model, data, trainer with its
+    callbacks and loggers, seed, ...) and :func:`run_summary` into the wandb run's config, where the run is
+    compared with others (Lightning logs only the model's hyper-parameters there)."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not wandb_loggers:
+            return
+        config = self.config.clone()
+        config.pop("config", None)  # the -c file paths; their content is the rest
+        logged = {**json.loads(self.parser.dump(config, format="json", skip_validation=True)),
+                  "run": run_summary(trainer, pl_module)}  # fmt: skip
+        for logger in wandb_loggers:
+            logger.experiment.config.update(logged, allow_val_change=True)

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 import sys
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
+from typing import Any
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
@@ -69,3 +71,19 @@ def show_traceback(environ: Mapping[str, str] = os.environ) -> bool:
     """``DICO_TRACEBACK=1``: the command line shows the traceback of an error from user input (a bad option, file or
     config value) instead of its one-line message."""
     return environ.get("DICO_TRACEBACK", "0") not in ("0", "", "false", "False")
+
+
+def code_state() -> dict[str, Any]:
+    """The checkout's commit, whether tracked files differ from it and (the first 20 of) those that do (``git``;
+    commit "unknown" outside a checkout)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": None, "changed": []}
+    return {"commit": commit, "dirty": bool(changed), "changed": changed[:20]}

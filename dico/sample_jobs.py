@@ -120,6 +120,19 @@ def load_for_sampling(
     return module.eval()
 
 
+def weights_record(module: DiffusionModule) -> dict[str, Any]:
+    """What a sample job's ``samples.json`` says about the weights and the decoding (the published comparison reads
+    it): the architecture, the release the weights are (None for a dico checkpoint, even one fine-tuned from a
+    release), the checkpoint file (format, sha256), whether the weights are an EMA, and the decoder (VAE)."""
+    from dico.evaluation.protocol import file_sha256
+
+    source = module.weights_source
+    released = source.released
+    checkpoint = {"path": str(source.path), "format": source.format, "sha256": file_sha256(source.path)}
+    return {"model": module.hparams.model, "pretrained": released.name if released else None,
+            "checkpoint": checkpoint, "ema": source.ema, "decoder": dict(module.decoder_spec)}  # fmt: skip
+
+
 def run_sample_job(job: SampleJob) -> Path:
     """Make (or finish) the job's sample set in ``job.out``; returns the merged ``samples.npz``."""
     if (job.ckpt is None) == (job.pretrained is None):
@@ -137,8 +150,7 @@ def run_sample_job(job: SampleJob) -> Path:
             "(class_dropout_prob > 0); this one has no null label: sample with --cfg_scale 1"
         )
     out = Path(job.out)
-    record = {**asdict(job), **asdict(sample_set.options), "model": module.hparams.model,
-              "pretrained": source.release.name if source.release else None}  # fmt: skip
+    record = {**asdict(job), **asdict(sample_set.options), **weights_record(module)}
     previous = out / "samples.json"
     if previous.exists() and json.loads(previous.read_text()) != record:
         raise ValueError(

@@ -21,6 +21,7 @@ from dico.checkpoints import inspect_checkpoint
 from dico.data.vae import decode_latents, load_vae
 from dico.diffusion import generate, sampling_diffusion
 from dico.evaluation.images import load_npz, save_npz, to_uint8
+from dico.evaluation.protocol import file_sha256
 from dico.models import load_official
 from dico.models.official import LIGHTNING, STATE_DICT, TRAINING, checkpoint_format, registered_name
 from dico.module import DiffusionModule
@@ -123,16 +124,30 @@ def test_a_release_file_through_sample_npz_and_evaluate(standins, golden, tiny_v
     reference, spec = tmp_path / "ref.npz", ["--weights_path", str(inception_weights), "--device", "cpu"]
     batch = save_npz(tmp_path / "reference_batch.npz", want)  # the ADM reference batch of this test
     assert cli.main(["reference", "--source", str(batch), "--out", str(reference), *spec]) == 0
+    # a stand-in of another architecture named as the release is not the release: compared only when asked
     assert cli.main(["evaluate", "--samples", str(out / "samples.npz"), "--reference", str(reference), *spec,
-                     "--out", str(tmp_path / "record.json")]) == 0  # fmt: skip
+                     "--out", str(tmp_path / "record.json"), "--pretrained", "DiCo-XL-3750K"]) == 0  # fmt: skip
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["count"] == COUNT
     assert record["metrics"]["frechet_inception_distance"] == pytest.approx(0.0, abs=1e-2)  # the same images
     said = capsys.readouterr().out
     assert "DiCo-XL-3750K: FID 0.00, IS" in said and "published 2.05" not in said  # not printed as a match
-    assert f"not comparable with the published figures: reference {batch}" in said
+    assert "not comparable with the published figures: Inception weights file sha256 " in said
+    assert f"; reference {batch} (computed from the 4 images" in said
     assert f"num_samples {COUNT} (published: 50000); steps {STEPS} (published: 250)" in said
     assert "labels balanced (published: uniform)" in said and not record["published_comparison"]["comparable"]
+    # what made the samples and the scores, by content: the weights file, the batch's images, the release's EMA
+    # weights, the precision and the VAE (here: a stand-in Inception file, a 4-image batch, a tiny VAE)
+    job = record["sample_job"]
+    assert job["pretrained"] is None and job["ema"] is True and job["precision"] == "32-true"
+    assert job["checkpoint"]["format"] == TRAINING and job["decoder"]["vae"] == str(tiny_vae_dir)
+    assert f"samples of {released} (compared with: the release DiCo-XL-3750K)" in said
+    assert f"Inception weights file sha256 {file_sha256(inception_weights)} (published: " in said
+    assert "reference of 4 images (published: VIRTUAL_imagenet256_labeled.npz's 10000)" in said
+    assert f"reference resolution {record['reference']['image_size']} (published: 256x256)" in said
+    assert f"VAE {tiny_vae_dir} x 0.18215 (published: stabilityai/sd-vae-ft-ema x 0.18215)" in said
+    assert "EMA weights" not in said.split("not comparable")[1]
+    assert "precision" not in said.split("not comparable")[1]
 
 
 def test_training_checkpoint_weights_and_args(standins, golden):
@@ -340,6 +355,9 @@ def test_the_test_protocol_on_a_released_file(golden, image_folder, tiny_vae_dir
     assert "DiCo-S-400K-256x256.pt (release DiCo-S-400K): a published DiCo state dict" in said
     assert "DiCo-S-400K: FID" in said and "not comparable with the published figures" in said
     assert "num_samples 4 (published: 50000); steps 3 (published: 250)" in said and "49.97" not in said
+    job = json.loads((tmp_path / "run" / "test" / "record.json").read_text())["sample_job"]
+    assert job == {"pretrained": "DiCo-S-400K", "checkpoint": None, "ema": True, "precision": "32-true",
+                   "decoder": {"kind": "vae", "vae": str(tiny_vae_dir), "scale_factor": 0.18215}}  # fmt: skip
 
     model = load_official(two_classes, "dico", input_size=8).eval()
     vae, want = load_vae(str(tiny_vae_dir)), []

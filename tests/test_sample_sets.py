@@ -18,6 +18,7 @@ from dico.data import DigitsDataModule
 from dico.evaluation import FeatureSpec, Featurizer, Reference, SampleSet, SamplingOptions, compute_reference
 from dico.evaluation.images import iter_npz_images
 from dico.evaluation.protocol import evaluate, sample_batch
+from dico.evaluation.small_classifier import COMMITTED
 from dico.module import DiffusionModule
 from tests.conftest import TINY_MODEL
 
@@ -162,6 +163,11 @@ def test_periodic_evaluation_schedule_with_accumulation_resume_and_test(tmp_path
     title, *rows = capsys.readouterr().out.split("test protocol (20 samples")[1].splitlines()
     table = dict(row.split() for row in rows[: len(record["metrics"])])
     assert table == {name: f"{value:.6g}" for name, value in record["metrics"].items()} and "record.json" in title
+    # what sampled: the checkpoint's EMA weights (it holds the live ones beside them), no release, in float32
+    assert record["sample_job"] == {"pretrained": None, "checkpoint": str(tmp_path / "ckpt" / "last.ckpt"),
+                                    "ema": True, "precision": "32-true", "decoder": {"kind": "pixels"}}  # fmt: skip
+    periodic = json.loads((tmp_path / "eval" / "step_0000004.json").read_text())["sample_job"]
+    assert periodic["ema"] is True and periodic["pretrained"] is None  # during fit: the EMA callback's average
     with np.load(tmp_path / "test" / "samples.npz") as data:
         assert len(data["arr_0"]) == 20
 
@@ -369,6 +375,16 @@ def test_the_evaluate_record_carries_the_sample_job_and_the_samples_hash(tmp_pat
                                   "eta": 0.0, "num_samples": 6, "batch_size": 4, "seed": 0,
                                   "labels": "uniform"}  # fmt: skip
     assert record["sample_job"]["ckpt"] == str(tiny_ckpt) and record["sample_job"]["pretrained"] is None
+    assert record["sample_job"]["checkpoint"] == {
+        "path": str(tiny_ckpt),
+        "format": "lightning",
+        "sha256": hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest(),
+    }
+    assert record["sample_job"]["decoder"] == {"kind": "pixels"} and record["sample_job"]["precision"] == "32-true"
+    assert record["sample_job"]["ema"] is False  # trained without the EMA callback
+    assert record["feature_weights_file_sha256"] == COMMITTED["dico-digits"].sha256  # the weights file by content
+    assert record["reference"]["count"] == 1797 and record["reference"]["image_size"] == [8, 8]  # scikit-learn's digits
+    assert record["reference"]["statistics_sha256"] == digits_reference.statistics_sha256
 
 
 def test_predict_with_the_sample_writer_gives_the_balanced_set(tmp_path):

@@ -171,3 +171,16 @@ def ema_weights(pl_module: LightningModule) -> Any:
         if isinstance(cb, EMA):
             return cb.averaged(pl_module)
     return nullcontext()
+
+
+def samples_use_ema(pl_module: LightningModule) -> bool:
+    """Whether ``pl_module``'s trainer has an :class:`EMA` callback, whose average sampling during fit uses."""
+    trainer = attached_trainer(pl_module)
+    callbacks = trainer.callbacks if trainer is not None else []  # type: ignore[attr-defined]
+    return any(isinstance(cb, EMA) for cb in callbacks)
+
+
+def weights_suffix(pl_module: LightningModule) -> str:
+    """What the names of logged sample grids and sample metrics end with: ``"_ema"`` when sampling uses an EMA
+    average (:func:`samples_use_ema`), else ``""`` (the live weights)."""
+    return "_ema" if samples_use_ema(pl_module) else ""

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from dico.callbacks.ema import ema_weights
+from dico.callbacks.ema import ema_weights, samples_use_ema, weights_suffix
 from dico.callbacks.sample_grid import run_dir
 from dico.diffusion import SamplingOptions
 from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Featurizer, MetricOptions, metric_settings_used
@@ -28,7 +28,8 @@ class FIDEvaluation(Callback):
     During ``fit``: every ``every_n_steps`` optimizer steps (once per step, also with gradient accumulation; a
     step already evaluated before a resume is not evaluated again), at the start if ``at_start``, and at the
     end (``every_n_steps=0`` and no ``at_start`` turn periodic evaluation off) on ``num_samples`` samples;
-    metrics go to every logger as ``eval/<metric>``, a grid to wandb, a JSON record to
+    metrics go to every logger as ``eval/<metric>_ema`` (``eval/<metric>`` without an EMA callback: the live
+    weights), a grid to wandb as ``eval/samples_ema``, a JSON record to
     ``<run>/eval/step_N.json``; with ``save_best`` the best-FID model is kept as ``<run>/checkpoints/best_fid.ckpt``.
 
     During ``test``: the paper's protocol on ``test_num_samples`` (50,000) samples with ``test_sampler`` /
@@ -99,6 +100,7 @@ class FIDEvaluation(Callback):
         self.best_fid = float("inf")
         self.last_evaluated_step = -1
         self._checkpoint_step: int | None = None
+        self._checkpoint_ema: bool | None = None
         self._reference: Reference | None = None
         self._featurizer: Featurizer | None = None
 
@@ -150,9 +152,38 @@ class FIDEvaluation(Callback):
                               samples_dir, source)  # fmt: skip
         record["step"] = step
         record["checkpoint"] = trainer.ckpt_path
+        record["sample_job"] = self._sample_job(trainer, pl_module)
         if trainer.is_global_zero:
             write_record(run_dir(trainer) / name, record)
         return record
+
+    @property
+    def metric_notes(self) -> dict[str, str]:
+        """What the logged KID is (the run's config shows it beside the curves)."""
+        return {
+            "kid": "eval/kid(_ema) and test/kernel_inception_distance_mean: KID in torch-fidelity's unit (unscaled; "
+            "ADM reports no KID): the unbiased MMD^2 of the polynomial kernel (x.y/d + 1)^3 on the raw "
+            f"{self.spec.name} features (d of them), so its size follows the features' magnitude (Inception: about "
+            "1e-3 to 1e-1; the small classifiers' unnormalised features: thousands and more); compare it only "
+            "between runs of one extractor"
+        }
+
+    def _sample_job(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        """What sampled: the release whose weights ``test`` scores (see
+        :func:`~dico.evaluation.published.release_of_test`; none during fit), whether the weights are an EMA, the
+        precision and the decoder, as a sample job's ``samples.json`` says them."""
+        from dico.evaluation.published import release_of_test
+
+        release = release_of_test(trainer, pl_module) if trainer.state.fn == "test" else None
+        source = getattr(pl_module, "weights_source", None)
+        if trainer.state.fn == "fit":
+            ema = samples_use_ema(pl_module)
+        elif trainer.ckpt_path:
+            ema = self._checkpoint_ema
+        else:
+            ema = source.ema if source is not None else None
+        return {"pretrained": release.name if release else None, "checkpoint": trainer.ckpt_path, "ema": ema,
+                "precision": str(trainer.precision), "decoder": dict(pl_module.decoder_spec)}  # fmt: skip
 
     def _step(self, trainer: Trainer) -> int:
         """The optimizer step of the weights: the trainer's during fit, the checkpoint's during test."""
@@ -166,7 +197,8 @@ class FIDEvaluation(Callback):
             "inception_score_mean": "is", "precision": "precision", "recall": "recall",
             "kernel_inception_distance_mean": "kid",
         }  # fmt: skip
-        metrics = {f"eval/{short[k]}": v for k, v in record["metrics"].items() if k in short}
+        suffix = weights_suffix(pl_module)
+        metrics = {f"eval/{short[k]}{suffix}": v for k, v in record["metrics"].items() if k in short}
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
@@ -176,7 +208,7 @@ class FIDEvaluation(Callback):
                                  pl_module.sample(labels, seed=self.sample_set.seed), nrow=8)  # fmt: skip
             for logger in trainer.loggers:
                 if hasattr(logger, "log_image"):
-                    logger.log_image(key="eval/samples", images=[str(grid)], step=trainer.global_step)
+                    logger.log_image(key=f"eval/samples{suffix}", images=[str(grid)], step=trainer.global_step)
         settings = record["settings"]
         rank_zero_info(f"step {trainer.global_step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
                        + f" ({settings['num_samples']} samples, {settings['labels']} labels)")  # fmt: skip
@@ -211,6 +243,7 @@ class FIDEvaluation(Callback):
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
+        self._checkpoint_ema = "current_model_state" in checkpoint  # the EMA callback's live weights beside them
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.test_set is not None

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
+from dico.callbacks.ema import weights_suffix
 from dico.evaluation.images import save_grid, save_npz, to_uint8
 
 
@@ -21,7 +22,8 @@ def run_dir(trainer: Trainer) -> Path:
 class SampleGrid(Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end of fit), sample ``per_class`` images for each of
     ``num_classes_shown`` classes with the same labels and noise each time, save ``samples/step_N.png`` and log
-    it to wandb when a WandbLogger is attached.
+    it to wandb when a WandbLogger is attached (as ``samples_ema`` with an EMA callback, else ``samples``); the
+    final grid is logged unless the last step's grid already was.
 
     ``final_per_class`` > 0 also writes the final samples (guided with the module's ``cfg_scale``) as an
     ADM-format ``samples/final.npz`` beside ``samples/final.png``. ``per_class`` 0 draws no grids.
@@ -50,13 +52,14 @@ class SampleGrid(Callback):
         shown = torch.linspace(0, n - 1, min(n, self.num_classes_shown)).round().long()
         return shown.repeat_interleave(per_class)
 
-    def _grid(self, trainer: Trainer, pl_module: LightningModule, name: str) -> Path:
+    def _grid(self, trainer: Trainer, pl_module: LightningModule, name: str, log: bool = True) -> Path:
         labels = self._labels(pl_module, self.per_class)
         images = pl_module.sample(labels, seed=self.seed)
         path = save_grid(run_dir(trainer) / "samples" / f"{name}.png", images, nrow=self.per_class)
-        for logger in trainer.loggers:
+        for logger in trainer.loggers if log else []:
             if hasattr(logger, "log_image"):
-                logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
+                key = f"samples{weights_suffix(pl_module)}"
+                logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
         return path
 
     @rank_zero_only
@@ -71,8 +74,8 @@ class SampleGrid(Callback):
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Lightning's weight averaging has copied the EMA weights into the model by now.
-        if self.per_class > 0:
-            self._grid(trainer, pl_module, "final")
+        if self.per_class > 0:  # logged unless this step's grid was (the same weights, labels and noise)
+            self._grid(trainer, pl_module, "final", log=getattr(self, "_last", -1) != trainer.global_step)
         if self.final_per_class > 0:
             labels = self._labels(pl_module, self.final_per_class)
             chunks = [

@@ -26,6 +26,10 @@ from dico.runtime import hub_offline
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+# sha256 of torch-fidelity's release file INCEPTION_FILE (its name carries the first 8 hex digits, as torch.hub names
+# checked files; the same bytes as pytorch-fid's pt_inception-2015-12-05-6726825d.pth): the weights of the paper's
+# FID. Only features of this file are compared with published figures.
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 DIGITS = "dico-digits"
 CROPS16 = "dico-crops16"
 SMALL_CLASSIFIERS = (DIGITS, CROPS16)  # dico.evaluation.small_classifier.COMMITTED
@@ -107,6 +111,22 @@ def _cached_inception_weights() -> Path:
     return dest
 
 
+def weights_file(spec: FeatureSpec) -> Path:
+    """The file ``spec``'s extractor loads its weights from: ``weights_path``, else torch-fidelity's Inception file
+    in torch's hub cache, or the committed small classifier (when ``weights_path`` does not exist yet)."""
+    if spec.name in SMALL_CLASSIFIERS:
+        from .small_classifier import COMMITTED
+
+        given = Path(spec.weights_path) if spec.weights_path else None
+        return given if given is not None and given.is_file() else COMMITTED[spec.name].file
+    path = Path(spec.weights_path) if spec.weights_path else _cached_inception_weights()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"Inception weights {path} do not exist; set weights_path to a local copy of {INCEPTION_FILE}"
+        )
+    return path
+
+
 def build_feature_extractor(spec: FeatureSpec, features: Iterable[str], device: torch.device | str = "cpu") -> Any:
     """A torch-fidelity feature extractor producing ``features`` (e.g. ``("2048", "logits_unbiased")``)."""
     features = list(features)
@@ -119,11 +139,7 @@ def build_feature_extractor(spec: FeatureSpec, features: Iterable[str], device: 
         raise ValueError(f"unknown feature extractor {spec.name!r}; use one of {FEATURE_EXTRACTORS}")
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    weights_path = spec.weights_path or _cached_inception_weights()
-    if not Path(weights_path).exists():
-        raise FileNotFoundError(
-            f"Inception weights {weights_path} do not exist; set weights_path to a local copy of {INCEPTION_FILE}"
-        )
+    weights_path = weights_file(spec)
     state = _safe_state_dict(weights_path)
     # Hand torch-fidelity a file we wrote from plain tensors, so its own full unpickling is harmless.
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,6 +178,9 @@ class Featurizer:
         self.extractor = build_feature_extractor(spec, requested, device)
         self.layers = feature_names(self.extractor)
         self.weights_sha256 = weights_sha256(self.extractor)
+        from .small_classifier import file_sha256
+
+        self.weights_file_sha256 = file_sha256(weights_file(spec))  # the file, as published weights are known by
         hooked = self.extractor.Mixed_6d if spec.name == INCEPTION else self.extractor.classifier.body[4]
         self._spatial: list[Tensor] = []
         hooked.register_forward_hook(lambda mod, args, out: self._spatial.append(out[:, :SPATIAL_CHANNELS]))

@@ -103,7 +103,7 @@ def evaluate(
         record = {
             "sample_set": sample_set.record(),
             "settings": settings_of({**asdict(sample_set), **asdict(sample_set.options)}),
-            **_reference_record(reference, metrics, sample_set.num_samples),
+            **_reference_record(reference, featurizer, metrics, sample_set.num_samples),
             "metrics": scores,
             "seconds": round(time.perf_counter() - start, 1),
             "world_size": world,
@@ -118,12 +118,17 @@ def evaluate(
     return record
 
 
-def _reference_record(reference: Reference, metrics: MetricOptions, num_samples: int) -> dict[str, Any]:
-    """The reference, and the conventions: as configured, and as ``used`` on this many samples (k, subsets)."""
+def _reference_record(
+    reference: Reference, featurizer: Featurizer, metrics: MetricOptions, num_samples: int
+) -> dict[str, Any]:
+    """The feature extractor (name and the sha256 of its weights file), the reference (what made it, and hashes of
+    its statistics and of all its arrays), and the conventions: as configured, and as ``used`` on this many samples
+    (k, subsets)."""
     used = metric_settings_used(metrics, num_samples, len(reference.features))
     return {
         "feature_extractor": reference.meta["feature_extractor"],
-        "reference": reference.meta,
+        "feature_weights_file_sha256": featurizer.weights_file_sha256,
+        "reference": {**reference.meta, "statistics_sha256": reference.statistics_sha256},
         "reference_sha256": reference.sha256,
         "conventions": {**asdict(metrics), "description": CONVENTIONS_NOTE[metrics.convention], "used": used},
     }
@@ -183,5 +188,5 @@ def score_npz(
     return {
         "samples": str(samples), "samples_sha256": file_sha256(samples), "count": int(shape[0]),
         "settings": settings_of(job) if job else None,  # None: no samples.json of this file beside it
-        "sample_job": job, **_reference_record(reference, metrics, shape[0]), "metrics": scores,
+        "sample_job": job, **_reference_record(reference, featurizer, metrics, shape[0]), "metrics": scores,
     }  # fmt: skip

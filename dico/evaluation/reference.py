@@ -47,10 +47,14 @@ class Reference:
 
     @property
     def sha256(self) -> str:
-        h = hashlib.sha256()
-        for a in (self.mu, self.sigma, self.mu_s, self.sigma_s, self.features):
-            h.update(np.ascontiguousarray(a).tobytes())
-        return h.hexdigest()
+        """A hash of the statistics and the kept features."""
+        return _arrays_sha256(self.mu, self.sigma, self.mu_s, self.sigma_s, self.features)
+
+    @property
+    def statistics_sha256(self) -> str:
+        """A hash of the FID/sFID statistics alone: for an ADM batch its own ``mu``/``sigma``/``mu_s``/``sigma_s``,
+        which do not depend on our feature extractor (the same number for every copy of the batch)."""
+        return _arrays_sha256(self.mu, self.sigma, self.mu_s, self.sigma_s)
 
     def check(self, identity: dict[str, str], image_size: tuple[int, int] | None = None) -> None:
         """Raise (naming the fix) unless the reference was made with this extractor and weights and, when
@@ -127,6 +131,13 @@ class Reference:
         except (KeyError, OSError) as e:
             raise ValueError(f"{path} is not a dico reference-statistics file ({e}); recompute it with {make}") from e
         return cls(**arrays, meta={**meta, "path": str(path)})
+
+
+def _arrays_sha256(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 def same_source(recorded: str | None, source: str) -> bool:
