@@ -377,8 +377,7 @@ def test_report_of_a_budget_scored_by_the_heldout_loss_alone(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ ranks, status
-SMOKE_CONFIG = {"trainer": {"max_steps": 4, "callbacks": [
-    {"class_path": "dico.callbacks.FIDEvaluation", "init_args": {"test_num_samples": 0}}]}}  # fmt: skip
+SMOKE_CONFIG = {"trainer": {"max_steps": 4}, "fid": {"init_args": {"test_num_samples": 0}}}
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -424,14 +423,13 @@ def test_the_score_is_the_test_record_or_the_final_periodic_one(tmp_path):
     (tmp_path / "test" / "record.json").write_text('{"metrics": {"frechet_inception_distance": 1.0}}')
     (tmp_path / "eval" / "step_0000004.json").write_text('{"metrics": {"frechet_inception_distance": 2.0}}')
     periodic = SMOKE_CONFIG
-    protocol = {"trainer": {"max_steps": 4, "callbacks": [{"class_path": "x.FIDEvaluation",
-                                                           "init_args": {"test_num_samples": 20}}]}}  # fmt: skip
+    protocol = {"trainer": {"max_steps": 4}, "fid": {"init_args": {"test_num_samples": 20}}}
     assert run.score_record(tmp_path, periodic)["metrics"]["frechet_inception_distance"] == 2.0
     assert run.score_record(tmp_path, protocol)["metrics"]["frechet_inception_distance"] == 1.0
     # the held-out loss (HeldOutLoss) of the last step: beside the FID, or the score alone without one
     (tmp_path / "eval" / "heldout_step_0000004.json").write_text('{"metrics": {"heldout_mse": 0.5}}')
     assert run.score_record(tmp_path, periodic)["metrics"] == {"frechet_inception_distance": 2.0, "heldout_mse": 0.5}
-    assert run.score_record(tmp_path, {"trainer": {"max_steps": 4, "callbacks": []}})["metrics"] == {"heldout_mse": 0.5}
+    assert run.score_record(tmp_path, {"trainer": {"max_steps": 4}, "fid": None})["metrics"] == {"heldout_mse": 0.5}
 
 
 def test_structure_budget_counts_full_size_rows_beside_the_paper(tmp_path):

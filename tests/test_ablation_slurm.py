@@ -145,8 +145,7 @@ def test_status_tells_the_jobs_state_and_its_real_log(tmp_path, cluster):
 
 
 # ------------------------------------------------------------------------------------ inside the job
-SMOKE = {"trainer": {"max_steps": 4, "callbacks": [
-    {"class_path": "dico.callbacks.FIDEvaluation", "init_args": {"test_num_samples": 0}}]}}  # fmt: skip
+SMOKE = {"trainer": {"max_steps": 4}, "fid": {"init_args": {"test_num_samples": 0}}}
 
 
 @pytest.fixture

@@ -143,8 +143,8 @@ def test_every_config_composes_the_one_callback_list(composed):
     from dico.callbacks.named import class_path
 
     classes = {key: class_path(cls) for key, cls in CALLBACKS.items()}
-    assert {name: {key: (c[key] or {"class_path": classes[key]})["class_path"] for key in CALLBACKS}
-            for name, c in composed.items()} == {name: classes for name in CONFIGS}  # fmt: skip
+    for name, c in composed.items():
+        assert {key: (c[key] or {"class_path": classes[key]})["class_path"] for key in CALLBACKS} == classes, name
     decays = {name: c["ema"]["init_args"]["decay"] for name, c in composed.items()}
     assert decays["paper"] == 0.9999 and decays["quickstart"] == 0.995 and decays["quickstart-tiny"] == 0.999
     for path in [ROOT / "experiments" / "base.yaml", ROOT / "experiments" / "quickstart.yaml",
@@ -174,11 +174,13 @@ def test_each_callback_default_is_stated_once(composed):
         return {p.name: p.default for p in parameters if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
 
     table = ROOT / "dico" / "callbacks" / named.SETTINGS_FILE
-    files = [table, *(ROOT / "experiments").glob("*.yaml"), *(ROOT / "ablations" / "configs").rglob("*.yaml"),
-             *(ROOT / "dico" / "analysis").glob("*.yaml")]  # fmt: skip
-    restated = {(path.relative_to(ROOT).as_posix(), key, name): value
-                for path in files for key, stated in stated_callback_arguments(path).items()
-                for name, value in stated.items() if signature(key).get(name, inspect.Parameter.empty) == value}  # fmt: skip
+    files = [table, *(ROOT / "experiments").glob("*.yaml"), *(ROOT / "ablations" / "configs").rglob("*.yaml")]
+    restated = {}
+    for path in [*files, *(ROOT / "dico" / "analysis").glob("*.yaml")]:
+        for key, stated in stated_callback_arguments(path).items():
+            defaults = signature(key)
+            same = {arg: value for arg, value in stated.items() if arg in defaults and defaults[arg] == value}
+            restated.update({(path.relative_to(ROOT).as_posix(), key, arg): value for arg, value in same.items()})
     assert restated == {}
     for name, args in CONFIGS.items():
         stated: dict[str, set[str]] = {key: set() for key in CALLBACKS}
