@@ -60,8 +60,7 @@ def build_lightning_cli(argv: list[str], run: bool = True, instantiate: bool = T
     from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
 
-    import dico.callbacks.settings as callbacks_dir
-    from dico.callbacks.settings import CALLBACKS_FILE, CallbackSettings, active_callbacks
+    import dico.callbacks.named as named_callbacks
     from dico.data import ArrayDataModule
     from dico.loggers import LoggedConfig, set_wandb_job_type
     from dico.module import DiffusionModule
@@ -75,9 +74,11 @@ def build_lightning_cli(argv: list[str], run: bool = True, instantiate: bool = T
             # stores it in its hyper-parameters so that a checkpoint alone can sample.
             parser.link_arguments("data", "model.decoder", compute_fn=lambda dm: dm.decoder, apply_on="instantiate")
             parser.set_defaults({"trainer.plugins": [{"class_path": "dico.checkpoints.AtomicCheckpointIO"}]})
-            # The one callback list (loaded like a first -c file) and the named values it reads.
-            parser.add_class_arguments(CallbackSettings, "callback_settings")
-            parser.default_config_files = [str(Path(callbacks_dir.__file__).with_name(CALLBACKS_FILE))]
+            # Every callback under a key of its own (--fid.num_samples 200; --fid null: off), see docs/callbacks.md
+            for key, callback in named_callbacks.CALLBACKS.items():
+                parser.add_subclass_arguments(callback, key, required=False, fail_untyped=False)
+            parser.set_defaults(named_callbacks.parser_defaults())
+            parser.default_config_files = [str(Path(named_callbacks.__file__).with_name(named_callbacks.SETTINGS_FILE))]
 
         def parse_arguments(self, parser, args) -> None:  # type: ignore[no-untyped-def]
             # Lightning reads --ckpt_path's hyper-parameters right after parsing: a truncated or foreign file is
@@ -107,13 +108,18 @@ def build_lightning_cli(argv: list[str], run: bool = True, instantiate: bool = T
                 if compared:
                     print(f"[dico test] {compared['line']}")
 
+        def instantiate_trainer(self, **kwargs):  # type: ignore[no-untyped-def]
+            # trainer.callbacks (further callbacks), then the named ones that are on
+            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            listed = config["trainer"].get("callbacks") or []
+            named = [config[key] for key in named_callbacks.CALLBACKS if config[key] is not None]
+            callbacks = [*(listed if isinstance(listed, list) else [listed]), *named]
+            return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
-            if isinstance(config.trainer.callbacks, list):
-                disabled = config.callback_settings.disabled
-                if config.trainer.logger in (False, []):  # no logger to report learning rates to
-                    disabled = [*disabled, "LearningRateMonitor"]
-                config.trainer.callbacks = active_callbacks(config.trainer.callbacks, disabled)
+            if config.trainer.logger in (False, []):  # no logger to report learning rates to
+                config.lr_monitor = None
             loggers = config.trainer.logger
             for logger in loggers if isinstance(loggers, list) else [loggers]:
                 if getattr(logger, "class_path", None) in csv_loggers:

@@ -49,12 +49,8 @@ def placement(config: dict[str, Any], nodes: int | None, devices: int | None) ->
 
 
 def fid_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """The FIDEvaluation callback's settings of a composed config (empty without one, or when it is off)."""
-    from dico.callbacks.settings import active_callbacks
-
-    disabled = (config.get("callback_settings") or {}).get("disabled") or []
-    callbacks = active_callbacks(config["trainer"].get("callbacks") or [], disabled)
-    return next((cb.get("init_args") or {} for cb in callbacks if cb["class_path"].endswith("FIDEvaluation")), {})
+    """The FID callback's arguments in a composed config (``fid.init_args``; empty when it is off: ``fid: null``)."""
+    return (config.get("fid") or {}).get("init_args") or {}
 
 
 def prepare_reference(config: dict[str, Any]) -> None:

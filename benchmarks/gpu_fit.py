@@ -80,7 +80,7 @@ RUN_DIR = "@RUN_DIR@"  # stands for each fit's run folder in the composed config
 
 
 def composed_config(args: argparse.Namespace) -> dict[str, Any]:
-    """base + overlay (and the one callback list every config composes) as ``cli.py fit --print_config`` resolves
+    """base + overlay (and the named callbacks every config composes) as ``cli.py fit --print_config`` resolves
     them, with the run folder left as :data:`RUN_DIR` and the data at the synthetic cache; cached in the work folder."""
     cached = args.work / "composed.yaml"
     if not cached.exists():
@@ -112,13 +112,9 @@ def wandb_installed() -> bool:
 
 
 def fit_argv(args: argparse.Namespace, precision: str, run_dir: Path, results: Path, launched: float) -> list[str]:
-    """The ``fit`` command line: the paper config, one device, the synthetic data, the config's callbacks minus the
-    FID evaluation plus :class:`FitTimer`, the checkpoint writer timed (:class:`TimedCheckpointIO`)."""
+    """The ``fit`` command line: the paper config, one device, the synthetic data, the config's callbacks without the
+    FID evaluation and with :class:`FitTimer`, the checkpoint writer timed (:class:`TimedCheckpointIO`)."""
     cfg = composed_config(args)
-    callbacks = [c for c in cfg["trainer"]["callbacks"] if not c["class_path"].endswith("FIDEvaluation")]
-    for c in callbacks:  # last.ckpt once, inside the save window after the steady steps (see FitTimer)
-        if c["class_path"].endswith("ModelCheckpoint") and c.get("init_args", {}).get("save_last"):
-            c["init_args"]["every_n_train_steps"] = args.warmup + args.steps + LOG_WINDOW + SAVE_WINDOW // 2
     timer = {"class_path": "gpu_fit.FitTimer", "init_args": {"warmup": args.warmup, "steps": args.steps,
              "results": str(results), "phase": f"fit {precision}", "launched": launched}}  # fmt: skip
     checkpoint_io = {"class_path": "gpu_fit.TimedCheckpointIO",
@@ -138,7 +134,10 @@ def fit_argv(args: argparse.Namespace, precision: str, run_dir: Path, results: P
         # Lightning logs batch b when (b + 1) % log_every_n_steps == 0: once, in the middle of the logging window
         "--trainer.log_every_n_steps", str(args.warmup + args.steps + LOG_WINDOW // 2 + 1),
         "--trainer.default_root_dir", str(run_dir),
-        "--trainer.callbacks", json.dumps(resolve([timer, *callbacks], run_dir)),
+        "--trainer.callbacks", json.dumps([timer]),
+        "--fid", "null",
+        # last.ckpt once, inside the save window after the steady steps (see FitTimer)
+        "--checkpoint.every_n_train_steps", str(args.warmup + args.steps + LOG_WINDOW + SAVE_WINDOW // 2),
         "--trainer.logger", json.dumps(resolve(loggers, run_dir)),
         "--trainer.plugins", json.dumps([checkpoint_io]),
         "--data.init_args.root", str(args.work / "cache"),

@@ -17,7 +17,7 @@ import yaml
 from ablations import compose, stages
 from ablations.budgets import BUDGETS, budget_of
 from ablations.rows import ROOT, rows_of
-from dico.callbacks.settings import active_callbacks
+from dico.callbacks.named import CALLBACKS
 
 RECORD = ROOT / "ablations" / "budgets.py"
 #: string literals equal to a budget name that are not budgets: (file, name) -> how many, and what they are
@@ -87,14 +87,13 @@ def test_each_budget_record_says_what_its_composed_config_does(name, tmp_path):
     [row] = rows_of("4", name, ["DiCo-S"])
     config = compose.resolve(row, tmp_path, [])
     assert config["trainer"]["max_steps"] == budget.steps
-    disabled = config["callback_settings"]["disabled"]
-    active = {cb["class_path"].rsplit(".", 1)[-1] for cb in active_callbacks(config["trainer"]["callbacks"], disabled)}
+    active = {key for key in CALLBACKS if config.get(key)}  # the named callbacks that are on
     fid = compose.fid_settings(config)
     commands = [s[0] for s in stages.stages(row, tmp_path, [])]
     if not budget.trains:
         assert commands == [] and budget.scores == ()
         return
-    assert ("HeldOutLoss" in active) == budget.heldout_loss
+    assert ("heldout_loss" in active) == budget.heldout_loss
     assert bool(fid) == (budget.fid is not None)
     if budget.fid == "test":
         assert fid["test_num_samples"] > 0 and commands == ["fit", "test"]

@@ -378,8 +378,7 @@ def test_report_of_a_budget_scored_by_the_heldout_loss_alone(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ ranks, status
-SMOKE_CONFIG = {"trainer": {"max_steps": 4, "callbacks": [
-    {"class_path": "dico.callbacks.FIDEvaluation", "init_args": {"test_num_samples": 0}}]}}  # fmt: skip
+SMOKE_CONFIG = {"trainer": {"max_steps": 4}, "fid": {"init_args": {"test_num_samples": 0}}}
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -150,8 +150,7 @@ def test_status_tells_the_jobs_state_and_its_real_log(tmp_path, cluster):
 
 
 # ------------------------------------------------------------------------------------ inside the job
-SMOKE = {"trainer": {"max_steps": 4, "callbacks": [
-    {"class_path": "dico.callbacks.FIDEvaluation", "init_args": {"test_num_samples": 0}}]}}  # fmt: skip
+SMOKE = {"trainer": {"max_steps": 4}, "fid": {"init_args": {"test_num_samples": 0}}}
 
 
 @pytest.fixture
@@ -252,10 +251,10 @@ def test_a_job_stopped_by_its_time_limit_resumes_from_the_step_it_reached(in_job
         "6",
         "--trainer.val_check_interval",
         "100",
-        "--callback_settings.checkpoint_every_n_steps",
+        "--checkpoint.every_n_train_steps",
         "100",
-        "--callback_settings.disabled",
-        '["HeldOutLoss", "FIDEvaluation"]',
+        "--fid",
+        "null",
         "--trainer.callbacks+",
         json.dumps(limit),
     ]

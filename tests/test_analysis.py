@@ -332,10 +332,10 @@ def test_tiny_quickstart_is_an_overlay_of_the_quickstart(capsys):
     t = tiny["trainer"]
     assert t["max_steps"] == 40 and t["default_root_dir"] == full["trainer"]["default_root_dir"]
     assert [lg["class_path"].rsplit(".", 1)[-1] for lg in t["logger"]] == ["CSVLogger"]
-    by_name = {cb["class_path"].rsplit(".", 1)[-1]: cb.get("init_args", {}) for cb in t["callbacks"]}
-    assert by_name["FIDEvaluation"]["every_n_steps"] == 20 and by_name["FIDEvaluation"]["num_samples"] == 50
-    assert by_name["ModelCheckpoint"]["every_n_train_steps"] == 40
-    assert by_name["ModelCheckpoint"]["dirpath"] == f"{full['trainer']['default_root_dir']}/checkpoints"
+    fid, checkpoint = tiny["fid"]["init_args"], tiny["checkpoint"]["init_args"]
+    assert fid["every_n_steps"] == 20 and fid["num_samples"] == 50
+    assert checkpoint["every_n_train_steps"] == 40
+    assert checkpoint["dirpath"] == f"{full['trainer']['default_root_dir']}/checkpoints"
     assert tiny["model"]["sampling_steps"] == 10 and tiny["model"]["model"] == full["model"]["model"]
     assert quickstart_args() == ["-c", str(quickstart_config())]
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import cli
+from dico.callbacks.named import CALLBACKS
 from tests.conftest import QUICKSTART, ROOT
 
 
@@ -113,7 +114,7 @@ def test_extract_command_with_the_documented_options(tmp_path, image_folder, tin
 
 
 def printed_config(capsys, *args: str) -> dict:
-    """``cli.py fit ARGS --print_config`` as a dict (interpolations resolved, the one callback list included)."""
+    """``cli.py fit ARGS --print_config`` as a dict (interpolations resolved, the named callbacks included)."""
     import yaml
 
     with pytest.raises(SystemExit):
@@ -134,11 +135,11 @@ def test_the_quickstart_writes_everything_under_default_root_dir(capsys, monkeyp
     monkeypatch.chdir(ROOT)
     root = str(tmp_path / "elsewhere")
     config = printed_config(capsys, "-c", "experiments/quickstart.yaml", "--trainer.default_root_dir", root)
-    paths = [s for s in strings(config["trainer"]) if "/" in s or s.endswith((".npz", ".pt", ".ckpt"))]
+    run = {key: config[key] for key in ("trainer", *CALLBACKS)}  # the trainer and the named callbacks
+    paths = [s for s in strings(run) if "/" in s or s.endswith((".npz", ".pt", ".ckpt"))]
     assert len(paths) >= 5 and all(p.startswith(root) for p in paths), paths
-    by_name = {cb["class_path"].rsplit(".", 1)[-1]: cb.get("init_args") for cb in config["trainer"]["callbacks"]}
-    assert by_name["ModelCheckpoint"]["dirpath"] == f"{root}/checkpoints"
-    assert by_name["FIDEvaluation"]["reference"] == f"{root}/digits-reference.npz"
+    assert config["checkpoint"]["init_args"]["dirpath"] == f"{root}/checkpoints"
+    assert config["fid"]["init_args"]["reference"] == f"{root}/digits-reference.npz"
 
 
 CONFIGS = {
@@ -150,24 +151,88 @@ CONFIGS = {
 }  # fmt: skip
 
 
-def test_every_config_composes_the_one_callback_list(capsys, monkeypatch):
-    """The paper setups, the quickstart (and its CI-sized overlay) and every ablation budget run the callbacks of
-    dico/callbacks/callbacks.yaml, in its order; what differs between them is named values."""
+@pytest.fixture(scope="module")
+def composed() -> dict[str, dict]:
+    """Each of :data:`CONFIGS` as ``cli.py fit --print_config`` composes it."""
+    import contextlib
+    import io
+    import os
+
     import yaml
 
-    monkeypatch.chdir(ROOT)
-    one = yaml.safe_load((ROOT / "dico" / "callbacks" / "callbacks.yaml").read_text())["trainer"]["callbacks"]
-    classes = [cb["class_path"] for cb in one]
-    composed = {name: printed_config(capsys, *args) for name, args in CONFIGS.items()}
-    assert {name: [cb["class_path"] for cb in c["trainer"]["callbacks"]] for name, c in composed.items()} == {
-        name: classes for name in CONFIGS
-    }
-    decays = {name: c["trainer"]["callbacks"][0]["init_args"]["decay"] for name, c in composed.items()}
+    old, printed = os.getcwd(), {}
+    os.chdir(ROOT)
+    try:
+        for name, args in CONFIGS.items():
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+                cli.main(["fit", *args, "--print_config"])
+            printed[name] = yaml.safe_load(out.getvalue())
+    finally:
+        os.chdir(old)
+    return printed
+
+
+def test_every_config_composes_the_one_callback_list(composed):
+    """The paper setups, the quickstart (and its CI-sized overlay) and every ablation budget run the named callbacks
+    of dico/callbacks/named.py, each of its class or off; what differs between them is named values."""
+    import yaml
+
+    from dico.callbacks.named import class_path
+
+    classes = {key: class_path(cls) for key, cls in CALLBACKS.items()}
+    for name, c in composed.items():
+        assert {key: (c[key] or {"class_path": classes[key]})["class_path"] for key in CALLBACKS} == classes, name
+    decays = {name: c["ema"]["init_args"]["decay"] for name, c in composed.items()}
     assert decays["paper"] == 0.9999 and decays["quickstart"] == 0.995 and decays["quickstart-tiny"] == 0.999
     for path in [ROOT / "experiments" / "base.yaml", ROOT / "experiments" / "quickstart.yaml",
                  *(ROOT / "ablations" / "configs" / "budgets").glob("*.yaml"),
                  ROOT / "dico" / "analysis" / "quickstart-tiny.yaml"]:  # fmt: skip
         assert "callbacks" not in (yaml.safe_load(path.read_text()).get("trainer") or {}), path
+
+
+def stated_callback_arguments(path) -> dict[str, dict]:  # type: ignore[no-untyped-def]
+    """The named callbacks' arguments that a YAML file states: ``{key: {argument: value}}``."""
+    import yaml
+
+    config = yaml.safe_load(path.read_text()) or {}
+    return {key: dict(config[key].get("init_args") or {}) for key in CALLBACKS if isinstance(config.get(key), dict)}
+
+
+def test_each_callback_default_is_stated_once(composed):
+    """A callback argument's default is its signature's; a config states only what differs from it (Lightning's own
+    callbacks: dico/callbacks/callbacks.yaml, once for every run). No YAML file restates a signature default, and
+    every composed argument that differs from its signature's is stated by one of the config's files."""
+    import inspect
+
+    import dico.callbacks.named as named
+
+    def signature(key: str) -> dict:
+        parameters = inspect.signature(CALLBACKS[key].__init__).parameters.values()
+        return {  # a YAML list states a tuple default too
+            p.name: list(p.default) if isinstance(p.default, tuple) else p.default
+            for p in parameters
+            if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD
+        }
+
+    table = ROOT / "dico" / "callbacks" / named.SETTINGS_FILE
+    files = [table, *(ROOT / "experiments").glob("*.yaml"), *(ROOT / "ablations" / "configs").rglob("*.yaml")]
+    restated = {}
+    for path in [*files, *(ROOT / "dico" / "analysis").glob("*.yaml")]:
+        for key, stated in stated_callback_arguments(path).items():
+            defaults = signature(key)
+            same = {arg: value for arg, value in stated.items() if arg in defaults and defaults[arg] == value}
+            restated.update({(path.relative_to(ROOT).as_posix(), key, arg): value for arg, value in same.items()})
+    assert restated == {}
+    for name, args in CONFIGS.items():
+        stated: dict[str, set[str]] = {key: set() for key in CALLBACKS}
+        for path in [table, *(ROOT / a for a in args[1::2])]:
+            for key, arguments in stated_callback_arguments(path).items():
+                stated[key] |= set(arguments)
+        for key in CALLBACKS:
+            arguments = (composed[name][key] or {}).get("init_args") or {}
+            differ = {arg for arg, value in arguments.items() if value != signature(key)[arg]}
+            assert differ <= stated[key], (name, key, differ - stated[key])
 
 
 def test_user_errors_are_one_line_naming_the_fix_without_a_traceback(tmp_path, capsys, monkeypatch):
@@ -198,20 +263,21 @@ def test_user_errors_are_one_line_naming_the_fix_without_a_traceback(tmp_path, c
         cli.entry(fit)
 
 
-def test_callback_settings_disabled_leaves_out_callbacks_of_the_one_list(monkeypatch):
-    """``callback_settings.disabled`` names the callbacks a setup runs without: by default the held-out loss (only the
-    crops16 budget scores by it), and a name the list does not hold is refused rather than ignored."""
+def test_a_callback_is_turned_off_and_on_by_name(monkeypatch):
+    """``--fid null`` turns a named callback off, naming its class turns it on (the held-out loss is off by default:
+    only the crops16 budget scores by it), and a name that is not a named callback is refused rather than ignored."""
     from dico.callbacks import EMA, FIDEvaluation, HeldOutLoss
 
     monkeypatch.chdir(ROOT)
     base = ["-c", "experiments/quickstart.yaml", "--trainer.logger", "false"]
     kinds = [type(c) for c in cli.build_lightning_cli(base, run=False).trainer.callbacks]
     assert EMA in kinds and FIDEvaluation in kinds and HeldOutLoss not in kinds
-    built = cli.build_lightning_cli([*base, "--callback_settings.disabled", "[FIDEvaluation]"], run=False)
+    built = cli.build_lightning_cli([*base, "--fid", "null", "--heldout_loss", "HeldOutLoss"], run=False)
     kinds = [type(c) for c in built.trainer.callbacks]
     assert HeldOutLoss in kinds and FIDEvaluation not in kinds and EMA in kinds
-    with pytest.raises(ValueError, match=r"disabled names \['FIDEvaluaton'\], which the callback list does not hold"):
-        cli.build_lightning_cli([*base, "--callback_settings.disabled", "[FIDEvaluaton]"], run=False)
+    with pytest.raises(SystemExit):
+        cli.build_lightning_cli([*base, "--fidd", "null"], run=False)
+
 
 
 PREFIXES = [

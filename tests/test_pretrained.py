@@ -339,10 +339,9 @@ def test_the_test_protocol_on_a_released_file(golden, image_folder, tiny_vae_dir
     assert cli.main(["reference", "--source", str(batch), "--out", str(reference), *spec]) == 0
     config = {
         "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "default_root_dir": str(tmp_path / "run"),
-                    "enable_progress_bar": False, "callbacks": [{"class_path": "dico.callbacks.FIDEvaluation",
-                    "init_args": {"reference": str(reference), "weights_path": str(inception_weights),
-                                  "test_num_samples": 4, "batch_size": 2, "test_steps": STEPS,
-                                  "labels": "balanced"}}]},
+                    "enable_progress_bar": False},
+        "fid": {"init_args": {"reference": str(reference), "weights_path": str(inception_weights),
+                              "test_num_samples": 4, "batch_size": 2, "test_steps": STEPS, "labels": "balanced"}},
         "model": {"model": "DiCo-S", "cfg_scale": 1.0,
                   "model_kwargs": {"hidden_size": 32, "depth": [1] * 5, "num_classes": 2, "input_size": 8}},
         "data": {"class_path": "dico.data.LatentDataModule",

@@ -43,16 +43,16 @@ def uniform_labels(count: int, batch_size: int, seed: int) -> list[int]:
 
 
 def fid_settings(config: dict) -> dict:
-    """The config's named values of the one callback list (``callback_settings``), FIDEvaluation's ones."""
-    return config["callback_settings"]
+    """The config's arguments of the FID callback (``fid.init_args``)."""
+    return config["fid"]["init_args"]
 
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("quickstart")
     config = yaml.safe_load(QUICKSTART.read_text())
-    assert fid_settings(config)["fid_steps"] == config["model"]["sampling_steps"] == 50
-    fid_settings(config)["fid_steps"] = SAMPLING_STEPS
+    assert fid_settings(config)["steps"] == config["model"]["sampling_steps"] == 50
+    fid_settings(config)["steps"] = SAMPLING_STEPS
     (root / "quickstart.yaml").write_text(yaml.safe_dump(config))
     run(root, "fit", "-c", "quickstart.yaml", "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "200",
         "--trainer.enable_progress_bar", "false", "--model.sampling_steps", str(SAMPLING_STEPS))  # fmt: skip
@@ -99,12 +99,12 @@ def test_test_protocol_writes_its_record_and_samples(quickstart, tmp_path):
     of 10 steps) and records exactly what it ran."""
     config = yaml.safe_load(QUICKSTART.read_text())
     fid = fid_settings(config)
-    assert (fid["fid_test_num_samples"], fid.get("fid_test_sampler", "iddpm"), fid["fid_test_steps"]) == (
+    assert (fid["test_num_samples"], fid.get("test_sampler", "iddpm"), fid["test_steps"]) == (
         500,
         "iddpm",
         100,
     )
-    fid.update(fid_test_num_samples=60, fid_test_steps=10)
+    fid.update(test_num_samples=60, test_steps=10)
     (tmp_path / "quickstart.yaml").write_text(yaml.safe_dump(config))
     shutil.copy(quickstart / "checkpoints" / "last.ckpt", tmp_path / "model.ckpt")
     (tmp_path / "out").mkdir()

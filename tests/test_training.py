@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import cli
 from dico.callbacks import EMA, PreemptionCheckpoint, ema_weights
+from dico.callbacks.named import CALLBACKS
 from dico.checkpoints import AtomicCheckpointIO
 from dico.data import DigitsDataModule
 from dico.module import DiffusionModule, DivergedWeightsError, NonFiniteLossError
@@ -328,15 +329,12 @@ def run_cli(*args: str, cwd: Path) -> None:
         os.chdir(old)
 
 
-# The quickstart config with a tiny model and only the callbacks these tests need (the quickstart's end-to-end test
-# runs its full callback list).
-LIGHT_CALLBACKS = json.dumps([
-    {"class_path": "dico.callbacks.EMA", "init_args": {"decay": 0.9}},
-    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-     "init_args": {"dirpath": "runs/quickstart/checkpoints", "save_last": True}},
-])  # fmt: skip
+# The quickstart config with a tiny model and only the callbacks these tests need, the EMA and last.ckpt (the
+# quickstart's end-to-end test runs all of them).
+OFF = ("grid", "fid", "preemption", "throughput", "lr_monitor")
+LIGHT_CALLBACKS = ["--ema.decay", "0.9", *(arg for key in OFF for arg in (f"--{key}", "null"))]
 TINY_CLI = ["--model.model_kwargs", yaml.safe_dump(TINY_MODEL, default_flow_style=True).strip(),
-            "--model.sampling_steps", "10", "--trainer.callbacks", LIGHT_CALLBACKS]  # fmt: skip
+            "--model.sampling_steps", "10", *LIGHT_CALLBACKS]  # fmt: skip
 
 
 def test_fit_fast_dev_run_through_the_cli(tmp_path):
@@ -380,20 +378,15 @@ def test_preempted_cli_run_exits_non_zero_and_resumes_in_place(tmp_path, monkeyp
         return real_save(self, checkpoint, path, *args, **kwargs)
 
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", spy)
-    callbacks = [
-        {"class_path": "dico.callbacks.EMA", "init_args": {"decay": 0.9}},
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": "runs/quickstart/checkpoints", "save_last": True, "every_n_train_steps": 100}},
-        {"class_path": "dico.callbacks.PreemptionCheckpoint"},
-    ]  # fmt: skip
-    args = ["fit", "-c", str(QUICKSTART), *TINY_CLI[:-2], "--trainer.max_steps", "4", "--trainer.log_every_n_steps",
-            "1", "--data.init_args.batch_size", "16"]  # fmt: skip
-    preempt = [{"class_path": "tests.test_training.SigtermAfter", "init_args": {"batches": 2}}, *callbacks]
+    callbacks = ["--preemption", "PreemptionCheckpoint", "--checkpoint.every_n_train_steps", "100"]
+    args = ["fit", "-c", str(QUICKSTART), *TINY_CLI, *callbacks, "--trainer.max_steps", "4",
+            "--trainer.log_every_n_steps", "1", "--data.init_args.batch_size", "16"]  # fmt: skip
+    preempt = [{"class_path": "tests.test_training.SigtermAfter", "init_args": {"batches": 2}}]
     assert cli_status(*args, "--trainer.callbacks", json.dumps(preempt), cwd=tmp_path) == PREEMPTED_EXIT_CODE
     checkpoints = tmp_path / "runs" / "quickstart" / "checkpoints"
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
     assert saves and all(Path(p).name == "last.ckpt" for p in saves)
-    status = cli_status(*args, "--trainer.callbacks", json.dumps(callbacks), "--ckpt_path", "last", cwd=tmp_path)
+    status = cli_status(*args, "--ckpt_path", "last", cwd=tmp_path)
     assert status in (0, None)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 4
@@ -449,12 +442,12 @@ def test_experiment_configs_parse_and_keep_the_paper_batch(config, capsys, paper
     assert global_batch == recipe["global_batch"]
     assert m["lr"] == recipe["lr"] and list(m["betas"]) == recipe["betas"] and m["weight_decay"] == 0
     assert m["warmup_steps"] == recipe["warmup_steps"]
-    ema = next(c for c in t["callbacks"] if c["class_path"].endswith("EMA"))
-    assert ema["init_args"]["decay"] == recipe.get("ema_decay", 0.9999)
+    assert resolved["ema"]["init_args"]["decay"] == recipe.get("ema_decay", 0.9999)
     # one run folder, named once by the overlay, holds every output
     run_dir = t["default_root_dir"]
     assert run_dir == f"runs/{config.stem}"
-    paths = [c["init_args"]["dirpath"] for c in t["callbacks"] if "dirpath" in c.get("init_args", {})]
+    callbacks = [resolved[key] for key in CALLBACKS if resolved[key]]
+    paths = [c["init_args"]["dirpath"] for c in callbacks if "dirpath" in c.get("init_args", {})]
     paths += [lg["init_args"]["save_dir"] for lg in t["logger"]]
     assert paths and all(p.startswith(run_dir) for p in paths)
 

@@ -70,7 +70,7 @@ def fit_default_callbacks(root: Path, accelerator: str, precision: str, first: C
     import yaml
 
     from cli import build_lightning_cli
-    from dico.callbacks.settings import CALLBACKS_FILE, CallbackSettings
+    from dico.callbacks.named import CALLBACKS, OFF
     from tests.conftest import QUICKSTART
 
     run = root / precision  # the digits FID's reference and classifier: made once in root
@@ -80,9 +80,9 @@ def fit_default_callbacks(root: Path, accelerator: str, precision: str, first: C
         str(QUICKSTART),
         "--model.model_kwargs",
         yaml.safe_dump(TINY_MODEL, default_flow_style=True),
-        "--callback_settings.fid_reference",
+        "--fid.reference",
         str(root / "digits-reference.npz"),
-        "--callback_settings.fid_weights_path",
+        "--fid.weights_path",
         str(root / "digits-classifier.pt"),
         "--trainer.default_root_dir",
         str(run),
@@ -100,19 +100,18 @@ def fit_default_callbacks(root: Path, accelerator: str, precision: str, first: C
         json.dumps(logger),
         "--trainer.enable_progress_bar",
         "true",
-        "--callback_settings.fid_at_start",
+        "--fid.at_start",
         "false",
-        "--callback_settings.fid_every_n_steps",
+        "--fid.every_n_steps",
         "0",
-        "--callback_settings.grid_final_per_class",
+        "--grid.final_per_class",
         "0",
         "--data.init_args.batch_size",
         "64",
     ]
     cli = build_lightning_cli(argv, run=False)
     callbacks = cli.trainer.callbacks
-    one_list = yaml.safe_load((ROOT / "dico" / "callbacks" / CALLBACKS_FILE).read_text())["trainer"]["callbacks"]
-    listed = {c["class_path"].rsplit(".", 1)[-1] for c in one_list} - set(CallbackSettings().disabled)
+    listed = {cls.__name__ for key, cls in CALLBACKS.items() if key not in OFF}
     assert listed <= {type(c).__name__ for c in callbacks}  # the whole list (the progress bar and config saver too)
     callbacks.insert(0, first)
     callbacks.append(last)

@@ -30,10 +30,10 @@ from dico.compat import (
 
 
 class EMA(WeightAveraging):
-    """Exponential moving average with ``decay`` (0.9999 in the paper).
+    """Exponential moving average of the weights.
 
     Args:
-        decay: the EMA decay per optimizer step.
+        decay: the EMA decay per optimizer step (the default is the paper's).
         warmup: use ``min(decay, (1 + n) / (10 + n))`` after n updates, for short runs.
         device: keep the average on this device (e.g. ``"cpu"`` to save accelerator memory, at the cost of copying
             every weight to it after each step); default: the device the model trains on.

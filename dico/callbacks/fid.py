@@ -66,8 +66,8 @@ class FIDEvaluation(Callback):
         weights_path: str | None = None,
         every_n_steps: int = 50_000,
         at_start: bool = False,
-        num_samples: int = 1000,
-        batch_size: int = 64,
+        num_samples: int = 5000,
+        batch_size: int = 125,
         sampler: str | None = None,
         steps: int | None = None,
         cfg_scale: float | None = None,
@@ -108,8 +108,8 @@ class FIDEvaluation(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "test" and self.test_set is None:
             raise ValueError(
-                "FIDEvaluation has test_num_samples=0 (test protocol off); set test_num_samples in the config's "
-                "FIDEvaluation callback (the paper's protocol: 50000) to score this checkpoint"
+                "FIDEvaluation has test_num_samples=0 (test protocol off); set --fid.test_num_samples (the paper's "
+                "protocol: 50000) to score this checkpoint"
             )
         if stage in ("fit", "test"):
             count = len(self.reference(trainer, pl_module).features)
@@ -133,8 +133,10 @@ class FIDEvaluation(Callback):
             self._reference = Reference.load(path)
             self._reference.check(self._featurizer.identity)
             if self.reference_source is not None:  # a cached reference must be the one of reference_source
-                fix = (f"delete {path} to recompute it from {self.reference_source}, or set the FIDEvaluation "
-                       "reference to another file")  # fmt: skip
+                fix = (
+                    f"delete {path} to recompute it from {self.reference_source}, "
+                    "or set --fid.reference to another file"
+                )
                 self._reference.check_made_by(self.reference_source, None, self.reference_image_size, fix)
         return self._reference
 

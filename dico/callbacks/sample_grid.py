@@ -33,9 +33,9 @@ class SampleGrid(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 5000,
-        per_class: int = 1,
-        num_classes_shown: int = 10,
+        every_n_steps: int = 10_000,
+        per_class: int = 2,
+        num_classes_shown: int = 16,
         seed: int = 0,
         final_per_class: int = 0,
         final_batch_size: int = 256,

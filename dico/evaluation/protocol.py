@@ -74,8 +74,8 @@ def evaluate(
     metric_settings_used(metrics, sample_set.num_samples, len(reference.features))  # too few: refused before sampling
     if sample_set.num_batches < world:
         raise ValueError(
-            f"{sample_set.num_batches} batches of {sample_set.batch_size} cannot feed {world} devices: lower the "
-            "evaluation batch_size or raise num_samples"
+            f"{sample_set.num_batches} batches of {sample_set.batch_size} cannot feed {world} devices: lower "
+            "--fid.batch_size or raise --fid.num_samples (--fid.test_num_samples for `test`)"
         )
     sample_set = sample_set.with_options(sample_set.options.resolved(module.hparams))
     key = sample_set.job_key(source)
