@@ -279,7 +279,6 @@ def test_a_callback_is_turned_off_and_on_by_name(monkeypatch):
         cli.build_lightning_cli([*base, "--fidd", "null"], run=False)
 
 
-
 PREFIXES = [
     (["sample", "--cfg", "2"], "--cfg"),
     (["model-info", "--model", "DiCo-S", "--js"], "--js"),
