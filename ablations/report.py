@@ -199,6 +199,9 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 #: The per-seed score of a row: CSV column prefix -> the key of ``result.json``'s ``metrics``. The statistics below
 #: are generic over it (a second score, e.g. a held-out loss, is one more entry).
 SCORES = {"fid": "frechet_inception_distance", "heldout_mse": "heldout_mse"}
+#: The scores with an effect size in the paper (its FID ratios), so "seeds needed" has a basis; the held-out MSE has
+#: none (a ratio of losses is not a ratio of FIDs).
+PAPER_EFFECT_SCORES = ("fid",)
 
 #: Pre-declared contrasts (declared before any run, from the paper's claims): (claim, rows as (lower-scoring row,
 #: higher-scoring row) by the paper's FID). Table 4: DiCo-S against every swap, in the paper's order.
@@ -245,9 +248,12 @@ def statistics_lines(table: str, scores: dict[str, dict[int, float]], score: str
         f"- Each claim is a pre-declared paired contrast: the ratio {score}(higher) / {score}(lower) by the paper's "
         f'order, geometric mean over the seeds both rows share, with its two-sided {level} t-interval. "resolved" '
         f"when the interval excludes 1 (false-positive rate {stats.ALPHA:.0%} per contrast on rows that do not "
-        f'differ); otherwise "not resolved", whatever the point estimate. Seeds needed: paired seeds a row for '
-        f"{stats.POWER:.0%} power at the paper's own ratio, given the measured noise.",
-    ]
+        f'differ); otherwise "not resolved", whatever the point estimate. '
+        + (f"Seeds needed: paired seeds a row for {stats.POWER:.0%} power at the paper's own ratio, given the "
+           f"measured noise." if score in PAPER_EFFECT_SCORES else
+           f"No seeds needed are given: the paper reports no {SCORE_NAMES.get(score, score)}, so there is no effect "
+           f"size to power for (its FID ratios are not ratios of this score)."),
+    ]  # fmt: skip
     resolved, tested = [], []
     for claim, pairs in CONTRASTS.get(table, []):
         lines.append(f"- Paper: {claim}:")
@@ -257,7 +263,7 @@ def statistics_lines(table: str, scores: dict[str, dict[int, float]], score: str
             need = stats.seeds_needed(effect, sd) if sd else None
             needed = (
                 ""
-                if sd is None
+                if sd is None or score not in PAPER_EFFECT_SCORES
                 else f"; paper ratio {math.exp(effect):.3f} needs "
                 + (f"{need} paired seeds" if need else f"> {stats.MAX_SEEDS} paired seeds")
             )
@@ -309,7 +315,7 @@ def findings(table: str, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[dict[str, Any]], command: str,
-             left_out: list[str] | None = None) -> str:  # fmt: skip
+             left_out: list[str] | None = None, curves: list[str] | None = None) -> str:  # fmt: skip
     missing = [r["row"] for r in rows if not r["seeds"]]
     dates = [r["finished"] for r in results if r.get("finished")]
     title = f"# Table {table} at the `{budget}` budget" + (" (PARTIAL)" if missing else "")
@@ -336,6 +342,7 @@ def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[
         *table_lines(rows),
     ]  # fmt: skip
     lines += ["", "## What the runs show", "", *findings(table, rows), ""]
+    lines += curves or []  # the contrasts along the way (ablations.curves), when scores were recorded at >= 2 steps
     lines += [
         "Open question, not tuned: the adjusted-shape rows are weakly identified (several depth sets tie on both "
         "counts; Channel-SA keeps 13 of 21 blocks because Restormer's MDTA costs about 4C^2 per block). The paper's "
@@ -381,13 +388,21 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+#: an absolute path of two or more parts, not inside a word, a URL or a relative path (``w/o``, ``https://a/b``)
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~<>-])/[\w.+~-]+(?:/[\w.+~-]*)+")
+_OPTION_PATH = re.compile(r"(--(\w[\w-]*)[ =])" + _ABSOLUTE_PATH.pattern)
+
+
 def portable(text: str, results: list[dict[str, Any]]) -> str:
     """``text`` without this machine's paths: the checkout's prefix dropped, each run folder's ``--out`` as
-    ``<out>`` (a run folder is ``<out>/<budget>/<model>/seed<k>``)."""
+    ``<out>`` (a run folder is ``<out>/<budget>/<model>/seed<k>``), then any other absolute path as the option that
+    names it (``--results /tmp/x`` -> ``--results <results>``) or ``<path>``."""
     outs = {str(Path(r["run_dir"]).parents[2]) for r in results if Path(r.get("run_dir", "")).is_absolute()}
     for out in sorted(outs, key=len, reverse=True):
-        text = text.replace(f"{out}/", "<out>/") if out != str(ROOT / "ablations" / "runs") else text
-    return text.replace(f"{ROOT}/", "")
+        if out != str(ROOT / "ablations" / "runs"):
+            text = re.sub(re.escape(out) + r"(?=/|\s|[`'\")]|$)", "<out>", text, flags=re.M)
+    text = text.replace(f"{ROOT}/", "")
+    return _ABSOLUTE_PATH.sub("<path>", _OPTION_PATH.sub(r"\1<\2>", text))
 
 
 def score_cell(r: dict[str, Any], score: str = "fid") -> str:
@@ -431,9 +446,12 @@ def write_report(table: str, budget: str, results: list[dict[str, Any]], out_dir
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({k: portable(str(v), results) for k, v in r.items()} for r in rows)
+    from ablations.curves import write_curves
+
+    curve_paths, curve_lines = write_curves(table, budget, results, out_dir)
     md_path = out_dir / f"{name}.md"
-    md_path.write_text(markdown(table, budget, rows, results, command, left_out))
-    return [csv_path, md_path, plot(table, budget, rows, out_dir / f"{name}.png")]
+    md_path.write_text(markdown(table, budget, rows, results, command, left_out, curve_lines))
+    return [csv_path, md_path, plot(table, budget, rows, out_dir / f"{name}.png"), *curve_paths]
 
 
 LEGACY_NOTE = (

@@ -15,9 +15,11 @@ This runner only composes those configs, launches them and reads back what they 
 callbacks are the configs'. Runs are keyed by budget, model and seed (``<out>/<budget>/<model>/seed<k>``), so a
 model in both tables trains once; a finished run (``result.json``) is skipped, an interrupted one resumes from
 its ``last.ckpt``. After training, rank 0 alone counts the row and times it against DiCo-S in interleaved turns
-(:mod:`ablations.measure`) and writes ``result.json`` with its provenance (:mod:`ablations.provenance`); the
-tables (``ablations/results/table<T>-<budget>.*``) are rebuilt from the finished runs of the table made by the
-configs as they are now, so runs in parallel invocations do not clobber each other.
+(:mod:`ablations.measure`) and writes ``result.json`` with its provenance (:mod:`ablations.provenance`) and the
+scores it recorded along the way (:mod:`ablations.curves`); the tables (``<out>/results/table<T>-<budget>.*``, or
+``--results``: the committed ones are ``--results ablations/results``) are rebuilt from the finished runs of the
+table made by the configs as they are now, so runs in parallel invocations do not clobber each other; with scores
+at several steps, each contrast also as a curve over the steps (``table<T>-<budget>-curves.*``).
 
 On SLURM (:class:`RowJob`, submitit) a row is submitted once: its ``job.json`` names the job, and a row whose job
 is still queued or running (asked through submitit's job object, i.e. ``sacct``) is reported, not resubmitted, from
@@ -192,6 +194,7 @@ def finalize(row: Row, out: Path, config: dict[str, Any], args: argparse.Namespa
     import torch
     import yaml
 
+    from ablations.curves import recorded_scores
     from ablations.measure import counts, machine, throughput_ratio
     from ablations.provenance import provenance
     from dico.models.ablation import VARIANTS
@@ -228,6 +231,7 @@ def finalize(row: Row, out: Path, config: dict[str, Any], args: argparse.Namespa
             eval_samples=record["settings"]["num_samples"],
             feature_extractor=record["feature_extractor"],
         )
+        result["curve"] = recorded_scores(run_dir)  # the scores along the way (ablations.curves)
         result["wandb"] = wandb_link(run_dir)
         result["test_samples"] = drop_test_samples(run_dir, keep=getattr(args, "keep_test_samples", False))
     result["provenance"] = provenance(row, run_dir, getattr(args, "overrides", []), record)
@@ -704,7 +708,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (seed_everything) of every row (default: 0; collect: "
                    "every seed found)")  # fmt: skip
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="run folders: <out>/<budget>/<model>/seed<k>")
-    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="tables and plots")
+    p.add_argument("--results", type=Path, help="tables and plots (default: <out>/results; the committed ones: "
+                   f"--results {DEFAULT_RESULTS.relative_to(ROOT)})")  # fmt: skip
     p.add_argument("--launcher", choices=["local", "slurm"], default="local")
     p.add_argument("--devices", type=int, help="local: devices per row (the global batch is kept)")
     p.add_argument("--nodes", type=int, help="slurm: nodes per row (default: the config's trainer.num_nodes; the "
@@ -751,6 +756,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     out = args.out.resolve()
+    args.results = args.results or out / "results"  # never the committed tables unless asked for
     rows = rows_of(args.table, args.budget, args.rows, args.seeds or [0])
     command = "python ablations/run.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     args.command_line = command

@@ -29,6 +29,7 @@ class CallbackSettings:
             ``every_n_steps``, ``per_class`` (0: no grids), ``num_classes_shown`` and ``final_per_class``.
         fid_*: :class:`~dico.callbacks.FIDEvaluation`'s arguments of the same names (``fid_reference`` is its
             ``reference``).
+        heldout_steps: :class:`~dico.callbacks.HeldOutLoss`'s ``steps`` (the held-out loss along the way).
         disabled: class names of the list's callbacks this setup runs without (by default the held-out loss, which only
             the crops16 ablation budget scores by; it turns the FID and the sample grids off instead).
     """
@@ -55,6 +56,7 @@ class CallbackSettings:
     fid_test_sampler: str = "iddpm"
     fid_test_steps: int = 250
     fid_test_save_samples: bool = True
+    heldout_steps: list[int] = field(default_factory=list)
     disabled: list[str] = field(default_factory=lambda: ["HeldOutLoss"])
 
 
