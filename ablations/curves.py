@@ -48,12 +48,15 @@ def steps_of(result: Mapping[str, Any], metric: str) -> dict[int, float]:
     return dict(sorted(points.items()))
 
 
-def row_scores(results: Sequence[Mapping[str, Any]], metric: str, key: Any) -> dict[Any, dict[int, dict[int, float]]]:
-    """``{key(result): {step: {seed: score}}}`` over finished runs (``key``: e.g. the run's canonical model)."""
+def row_scores(
+    results: Sequence[Mapping[str, Any]], metric: str, key: Any, shown: str = "{}"
+) -> dict[Any, dict[int, dict[int, float]]]:
+    """``{key(result): {step: {seed: score}}}`` over finished runs (``key``: e.g. the run's canonical model), each
+    score rounded as ``shown`` writes it (the table's per-seed format, so that its last step is the table's)."""
     out: dict[Any, dict[int, dict[int, float]]] = {}
     for r in results:
         for step, value in steps_of(r, metric).items():
-            out.setdefault(key(r), {}).setdefault(step, {})[int(r["seed"])] = value
+            out.setdefault(key(r), {}).setdefault(step, {})[int(r["seed"])] = float(shown.format(value))
     return out
 
 
@@ -78,17 +81,23 @@ class Stability:
 
     def describe(self) -> str:
         if self.verdict == "too few steps":
-            return (f"too few steps for a verdict ({len(self.steps)} in the last half with >= 2 paired seeds; needs "
-                    f"{MIN_LAST_HALF})")  # fmt: skip
+            return (
+                f"too few steps for a verdict ({len(self.steps)} in the last half with >= 2 paired seeds; needs "
+                f"{MIN_LAST_HALF})"
+            )
         where = f"last half, steps {self.steps[0]}-{self.steps[-1]} ({len(self.steps)} steps)"
         side = "agrees" if self.agrees else "disagrees"
         if self.verdict == "stable":
             return f"sign stable over the {where}: {side} at each, every interval excluding 1"
         if self.verdict == "unstable":
-            return (f"sign NOT stable over the {where}: the ratio crosses 1 ({min(self.ratios):.3f} to "
-                    f"{max(self.ratios):.3f})")  # fmt: skip
-        return (f"sign not established over the {where}: on one side of 1 ({side}), but the interval includes 1 at "
-                f"step(s) {', '.join(map(str, self.unresolved))}")  # fmt: skip
+            return (
+                f"sign NOT stable over the {where}: the ratio crosses 1 ({min(self.ratios):.3f} to "
+                f"{max(self.ratios):.3f})"
+            )
+        return (
+            f"sign not established over the {where}: on one side of 1 ({side}), but the interval includes 1 at "
+            f"step(s) {', '.join(map(str, self.unresolved))}"
+        )
 
 
 def sign_stability(points: Sequence[tuple[int, stats.Contrast]]) -> Stability:
@@ -124,24 +133,31 @@ class ContrastCurve:
         return sign_stability(self.points)
 
 
-def contrast_curve(score: str, better: str, a: Mapping[int, Mapping[int, float]], worse: str,
-                   b: Mapping[int, Mapping[int, float]], paper_ratio: float | None = None) -> ContrastCurve:  # fmt: skip
+def contrast_curve(
+    score: str,
+    better: str,
+    a: Mapping[int, Mapping[int, float]],
+    worse: str,
+    b: Mapping[int, Mapping[int, float]],
+    paper_ratio: float | None = None,
+) -> ContrastCurve:
     """``a``, ``b``: ``{step: {seed: score}}`` of the two rows; a point at every step both have a seed."""
     points = tuple((s, stats.paired_contrast(better, a[s], worse, b[s])) for s in sorted(set(a) & set(b)))
     return ContrastCurve(score, better, worse, paper_ratio, tuple((s, c) for s, c in points if c.ratio is not None))
 
 
-def table_curves(table: str, budget: str, results: list[dict[str, Any]]) -> tuple[list[ContrastCurve],
-                                                                                  dict[str, dict[str, Any]]]:  # fmt: skip
+def table_curves(
+    table: str, budget: str, results: list[dict[str, Any]]
+) -> tuple[list[ContrastCurve], dict[str, dict[str, Any]]]:
     """Every pre-declared contrast of the table for every score, and ``{score: {row: {step: {seed: score}}}}``."""
-    from ablations.report import CONTRASTS, SCORES
+    from ablations.report import CONTRASTS, PER_SEED_FORMAT, SCORES
     from ablations.rows import TABLES, canonical, rows_of
     from dico.models.ablation import paper_row
 
     names = {canonical(r.model): r.row for r in rows_of(table, budget)}
     curves, rows = [], {}
     for score, metric in SCORES.items():
-        by_row = row_scores(results, metric, key=lambda r: names.get(canonical(r["model"])))
+        by_row = row_scores(results, metric, lambda r: names.get(canonical(r["model"])), PER_SEED_FORMAT[score])
         by_row.pop(None, None)
         rows[score] = by_row
         for _, pairs in CONTRASTS.get(table, []):
@@ -154,8 +170,19 @@ def table_curves(table: str, budget: str, results: list[dict[str, Any]]) -> tupl
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-CURVE_COLUMNS = ["score", "better", "worse", "step", "paired_seeds", "ratio", "ci_low", "ci_high", "p_value",
-                 "resolved", "paper_ratio"]  # fmt: skip
+CURVE_COLUMNS = [
+    "score",
+    "better",
+    "worse",
+    "step",
+    "paired_seeds",
+    "ratio",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "resolved",
+    "paper_ratio",
+]
 ROW_COLUMNS = ["score", "row", "step", "seeds", "geomean", "ci_low", "ci_high"]
 
 
@@ -164,10 +191,23 @@ def _g(value: float | None) -> str:
 
 
 def curve_rows(curves: list[ContrastCurve]) -> list[dict[str, str]]:
-    return [{"score": c.score, "better": c.better, "worse": c.worse, "step": str(s),
-             "paired_seeds": " ".join(map(str, k.seeds)), "ratio": _g(k.ratio), "ci_low": _g(k.low),
-             "ci_high": _g(k.high), "p_value": _g(k.p_value), "resolved": str(k.resolved),
-             "paper_ratio": _g(c.paper_ratio)} for c in curves for s, k in c.points]  # fmt: skip
+    return [
+        {
+            "score": c.score,
+            "better": c.better,
+            "worse": c.worse,
+            "step": str(s),
+            "paired_seeds": " ".join(map(str, k.seeds)),
+            "ratio": _g(k.ratio),
+            "ci_low": _g(k.low),
+            "ci_high": _g(k.high),
+            "p_value": _g(k.p_value),
+            "resolved": str(k.resolved),
+            "paper_ratio": _g(c.paper_ratio),
+        }
+        for c in curves
+        for s, k in c.points
+    ]
 
 
 def row_curve_rows(rows: dict[str, dict[str, dict[int, dict[int, float]]]]) -> list[dict[str, str]]:
@@ -177,13 +217,23 @@ def row_curve_rows(rows: dict[str, dict[str, dict[int, dict[int, float]]]]) -> l
             for step, seeds in sorted(steps.items()):
                 r = stats.row_interval(seeds)
                 low, high = r.interval() or (None, None)
-                out.append({"score": score, "row": row, "step": str(step), "seeds": " ".join(map(str, r.seeds)),
-                            "geomean": _g(r.geomean), "ci_low": _g(low), "ci_high": _g(high)})  # fmt: skip
+                out.append(
+                    {
+                        "score": score,
+                        "row": row,
+                        "step": str(step),
+                        "seeds": " ".join(map(str, r.seeds)),
+                        "geomean": _g(r.geomean),
+                        "ci_low": _g(low),
+                        "ci_high": _g(high),
+                    }
+                )
     return out
 
 
-def plot_curves(score: str, label: str, curves: list[ContrastCurve], rows: dict[str, dict[int, dict[int, float]]],
-                path: Path) -> Path:  # fmt: skip
+def plot_curves(
+    score: str, label: str, curves: list[ContrastCurve], rows: dict[str, dict[int, dict[int, float]]], path: Path
+) -> Path:
     """One panel of the rows' geometric means over steps, then one per contrast: the ratio against the step with its
     interval band, 1.0 and the paper's ratio as lines, resolved steps filled."""
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
@@ -196,21 +246,32 @@ def plot_curves(score: str, label: str, curves: list[ContrastCurve], rows: dict[
         if len(steps) >= 2:
             xs = sorted(steps)
             axes[0].plot(xs, [stats.row_interval(steps[s]).geomean for s in xs], marker=".", label=row)
-    axes[0].set(xscale="linear", yscale="log", xlabel="step", ylabel=f"{label} (geometric mean over seeds)",
-                title="rows")  # fmt: skip
+    axes[0].set(yscale="log", xlabel="step", ylabel=label, title="rows (geometric mean over seeds)")
     axes[0].legend(fontsize=6)
     for ax, c in zip(axes[1:], curves, strict=False):
         xs = [s for s, _ in c.points]
         ax.plot(xs, [k.ratio for _, k in c.points], color="tab:blue")
         band = [(s, k) for s, k in c.points if k.low is not None]
         if band:
-            ax.fill_between([s for s, _ in band], [k.low for _, k in band], [k.high for _, k in band],  # type: ignore[misc]
-                            color="tab:blue", alpha=0.2, label=f"{1 - stats.ALPHA:.0%} interval")  # fmt: skip
+            ax.fill_between(
+                [s for s, _ in band],
+                [k.low for _, k in band],
+                [k.high for _, k in band],  # type: ignore[misc]
+                color="tab:blue",
+                alpha=0.2,
+                label=f"{1 - stats.ALPHA:.0%} interval",
+            )
         for resolved in (True, False):
             pts = [(s, k.ratio) for s, k in c.points if k.resolved == resolved]
             if pts:
-                ax.scatter(*zip(*pts, strict=True), s=18, color="tab:blue" if resolved else "white",
-                           edgecolors="tab:blue", zorder=3, label="resolved" if resolved else "not resolved")  # fmt: skip
+                ax.scatter(
+                    *zip(*pts, strict=True),
+                    s=18,
+                    color="tab:blue" if resolved else "white",
+                    edgecolors="tab:blue",
+                    zorder=3,
+                    label="resolved" if resolved else "not resolved",
+                )
         ax.axhline(1.0, color="black", lw=0.8)
         if c.paper_ratio is not None:
             ax.axhline(c.paper_ratio, color="tab:red", ls="--", lw=0.8, label="paper (FID)")
@@ -224,27 +285,35 @@ def plot_curves(score: str, label: str, curves: list[ContrastCurve], rows: dict[
     return path
 
 
-def curve_lines(curves: list[ContrastCurve], rows: dict[str, dict[str, dict[int, dict[int, float]]]],
-                names: Mapping[str, str], files: Sequence[str]) -> list[str]:  # fmt: skip
+def curve_lines(
+    curves: list[ContrastCurve],
+    rows: dict[str, dict[str, dict[int, dict[int, float]]]],
+    names: Mapping[str, str],
+    files: Sequence[str],
+) -> list[str]:
     """The report's section: for each score, each contrast's last point, its resolved steps and its sign verdict;
     each row's change over the last half of its steps (has training flattened?)."""
     level = f"{1 - stats.ALPHA:.0%}"
     lines = [
-        "## Along the way: each contrast at every recorded step", "",
+        "## Along the way: each contrast at every recorded step",
+        "",
         f"Each row's score at every recorded step; for each pre-declared contrast, the paired ratio and its {level} "
         f"interval at each step, by the same statistics as the table ({', '.join(f'`{f}`' for f in files)}). A "
         f"contrast's sign is *stable* when at every step of the last half of its tested steps (>= 2 paired seeds) "
         f"the interval excludes 1 on the same side; *not stable* when the ratio crosses 1 there; otherwise not "
         f"established. (Each step at {level}; asking every step of the last half to resolve is stricter than "
-        f"any one.)", "",
-    ]  # fmt: skip
+        f"any one.)",
+        "",
+    ]
     for score in dict.fromkeys(c.score for c in curves):
         lines.append(f"- {names.get(score, score)}:")
         for c in (c for c in curves if c.score == score):
             step, last = c.points[-1]
             resolved = [str(s) for s, k in c.points if k.resolved]
-            lines.append(f"  - {last.describe()} at step {step}; resolved at step(s) "
-                         f"{', '.join(resolved) or 'none'} of {len(c.points)}; {c.stability().describe()}")  # fmt: skip
+            lines.append(
+                f"  - {last.describe()} at step {step}; resolved at step(s) "
+                f"{', '.join(resolved) or 'none'} of {len(c.points)}; {c.stability().describe()}"
+            )
     for score, by_row in rows.items():
         changes = [f"{row} {row_change(steps)}" for row, steps in by_row.items() if len(steps) >= 2]
         if changes:
@@ -259,12 +328,13 @@ def row_change(steps: Mapping[int, Mapping[int, float]]) -> str:
     g = {s: stats.row_interval(steps[s]).geomean for s in xs}
     first, last = xs[(len(xs) - 1) // 2], xs[-1]
     prev = xs[-2]
-    return (f"{g[first]:.4g} at step {first} -> {g[last]:.4g} at step {last} ({g[last] / g[first] - 1:+.1%}; last "
-            f"{last - prev} steps {g[last] / g[prev] - 1:+.1%})")  # fmt: skip
+    return (
+        f"{g[first]:.4g} at step {first} -> {g[last]:.4g} at step {last} ({g[last] / g[first] - 1:+.1%}; last "
+        f"{last - prev} steps {g[last] / g[prev] - 1:+.1%})"
+    )
 
 
-def write_curves(table: str, budget: str, results: list[dict[str, Any]], out_dir: Path) -> tuple[list[Path],
-                                                                                                 list[str]]:  # fmt: skip
+def write_curves(table: str, budget: str, results: list[dict[str, Any]], out_dir: Path) -> tuple[list[Path], list[str]]:
     """``table<T>-<budget>-curves.csv`` (contrasts), ``-row-curves.csv`` and ``-curves-<score>.png`` in ``out_dir``
     and the report's section, when some contrast or row has scores at >= 2 steps; else nothing."""
     from ablations.report import SCORE_NAMES
@@ -276,14 +346,17 @@ def write_curves(table: str, budget: str, results: list[dict[str, Any]], out_dir
         return [], []
     name = f"table{table}-{budget}"
     paths = [out_dir / f"{name}-curves.csv", out_dir / f"{name}-row-curves.csv"]
-    for path, columns, records in ((paths[0], CURVE_COLUMNS, curve_rows(curves)),
-                                   (paths[1], ROW_COLUMNS, row_curve_rows(rows))):  # fmt: skip
+    for path, columns, records in (
+        (paths[0], CURVE_COLUMNS, curve_rows(curves)),
+        (paths[1], ROW_COLUMNS, row_curve_rows(rows)),
+    ):
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(records)
     for score in sorted(rows.keys() | {c.score for c in curves}):
         mine = [c for c in curves if c.score == score]
-        paths.append(plot_curves(score, SCORE_NAMES[score], mine, rows.get(score, {}),
-                                 out_dir / f"{name}-curves-{score}.png"))  # fmt: skip
+        paths.append(
+            plot_curves(score, SCORE_NAMES[score], mine, rows.get(score, {}), out_dir / f"{name}-curves-{score}.png")
+        )
     return paths, curve_lines(curves, rows, SCORE_NAMES, [p.name for p in paths])

@@ -104,10 +104,10 @@ def table_rows(table: str, budget: str, results: list[dict[str, Any]]) -> list[d
                 sdpa_kernel=runs[0].get("sdpa_kernel", ""),
                 fid=round(statistics.mean(fids), 2) if fids else "",
                 fid_spread=round(max(fids) - min(fids), 2) if len(fids) > 1 else "",
-                fid_per_seed=" ".join(f"{f:.2f}" for f in fids),
+                fid_per_seed=" ".join(PER_SEED_FORMAT["fid"].format(f) for f in fids),
                 fid_seeds=" ".join(str(r["seed"]) for r in scored),
                 heldout_mse=_significant(statistics.mean(heldout)) if heldout else "",
-                heldout_mse_per_seed=" ".join(f"{h:.6f}" for h in heldout),
+                heldout_mse_per_seed=" ".join(PER_SEED_FORMAT["heldout_mse"].format(h) for h in heldout),
                 heldout_mse_seeds=" ".join(str(r["seed"]) for r in lossed),
                 eval_samples=runs[0].get("eval_samples", ""), train_steps=runs[0].get("steps", ""),
                 wandb=" ; ".join(r.get("wandb", "") for r in runs if r.get("wandb")),
@@ -199,6 +199,8 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 #: The per-seed score of a row: CSV column prefix -> the key of ``result.json``'s ``metrics``. The statistics below
 #: are generic over it (a second score, e.g. a held-out loss, is one more entry).
 SCORES = {"fid": "frechet_inception_distance", "heldout_mse": "heldout_mse"}
+#: How a per-seed score is written in the table (its statistics are of these values; the curves use the same).
+PER_SEED_FORMAT = {"fid": "{:.2f}", "heldout_mse": "{:.6f}"}
 #: The scores with an effect size in the paper (its FID ratios), so "seeds needed" has a basis; the held-out MSE has
 #: none (a ratio of losses is not a ratio of FIDs).
 PAPER_EFFECT_SCORES = ("fid",)
@@ -242,6 +244,14 @@ def statistics_lines(table: str, scores: dict[str, dict[int, float]], score: str
     paper = {r: paper_row(TABLES[table], r)["fid"] for c in CONTRASTS.get(table, []) for p in c[1] for r in p}
     sd, df = stats.pooled_sd(scores)
     level = f"{1 - stats.ALPHA:.0%}"
+    seeds_needed_note = (
+        f"Seeds needed: paired seeds a row for {stats.POWER:.0%} power at the paper's own ratio, given the measured "
+        f"noise."
+    )
+    no_effect_note = (
+        f"No seeds needed are given: the paper reports no {SCORE_NAMES.get(score, score)}, so there is no effect size "
+        f"to power for (its FID ratios are not ratios of this score)."
+    )
     lines = [
         f"- Per-seed noise: SD of ln({score}) pooled over the rows with >= 2 seeds: "
         + (f"{sd:.3f} ({df} degrees of freedom)" if sd is not None else "not measured (no row has 2 seeds)"),
@@ -249,11 +259,8 @@ def statistics_lines(table: str, scores: dict[str, dict[int, float]], score: str
         f'order, geometric mean over the seeds both rows share, with its two-sided {level} t-interval. "resolved" '
         f"when the interval excludes 1 (false-positive rate {stats.ALPHA:.0%} per contrast on rows that do not "
         f'differ); otherwise "not resolved", whatever the point estimate. '
-        + (f"Seeds needed: paired seeds a row for {stats.POWER:.0%} power at the paper's own ratio, given the "
-           f"measured noise." if score in PAPER_EFFECT_SCORES else
-           f"No seeds needed are given: the paper reports no {SCORE_NAMES.get(score, score)}, so there is no effect "
-           f"size to power for (its FID ratios are not ratios of this score)."),
-    ]  # fmt: skip
+        + (seeds_needed_note if score in PAPER_EFFECT_SCORES else no_effect_note),
+    ]
     resolved, tested = [], []
     for claim, pairs in CONTRASTS.get(table, []):
         lines.append(f"- Paper: {claim}:")

@@ -58,7 +58,6 @@ from ablations.patch_fid import PATCH_FID, score_finished  # noqa: E402
 from ablations.rows import BUDGETS, TABLES, Row, canonical, rows_of  # noqa: E402
 
 DEFAULT_OUT = ROOT / "ablations" / "runs"
-DEFAULT_RESULTS = ROOT / "ablations" / "results"
 REFERENCE_MODEL = "DiCo-S"  # both tables' throughput reference
 #: (forward batch, interleaved turns) of the throughput ratio per budget (the paper: batch 64 on an A100)
 THROUGHPUT = {
@@ -709,7 +708,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "every seed found)")  # fmt: skip
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="run folders: <out>/<budget>/<model>/seed<k>")
     p.add_argument("--results", type=Path, help="tables and plots (default: <out>/results; the committed ones: "
-                   f"--results {DEFAULT_RESULTS.relative_to(ROOT)})")  # fmt: skip
+                   "--results ablations/results)")  # fmt: skip
     p.add_argument("--launcher", choices=["local", "slurm"], default="local")
     p.add_argument("--devices", type=int, help="local: devices per row (the global batch is kept)")
     p.add_argument("--nodes", type=int, help="slurm: nodes per row (default: the config's trainer.num_nodes; the "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,6 +119,8 @@ def test_crops16_budget_composes_every_table4_row(tmp_path, monkeypatch):
         assert built.model.hparams.seed == 3 and dm.seed == 3 and built.trainer.default_root_dir == str(row.run_dir(
             tmp_path))  # fmt: skip
         assert [type(c) for c in built.trainer.callbacks if isinstance(c, HeldOutLoss | FIDEvaluation)] == [HeldOutLoss]
+        [heldout] = [c for c in built.trainer.callbacks if isinstance(c, HeldOutLoss)]
+        assert heldout.steps == set(range(100, 1601, 100))  # every row scored along the way at the same steps
     config = run.resolve(rows[0], tmp_path, [])  # what --dry-run prints: one fit stage per row
     assert [s[0] for s in run.stages(rows[0], tmp_path, [], config)] == ["fit"]
 
@@ -374,6 +378,118 @@ def test_report_of_a_budget_scored_by_the_heldout_loss_alone(tmp_path):
     assert rows["DiCo-S"]["fid"] == "" and float(rows["DiCo-S"]["heldout_mse"]) == pytest.approx(0.0414)
     assert rows["DiCo-S"]["heldout_mse_per_seed"] == "0.041200 0.041600"
     assert "CROPS16 budget" in paths[1].read_text() and "| 0.0414 [" in paths[1].read_text()  # geomean [95% CI]
+
+
+def test_collect_draws_each_contrast_along_the_recorded_steps(tmp_path):
+    """Rows with held-out scores at 8 steps (result.json's curve, as finalize records it): the table is the last
+    step's, and each contrast with both rows gets its paired ratio at every step (CSV), a plot and a verdict on its
+    sign over the last half; rows without a curve (one step) draw none."""
+    ratios = {"w/o CCA": lambda s: 1.03, "CM->Self-Attn": lambda s: 1.09 - 0.12 * s / 800}  # crosses 1 at step 600
+    models = {"DiCo-S": "DiCo-S", "w/o CCA": "DiCo-S-noCCA", "CM->Self-Attn": "DiCo-S-SelfAttn"}
+    rng = np.random.default_rng(0)
+    seed_effect = rng.normal(0, 0.05, 3)
+    results = []
+    for row, model in models.items():
+        for seed in range(3):
+            curve = [
+                {
+                    "step": s,
+                    "metrics": {
+                        "heldout_mse": float(
+                            0.05
+                            * np.exp(-s / 400 + seed_effect[seed])
+                            * (ratios[row](s) if row in ratios else 1.0)
+                            * np.exp(rng.normal(0, 0.002))
+                        )
+                    },
+                }
+                for s in range(100, 801, 100)
+            ]
+            r = fake_result("4", row, model, seed, 0.0, 1.0)
+            r.update(budget="crops16", steps=800, metrics=dict(curve[-1]["metrics"]), curve=curve)
+            results.append(r)
+    paths = report.write_report("4", "crops16", results, tmp_path, "python ablations/run.py collect ...")
+    names = [p.name for p in paths]
+    assert (
+        names[3:]
+        == ["table4-crops16-curves.csv", "table4-crops16-row-curves.csv", "table4-crops16-curves-heldout_mse.png"]
+        and paths[-1].stat().st_size > 0
+    )
+    rows = {r["row"]: r for r in read_csv(paths[0])}
+    assert float(rows["w/o CCA"]["heldout_mse_geomean"]) == pytest.approx(
+        math.exp(np.mean([math.log(r["metrics"]["heldout_mse"]) for r in results if r["row"] == "w/o CCA"])), rel=1e-3
+    )  # the table: the last step
+    points = read_csv(paths[3])
+    assert {(p["worse"], p["better"]) for p in points} == {("w/o CCA", "DiCo-S"), ("CM->Self-Attn", "DiCo-S")}
+    self_attn = [p for p in points if p["worse"] == "CM->Self-Attn"]
+    assert [int(p["step"]) for p in self_attn] == list(range(100, 801, 100))
+    from ablations import stats
+
+    at = {
+        row: {r["seed"]: round(r["curve"][1]["metrics"]["heldout_mse"], 6) for r in results if r["row"] == row}
+        for row in models
+    }  # as the table writes them
+    c = stats.paired_contrast("DiCo-S", at["DiCo-S"], "CM->Self-Attn", at["CM->Self-Attn"])
+    assert float(self_attn[1]["ratio"]) == pytest.approx(c.ratio, rel=1e-5)
+    assert float(self_attn[1]["ci_low"]) == pytest.approx(c.low, rel=1e-5)
+    assert self_attn[1]["resolved"] == str(c.resolved) and self_attn[1]["paired_seeds"] == "0 1 2"
+    table_part, md = paths[1].read_text().split("## Along the way: each contrast at every recorded step")
+    [nocca] = [line for line in md.splitlines() if line.strip().startswith("- w/o CCA / DiCo-S")]
+    assert "sign stable over the last half, steps 500-800 (4 steps): agrees at each" in nocca
+    [nocca_table] = [line for line in table_part.splitlines() if line.strip().startswith("- w/o CCA / DiCo-S")]
+    assert nocca.startswith(nocca_table + " at step 800; resolved at step(s) ")  # the last step is the table's
+    [attn] = [line for line in md.splitlines() if line.strip().startswith("- CM->Self-Attn / DiCo-S")]
+    assert "sign NOT stable over the last half, steps 500-800 (4 steps): the ratio crosses 1" in attn
+    assert "- held-out MSE of each row (geometric mean over seeds): DiCo-S 0.01" in md and " at step 400 -> " in md
+    # one recorded step (an older run, or a budget without a list): no curves
+    for r in results:
+        r.pop("curve")
+    assert len(report.write_report("4", "crops16", results, tmp_path / "one", "collect")) == 3
+
+
+def test_local_runs_write_their_tables_under_their_out_unless_results_is_given(tmp_path, monkeypatch):
+    """A local `collect` (or run) without --results writes under <out>/results, never over the committed tables."""
+    committed = tmp_path / "committed"
+    monkeypatch.setattr(run, "DEFAULT_RESULTS", committed, raising=False)  # (the committed tables: the old default)
+    out = tmp_path / "runs"
+    write_results(out, [fake_result("4", "DiCo-S", "DiCo-S", 0, 50.0, 1.0)])
+    assert run.main(["collect", "--table", "4", "--budget", "proxy", "--out", str(out)]) == 0
+    assert (out / "results" / "table4-proxy.csv").exists() and not committed.exists()
+    assert (
+        run.main(
+            ["collect", "--table", "4", "--budget", "proxy", "--out", str(out), "--results", str(tmp_path / "mine")]
+        )
+        == 0
+    )
+    assert (tmp_path / "mine" / "table4-proxy.md").exists() and not committed.exists()
+
+
+#: an absolute path of this or any machine (not inside a word like w/o, nor a URL)
+MACHINE_PATH = re.compile(r"(?<![\w.:/<-])/(tmp|work|home|Users|scratch|mnt|root|private|var|data)/")
+
+
+def test_reports_hold_no_machine_paths(tmp_path):
+    """The committed reports name no folder of the machine that made them, and a report made from runs and commands
+    with absolute paths (--out, --results, run folders, wandb folders) comes out with <out>, <results>, <path>."""
+    committed = [p for p in (ROOT / "ablations" / "results").iterdir() if p.suffix in (".md", ".csv")]
+    assert committed and [p.name for p in committed if MACHINE_PATH.search(p.read_text())] == []
+    out = tmp_path / "abl" / "runs"
+    r = fake_result("4", "DiCo-S", "DiCo-S", 0, 50.0, 1.0)
+    run_dir = out / "proxy" / "dico-s" / "seed0"
+    r.update(
+        run_dir=str(run_dir),
+        wandb=f"wandb sync {run_dir}/wandb/offline-run-1",
+        command=f"python cli.py fit --trainer.default_root_dir {run_dir}",
+        launched_by=f"python ablations/run.py --table 4 --out {out} --results /home/me/res --cache=/scratch/x/y",
+    )
+    paths = report.write_report("4", "proxy", [r], tmp_path / "res", f"python ablations/run.py collect --out {out}")
+    for path in paths[:2]:
+        text = path.read_text()
+        assert not MACHINE_PATH.search(text) and str(tmp_path) not in text, path
+    md = paths[1].read_text()
+    assert "--out <out> --results <results> --cache=<cache>" in md and "collect --out <out>`" in md
+    assert "(<out>/proxy/dico-s/seed0;" in md and "wandb sync <out>/proxy/dico-s/seed0/wandb/offline-run-1" in md
+    assert "w/o CCA" in md  # words with a slash stay
 
 
 # ------------------------------------------------------------------------------------------ ranks, status
