@@ -621,12 +621,15 @@ def test_crops16_rows_get_a_patch_fid_beside_the_heldout_loss(tmp_path, capsys, 
     out, results = tmp_path / "runs", tmp_path / "results"
     common = ["--table", "4", "--budget", "crops16", "--rows", "DiCo-S", "--out", str(out), "--results", str(results)]
     extra = ["--", "--trainer.max_steps", "3", "--data.init_args.train_per_image", "64",
-             "--data.init_args.heldout_per_image", "8"]  # fmt: skip
+             "--data.init_args.heldout_per_image", "8", "--callback_settings.heldout_steps", "[1, 2]"]  # fmt: skip
     assert run.main([*common, "--throughput-batch", "4", "--throughput-turns", "2", *extra]) == 0
     run_dir = out / "crops16" / "dico-s" / "seed0"
     result = json.loads((run_dir / "result.json").read_text())
     fid = result["metrics"]["frechet_inception_distance"]
     assert fid > 0 and result["metrics"]["heldout_mse"] > 0
+    # the held-out loss along the way, its last step the row's score
+    assert [p["step"] for p in result["curve"]] == [1, 2, 3]
+    assert result["curve"][-1]["metrics"]["heldout_mse"] == result["metrics"]["heldout_mse"]
     assert {k: result["patch_fid"]["settings"][k] for k in ("num_samples", "steps", "labels", "seed")} == {
         "num_samples": 20, "steps": 3, "labels": "balanced", "seed": 0}  # fmt: skip
     prov = result["provenance"]
@@ -642,6 +645,8 @@ def test_crops16_rows_get_a_patch_fid_beside_the_heldout_loss(tmp_path, capsys, 
     [row] = [r for r in read_csv(results / "table4-crops16.csv") if r["row"] == "DiCo-S"]
     assert float(row["fid"]) == pytest.approx(fid, abs=0.01) and row["heldout_mse"] != ""
     assert row["feature_extractor_sha256"] == prov["feature_extractor_sha256"][:16]
+    steps = [r["step"] for r in read_csv(results / "table4-crops16-row-curves.csv") if r["score"] == "heldout_mse"]
+    assert steps == ["1", "2", "3"]
     capsys.readouterr()
     assert run.main(["patch-fid", *common, *extra]) == 0
     assert "patch FID 1/" not in capsys.readouterr().out
