@@ -548,6 +548,14 @@ def test_the_score_is_the_test_record_or_the_final_periodic_one(tmp_path):
     (tmp_path / "eval" / "heldout_step_0000004.json").write_text('{"metrics": {"heldout_mse": 0.5}}')
     assert run.score_record(tmp_path, periodic)["metrics"] == {"frechet_inception_distance": 2.0, "heldout_mse": 0.5}
     assert run.score_record(tmp_path, {"trainer": {"max_steps": 4, "callbacks": []}})["metrics"] == {"heldout_mse": 0.5}
+    # the scores along the way (result.json's curve): the periodic FID and the held-out loss, merged by step
+    from ablations.curves import recorded_scores
+
+    (tmp_path / "eval" / "heldout_step_0000002.json").write_text('{"metrics": {"heldout_mse": 0.7}}')
+    assert recorded_scores(tmp_path) == [
+        {"step": 2, "metrics": {"heldout_mse": 0.7}},
+        {"step": 4, "metrics": {"frechet_inception_distance": 2.0, "heldout_mse": 0.5}},
+    ]
 
 
 def test_structure_budget_counts_full_size_rows_beside_the_paper(tmp_path):
