@@ -311,8 +311,9 @@ def curve_lines(
             step, last = c.points[-1]
             resolved = [str(s) for s, k in c.points if k.resolved]
             lines.append(
-                f"  - {last.describe()} at step {step}; resolved at step(s) "
-                f"{', '.join(resolved) or 'none'} of {len(c.points)}; {c.stability().describe()}"
+                f"  - {last.describe()} at step {step}; resolved at {len(resolved)} of {len(c.points)} steps"
+                + (f" ({', '.join(resolved)})" if resolved else "")
+                + f"; {c.stability().describe()}"
             )
     for score, by_row in rows.items():
         changes = [f"{row} {row_change(steps)}" for row, steps in by_row.items() if len(steps) >= 2]
@@ -322,15 +323,15 @@ def curve_lines(
 
 
 def row_change(steps: Mapping[int, Mapping[int, float]]) -> str:
-    """``0.0412 at step 800 -> 0.0350 at step 1600 (-15.0%; last 100 steps -0.4%)``: over the last half of the
+    """``0.0412 at step 800 -> 0.0350 at step 1600 (-15.0%; steps 1500-1600: -0.4%)``: over the last half of the
     steps, and over the last interval (has it flattened?)."""
     xs = sorted(steps)
     g = {s: stats.row_interval(steps[s]).geomean for s in xs}
     first, last = xs[(len(xs) - 1) // 2], xs[-1]
     prev = xs[-2]
     return (
-        f"{g[first]:.4g} at step {first} -> {g[last]:.4g} at step {last} ({g[last] / g[first] - 1:+.1%}; last "
-        f"{last - prev} steps {g[last] / g[prev] - 1:+.1%})"
+        f"{g[first]:.4g} at step {first} -> {g[last]:.4g} at step {last} ({g[last] / g[first] - 1:+.1%}; steps "
+        f"{prev}-{last}: {g[last] / g[prev] - 1:+.1%})"
     )
 
 

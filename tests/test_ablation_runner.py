@@ -437,7 +437,7 @@ def test_collect_draws_each_contrast_along_the_recorded_steps(tmp_path):
     [nocca] = [line for line in md.splitlines() if line.strip().startswith("- w/o CCA / DiCo-S")]
     assert "sign stable over the last half, steps 500-800 (4 steps): agrees at each" in nocca
     [nocca_table] = [line for line in table_part.splitlines() if line.strip().startswith("- w/o CCA / DiCo-S")]
-    assert nocca.startswith(nocca_table + " at step 800; resolved at step(s) ")  # the last step is the table's
+    assert nocca.startswith(nocca_table + " at step 800; resolved at 8 of 8 steps (100, 200, ")  # the table's
     [attn] = [line for line in md.splitlines() if line.strip().startswith("- CM->Self-Attn / DiCo-S")]
     assert "sign NOT stable over the last half, steps 500-800 (4 steps): the ratio crosses 1" in attn
     assert "- held-out MSE of each row (geometric mean over seeds): DiCo-S 0.01" in md and " at step 400 -> " in md
