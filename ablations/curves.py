@@ -336,8 +336,9 @@ def row_change(steps: Mapping[int, Mapping[int, float]]) -> str:
 
 
 def write_curves(table: str, budget: str, results: list[dict[str, Any]], out_dir: Path) -> tuple[list[Path], list[str]]:
-    """``table<T>-<budget>-curves.csv`` (contrasts), ``-row-curves.csv`` and ``-curves-<score>.png`` in ``out_dir``
-    and the report's section, when some contrast or row has scores at >= 2 steps; else nothing."""
+    """``curves-table<T>-<budget>.csv`` (contrasts), ``-rows.csv`` and ``-<score>.png`` in ``out_dir`` and the
+    report's section, when some contrast or row has scores at >= 2 steps; else nothing. (Not named ``table<T>-*``:
+    :func:`dico.analysis.reports.read_results` reads those as tables.)"""
     from ablations.report import SCORE_NAMES
 
     curves, rows = table_curves(table, budget, results)
@@ -346,7 +347,7 @@ def write_curves(table: str, budget: str, results: list[dict[str, Any]], out_dir
     if not curves and not rows:
         return [], []
     name = f"table{table}-{budget}"
-    paths = [out_dir / f"{name}-curves.csv", out_dir / f"{name}-row-curves.csv"]
+    paths = [out_dir / f"curves-{name}.csv", out_dir / f"curves-{name}-rows.csv"]
     for path, columns, records in (
         (paths[0], CURVE_COLUMNS, curve_rows(curves)),
         (paths[1], ROW_COLUMNS, row_curve_rows(rows)),
@@ -358,6 +359,6 @@ def write_curves(table: str, budget: str, results: list[dict[str, Any]], out_dir
     for score in sorted(rows.keys() | {c.score for c in curves}):
         mine = [c for c in curves if c.score == score]
         paths.append(
-            plot_curves(score, SCORE_NAMES[score], mine, rows.get(score, {}), out_dir / f"{name}-curves-{score}.png")
+            plot_curves(score, SCORE_NAMES[score], mine, rows.get(score, {}), out_dir / f"curves-{name}-{score}.png")
         )
     return paths, curve_lines(curves, rows, SCORE_NAMES, [p.name for p in paths])

@@ -19,7 +19,7 @@ its ``last.ckpt``. After training, rank 0 alone counts the row and times it agai
 scores it recorded along the way (:mod:`ablations.curves`); the tables (``<out>/results/table<T>-<budget>.*``, or
 ``--results``: the committed ones are ``--results ablations/results``) are rebuilt from the finished runs of the
 table made by the configs as they are now, so runs in parallel invocations do not clobber each other; with scores
-at several steps, each contrast also as a curve over the steps (``table<T>-<budget>-curves.*``).
+at several steps, each contrast also as a curve over the steps (``curves-table<T>-<budget>*``).
 
 On SLURM (:class:`RowJob`, submitit) a row is submitted once: its ``job.json`` names the job, and a row whose job
 is still queued or running (asked through submitit's job object, i.e. ``sacct``) is reported, not resubmitted, from

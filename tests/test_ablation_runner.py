@@ -412,9 +412,12 @@ def test_collect_draws_each_contrast_along_the_recorded_steps(tmp_path):
     names = [p.name for p in paths]
     assert (
         names[3:]
-        == ["table4-crops16-curves.csv", "table4-crops16-row-curves.csv", "table4-crops16-curves-heldout_mse.png"]
+        == ["curves-table4-crops16.csv", "curves-table4-crops16-rows.csv", "curves-table4-crops16-heldout_mse.png"]
         and paths[-1].stat().st_size > 0
     )
+    from dico.analysis.reports import read_results
+
+    assert [t.budget for t in read_results(tmp_path)] == ["crops16"]  # the curves are not read as a table
     rows = {r["row"]: r for r in read_csv(paths[0])}
     assert float(rows["w/o CCA"]["heldout_mse_geomean"]) == pytest.approx(
         math.exp(np.mean([math.log(r["metrics"]["heldout_mse"]) for r in results if r["row"] == "w/o CCA"])), rel=1e-3
@@ -653,7 +656,7 @@ def test_crops16_rows_get_a_patch_fid_beside_the_heldout_loss(tmp_path, capsys, 
     [row] = [r for r in read_csv(results / "table4-crops16.csv") if r["row"] == "DiCo-S"]
     assert float(row["fid"]) == pytest.approx(fid, abs=0.01) and row["heldout_mse"] != ""
     assert row["feature_extractor_sha256"] == prov["feature_extractor_sha256"][:16]
-    steps = [r["step"] for r in read_csv(results / "table4-crops16-row-curves.csv") if r["score"] == "heldout_mse"]
+    steps = [r["step"] for r in read_csv(results / "curves-table4-crops16-rows.csv") if r["score"] == "heldout_mse"]
     assert steps == ["1", "2", "3"]
     capsys.readouterr()
     assert run.main(["patch-fid", *common, *extra]) == 0
