@@ -22,6 +22,11 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 #: The per-seed score of a row: CSV column prefix -> the key of ``result.json``'s ``metrics``. The statistics below
 #: are generic over it (a second score, e.g. a held-out loss, is one more entry).
 SCORES = {"fid": "frechet_inception_distance", "heldout_mse": "heldout_mse"}
+#: How a per-seed score is written in the table (its statistics are of these values; the curves use the same).
+PER_SEED_FORMAT = {"fid": "{:.2f}", "heldout_mse": "{:.6f}"}
+#: The scores with an effect size in the paper (its FID ratios), so "seeds needed" has a basis; the held-out MSE has
+#: none (a ratio of losses is not a ratio of FIDs).
+PAPER_EFFECT_SCORES = ("fid",)
 
 #: Pre-declared contrasts (declared before any run, from the paper's claims): (claim, rows as (lower-scoring row,
 #: higher-scoring row) by the paper's FID). Table 4: DiCo-S against every swap, in the paper's order.
@@ -62,14 +67,22 @@ def statistics_lines(table: str, scores: dict[str, dict[int, float]], score: str
     paper = {r: paper_row(TABLES[table], r)["fid"] for c in CONTRASTS.get(table, []) for p in c[1] for r in p}
     sd, df = stats.pooled_sd(scores)
     level = f"{1 - stats.ALPHA:.0%}"
+    seeds_needed_note = (
+        f"Seeds needed: paired seeds a row for {stats.POWER:.0%} power at the paper's own ratio, given the measured "
+        f"noise."
+    )
+    no_effect_note = (
+        f"No seeds needed are given: the paper reports no {SCORE_NAMES.get(score, score)}, so there is no effect size "
+        f"to power for (its FID ratios are not ratios of this score)."
+    )
     lines = [
         f"- Per-seed noise: SD of ln({score}) pooled over the rows with >= 2 seeds: "
         + (f"{sd:.3f} ({df} degrees of freedom)" if sd is not None else "not measured (no row has 2 seeds)"),
         f"- Each claim is a pre-declared paired contrast: the ratio {score}(higher) / {score}(lower) by the paper's "
         f'order, geometric mean over the seeds both rows share, with its two-sided {level} t-interval. "resolved" '
         f"when the interval excludes 1 (false-positive rate {stats.ALPHA:.0%} per contrast on rows that do not "
-        f'differ); otherwise "not resolved", whatever the point estimate. Seeds needed: paired seeds a row for '
-        f"{stats.POWER:.0%} power at the paper's own ratio, given the measured noise.",
+        f'differ); otherwise "not resolved", whatever the point estimate. '
+        + (seeds_needed_note if score in PAPER_EFFECT_SCORES else no_effect_note),
     ]
     resolved, tested = [], []
     for claim, pairs in CONTRASTS.get(table, []):
@@ -80,7 +93,7 @@ def statistics_lines(table: str, scores: dict[str, dict[int, float]], score: str
             need = stats.seeds_needed(effect, sd) if sd else None
             needed = (
                 ""
-                if sd is None
+                if sd is None or score not in PAPER_EFFECT_SCORES
                 else f"; paper ratio {math.exp(effect):.3f} needs "
                 + (f"{need} paired seeds" if need else f"> {stats.MAX_SEEDS} paired seeds")
             )

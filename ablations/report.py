@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from ablations.budgets import budget_of  # noqa: E402
-from ablations.findings import SCORES, findings, per_seed  # noqa: E402
+from ablations.findings import PER_SEED_FORMAT, SCORES, findings, per_seed  # noqa: E402
 from ablations.rows import TABLES, canonical, rows_of  # noqa: E402
 from dico.models.ablation import paper_row  # noqa: E402
 from dico.shape_search import DIGITS_RULE  # noqa: E402
@@ -89,10 +90,10 @@ def table_rows(table: str, budget: str, results: list[dict[str, Any]]) -> list[d
                 sdpa_kernel=runs[0].get("sdpa_kernel", ""),
                 fid=round(statistics.mean(fids), 2) if fids else "",
                 fid_spread=round(max(fids) - min(fids), 2) if len(fids) > 1 else "",
-                fid_per_seed=" ".join(f"{f:.2f}" for f in fids),
+                fid_per_seed=" ".join(PER_SEED_FORMAT["fid"].format(f) for f in fids),
                 fid_seeds=" ".join(str(r["seed"]) for r in scored),
                 heldout_mse=_significant(statistics.mean(heldout)) if heldout else "",
-                heldout_mse_per_seed=" ".join(f"{h:.6f}" for h in heldout),
+                heldout_mse_per_seed=" ".join(PER_SEED_FORMAT["heldout_mse"].format(h) for h in heldout),
                 heldout_mse_seeds=" ".join(str(r["seed"]) for r in lossed),
                 eval_samples=runs[0].get("eval_samples", ""), train_steps=runs[0].get("steps", ""),
                 wandb=" ; ".join(r.get("wandb", "") for r in runs if r.get("wandb")),
@@ -175,7 +176,7 @@ def _significant(value: float) -> float:
 
 
 def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[dict[str, Any]], command: str,
-             left_out: list[str] | None = None) -> str:  # fmt: skip
+             left_out: list[str] | None = None, curves: list[str] | None = None) -> str:  # fmt: skip
     missing = [r["row"] for r in rows if not r["seeds"]]
     dates = [r["finished"] for r in results if r.get("finished")]
     title = f"# Table {table} at the `{budget}` budget" + (" (PARTIAL)" if missing else "")
@@ -202,6 +203,7 @@ def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[
         *table_lines(rows),
     ]  # fmt: skip
     lines += ["", "## What the runs show", "", *findings(table, rows), ""]
+    lines += curves or []  # the contrasts along the way (ablations.curves), when scores were recorded at >= 2 steps
     lines += [
         "Open question, not tuned: the adjusted-shape rows are weakly identified (several depth sets tie on both "
         "counts; Channel-SA keeps 13 of 21 blocks because Restormer's MDTA costs about 4C^2 per block). The paper's "
@@ -246,13 +248,21 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+#: an absolute path of two or more parts, not inside a word, a URL or a relative path (``w/o``, ``https://a/b``)
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~<>-])/[\w.+~-]+(?:/[\w.+~-]*)+")
+_OPTION_PATH = re.compile(r"(--(\w[\w-]*)[ =])" + _ABSOLUTE_PATH.pattern)
+
+
 def portable(text: str, results: list[dict[str, Any]]) -> str:
     """``text`` without this machine's paths: the checkout's prefix dropped, each run folder's ``--out`` as
-    ``<out>`` (a run folder is ``<out>/<budget>/<model>/seed<k>``)."""
+    ``<out>`` (a run folder is ``<out>/<budget>/<model>/seed<k>``), then any other absolute path as the option that
+    names it (``--results /scratch/x`` -> ``--results <results>``) or ``<path>``."""
     outs = {str(Path(r["run_dir"]).parents[2]) for r in results if Path(r.get("run_dir", "")).is_absolute()}
     for out in sorted(outs, key=len, reverse=True):
-        text = text.replace(f"{out}/", "<out>/") if out != str(ROOT / "ablations" / "runs") else text
-    return text.replace(f"{ROOT}/", "")
+        if out != str(ROOT / "ablations" / "runs"):
+            text = re.sub(re.escape(out) + r"(?=/|\s|[`'\")]|$)", "<out>", text, flags=re.M)
+    text = text.replace(f"{ROOT}/", "")
+    return _ABSOLUTE_PATH.sub("<path>", _OPTION_PATH.sub(r"\1<\2>", text))
 
 
 def score_cell(r: dict[str, Any], score: str = "fid") -> str:
@@ -296,9 +306,12 @@ def write_report(table: str, budget: str, results: list[dict[str, Any]], out_dir
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({k: portable(str(v), results) for k, v in r.items()} for r in rows)
+    from ablations.curves import write_curves
+
+    curve_paths, curve_lines = write_curves(table, budget, results, out_dir)
     md_path = out_dir / f"{name}.md"
-    md_path.write_text(markdown(table, budget, rows, results, command, left_out))
-    return [csv_path, md_path, plot(table, budget, rows, out_dir / f"{name}.png")]
+    md_path.write_text(markdown(table, budget, rows, results, command, left_out, curve_lines))
+    return [csv_path, md_path, plot(table, budget, rows, out_dir / f"{name}.png"), *curve_paths]
 
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin command line over restat

@@ -16,9 +16,11 @@ This runner only composes those configs, launches them and reads back what they 
 callbacks are the configs'. Runs are keyed by budget, model and seed (``<out>/<budget>/<model>/seed<k>``), so a
 model in both tables trains once; a finished run (``result.json``) is skipped, an interrupted one resumes from
 its ``last.ckpt``. After training, rank 0 alone counts the row and times it against DiCo-S in interleaved turns
-(:mod:`ablations.measure`) and writes ``result.json`` with its provenance (:mod:`ablations.provenance`); the
-tables (``ablations/results/table<T>-<budget>.*``) are rebuilt from the finished runs of the table made by the
-configs as they are now, so runs in parallel invocations do not clobber each other.
+(:mod:`ablations.measure`) and writes ``result.json`` with its provenance (:mod:`ablations.provenance`) and the
+scores it recorded along the way (:mod:`ablations.curves`); the tables (``<out>/results/table<T>-<budget>.*``, or
+``--results``: the committed ones are ``--results ablations/results``) are rebuilt from the finished runs of the
+table made by the configs as they are now, so runs in parallel invocations do not clobber each other; with scores
+at several steps, each contrast also as a curve over the steps (``curves-table<T>-<budget>*``).
 
 On SLURM (:class:`ablations.slurm.RowJob`, submitit) a row is submitted once and requeues on a time limit or
 preemption, resuming from ``last.ckpt``.
@@ -52,7 +54,6 @@ from ablations.stages import stage_lines  # noqa: E402
 from ablations.status import collect, row_status  # noqa: E402
 
 DEFAULT_OUT = ROOT / "ablations" / "runs"
-DEFAULT_RESULTS = ROOT / "ablations" / "results"
 
 
 def warn_if_inside_checkout(out: Path, args: argparse.Namespace) -> None:
@@ -75,7 +76,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (seed_everything) of every row (default: the budget's, "
                    "ablations/budgets.py; collect: every seed found)")  # fmt: skip
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="run folders: <out>/<budget>/<model>/seed<k>")
-    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="tables and plots")
+    p.add_argument("--results", type=Path, help="tables and plots (default: <out>/results; the committed ones: "
+                   "--results ablations/results)")  # fmt: skip
     p.add_argument("--launcher", choices=["local", "slurm"], default="local")
     p.add_argument("--devices", type=int, help="local: devices per row (the global batch is kept)")
     p.add_argument("--nodes", type=int, help="slurm: nodes per row (default: the config's trainer.num_nodes; the "
@@ -129,6 +131,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     out = args.out.resolve()
+    args.results = args.results or out / "results"  # never the committed tables unless asked for
     budget = budget_of(args.budget)
     rows = rows_of(args.table, args.budget, args.rows, args.seeds or list(budget.seeds))
     command = "python ablations/run.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

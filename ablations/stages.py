@@ -80,6 +80,7 @@ def finalize(row: Row, out: Path, config: dict[str, Any], args: argparse.Namespa
     import torch
     import yaml
 
+    from ablations.curves import recorded_scores
     from ablations.measure import counts, machine, throughput_ratio
     from ablations.provenance import provenance
     from dico.models.ablation import VARIANTS
@@ -117,6 +118,7 @@ def finalize(row: Row, out: Path, config: dict[str, Any], args: argparse.Namespa
             eval_samples=record["settings"]["num_samples"],
             feature_extractor=record["feature_extractor"],
         )
+        result["curve"] = recorded_scores(run_dir)  # the scores along the way (ablations.curves)
         result["wandb"] = wandb_link(run_dir)
         result["test_samples"] = drop_test_samples(run_dir, keep=getattr(args, "keep_test_samples", False))
     result["provenance"] = provenance(row, run_dir, getattr(args, "overrides", []), record)

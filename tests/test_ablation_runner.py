@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,6 +120,8 @@ def test_crops16_budget_composes_every_table4_row(tmp_path, monkeypatch):
         assert built.model.hparams.seed == 3 and dm.seed == 3 and built.trainer.default_root_dir == str(row.run_dir(
             tmp_path))  # fmt: skip
         assert [type(c) for c in built.trainer.callbacks if isinstance(c, HeldOutLoss | FIDEvaluation)] == [HeldOutLoss]
+        [heldout] = [c for c in built.trainer.callbacks if isinstance(c, HeldOutLoss)]
+        assert heldout.steps == set(range(100, 1601, 100))  # every row scored along the way at the same steps
     # what --dry-run prints: one fit stage per row
     assert [s[0] for s in stages.stages(rows[0], tmp_path, [])] == ["fit"]
 
@@ -377,6 +381,122 @@ def test_report_of_a_budget_scored_by_the_heldout_loss_alone(tmp_path):
     assert "CROPS16 budget" in paths[1].read_text() and "| 0.0414 [" in paths[1].read_text()  # geomean [95% CI]
 
 
+def test_collect_draws_each_contrast_along_the_recorded_steps(tmp_path):
+    """Rows with held-out scores at 8 steps (result.json's curve, as finalize records it): the table is the last
+    step's, and each contrast with both rows gets its paired ratio at every step (CSV), a plot and a verdict on its
+    sign over the last half; rows without a curve (one step) draw none."""
+    ratios = {"w/o CCA": lambda s: 1.03, "CM->Self-Attn": lambda s: 1.09 - 0.12 * s / 800}  # crosses 1 at step 600
+    models = {"DiCo-S": "DiCo-S", "w/o CCA": "DiCo-S-noCCA", "CM->Self-Attn": "DiCo-S-SelfAttn"}
+    rng = np.random.default_rng(0)
+    seed_effect = rng.normal(0, 0.05, 3)
+    results = []
+    for row, model in models.items():
+        for seed in range(3):
+            curve = [
+                {
+                    "step": s,
+                    "metrics": {
+                        "heldout_mse": float(
+                            0.05
+                            * np.exp(-s / 400 + seed_effect[seed])
+                            * (ratios[row](s) if row in ratios else 1.0)
+                            * np.exp(rng.normal(0, 0.002))
+                        )
+                    },
+                }
+                for s in range(100, 801, 100)
+            ]
+            r = fake_result("4", row, model, seed, 0.0, 1.0)
+            r.update(budget="crops16", steps=800, metrics=dict(curve[-1]["metrics"]), curve=curve)
+            results.append(r)
+    paths = report.write_report("4", "crops16", results, tmp_path, "python ablations/run.py collect ...")
+    names = [p.name for p in paths]
+    assert (
+        names[3:]
+        == ["curves-table4-crops16.csv", "curves-table4-crops16-rows.csv", "curves-table4-crops16-heldout_mse.png"]
+        and paths[-1].stat().st_size > 0
+    )
+    from dico.analysis.reports import read_results
+
+    assert [t.budget for t in read_results(tmp_path)] == ["crops16"]  # the curves are not read as a table
+    rows = {r["row"]: r for r in read_csv(paths[0])}
+    assert float(rows["w/o CCA"]["heldout_mse_geomean"]) == pytest.approx(
+        math.exp(np.mean([math.log(r["metrics"]["heldout_mse"]) for r in results if r["row"] == "w/o CCA"])), rel=1e-3
+    )  # the table: the last step
+    points = read_csv(paths[3])
+    assert {(p["worse"], p["better"]) for p in points} == {("w/o CCA", "DiCo-S"), ("CM->Self-Attn", "DiCo-S")}
+    self_attn = [p for p in points if p["worse"] == "CM->Self-Attn"]
+    assert [int(p["step"]) for p in self_attn] == list(range(100, 801, 100))
+    from ablations import stats
+
+    at = {
+        row: {r["seed"]: round(r["curve"][1]["metrics"]["heldout_mse"], 6) for r in results if r["row"] == row}
+        for row in models
+    }  # as the table writes them
+    c = stats.paired_contrast("DiCo-S", at["DiCo-S"], "CM->Self-Attn", at["CM->Self-Attn"])
+    assert float(self_attn[1]["ratio"]) == pytest.approx(c.ratio, rel=1e-5)
+    assert float(self_attn[1]["ci_low"]) == pytest.approx(c.low, rel=1e-5)
+    assert self_attn[1]["resolved"] == str(c.resolved) and self_attn[1]["paired_seeds"] == "0 1 2"
+    table_part, md = paths[1].read_text().split("## Along the way: each contrast at every recorded step")
+    [nocca] = [line for line in md.splitlines() if line.strip().startswith("- w/o CCA / DiCo-S")]
+    assert "sign stable over the last half, steps 500-800 (4 steps): agrees at each" in nocca
+    [nocca_table] = [line for line in table_part.splitlines() if line.strip().startswith("- w/o CCA / DiCo-S")]
+    assert nocca.startswith(nocca_table + " at step 800; resolved at 8 of 8 steps (100, 200, ")  # the table's
+    [attn] = [line for line in md.splitlines() if line.strip().startswith("- CM->Self-Attn / DiCo-S")]
+    assert "sign NOT stable over the last half, steps 500-800 (4 steps): the ratio crosses 1" in attn
+    assert "- held-out MSE of each row (geometric mean over seeds): DiCo-S 0.01" in md and " at step 400 -> " in md
+    # one recorded step (an older run, or a budget without a list): no curves
+    for r in results:
+        r.pop("curve")
+    assert len(report.write_report("4", "crops16", results, tmp_path / "one", "collect")) == 3
+
+
+def test_local_runs_write_their_tables_under_their_out_unless_results_is_given(tmp_path, monkeypatch):
+    """A local `collect` (or run) without --results writes under <out>/results, never over the committed tables."""
+    committed = tmp_path / "committed"
+    monkeypatch.setattr(run, "DEFAULT_RESULTS", committed, raising=False)  # (the committed tables: the old default)
+    out = tmp_path / "runs"
+    write_results(out, [fake_result("4", "DiCo-S", "DiCo-S", 0, 50.0, 1.0)])
+    assert run.main(["collect", "--table", "4", "--budget", "proxy", "--out", str(out)]) == 0
+    assert (out / "results" / "table4-proxy.csv").exists() and not committed.exists()
+    assert (
+        run.main(
+            ["collect", "--table", "4", "--budget", "proxy", "--out", str(out), "--results", str(tmp_path / "mine")]
+        )
+        == 0
+    )
+    assert (tmp_path / "mine" / "table4-proxy.md").exists() and not committed.exists()
+
+
+#: an absolute path of this or any machine (not inside a word like w/o, nor a URL)
+MACHINE_PATH = re.compile(r"(?<![\w.:/<-])/(tmp|work|home|Users|scratch|mnt|root|private|var|data)/")
+
+
+def test_reports_hold_no_machine_paths(tmp_path):
+    """The committed reports name no folder of the machine that made them, and a report made from runs and commands
+    with absolute paths (--out, --results, run folders, wandb folders) comes out with <out>, <results>, <path>."""
+    committed = [p for p in (ROOT / "ablations" / "results").iterdir() if p.suffix in (".md", ".csv")]
+    assert committed and [p.name for p in committed if MACHINE_PATH.search(p.read_text())] == []
+    out = tmp_path / "abl" / "runs"
+    r = fake_result("4", "DiCo-S", "DiCo-S", 0, 50.0, 1.0)
+    run_dir = out / "proxy" / "dico-s" / "seed0"
+    home_results = "/".join(["", "home", "me", "res"])  # not spelled out: tests/test_docs.py checks this file too
+    r.update(
+        run_dir=str(run_dir),
+        wandb=f"wandb sync {run_dir}/wandb/offline-run-1",
+        command=f"python cli.py fit --trainer.default_root_dir {run_dir}",
+        launched_by=f"python ablations/run.py --table 4 --out {out} --results {home_results} --cache=/scratch/x/y",
+    )
+    paths = report.write_report("4", "proxy", [r], tmp_path / "res", f"python ablations/run.py collect --out {out}")
+    for path in paths[:2]:
+        text = path.read_text()
+        assert not MACHINE_PATH.search(text) and str(tmp_path) not in text, path
+    md = paths[1].read_text()
+    assert "--out <out> --results <results> --cache=<cache>" in md and "collect --out <out>`" in md
+    assert "(<out>/proxy/dico-s/seed0;" in md and "wandb sync <out>/proxy/dico-s/seed0/wandb/offline-run-1" in md
+    assert "w/o CCA" in md  # words with a slash stay
+
+
 # ------------------------------------------------------------------------------------------ ranks, status
 SMOKE_CONFIG = {"trainer": {"max_steps": 4}, "fid": {"init_args": {"test_num_samples": 0}}}
 
@@ -431,6 +551,14 @@ def test_the_score_is_the_test_record_or_the_final_periodic_one(tmp_path):
     both = {"frechet_inception_distance": 2.0, "heldout_mse": 0.5}
     assert stages.score_record(tmp_path, periodic, 4)["metrics"] == both
     assert stages.score_record(tmp_path, no_fid, 4)["metrics"] == {"heldout_mse": 0.5}
+    # the scores along the way (result.json's curve): the periodic FID and the held-out loss, merged by step
+    from ablations.curves import recorded_scores
+
+    (tmp_path / "eval" / "heldout_step_0000002.json").write_text('{"metrics": {"heldout_mse": 0.7}}')
+    assert recorded_scores(tmp_path) == [
+        {"step": 2, "metrics": {"heldout_mse": 0.7}},
+        {"step": 4, "metrics": {"frechet_inception_distance": 2.0, "heldout_mse": 0.5}},
+    ]
 
 
 def test_structure_budget_counts_full_size_rows_beside_the_paper(tmp_path):
@@ -504,12 +632,15 @@ def test_crops16_rows_get_a_patch_fid_beside_the_heldout_loss(tmp_path, capsys, 
     out, results = tmp_path / "runs", tmp_path / "results"
     common = ["--table", "4", "--budget", "crops16", "--rows", "DiCo-S", "--out", str(out), "--results", str(results)]
     extra = ["--", "--trainer.max_steps", "3", "--data.init_args.train_per_image", "64",
-             "--data.init_args.heldout_per_image", "8"]  # fmt: skip
+             "--data.init_args.heldout_per_image", "8", "--heldout_loss.steps", "[1, 2]"]  # fmt: skip
     assert run.main([*common, "--throughput-batch", "4", "--throughput-turns", "2", *extra]) == 0
     run_dir = out / "crops16" / "dico-s" / "seed0"
     result = json.loads((run_dir / "result.json").read_text())
     fid = result["metrics"]["frechet_inception_distance"]
     assert fid > 0 and result["metrics"]["heldout_mse"] > 0
+    # the held-out loss along the way, its last step the row's score
+    assert [p["step"] for p in result["curve"]] == [1, 2, 3]
+    assert result["curve"][-1]["metrics"]["heldout_mse"] == result["metrics"]["heldout_mse"]
     assert {k: result["patch_fid"]["settings"][k] for k in ("num_samples", "steps", "labels", "seed")} == {
         "num_samples": 20, "steps": 3, "labels": "balanced", "seed": 0}  # fmt: skip
     prov = result["provenance"]
@@ -525,6 +656,8 @@ def test_crops16_rows_get_a_patch_fid_beside_the_heldout_loss(tmp_path, capsys, 
     [row] = [r for r in read_csv(results / "table4-crops16.csv") if r["row"] == "DiCo-S"]
     assert float(row["fid"]) == pytest.approx(fid, abs=0.01) and row["heldout_mse"] != ""
     assert row["feature_extractor_sha256"] == prov["feature_extractor_sha256"][:16]
+    steps = [r["step"] for r in read_csv(results / "curves-table4-crops16-rows.csv") if r["score"] == "heldout_mse"]
+    assert steps == ["1", "2", "3"]
     capsys.readouterr()
     assert run.main(["patch-fid", *common, *extra]) == 0
     assert "patch FID 1/" not in capsys.readouterr().out

@@ -137,3 +137,73 @@ def test_holm_holds_the_family_of_contrasts_to_5_percent():
         any_single += any(c.resolved for c in contrasts)
     assert family_errors / trials <= binomial_ceiling(stats.ALPHA, trials)
     assert any_single / trials > 0.3  # why the family-wise line is there
+
+
+def test_heldout_mse_contrasts_give_no_seeds_needed_without_a_paper_effect_size():
+    """The paper reports FIDs: its ratios size "seeds needed" for the FID, not for the held-out MSE (no basis)."""
+    scores = {"DiCo-S": {0: 0.050, 1: 0.060, 2: 0.055}, "w/o CCA": {0: 0.055, 1: 0.066, 2: 0.0605}}
+    fid = "\n".join(findings.statistics_lines("4", scores, "fid"))
+    mse = "\n".join(findings.statistics_lines("4", scores, "heldout_mse"))
+    assert "paired seeds" in fid and "paper ratio 1.096 needs" in fid
+    assert "paper ratio" not in mse and "Seeds needed" not in mse and "paired seeds a row" not in mse
+    assert "the paper reports no held-out MSE, so there is no effect size to power for" in mse
+    assert "w/o CCA / DiCo-S = 1.100" in mse and "resolved: agrees" in mse  # the contrast itself is unchanged
+
+
+# ------------------------------------------------------------------------------------- contrasts over steps
+STEPS = list(range(100, 1001, 100))
+
+
+def synthetic_rows(ratios: dict[int, float], noise: float, seeds: int = 4, rng_seed: int = 0) -> tuple[dict, dict]:
+    """{step: {seed: score}} of a reference row (a falling loss, seed effects shared by both rows: the pairing) and of
+    a row whose ratio to it at each step is ``ratios[step]`` times paired noise of SD ``noise`` in ln(score)."""
+    rng = np.random.default_rng(rng_seed)
+    a, b = {}, {}
+    for step, ratio in ratios.items():
+        base = 0.05 * math.exp(-step / 800) * np.exp(rng.normal(0, 0.05, seeds))
+        a[step] = dict(enumerate(base.tolist()))
+        b[step] = dict(enumerate((base * ratio * np.exp(rng.normal(0, noise, seeds))).tolist()))
+    return a, b
+
+
+def test_a_contrast_that_crosses_1_is_unstable_and_one_resolved_on_one_side_is_stable():
+    """On synthetic scores along 10 steps: a ratio drifting from 1.09 to 0.95 (below 1 from step 700) crosses 1 in
+    the last half (steps 600-1000): unstable; a ratio of 0.98 early then 1.04 from step 400, with noise small enough
+    that every interval of the last half excludes 1: stable (agrees), whatever the early steps did; a ratio of 1.02
+    in noise that hides it at some steps: one side, not established; two steps: too few for a verdict."""
+    from ablations import curves
+
+    drift = {s: 1.09 - 0.14 * (s - 100) / 900 for s in STEPS}
+    a, b = synthetic_rows(drift, noise=0.004)
+    crossing = curves.contrast_curve("heldout_mse", "DiCo-S", a, "CM->Self-Attn", b, paper_ratio=1.13)
+    verdict = crossing.stability()
+    assert [s for s, _ in crossing.points] == STEPS and verdict.steps == (600, 700, 800, 900, 1000)
+    assert verdict.verdict == "unstable" and not verdict.stable
+    assert min(verdict.ratios) < 1 < max(verdict.ratios)
+    assert "sign NOT stable over the last half, steps 600-1000 (5 steps): the ratio crosses 1" in verdict.describe()
+    # each point is the tables' paired contrast of that step's seeds
+    assert crossing.points[3][1] == stats.paired_contrast("DiCo-S", a[400], "CM->Self-Attn", b[400])
+
+    late = {s: 0.98 if s < 400 else 1.04 for s in STEPS}
+    a, b = synthetic_rows(late, noise=0.004, rng_seed=1)
+    steady = curves.contrast_curve("heldout_mse", "DiCo-S", a, "w/o CCA", b).stability()
+    assert steady.verdict == "stable" and steady.stable and steady.agrees is True
+    assert all(c.low > 1 for s, c in curves.contrast_curve("x", "A", a, "B", b).points if s >= 600)
+    assert "sign stable over the last half, steps 600-1000 (5 steps): agrees at each" in steady.describe()
+    # the same below 1 throughout: stable, disagrees
+    a, b = synthetic_rows(dict.fromkeys(STEPS, 0.96), noise=0.004, rng_seed=2)
+    below = curves.contrast_curve("heldout_mse", "DiCo-S", a, "w/o CCA", b).stability()
+    assert below.verdict == "stable" and below.agrees is False
+
+    a, b = synthetic_rows(dict.fromkeys(STEPS, 1.02), noise=0.01)
+    faint = curves.contrast_curve("heldout_mse", "DiCo-S", a, "w/o CCA", b)
+    verdict = faint.stability()
+    assert verdict.verdict == "not established" and verdict.agrees is True and not verdict.stable
+    assert verdict.unresolved == tuple(s for s, c in faint.points if s >= 600 and c.low <= 1) != ()
+
+    a, b = synthetic_rows({100: 1.04, 200: 1.04}, noise=0.004)
+    short = curves.contrast_curve("heldout_mse", "DiCo-S", a, "w/o CCA", b).stability()
+    assert short.verdict == "too few steps" and not short.stable
+    # one seed a step: no interval, so no step is tested
+    one = curves.contrast_curve("x", "A", {s: {0: 1.0} for s in STEPS}, "B", {s: {0: 1.1} for s in STEPS})
+    assert one.stability().verdict == "too few steps" and len(one.points) == len(STEPS)

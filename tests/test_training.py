@@ -665,3 +665,32 @@ def test_heldout_loss_scores_the_ema_weights_the_same_in_fit_and_test_and_moves_
            ckpt_path=str(tmp_path / "a" / "checkpoints" / "last.ckpt"), verbose=False)  # fmt: skip
     tested = json.loads((tmp_path / "a" / "test" / "heldout.json").read_text())
     assert tested["metrics"] == first["metrics"] and tested["step"] == 2
+
+
+def test_heldout_loss_at_a_list_of_steps_keeps_the_scores_made_before_a_resume(tmp_path):
+    """HeldOutLoss(steps=...) scores at each listed step (and at the end); a run stopped at step 3 and resumed from
+    its last.ckpt to step 5 keeps the files of steps 1-3 as they were and adds 4 and 5: the row's scores along the
+    way (ablations.curves.recorded_scores) are every step's, each made once."""
+    from ablations.curves import recorded_scores
+    from dico.callbacks import HeldOutLoss
+    from dico.data import ImageCropsDataModule
+
+    def fit(max_steps: int, ckpt_path: Path | None = None) -> None:
+        keeper = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+        heldout = HeldOutLoss(timesteps_per_sample=2, batch_size=32, steps=[1, 2, 4, 9])
+        torch.manual_seed(0)
+        module = DiffusionModule("DiCo-S", model_kwargs={**TINY_MODEL, "input_size": 16}, lr=1e-3, seed=0)
+        data = ImageCropsDataModule(train_per_image=8, heldout_per_image=4, batch_size=16, seed=0)
+        trainer(tmp_path, max_steps, [EMA(decay=0.9), heldout, keeper]).fit(module, data, ckpt_path=ckpt_path)
+
+    fit(3)
+    first = {p.name: p.read_text() for p in (tmp_path / "eval").glob("heldout_step_*.json")}
+    assert sorted(first) == [f"heldout_step_000000{s}.json" for s in (1, 2, 3)]
+    fit(5, tmp_path / "checkpoints" / "last.ckpt")
+    assert {name: (tmp_path / "eval" / name).read_text() for name in first} == first  # kept, not rescored
+    curve = recorded_scores(tmp_path)
+    assert [p["step"] for p in curve] == [1, 2, 3, 4, 5]
+    assert all(set(p["metrics"]) == {"heldout_loss", "heldout_mse", "heldout_vb"} for p in curve)
+    assert len({p["metrics"]["heldout_mse"] for p in curve}) == 5  # each step's own weights
+    with pytest.raises(ValueError, match="steps must be optimizer steps >= 1"):
+        HeldOutLoss(steps=[0, 100])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,27 +22,34 @@ class HeldOutLoss(Callback):
     (its validation/test indices; for :class:`~dico.data.ImageCropsDataModule` the fixed held-out crops).
 
     The timesteps and noise come from ``seed`` alone (not the training seed), so the score varies only with the
-    weights: between two training seeds, only through what they trained. Runs at the end of ``fit`` (and every
-    ``every_n_steps`` if > 0) and at the end of ``test``; rank 0 computes it on the whole set and writes
-    ``<run>/eval/heldout_step_N.json`` (fit) or ``<run>/test/heldout.json`` (test): ``metrics``
+    weights: between two training seeds, only through what they trained. Runs at the end of ``fit`` (and at each
+    of ``steps`` and every ``every_n_steps`` if > 0) and at the end of ``test``; rank 0 computes it on the whole set
+    and writes ``<run>/eval/heldout_step_N.json`` (fit) or ``<run>/test/heldout.json`` (test): ``metrics``
     (``heldout_loss``, ``heldout_mse``, ``heldout_vb``), ``settings``, ``step``. Logged as ``eval/heldout_<term>``.
+    The files are the scores along the way: a run resumed from a checkpoint keeps those made before it.
 
     Args:
         timesteps_per_sample: stratified timesteps per held-out sample (one per equal slice of [0, T)).
         seed: the timesteps' offsets and the noise.
         batch_size: forward batch (the score does not depend on it beyond float rounding).
         every_n_steps: also score every n optimizer steps during fit (0: at the end only).
+        steps: also score at these optimizer steps during fit (those beyond ``max_steps`` are never reached), e.g.
+            a fixed list shared by every row of an ablation, so that their scores pair step by step.
     """
 
     def __init__(self, timesteps_per_sample: int = 8, seed: int = 0, batch_size: int = 256,
-                 every_n_steps: int = 0) -> None:  # fmt: skip
+                 every_n_steps: int = 0, steps: Sequence[int] = ()) -> None:  # fmt: skip
         if timesteps_per_sample < 1:
             raise ValueError(f"timesteps_per_sample must be >= 1, got {timesteps_per_sample}")
+        if any(s < 1 for s in steps):
+            raise ValueError(f"steps must be optimizer steps >= 1, got {list(steps)}")
         self.timesteps_per_sample = timesteps_per_sample
         self.seed = seed
         self.batch_size = batch_size
         self.every_n_steps = every_n_steps
+        self.steps = frozenset(steps)
         self._checkpoint_step: int | None = None
+        self._scored_step: int | None = None
 
     def score(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         """The record of the model's current (EMA) weights on the held-out split."""
@@ -88,7 +96,9 @@ class HeldOutLoss(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
         step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != trainer.max_steps:
+        periodic = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
+        if (periodic or step in self.steps) and step not in (trainer.max_steps, self._scored_step):
+            self._scored_step = step  # once a step (several batches end at one step with gradient accumulation)
             self._run(trainer, pl_module, "eval/heldout_step_{step:07d}.json")
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
