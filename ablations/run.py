@@ -220,7 +220,7 @@ def finalize(row: Row, out: Path, config: dict[str, Any], args: argparse.Namespa
     record = None
     if config["trainer"]["max_steps"] != 0:
         record = score_record(run_dir, config)
-        steps = torch.load(last_checkpoint(run_dir), map_location="cpu", weights_only=True)["global_step"]
+        steps = checkpoint_step(run_dir)
         result.update(
             metrics=record["metrics"],
             eval=record["settings"],
@@ -438,12 +438,12 @@ def record_failure(run_dir: Path, *, stage: str, rank: int, error: str, log: Pat
 
 def checkpoint_step(run_dir: Path) -> int | None:
     """The global step of the row's ``last.ckpt`` (None without one)."""
-    import torch
+    from dico.checkpoints import read_checkpoint
 
     path = last_checkpoint(run_dir)
     if not path.exists():
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    return int(read_checkpoint(path)["global_step"])
 
 
 def slurm_parameters(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
