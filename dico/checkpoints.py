@@ -96,6 +96,54 @@ def newest_sound_checkpoint(paths: list[Path], max_abs_weight: float) -> Path | 
     return None
 
 
+def resume_checkpoint(ckpt_path: str | Path | None, folders: list[Path], max_abs_weight: float = 0.0) -> str | None:
+    """``fit --ckpt_path``, resolved and read (``weights_only``) before anything is written: ``last`` becomes the newest
+    ``last*.ckpt`` in ``folders`` (the checkpoint callbacks' folders; it stays ``last`` when there is none, and the run
+    starts afresh), a path must be a dico Lightning checkpoint. A damaged file raises a ValueError naming the newest
+    sound checkpoint in its folder to resume from, so that a requeue loop stops instead of retrying it."""
+    if ckpt_path is None or str(ckpt_path) in ("best", "hpc", "registry") or get_protocol(str(ckpt_path)) != "file":
+        return None if ckpt_path is None else str(ckpt_path)  # Lightning's own lookups and remote files
+    if str(ckpt_path) == "last":
+        found = [p for folder in folders for p in Path(folder).glob("last*.ckpt") if p.is_file()]
+        if not found:
+            return "last"
+        path = max(found, key=lambda p: p.stat().st_mtime)
+    else:
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--ckpt_path {ckpt_path} does not exist: give an existing checkpoint, `--ckpt_path last` to resume "
+                "the newest last.ckpt of the run folder, or no --ckpt_path to start afresh"
+            )
+    try:
+        checkpoint = read_checkpoint(path)
+    except ValueError as e:
+        others = [p for p in path.parent.glob("*.ckpt") if p.resolve() != path.resolve()]
+        good = newest_sound_checkpoint(others, max_abs_weight)
+        fix = f"resume from the newest sound checkpoint with `--ckpt_path {good}`"
+        if good is None:
+            fix = f"no sound checkpoint is left in {path.parent}: move {path.name} away and start afresh"
+        raise ValueError(f"{path} is damaged and cannot be resumed ({str(e).split(': the file')[0]}): {fix}") from e
+    if checkpoint_format(checkpoint) != LIGHTNING:
+        raise ValueError(
+            f"{path} is a published checkpoint, not a dico training run's: --ckpt_path resumes runs; start a run "
+            f"from its weights with --model.pretrained {path}"
+        )
+    return str(path)
+
+
+def remove_partial_saves(folders: list[Path]) -> list[Path]:
+    """Delete the temporary files that killed saves left in ``folders`` (:func:`temp_path_for`); call only while no
+    other process saves there (the run folder's lock is held). Returns what was deleted."""
+    removed = []
+    for folder in folders:
+        if Path(folder).is_dir():
+            for stale in Path(folder).glob(f".*{TEMP_MARK}*"):
+                stale.unlink(missing_ok=True)
+                removed.append(stale)
+    return removed
+
+
 #: What :func:`checkpoint_format` reports.
 LIGHTNING, TRAINING, STATE_DICT = "lightning", "training", "state-dict"
 
@@ -263,8 +311,9 @@ def load_weights(model: nn.Module, loaded: LoadedWeights, configured: str = "the
         raise ValueError(f"{loaded.path.name} does not fit {configured}: {weights_are} ({e})") from e
 
 
-def apply_pretrained(model: nn.Module, source: str, name: str, model_kwargs: dict[str, Any] | None = None,
-                     use_ema: bool = True) -> LoadedWeights:  # fmt: skip
+def apply_pretrained(
+    model: nn.Module, source: str, name: str, model_kwargs: dict[str, Any] | None = None, use_ema: bool = True
+) -> LoadedWeights:
     """Released weights (a release name, or a file in any published format) into ``model``, the backbone
     configured as ``name`` / ``model_kwargs``: the EMA weights, what sampling and the test protocol use. The returned
     record's :meth:`~LoadedWeights.training_weights` are the non-EMA ones of a training checkpoint, to fine-tune."""

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 LEGACY_WANDB_HOST = "https://api.wandb.ai"
 
@@ -133,7 +133,6 @@ class AutoWandbLogger(WandbLogger):
                 f"wandb: logging offline to {Path(save_dir) / 'wandb'} ({reason}). "
                 f"Upload later with `wandb sync {Path(save_dir) / 'wandb'}/offline-run-*`."
             )
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
         # absolute: wandb's service process keeps the working directory it started in, so a relative folder would
         # put a later run of this process (after a chdir) in the first run's folder
         save_dir = str(Path(save_dir).resolve())
@@ -141,6 +140,14 @@ class AutoWandbLogger(WandbLogger):
             project=project, name=name, save_dir=save_dir, group=group, tags=tags, offline=offline,
             log_model=log_model, **kwargs,
         )  # fmt: skip
+
+    @property
+    def experiment(self) -> Any:
+        """Lightning's wandb run, its folder made when the run starts, not when the logger is built: a ``fit`` that
+        fails its checks leaves no folder behind (dico's ``Trainer.fit``)."""
+        if rank_zero_only.rank == 0 and self.save_dir:
+            Path(self.save_dir).mkdir(parents=True, exist_ok=True)
+        return super().experiment
 
 
 class _AppendingExperimentWriter(ExperimentWriter):

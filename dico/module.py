@@ -131,14 +131,20 @@ class DiffusionModule(LightningModule):
         if stage == "fit" and self._training_weights is not None:  # fine-tuning a released training checkpoint
             self.model.load_state_dict(self._training_weights)
             self._training_weights = None
-        # a VAE that cannot be loaded fails here, not at the first sample grid after hours of training
         trainer = attached_trainer(self)
-        callbacks = trainer.callbacks if trainer is not None else []
+        self._check_inputs(trainer.callbacks if trainer is not None else [], trainer.datamodule if trainer else None)
+
+    def check_before_fit(self, trainer: Any, model: Any, datamodule: Any) -> None:
+        """:meth:`setup`'s checks, before ``fit`` writes anything (dico's Trainer calls it)."""
+        self._check_inputs(trainer.callbacks, datamodule)
+
+    def _check_inputs(self, callbacks: list[Any], dm: Any) -> None:
+        """The VAE that decodes samples can be loaded; the data's shape and classes fit the model."""
+        # a VAE that cannot be loaded fails here, not at the first sample grid after hours of training
         if self.decoder_spec.get("kind") == "vae" and any(getattr(c, "decodes_samples", False) for c in callbacks):
             from dico.pretrained import check_vae_available
 
             check_vae_available(self.decoder_spec["vae"], "--data.init_args.vae PATH")
-        dm = trainer.datamodule if trainer is not None else None
         if dm is None or not hasattr(dm, "sample_shape"):
             return
         c, h, w = dm.sample_shape

@@ -69,3 +69,15 @@ def show_traceback(environ: Mapping[str, str] = os.environ) -> bool:
     """``DICO_TRACEBACK=1``: the command line shows the traceback of an error from user input (a bad option, file or
     config value) instead of its one-line message."""
     return environ.get("DICO_TRACEBACK", "0") not in ("0", "", "false", "False")
+
+
+def slurm_job_id(environ: Mapping[str, str] = os.environ) -> int | None:
+    """This SLURM job's id (``SLURM_JOB_ID``; unique per array task), with Lightning's meaning
+    (``SLURMEnvironment.job_id``): None outside SLURM and in an interactive allocation (job name ``bash`` or
+    ``interactive``). Read here without importing Lightning, for the run-folder lock."""
+    if environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    try:
+        return int(environ["SLURM_JOB_ID"])
+    except (KeyError, ValueError):
+        return None
