@@ -110,8 +110,7 @@ def acquire(folder: Path) -> Holder:
             return me
         holder = read_holder(lock)
         if holder is None:
-            if lock.exists() and time.time() - lock.stat().st_mtime < 5:  # another run is writing it right now
-                time.sleep(1)
+            if not lock.exists():
                 continue
             reason = "it names no run"
         elif (reason := holder.why_stale(lock)) is None:
@@ -121,12 +120,17 @@ def acquire(folder: Path) -> Holder:
             )
         moved = lock.with_name(f"{lock.name}.stale-{me.host}-{me.pid}")
         try:
-            os.rename(lock, moved)  # one of several runs taking it over wins
+            os.rename(lock, moved)  # of several runs taking a stale lock over, one moves it away
         except FileNotFoundError:
             continue
+        if read_holder(moved) != holder:  # another run took it over since we read it: give its lock back
+            with suppress(FileExistsError):
+                os.link(moved, lock)
+            moved.unlink()
+            continue
         moved.unlink()
-        print(f"[dico] took over the lock of {folder} from a run that is gone "
-              f"({holder.describe() if holder else 'unknown'}: {reason})")  # fmt: skip
+        gone = holder.describe() if holder else "unknown"
+        print(f"[dico] took over the lock of {folder} from a run that is gone ({gone}: {reason})")
     raise RunFolderInUseError(f"could not take the lock {lock}: other runs keep taking it; start one run per folder")
 
 

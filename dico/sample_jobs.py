@@ -75,8 +75,10 @@ def load_module(ckpt: str, unsafe_full_unpickle: bool = False, map_location: str
     otherwise; a published file is refused with a pointer to :func:`load_for_sampling`."""
     checkpoint = read_checkpoint(ckpt, unsafe_full_unpickle)
     if checkpoint_format(checkpoint) != LIGHTNING:
-        raise ValueError(f"{ckpt} is a published checkpoint, not a dico training run's: sample it with "
-                         "`cli.py sample --ckpt` (dico.sample_jobs.load_for_sampling)")  # fmt: skip
+        raise ValueError(
+            f"{ckpt} is a published checkpoint, not a dico training run's: sample it with `cli.py sample --ckpt` "
+            "(dico.sample_jobs.load_for_sampling)"
+        )
     return DiffusionModule.from_checkpoint(checkpoint).to(map_location)
 
 
