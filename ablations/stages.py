@@ -24,12 +24,12 @@ def last_checkpoint(run_dir: Path) -> Path:
 
 def checkpoint_step(run_dir: Path) -> int | None:
     """The global step of the row's ``last.ckpt`` (None without one)."""
-    import torch
+    from dico.checkpoints import read_checkpoint
 
     path = last_checkpoint(run_dir)
     if not path.exists():
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    return int(read_checkpoint(path)["global_step"])
 
 
 def wandb_env(row: Row, out: Path) -> dict[str, str]:
@@ -110,7 +110,7 @@ def finalize(row: Row, out: Path, config: dict[str, Any], args: argparse.Namespa
     record = None
     if budget.trains:
         record = score_record(run_dir, budget, config["trainer"]["max_steps"])
-        steps = torch.load(last_checkpoint(run_dir), map_location="cpu", weights_only=True)["global_step"]
+        steps = checkpoint_step(run_dir)
         result.update(
             metrics=record["metrics"],
             eval=record["settings"],

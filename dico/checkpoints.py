@@ -1,10 +1,13 @@
-"""Checkpoint files: what a file is and the weights in it, read safely; written atomically.
+"""Checkpoint files, the one home of their formats: what a file is and the weights in it, read safely; written
+atomically.
 
-Reading: every file loads with ``torch.load(weights_only=True)``; the published training checkpoints keep their
-argparse options in ``"args"``, so ``argparse.Namespace`` (plain attributes only) is the one class allowed besides
-tensors. Full unpickling needs the explicit ``unsafe_full_unpickle`` opt-in. A file is a dico Lightning checkpoint, a
-published training checkpoint or a published state dict (:func:`dico.models.official.checkpoint_format`); its
-architecture is read off its keys and shapes. Release names resolve through :mod:`dico.pretrained`.
+Reading: every file loads through :func:`read_checkpoint`, ``torch.load(weights_only=True)``; the published training
+checkpoints keep their argparse options in ``"args"``, so ``argparse.Namespace`` (plain attributes only) is the one
+class allowed besides tensors. Full unpickling needs the explicit ``unsafe_full_unpickle`` opt-in. A file is a dico
+Lightning checkpoint, a published training checkpoint or a published state dict (:func:`checkpoint_format`); a
+training checkpoint unwraps to its EMA or live weights (:func:`unwrap_training_checkpoint`); the architecture is read
+off the keys and shapes, whose published names only :mod:`dico.models.official` knows. Release names resolve through
+:mod:`dico.pretrained`.
 
 Writing: Lightning's default writer stages the file in ``$TMPDIR`` and moves it into place; across filesystems the
 move is a copy over the old checkpoint, so a job killed during it leaves a truncated ``last.ckpt`` (and the staged
@@ -26,22 +29,19 @@ from typing import Any
 
 import torch
 from fsspec.utils import get_protocol
-from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from dico.divergence import weights_are_sound
 from dico.models.info import VAE_DOWNSAMPLING
 from dico.models.official import (
-    LIGHTNING,
-    STATE_DICT,
-    TRAINING,
-    _published_dit_heads,
-    checkpoint_format,
     convert_official_state_dict,
     infer_arch,
     infer_config,
     load_converted,
+    published_dit_heads,
+    published_model,
     registered_name,
     rename_pre_shared_block_keys,
 )
@@ -85,6 +85,107 @@ def unreadable_checkpoint(path: str | Path, error: BaseException) -> ValueError:
     )
 
 
+def newest_sound_checkpoint(paths: list[Path], max_abs_weight: float) -> Path | None:
+    """The newest of ``paths`` that reads and whose live and EMA weights are all sound (finite, within
+    ``max_abs_weight``; 0: finiteness only). Checkpoints are memory-mapped."""
+    for path in sorted((p for p in paths if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            ckpt = read_checkpoint(path)
+        except (ValueError, RuntimeError, OSError):  # a truncated or foreign file is not a checkpoint to resume from
+            continue
+        states = [ckpt.get("state_dict", {}), ckpt.get("current_model_state", {})]
+        if all(weights_are_sound(s, max_abs_weight) for s in states):
+            return path
+    return None
+
+
+def resume_checkpoint(ckpt_path: str | Path | None, folders: list[Path], max_abs_weight: float = 0.0) -> str | None:
+    """``fit --ckpt_path``, resolved and read (``weights_only``) before anything is written: ``last`` becomes the newest
+    ``last*.ckpt`` in ``folders`` (the checkpoint callbacks' folders; it stays ``last`` when there is none, and the run
+    starts afresh), a path must be a dico Lightning checkpoint. A damaged file raises a ValueError naming the newest
+    sound checkpoint in its folder to resume from, so that a requeue loop stops instead of retrying it."""
+    if ckpt_path is None or str(ckpt_path) in ("best", "hpc", "registry") or get_protocol(str(ckpt_path)) != "file":
+        return None if ckpt_path is None else str(ckpt_path)  # Lightning's own lookups and remote files
+    if str(ckpt_path) == "last":
+        found = [p for folder in folders for p in Path(folder).glob("last*.ckpt") if p.is_file()]
+        if not found:
+            return "last"
+        path = max(found, key=lambda p: p.stat().st_mtime)
+    else:
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--ckpt_path {ckpt_path} does not exist: give an existing checkpoint, `--ckpt_path last` to resume "
+                "the newest last.ckpt of the run folder, or no --ckpt_path to start afresh"
+            )
+    try:
+        checkpoint = read_checkpoint(path)
+    except ValueError as e:
+        others = [p for p in path.parent.glob("*.ckpt") if p.resolve() != path.resolve()]
+        good = newest_sound_checkpoint(others, max_abs_weight)
+        fix = f"resume from the newest sound checkpoint with `--ckpt_path {good}`"
+        if good is None:
+            fix = f"no sound checkpoint is left in {path.parent}: move {path.name} away and start afresh"
+        raise ValueError(f"{path} is damaged and cannot be resumed ({str(e).split(': the file')[0]}): {fix}") from e
+    if checkpoint_format(checkpoint) != LIGHTNING:
+        raise ValueError(
+            f"{path} is a published checkpoint, not a dico training run's: --ckpt_path resumes runs; start a run "
+            f"from its weights with --model.pretrained {path}"
+        )
+    return str(path)
+
+
+def remove_partial_saves(folders: list[Path]) -> list[Path]:
+    """Delete the temporary files that killed saves left in ``folders`` (:func:`temp_path_for`); call only while no
+    other process saves there (the run folder's lock is held). Returns what was deleted."""
+    removed = []
+    for folder in folders:
+        if Path(folder).is_dir():
+            for stale in Path(folder).glob(f".*{TEMP_MARK}*"):
+                stale.unlink(missing_ok=True)
+                removed.append(stale)
+    return removed
+
+
+#: What :func:`checkpoint_format` reports.
+LIGHTNING, TRAINING, STATE_DICT = "lightning", "training", "state-dict"
+
+
+def checkpoint_format(checkpoint: Mapping[str, Any]) -> str:
+    """``"lightning"`` (a checkpoint of our module), ``"training"`` (the published scripts' ``{"model", "ema",
+    "opt", "args"}``) or ``"state-dict"`` (bare published weights); a ValueError for anything else."""
+    if "state_dict" in checkpoint and ("pytorch-lightning_version" in checkpoint or "hyper_parameters" in checkpoint):
+        return LIGHTNING
+    if "model" in checkpoint or "ema" in checkpoint:
+        return TRAINING
+    if checkpoint and all(isinstance(v, Tensor) for v in checkpoint.values()):
+        return STATE_DICT
+    raise ValueError(
+        f"not a checkpoint dico knows (top-level keys {sorted(map(str, checkpoint))[:8]}): expected a dico Lightning "
+        "checkpoint, a published training checkpoint {model, ema, opt, args} or a published state dict"
+    )
+
+
+def unwrap_training_checkpoint(checkpoint: Mapping[str, Any], use_ema: bool = True) -> Mapping[str, Tensor]:
+    """The published scripts save ``{"model", "ema", "opt", "args"}``; released weights are a bare state dict."""
+    if checkpoint_format(checkpoint) == TRAINING:
+        return checkpoint["ema" if use_ema and "ema" in checkpoint else "model"]
+    return checkpoint  # type: ignore[return-value]
+
+
+def load_official(
+    source: Mapping[str, Any] | str | Path, arch: str = "dico", use_ema: bool = True, **config: Any
+) -> nn.Module:
+    """Our model holding published weights; its outputs equal the published code's.
+
+    ``source`` is a file (read with :func:`read_checkpoint`), a bare state dict or a training checkpoint of the
+    published scripts (its EMA weights by default). ``config`` overrides what is read off the weights (e.g.
+    ``num_heads`` for DiT, which the weights do not reveal, ``input_size`` for DiCo). Missing or unexpected keys
+    raise a KeyError naming them."""
+    checkpoint = read_checkpoint(source) if isinstance(source, (str, Path)) else source
+    return published_model(unwrap_training_checkpoint(checkpoint, use_ema), arch, **config)
+
+
 @dataclass
 class LoadedWeights:
     """What a checkpoint file is and which of its weights were taken.
@@ -105,6 +206,12 @@ class LoadedWeights:
     training_state_dict: Mapping[str, Tensor] | None = field(default=None, repr=False)
     ema: bool | None = None
     pixels: bool = False  # the model makes pixels (a dico checkpoint's decoder says so), not VAE latents
+
+    def training_weights(self) -> dict[str, Tensor] | None:
+        """A training checkpoint's non-EMA weights under our key names, when its EMA ones were chosen."""
+        if self.training_state_dict is None:
+            return None
+        return convert_official_state_dict(self.training_state_dict, self.arch)
 
     def describe(self) -> str:
         kinds = {
@@ -160,10 +267,10 @@ def inspect_checkpoint(
     args, chosen = None, None
     if fmt == TRAINING:
         args = checkpoint.get("args")  # the published scripts' argparse options (image_size, model)
-        chosen = "ema" if use_ema and "ema" in checkpoint else "model"
-        weights = "EMA weights" if chosen == "ema" else "non-EMA (model) weights"
-        state_dict = checkpoint[chosen]
-        training = checkpoint.get("model") if chosen == "ema" else None
+        ema = use_ema and "ema" in checkpoint
+        weights = "EMA weights" if ema else "non-EMA (model) weights"
+        state_dict = unwrap_training_checkpoint(checkpoint, use_ema)
+        training = checkpoint.get("model") if ema else None
     else:
         weights, state_dict, training = "the released (EMA) weights", checkpoint, None
     arch = infer_arch(state_dict)
@@ -195,7 +302,7 @@ def _architecture(
         return model, {**{k: config[k] for k in io}, **model_kwargs}
     if arch == "dit" and "num_heads" not in model_kwargs:
         try:
-            config["num_heads"] = _published_dit_heads(config["hidden_size"])
+            config["num_heads"] = published_dit_heads(config["hidden_size"])
         except ValueError:
             raise ValueError(
                 f"a DiT of width {config['hidden_size']} is no published size and its weights do not tell the head "
@@ -223,16 +330,14 @@ def load_weights(model: nn.Module, loaded: LoadedWeights, configured: str = "the
         raise ValueError(f"{loaded.path.name} does not fit {configured}: {weights_are} ({e})") from e
 
 
-def apply_pretrained(module: LightningModule, source: str, use_ema: bool = True) -> LoadedWeights:
-    """``DiffusionModule(pretrained=...)``: the module's model gets the EMA weights (what sampling and the test
-    protocol use); a training checkpoint's non-EMA weights wait in ``module._training_weights`` until fit starts,
-    so that fine-tuning continues from both (the EMA callback copies the model before the module's setup)."""
-    hp = module.hparams
-    loaded = inspect_checkpoint(source, hp.model, use_ema=use_ema)
-    load_weights(module.model, loaded, f"the configured model {hp.model} {hp.model_kwargs or ''}")
-    if loaded.training_state_dict is not None:
-        module._training_weights = convert_official_state_dict(loaded.training_state_dict, loaded.arch)
-    module.weights_source = loaded
+def apply_pretrained(
+    model: nn.Module, source: str, name: str, model_kwargs: dict[str, Any] | None = None, use_ema: bool = True
+) -> LoadedWeights:
+    """Released weights (a release name, or a file in any published format) into ``model``, the backbone
+    configured as ``name`` / ``model_kwargs``: the EMA weights, what sampling and the test protocol use. The returned
+    record's :meth:`~LoadedWeights.training_weights` are the non-EMA ones of a training checkpoint, to fine-tune."""
+    loaded = inspect_checkpoint(source, name, use_ema=use_ema)
+    load_weights(model, loaded, f"the configured model {name} {model_kwargs or ''}")
     return loaded
 
 
@@ -278,10 +383,10 @@ def checkpoint_info(
     return info
 
 
-def released_ckpt_path_to_model(module: LightningModule, ckpt_path: str | None) -> str | None:
+def released_ckpt_path_to_model(module: Any, ckpt_path: str | None) -> str | None:
     """``test --ckpt_path FILE_OR_RELEASE`` with a published (non-Lightning) file or a release name: load it into
-    ``module`` as ``pretrained`` would and return None (nothing left for Lightning to restore); any other
-    ``ckpt_path`` (``last``, a Lightning checkpoint) comes back as it was."""
+    ``module`` (a :class:`~dico.module.DiffusionModule`) as ``pretrained`` would and return None (nothing left for
+    Lightning to restore); any other ``ckpt_path`` (``last``, a Lightning checkpoint) comes back as it was."""
     if not ckpt_path or (ckpt_path not in CATALOGUE and not Path(ckpt_path).is_file()):
         return ckpt_path
     if ckpt_path not in CATALOGUE:
@@ -291,11 +396,10 @@ def released_ckpt_path_to_model(module: LightningModule, ckpt_path: str | None) 
         except (RuntimeError, ValueError):
             return ckpt_path  # let Lightning load it and report
     try:
-        loaded = apply_pretrained(module, ckpt_path)
+        loaded = module.load_released(ckpt_path, fine_tune=False)
     except WeightsNotFoundError as e:
         e.option = "--ckpt_path PATH"
         raise
-    module._training_weights = None
     print(f"[dico] {loaded.describe()}")
     return None
 

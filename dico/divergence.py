@@ -8,11 +8,30 @@ read when the host waits anyway: at logging steps, before a checkpoint is writte
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+def weights_are_sound(state_dict: Mapping[str, Tensor], max_abs_weight: float, prefix: str = "model.") -> bool:
+    """Whether every floating tensor under ``prefix`` is finite and within ``max_abs_weight`` (0: no bound)."""
+    return within_limit(largest_abs_weight(state_dict, prefix), max_abs_weight)
+
+
+def largest_abs_weight(state_dict: Mapping[str, Tensor], prefix: str = "model.") -> float:
+    """max |w| over the floating tensors under ``prefix`` (NaN if any is NaN); one device sync."""
+    tensors = [v.detach() for k, v in state_dict.items() if k.startswith(prefix) and v.is_floating_point()]
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return 0.0
+    return torch.stack([n.float() for n in torch._foreach_norm(tensors, float("inf"))]).max().item()
+
+
+def within_limit(largest: float, max_abs_weight: float) -> bool:
+    """Finite and at most ``max_abs_weight`` (0: no bound); NaN fails every comparison."""
+    return largest < float("inf") and (max_abs_weight <= 0 or largest <= max_abs_weight)
 
 
 @dataclass

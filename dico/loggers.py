@@ -149,7 +149,6 @@ class AutoWandbLogger(WandbLogger):
                 f"wandb: logging offline to {Path(save_dir) / 'wandb'} ({reason}). "
                 f"Upload later with `wandb sync {Path(save_dir) / 'wandb'}/offline-run-*`."
             )
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
         # absolute: wandb's service process keeps the working directory it started in, so a relative folder would
         # put a later run of this process (after a chdir) in the first run's folder
         save_dir = str(Path(save_dir).resolve())
@@ -172,7 +171,10 @@ class AutoWandbLogger(WandbLogger):
     @property
     @rank_zero_experiment
     def experiment(self) -> Any:
-        """The wandb run, started on first use; a fit run's id goes to the run folder then."""
+        """The wandb run, started on first use. Its folder is made then, not when the logger is built (a ``fit`` that
+        fails its checks leaves no folder behind: dico's ``Trainer.fit``), and a fit run's id goes to the folder."""
+        if self.save_dir:
+            Path(self.save_dir).mkdir(parents=True, exist_ok=True)
         run = WandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
         if self._run_record is not None:  # (the id of the run logged into: a run the user opened is reused)
             tmp = self._run_file.with_name(f".{self._run_file.name}.tmp")

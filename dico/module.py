@@ -7,6 +7,7 @@ would have drawn.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,10 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from dico.callbacks.ema import ema_weights
+from dico.checkpoints import apply_pretrained, newest_sound_checkpoint
 from dico.compat import attached_trainer
 from dico.diffusion import SamplingOptions, create_diffusion, generate, sampling_diffusion
-from dico.divergence import Divergence, DivergenceRecord
+from dico.divergence import Divergence, DivergenceRecord, largest_abs_weight, within_limit
 from dico.evaluation.images import to_uint8
 from dico.models import create_model
 from dico.models.official import rename_pre_shared_block_keys
@@ -33,38 +35,6 @@ class NonFiniteLossError(TrainingDivergedError):
 
 class DivergedWeightsError(TrainingDivergedError):
     """Raised when a weight is non-finite or larger than ``max_abs_weight`` (the loss may still look finite)."""
-
-
-def weights_are_sound(state_dict: dict[str, Tensor], max_abs_weight: float, prefix: str = "model.") -> bool:
-    """Whether every floating tensor under ``prefix`` is finite and within ``max_abs_weight`` (0: no bound)."""
-    return within_limit(largest_abs_weight(state_dict, prefix), max_abs_weight)
-
-
-def largest_abs_weight(state_dict: dict[str, Tensor], prefix: str = "model.") -> float:
-    """max |w| over the floating tensors under ``prefix`` (NaN if any is NaN); one device sync."""
-    tensors = [v.detach() for k, v in state_dict.items() if k.startswith(prefix) and v.is_floating_point()]
-    tensors = [t for t in tensors if t.numel()]
-    if not tensors:
-        return 0.0
-    return torch.stack([n.float() for n in torch._foreach_norm(tensors, float("inf"))]).max().item()
-
-
-def within_limit(largest: float, max_abs_weight: float) -> bool:
-    """Finite and at most ``max_abs_weight`` (0: no bound); NaN fails every comparison."""
-    return largest < float("inf") and (max_abs_weight <= 0 or largest <= max_abs_weight)
-
-
-def newest_sound_checkpoint(paths: list[Path], max_abs_weight: float) -> Path | None:
-    """The newest of ``paths`` whose live and EMA weights are all sound (checkpoints are memory-mapped)."""
-    for path in sorted((p for p in paths if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # a truncated or foreign file is not a checkpoint to resume from
-            continue
-        states = [ckpt.get("state_dict", {}), ckpt.get("current_model_state", {})]
-        if all(weights_are_sound(s, max_abs_weight) for s in states):
-            return path
-    return None
 
 
 class DiffusionModule(LightningModule):
@@ -122,13 +92,12 @@ class DiffusionModule(LightningModule):
         SamplingOptions().resolved(self.hparams)  # the sampling defaults, validated before anything is built
         self.model = create_model(model, **(model_kwargs or {}))
         self.weights_source: Any = None  # what `pretrained` loaded (dico.checkpoints.LoadedWeights)
-        self._training_weights: dict[str, Tensor] | None = None
+        self._training_weights: dict[str, Tensor] | None = None  # a training checkpoint's, until fit starts
         if pretrained:
-            from dico.checkpoints import apply_pretrained
             from dico.pretrained import WeightsNotFoundError
 
             try:
-                apply_pretrained(self, pretrained)
+                self.load_released(pretrained)
             except WeightsNotFoundError as e:
                 e.option = "--model.pretrained PATH"
                 raise
@@ -141,19 +110,47 @@ class DiffusionModule(LightningModule):
         self._divergence = DivergenceRecord()
         self._unlogged_terms: dict[str, Tensor] | None = None
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> DiffusionModule:
+        """The module a dico Lightning checkpoint holds (read with :func:`dico.checkpoints.read_checkpoint`): built from
+        its hyper-parameters (no released weights fetched: its own are in the file) with its weights, strictly."""
+        names = inspect.signature(cls.__init__).parameters
+        hp = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k in names}
+        module = cls(**{**hp, "pretrained": None})
+        module.on_load_checkpoint(checkpoint)  # keys of older dico versions renamed
+        module.load_state_dict(checkpoint["state_dict"])
+        return module
+
+    def load_released(self, source: str, fine_tune: bool = True) -> Any:
+        """Released weights into the model (a release name, or a file in any published format): the EMA weights,
+        which sampling and the test protocol use; with ``fine_tune``, a training checkpoint's non-EMA weights wait
+        until ``fit`` starts, so that fine-tuning continues from both (the EMA callback copies the model before the
+        module's setup). Returns what was loaded (:class:`dico.checkpoints.LoadedWeights`)."""
+        hp = self.hparams
+        loaded = apply_pretrained(self.model, source, hp.model, hp.model_kwargs)
+        self._training_weights = loaded.training_weights() if fine_tune else None
+        self.weights_source = loaded
+        return loaded
+
     # ------------------------------------------------------------------ checks
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._training_weights is not None:  # fine-tuning a released training checkpoint
             self.model.load_state_dict(self._training_weights)
             self._training_weights = None
-        # a VAE that cannot be loaded fails here, not at the first sample grid after hours of training
         trainer = attached_trainer(self)
-        callbacks = trainer.callbacks if trainer is not None else []
+        self._check_inputs(trainer.callbacks if trainer is not None else [], trainer.datamodule if trainer else None)
+
+    def check_before_fit(self, trainer: Any, model: Any, datamodule: Any) -> None:
+        """:meth:`setup`'s checks, before ``fit`` writes anything (dico's Trainer calls it)."""
+        self._check_inputs(trainer.callbacks, datamodule)
+
+    def _check_inputs(self, callbacks: list[Any], dm: Any) -> None:
+        """The VAE that decodes samples can be loaded; the data's shape and classes fit the model."""
+        # a VAE that cannot be loaded fails here, not at the first sample grid after hours of training
         if self.decoder_spec.get("kind") == "vae" and any(getattr(c, "decodes_samples", False) for c in callbacks):
             from dico.pretrained import check_vae_available
 
             check_vae_available(self.decoder_spec["vae"], "--data.init_args.vae PATH")
-        dm = trainer.datamodule if trainer is not None else None
         if dm is None or not hasattr(dm, "sample_shape"):
             return
         c, h, w = dm.sample_shape

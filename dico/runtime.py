@@ -87,3 +87,15 @@ def code_state() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         return {"commit": "unknown", "dirty": None, "changed": []}
     return {"commit": commit, "dirty": bool(changed), "changed": changed[:20]}
+
+
+def slurm_job_id(environ: Mapping[str, str] = os.environ) -> int | None:
+    """This SLURM job's id (``SLURM_JOB_ID``; unique per array task), with Lightning's meaning
+    (``SLURMEnvironment.job_id``): None outside SLURM and in an interactive allocation (job name ``bash`` or
+    ``interactive``). Read here without importing Lightning, for the run-folder lock."""
+    if environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    try:
+        return int(environ["SLURM_JOB_ID"])
+    except (KeyError, ValueError):
+        return None

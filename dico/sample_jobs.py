@@ -12,10 +12,9 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
 from dico.callbacks.sample_writer import SampleWriter
-from dico.checkpoints import inspect_checkpoint, load_weights
+from dico.checkpoints import LIGHTNING, checkpoint_format, inspect_checkpoint, load_weights, read_checkpoint
 from dico.diffusion import SamplingOptions
 from dico.evaluation.sample_set import SampleSet
-from dico.models.official import LIGHTNING
 from dico.module import DiffusionModule
 from dico.pretrained import SD_SCALE_FACTOR, SD_VAE, check_vae_available
 
@@ -72,20 +71,15 @@ class SampleJob:
 
 
 def load_module(ckpt: str, unsafe_full_unpickle: bool = False, map_location: str = "cpu") -> DiffusionModule:
-    """Load a :class:`DiffusionModule` checkpoint safely (``weights_only=True``) unless told otherwise."""
-    if not Path(ckpt).exists():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
-    try:
-        return DiffusionModule.load_from_checkpoint(  # its weights are in the file: no released ones to fetch
-            ckpt, map_location=map_location, weights_only=not unsafe_full_unpickle, pretrained=None
+    """The :class:`DiffusionModule` of a dico Lightning checkpoint, read safely (``weights_only=True``) unless told
+    otherwise; a published file is refused with a pointer to :func:`load_for_sampling`."""
+    checkpoint = read_checkpoint(ckpt, unsafe_full_unpickle)
+    if checkpoint_format(checkpoint) != LIGHTNING:
+        raise ValueError(
+            f"{ckpt} is a published checkpoint, not a dico training run's: sample it with `cli.py sample --ckpt` "
+            "(dico.sample_jobs.load_for_sampling)"
         )
-    except Exception as e:
-        if "weights_only" in str(e) or "Unpickler" in str(e):
-            raise RuntimeError(
-                f"{ckpt} holds objects that safe loading refuses ({e}). If you trust the file, pass "
-                "--unsafe_full_unpickle true (full unpickling can run arbitrary code)."
-            ) from e
-        raise
+    return DiffusionModule.from_checkpoint(checkpoint).to(map_location)
 
 
 def load_for_sampling(
@@ -103,9 +97,7 @@ def load_for_sampling(
     says what was loaded."""
     loaded = inspect_checkpoint(source, model, model_kwargs, image_size, use_ema, unsafe_full_unpickle)
     if loaded.format == LIGHTNING:
-        module = DiffusionModule.load_from_checkpoint(
-            loaded.path, map_location="cpu", weights_only=not unsafe_full_unpickle, pretrained=None
-        )
+        module = load_module(str(loaded.path), unsafe_full_unpickle)
         if vae is not None and module.decoder_spec.get("kind") == "vae":
             module.decoder_spec = {**module.decoder_spec, "vae": vae}
     else:

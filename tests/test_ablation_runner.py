@@ -21,6 +21,7 @@ import yaml
 from ablations import compose, local, report, run, slurm, stages, status
 from ablations.budgets import Budget, budget_of
 from ablations.rows import CONFIGS, ROOT, Row, rows_of, slug
+from dico.checkpoints import read_checkpoint
 from dico.models.ablation import ABLATION_ROWS, TABLE3, TABLE4, VARIANTS
 
 # wandb disabled: its offline runs are tested with the quickstart; here it would add seconds to every process
@@ -38,7 +39,7 @@ def first_loss(run_dir: Path) -> tuple[int, float]:
 
 
 def ckpt_step(run_dir: Path) -> int:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    return read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
 
 
 # ------------------------------------------------------------------------------------------------ configs

@@ -281,7 +281,7 @@ def test_a_preempted_local_job_requeues_resumes_and_finishes(tmp_path, monkeypat
     submitit's requeue (same job id) -> the row resumes from that step and finishes; never marked failed."""
     import time
 
-    import torch
+    from dico.checkpoints import read_checkpoint
 
     out = tmp_path / "runs"
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the jobs inherit this process's environment
@@ -307,6 +307,6 @@ def test_a_preempted_local_job_requeues_resumes_and_finishes(tmp_path, monkeypat
     assert requeue["job_id"] == job_id and 0 < requeue["resumes_from_step"] < 60
     assert "preempted (SIGTERM)" in text and f"Requeued job {job_id}" in text
     result = json.loads((run_dir / "result.json").read_text())
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert result["steps"] == ckpt["global_step"] == 60
     assert status.row_status(rows_of("4", "smoke", ["w/o CCA"])[0], out).startswith("finished (FID")

@@ -24,8 +24,9 @@ from dico.analysis.runs import (
     train_or_load_quickstart,
 )
 from dico.analysis.training import noised_digits
+from dico.checkpoints import load_official
 from dico.diffusion import generate, sampling_diffusion
-from dico.models import create_model, load_official
+from dico.models import create_model
 from dico.models.ablation import ABLATION_ROWS, TABLE3, TABLE4
 from tests.numerics import assert_close
 

@@ -117,3 +117,27 @@ def test_each_floor_imports_only_what_docs_architecture_allows():
     assert "lightning" in {t.split(".")[0] for t in graph["dico.module"]}  # outside imports are seen
     assert broken_rules({"dico.models.dico": {"lightning.pytorch"}, "dico.data.x": {"dico.evaluation.fidelity"}})
     assert not broken_rules(graph), broken_rules(graph)
+
+
+def private_attributes_written(path: Path) -> list[str]:
+    """``obj._name = ...`` (also augmented and annotated) in a file, for any ``obj`` but ``self`` and ``cls``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        targets += [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in (t for top in targets for t in ast.walk(top)):
+            if not isinstance(target, ast.Attribute) or not target.attr.startswith("_") or target.attr.startswith("__"):
+                continue
+            if not (isinstance(target.value, ast.Name) and target.value.id in ("self", "cls")):
+                found.append(f"{path.name}:{node.lineno} {ast.unparse(target)}")
+    return found
+
+
+def test_no_module_writes_another_objects_private_attribute(tmp_path):
+    """An object's private state is its own: only ``dico/compat.py``, the one home of Lightning internals (checked
+    against the installed Lightning by test_compat.py), sets one of Lightning's."""
+    example = tmp_path / "example.py"
+    example.write_text("def f(module, self):\n    module._weights = 1\n    self._mine = 2\n    module.public = 3\n")
+    assert private_attributes_written(example) == ["example.py:2 module._weights"]
+    written = [s for p in sorted(PACKAGE.rglob("*.py")) if p.name != "compat.py" for s in private_attributes_written(p)]
+    assert written == []

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dico.checkpoints import AtomicCheckpointIO
+from dico.checkpoints import AtomicCheckpointIO, read_checkpoint
 from tests.conftest import ROOT
 
 # Saves a small checkpoint, then starts saving a 64 MB one and SIGKILLs itself as soon as the save shows on disk
@@ -63,13 +63,13 @@ def test_killed_save_across_filesystems_keeps_the_previous_checkpoint(tmp_path):
             pytest.skip("/dev/shm is on the same filesystem as the test's temporary folder")
         out = killed_save(run_dir, tmpdir, "dico.checkpoints.AtomicCheckpointIO")
         assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr[-2000:]
-        saved = torch.load(run_dir / "last.ckpt", weights_only=True)
+        saved = read_checkpoint(run_dir / "last.ckpt")
         assert saved["step"] == 1 and torch.equal(saved["w"], torch.ones(4))
         assert list(tmpdir.iterdir()) == []
         assert [p.name for p in run_dir.iterdir() if p.name != "last.ckpt"]  # the killed save's partial file
         AtomicCheckpointIO().save_checkpoint({"step": 3}, run_dir / "last.ckpt")
         assert [p.name for p in run_dir.iterdir()] == ["last.ckpt"]
-        assert torch.load(run_dir / "last.ckpt", weights_only=True) == {"step": 3}
+        assert read_checkpoint(run_dir / "last.ckpt") == {"step": 3}
 
 
 def test_failed_save_leaves_no_partial_file(tmp_path):
@@ -82,7 +82,7 @@ def test_failed_save_leaves_no_partial_file(tmp_path):
     with pytest.raises(RuntimeError, match="cannot pickle"):
         io.save_checkpoint({"step": 2, "bad": Unpicklable()}, tmp_path / "last.ckpt")
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
-    assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"step": 1}
+    assert read_checkpoint(tmp_path / "last.ckpt") == {"step": 1}
 
 
 class NotAWeight:

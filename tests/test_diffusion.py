@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from dico.checkpoints import load_official
 from dico.diffusion import (
     ClassifierFreeGuidance,
     create_diffusion,
@@ -18,7 +19,7 @@ from dico.diffusion import (
     sampling_diffusion,
     space_timesteps,
 )
-from dico.models import DiCo, load_official
+from dico.models import DiCo
 
 
 def constant_model(output: torch.Tensor):

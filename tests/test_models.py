@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dico.models import DiCo, DiT, create_model, list_models, load_official
+from dico.checkpoints import load_official
+from dico.models import DiCo, DiT, create_model, list_models
 from dico.models.layers import PointwiseConv, pointwise_conv, tf32_for_convolutions_only
 from dico.models.official import convert_official_state_dict
 from dico.profiling import count_macs, count_parameters, profile_macs

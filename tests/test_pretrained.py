@@ -17,13 +17,20 @@ from lightning.pytorch import Callback, Trainer
 
 import cli
 from dico.callbacks import EMA
-from dico.checkpoints import inspect_checkpoint
+from dico.checkpoints import (
+    LIGHTNING,
+    STATE_DICT,
+    TRAINING,
+    checkpoint_format,
+    inspect_checkpoint,
+    load_official,
+    read_checkpoint,
+)
 from dico.data.vae import decode_latents, load_vae
 from dico.diffusion import generate, sampling_diffusion
 from dico.evaluation.images import load_npz, save_npz, to_uint8
 from dico.evaluation.protocol import file_sha256
-from dico.models import load_official
-from dico.models.official import LIGHTNING, STATE_DICT, TRAINING, checkpoint_format, registered_name
+from dico.models.official import registered_name
 from dico.module import DiffusionModule
 from dico.pretrained import CATALOGUE, find_release
 from dico.sample_jobs import load_for_sampling
@@ -157,7 +164,7 @@ def test_training_checkpoint_weights_and_args(standins, golden):
     assert torch.equal(ema.state_dict[key], golden["dico"]["state_dict"][key])
     assert torch.equal(raw.state_dict[key], golden["dico"]["state_dict"][key] + 0.05)
     assert ema.model_kwargs["input_size"] == 128 // 8  # DiCo's latent size from the checkpoint's args.image_size
-    assert [checkpoint_format(torch.load(standins[f], weights_only=False)) for f in FORMATS] == [
+    assert [checkpoint_format(read_checkpoint(standins[f])) for f in FORMATS] == [
         STATE_DICT, TRAINING, STATE_DICT, TRAINING, LIGHTNING]  # fmt: skip
     with pytest.raises(ValueError, match="not a checkpoint"):
         checkpoint_format({"epoch": 3, "note": "hello"})

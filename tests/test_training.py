@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import cli
 from dico.callbacks import EMA, PreemptionCheckpoint, ema_weights
 from dico.callbacks.named import CALLBACKS
-from dico.checkpoints import AtomicCheckpointIO
+from dico.checkpoints import AtomicCheckpointIO, read_checkpoint
 from dico.data import DigitsDataModule
 from dico.module import DiffusionModule, DivergedWeightsError, NonFiniteLossError
 from tests.conftest import QUICKSTART, ROOT, TINY_MODEL
@@ -94,13 +94,13 @@ def test_exact_resume_matches_an_uninterrupted_run(tmp_path, workers, accumulate
     else:
         with pytest.raises(SIGTERMException):
             fit_to_last(tmp_path / "b", 7, [SigtermAfter(sigterm_after)], **kw)
-        saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+        saved = read_checkpoint(tmp_path / "b" / "last.ckpt")
         assert saved["global_step"] == (2 if accumulate == 1 else 3)  # after the step that was running
     t = fit_to_last(tmp_path / "b", 7, [], ckpt_path="last", **kw)
     assert t.global_step == 7
     assert not list((tmp_path / "b").glob("last-v*.ckpt"))  # last.ckpt itself is the newest
-    straight = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)
-    resumed = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+    straight = read_checkpoint(tmp_path / "a" / "last.ckpt")
+    resumed = read_checkpoint(tmp_path / "b" / "last.ckpt")
     assert resumed["global_step"] == straight["global_step"] == 7
     for part in ("state_dict", "current_model_state"):  # EMA weights, live weights
         for key, value in straight[part].items():
@@ -174,7 +174,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True)
     with pytest.raises(NonFiniteLossError, match=r"step 3 .*last\.ckpt.*--ckpt_path .*last\.ckpt"):
         trainer(tmp_path, 10, [EMA(decay=0.9), ckpt, Poison()]).fit(tiny_module(), digits())
-    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    saved = read_checkpoint(tmp_path / "last.ckpt")
     assert saved["global_step"] == 2
     # diverged before any checkpoint: the message says to start again, not to resume from a file that is not there
     with pytest.raises(NonFiniteLossError, match=r"step 3 .*No checkpoint with sound weights.*start the run again"):
@@ -216,11 +216,11 @@ def test_diverged_weights_stop_training_and_are_never_checkpointed(tmp_path):
     ) as err:
         trainer(tmp_path, 10, [EMA(decay=0.9), ckpt, Blowup()]).fit(module, digits())
     named = Path(re.search(r"sound weights is (\S+);", str(err.value)).group(1))
-    assert torch.load(named, weights_only=True)["global_step"] == 3
+    assert read_checkpoint(named)["global_step"] == 3
     files = sorted(tmp_path.glob("*.ckpt"))
     assert {p.name for p in files} == {"last.ckpt", *(f"epoch=0-step={k}.ckpt" for k in (1, 2, 3))}
     for path in files:
-        saved = torch.load(path, weights_only=True)
+        saved = read_checkpoint(path)
         assert saved["global_step"] <= 3
         for part in ("state_dict", "current_model_state"):
             assert all(
@@ -255,7 +255,7 @@ def test_sigterm_or_a_time_limit_signal_saves_a_resumable_checkpoint_and_stops(t
     with pytest.raises(SIGTERMException), caplog.at_level(logging.INFO, logger="lightning.pytorch"):
         t.fit(tiny_module(), digits())  # Lightning ends the process (SystemExit) after the step
     assert t.global_step == 2
-    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    saved = read_checkpoint(tmp_path / "ckpt" / "last.ckpt")
     assert saved["global_step"] == 2 and "current_model_state" in saved  # EMA and live weights both kept
     assert re.search(r"checkpoint \S+last.ckpt: [0-9.]+ GB, written in [0-9.]+ s", caplog.text), caplog.text
     assert f"{sig}: saved {tmp_path / 'ckpt' / 'last.ckpt'} at step 2" in caplog.text
@@ -384,12 +384,12 @@ def test_preempted_cli_run_exits_non_zero_and_resumes_in_place(tmp_path, monkeyp
     preempt = [{"class_path": "tests.test_training.SigtermAfter", "init_args": {"batches": 2}}]
     assert cli_status(*args, "--trainer.callbacks", json.dumps(preempt), cwd=tmp_path) == PREEMPTED_EXIT_CODE
     checkpoints = tmp_path / "runs" / "quickstart" / "checkpoints"
-    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 2
     assert saves and all(Path(p).name == "last.ckpt" for p in saves)
     status = cli_status(*args, "--ckpt_path", "last", cwd=tmp_path)
     assert status in (0, None)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
-    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 4
     with open(tmp_path / "runs" / "quickstart" / "csv" / "metrics.csv", newline="") as f:
         steps = sorted({int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")})
     assert steps == [0, 1, 2, 3]
@@ -462,7 +462,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    saved = torch.load(tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt", weights_only=True)
+    saved = read_checkpoint(tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == 3
 
 
@@ -572,7 +572,7 @@ def test_resuming_with_another_models_optimizer_state_says_so(tmp_path):
                        callbacks=[ModelCheckpoint(tmp_path / "ckpt", save_last=True)])  # fmt: skip
 
     make(1).fit(tiny_module(), DigitsDataModule(batch_size=16))
-    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    checkpoint = read_checkpoint(tmp_path / "ckpt" / "last.ckpt")
     moments = checkpoint["optimizer_states"][0]["state"]
     shapes = [p.shape for p in tiny_module().model.parameters()]
     i, j = 0, next(k for k, s in enumerate(shapes) if s != shapes[0])
@@ -611,7 +611,7 @@ def test_dit_checkpoints_of_the_old_block_layout_load_and_resume(tmp_path):
                        callbacks=[EMA(decay=0.5), ModelCheckpoint(tmp_path / "ckpt", save_last=True)])  # fmt: skip
 
     make(2).fit(dit(), DigitsDataModule(batch_size=16))
-    new = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    new = read_checkpoint(tmp_path / "ckpt" / "last.ckpt")
     old = dict(new)
     for part in ("state_dict", "current_model_state"):
         blocks = {

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.overrides import TorchFunctionMode
 
 from dico.callbacks import EMA
+from dico.checkpoints import read_checkpoint
 from dico.data import DigitsDataModule
 from dico.module import DiffusionModule
 from tests.conftest import ROOT, TINY_MODEL
@@ -216,8 +217,8 @@ def test_async_checkpoints_are_atomic_writes_off_the_training_thread_and_resume_
     assert saved_sync == 1 and threads[0] == threading.main_thread().name
     assert len(threads) >= 3 and all(t != threading.main_thread().name for t in threads[1:]), threads
     assert not list((tmp_path / "b").glob(".*partial*"))  # no temp file left: every write finished
-    straight = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)
-    resumed = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+    straight = read_checkpoint(tmp_path / "a" / "last.ckpt")
+    resumed = read_checkpoint(tmp_path / "b" / "last.ckpt")
     assert resumed["global_step"] == straight["global_step"] == 7
     for part in ("state_dict", "current_model_state"):
         for key, value in straight[part].items():
@@ -229,7 +230,8 @@ def test_async_checkpoints_still_refuse_diverged_weights(tmp_path):
     the writer thread: diverged weights stop training and no file holding them is written."""
     from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
 
-    from dico.module import DivergedWeightsError, weights_are_sound
+    from dico.divergence import weights_are_sound
+    from dico.module import DivergedWeightsError
 
     def blow_up(trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
         if trainer.global_step == 3:  # one weight far beyond max_abs_weight; the loss stays finite
@@ -248,7 +250,7 @@ def test_async_checkpoints_still_refuse_diverged_weights(tmp_path):
     files = sorted(tmp_path.glob("*.ckpt"))
     assert len(files) >= 3 and not list(tmp_path.glob(".*partial*"))
     for path in files:
-        ckpt_file = torch.load(path, weights_only=True)
+        ckpt_file = read_checkpoint(path)
         assert ckpt_file["global_step"] <= 3
         assert weights_are_sound(ckpt_file["state_dict"], 1e3) and weights_are_sound(
             ckpt_file["current_model_state"], 1e3
@@ -296,12 +298,12 @@ def test_compiled_model_trains_checkpoints_resumes_and_samples_like_the_eager_on
                                compile=CAPTURE_ONLY if compile_ else False)  # fmt: skip
 
     from_compiled = fit(module(True), tmp_path / "c", 2)
-    saved = torch.load(from_compiled, weights_only=True)
+    saved = read_checkpoint(from_compiled)
     assert set(saved["state_dict"]) == set(eager.state_dict()) == set(saved["current_model_state"])
     to_eager = fit(module(False), tmp_path / "c", 3, ckpt_path=str(from_compiled))  # compiled -> eager resume
     from_eager = fit(module(False), tmp_path / "e", 2)
     to_compiled = fit(module(True), tmp_path / "e", 3, ckpt_path=str(from_eager))  # eager -> compiled resume
-    a, b = (torch.load(p, weights_only=True) for p in (to_eager, to_compiled))
+    a, b = (read_checkpoint(p) for p in (to_eager, to_compiled))
     assert a["global_step"] == b["global_step"] == 3
     for key, value in a["state_dict"].items():  # the same three steps, one half compiled in each run
         assert_close(b["state_dict"][key], value, layers=40, msg=key)

@@ -18,7 +18,7 @@ from dico.diffusion import SamplingOptions
 from dico.evaluation.fidelity import INCEPTION, FeatureSpec, Featurizer, MetricOptions, metric_settings_used
 from dico.evaluation.images import save_grid
 from dico.evaluation.protocol import evaluate, write_record
-from dico.evaluation.reference import OutdatedReference, Reference, compute_reference
+from dico.evaluation.reference import OutdatedReference, Reference, check_source, compute_reference
 from dico.evaluation.sample_set import SampleSet
 
 
@@ -116,6 +116,30 @@ class FIDEvaluation(Callback):
             for sample_set in (self.sample_set, self.test_set) if stage == "fit" else (self.test_set,):
                 if sample_set is not None:  # too few samples fail now, not at the first evaluation
                     metric_settings_used(self.metric_options, sample_set.num_samples, count)
+
+    def check_before_fit(self, trainer: Trainer, pl_module: LightningModule, datamodule: Any) -> None:
+        """:meth:`setup`'s checks that need no feature extractor, before ``fit`` writes anything (dico's Trainer
+        calls it): the source can make the reference; a cached reference reads, was made from that source with this
+        extractor, and holds enough features for the sample counts. (Its weights are checked at setup.)"""
+        path = Path(self.reference_path)
+        if self.reference_source is not None:
+            check_source(self.reference_source, self.reference_image_size)
+            if not path.exists() or _outdated(path):
+                return  # computed at setup
+        reference = Reference.load(path)  # a missing or foreign file fails here, naming how to make one
+        if self.reference_source is not None:
+            fix = f"delete {path} to recompute it from {self.reference_source}, or set the FIDEvaluation reference"
+            reference.check_made_by(
+                self.reference_source, {"feature_extractor": self.spec.name}, self.reference_image_size, fix
+            )
+        elif (made := reference.meta.get("feature_extractor")) != self.spec.name:
+            raise ValueError(
+                f"the reference {path} was made with feature_extractor {made}, this evaluation uses "
+                f"{self.spec.name}: point the FIDEvaluation reference at statistics made with {self.spec.name}"
+            )
+        for sample_set in (self.sample_set, self.test_set):
+            if sample_set is not None:
+                metric_settings_used(self.metric_options, sample_set.num_samples, len(reference.features))
 
     def reference(self, trainer: Trainer, pl_module: LightningModule) -> Reference:
         """The reference statistics (computed on rank 0 if missing and a source is given), checked against the

@@ -71,6 +71,12 @@ class ArrayDataModule(LightningDataModule):
         self.dataset: LatentArrays | None = None
         self.progress = {"epoch": 0, "batches": 0}  # training batches consumed in the current epoch
 
+    def check_before_fit(self, trainer: Any, model: Any, datamodule: Any) -> None:
+        """Batch sizes, before ``fit`` writes anything (dico's Trainer calls it; shapes are the model's check)."""
+        for name, value in (("batch_size", self.batch_size), ("val_batch_size", self.val_batch_size)):
+            if value < 1:
+                raise ValueError(f"data.{name} is {value}: give a positive number of samples per batch (per device)")
+
     # -- subclass interface ---------------------------------------------------------------------------
     def build_dataset(self) -> LatentArrays:
         raise NotImplementedError

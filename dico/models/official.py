@@ -1,9 +1,9 @@
-"""The one place that knows the published checkpoints' key names and formats.
+"""The published checkpoints' key names: the one place that knows them.
 
-``load_official`` turns a state dict of the published DiCo (shallowdream204/DiCo) or DiT
-(facebookresearch/DiT) code, or a training checkpoint of their scripts, into our model.
-``checkpoint_format`` / ``infer_arch`` / ``infer_config`` / ``registered_name`` tell what a file is and which
-of our models it is, from its keys and shapes alone.
+The key maps turn a state dict of the published DiCo (shallowdream204/DiCo) or DiT (facebookresearch/DiT) code
+into ours; ``infer_arch`` / ``infer_config`` / ``registered_name`` tell which of our models the weights are, from
+their keys and shapes alone; ``published_model`` builds it. Files (reading, formats, unwrapping a training
+checkpoint) are :mod:`dico.checkpoints`' business.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .dico import DiCo
@@ -152,33 +151,6 @@ def infer_config(state_dict: Mapping[str, Tensor], arch: str) -> dict[str, Any]:
     return config
 
 
-def unwrap_training_checkpoint(checkpoint: Mapping[str, Any], use_ema: bool = True) -> Mapping[str, Tensor]:
-    """The published scripts save ``{"model", "ema", "opt", "args"}``; released weights are a bare state dict."""
-    if "model" in checkpoint or "ema" in checkpoint:
-        key = "ema" if use_ema and "ema" in checkpoint else "model"
-        return checkpoint[key]
-    return checkpoint  # type: ignore[return-value]
-
-
-#: What :func:`checkpoint_format` reports.
-LIGHTNING, TRAINING, STATE_DICT = "lightning", "training", "state-dict"
-
-
-def checkpoint_format(checkpoint: Mapping[str, Any]) -> str:
-    """``"lightning"`` (a checkpoint of our module), ``"training"`` (the published scripts' ``{"model", "ema",
-    "opt", "args"}``) or ``"state-dict"`` (bare published weights); a ValueError for anything else."""
-    if "state_dict" in checkpoint and ("pytorch-lightning_version" in checkpoint or "hyper_parameters" in checkpoint):
-        return LIGHTNING
-    if "model" in checkpoint or "ema" in checkpoint:
-        return TRAINING
-    if checkpoint and all(isinstance(v, Tensor) for v in checkpoint.values()):
-        return STATE_DICT
-    raise ValueError(
-        f"not a checkpoint dico knows (top-level keys {sorted(map(str, checkpoint))[:8]}): expected a dico Lightning "
-        "checkpoint, a published training checkpoint {model, ema, opt, args} or a published state dict"
-    )
-
-
 def infer_arch(state_dict: Mapping[str, Tensor]) -> str:
     """``"dico"`` or ``"dit"`` from the published key names (DDP/compile prefixes ignored)."""
     keys = {k.removeprefix("module.").removeprefix("_orig_mod.") for k in state_dict}
@@ -220,28 +192,16 @@ def registered_name(arch: str, config: Mapping[str, Any]) -> tuple[str, dict[str
     return name, {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
 
 
-def load_official(
-    state_dict: Mapping[str, Any] | str,
-    arch: str = "dico",
-    use_ema: bool = True,
-    **config: Any,
-) -> nn.Module:
-    """Build our model from published weights; the outputs equal the published code's.
-
-    ``state_dict`` may be a path (loaded with ``weights_only=True``), a bare state dict, or a training
-    checkpoint of the published scripts (its EMA weights by default). ``config`` overrides what is read off
-    the weights (e.g. ``num_heads`` for DiT, which the weights do not reveal, ``input_size`` for DiCo).
-    Missing or unexpected keys raise a KeyError naming them.
-    """
-    if isinstance(state_dict, str):
-        state_dict = torch.load(state_dict, map_location="cpu", weights_only=True)
-    sd = unwrap_training_checkpoint(state_dict, use_ema)
+def published_model(state_dict: Mapping[str, Tensor], arch: str, **config: Any) -> nn.Module:
+    """Our model holding a published state dict of ``arch`` (a bare one: see :func:`dico.checkpoints.load_official`
+    for files and training checkpoints). ``config`` overrides what is read off the weights (e.g. ``num_heads`` for
+    DiT, which the weights do not reveal, ``input_size`` for DiCo)."""
     arch = _check_arch(arch)
-    inferred = infer_config(sd, arch)
+    inferred = infer_config(state_dict, arch)
     if arch == "dit" and "num_heads" not in config:
-        inferred["num_heads"] = _published_dit_heads(inferred["hidden_size"])
+        inferred["num_heads"] = published_dit_heads(inferred["hidden_size"])
     model: nn.Module = (DiCo if arch == "dico" else DiT)(**{**inferred, **config})
-    return load_converted(model, sd, arch)
+    return load_converted(model, state_dict, arch)
 
 
 def load_converted(model: nn.Module, sd: Mapping[str, Tensor], arch: str) -> nn.Module:
@@ -265,9 +225,12 @@ def load_converted(model: nn.Module, sd: Mapping[str, Tensor], arch: str) -> nn.
     return model
 
 
-def _published_dit_heads(hidden: int) -> int:
-    """Head counts of the published DiT sizes; the weights themselves do not reveal it."""
-    heads = {384: 6, 768: 12, 1024: 16, 1152: 16}
-    if hidden not in heads:
+#: Head counts of the published DiT sizes, by width; the weights themselves do not reveal it.
+PUBLISHED_DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}
+
+
+def published_dit_heads(hidden: int) -> int:
+    """The head count of the published DiT of width ``hidden``; a ValueError for any other width."""
+    if hidden not in PUBLISHED_DIT_HEADS:
         raise ValueError(f"a DiT of width {hidden} is not a published size; pass num_heads=... to load_official")
-    return heads[hidden]
+    return PUBLISHED_DIT_HEADS[hidden]
