@@ -264,7 +264,7 @@ def inspect_checkpoint(
                              "the weights in its state_dict (EMA when trained with the EMA callback)",
                              hp.get("model", "?"), dict(hp.get("model_kwargs") or {}), checkpoint["state_dict"],
                              ema="current_model_state" in checkpoint, pixels=makes_pixels(hp))  # fmt: skip
-    args, chosen = None, None
+    args, ema = None, True  # a bare state dict: the released (EMA) weights
     if fmt == TRAINING:
         args = checkpoint.get("args")  # the published scripts' argparse options (image_size, model)
         ema = use_ema and "ema" in checkpoint
@@ -275,7 +275,6 @@ def inspect_checkpoint(
         weights, state_dict, training = "the released (EMA) weights", checkpoint, None
     arch = infer_arch(state_dict)
     name, overrides = _architecture(state_dict, arch, release, args, model, model_kwargs or {}, image_size)
-    ema = fmt == STATE_DICT or chosen == "ema"
     return LoadedWeights(path, release, fmt, arch, weights, name, overrides, state_dict, training, ema)
 
 

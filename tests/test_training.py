@@ -343,11 +343,9 @@ def test_fit_fast_dev_run_through_the_cli(tmp_path):
 
 
 def test_fit_without_a_logger_runs_the_callbacks_that_need_none(tmp_path):
-    """``trainer.logger: false``: the learning-rate monitor of the one callback list (which needs a logger) is left
-    out instead of failing at the first step."""
-    ema = {"class_path": "dico.callbacks.EMA", "init_args": {"decay": 0.9}}
-    callbacks = json.dumps([ema, {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}])
-    args = ["--trainer.callbacks", callbacks, "--trainer.logger", "false", "--trainer.max_steps", "1"]
+    """``trainer.logger: false``: the named learning-rate monitor (which needs a logger; on by default) is left out
+    instead of failing at the first step."""
+    args = ["--fid", "null", "--grid", "null", "--trainer.logger", "false", "--trainer.max_steps", "1"]
     run_cli("fit", "-c", str(QUICKSTART), *TINY_CLI[:-2], *args, "--data.init_args.batch_size", "16", cwd=tmp_path)
     assert not (tmp_path / "runs" / "quickstart" / "csv").exists()
 

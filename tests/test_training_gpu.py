@@ -25,6 +25,7 @@ HOST_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__",
 DICO = str(ROOT / "dico")
 # The model's label check reads the labels on CPUs only (on accelerators it asserts asynchronously).
 CPU_ONLY = (str(ROOT / "dico" / "models" / "base.py"), "check_inputs")
+FIT_ENTRY = (str(ROOT / "dico" / "trainer.py"), "fit")  # dico's Trainer.fit runs all of Lightning's fit below it
 
 
 class HostReadsFromDico(TorchFunctionMode):
@@ -37,7 +38,8 @@ class HostReadsFromDico(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if getattr(func, "__name__", "") in HOST_READS:
-            frames = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(DICO)]
+            stack = traceback.extract_stack()[:-1]
+            frames = [f for f in stack if f.filename.startswith(DICO) and (f.filename, f.name) != FIT_ENTRY]
             if frames and (frames[-1].filename, frames[-1].name) != CPU_ONLY:
                 self.reads.append((self.step[0], f"{Path(frames[-1].filename).name}:{frames[-1].lineno}"))
         return func(*args, **(kwargs or {}))

@@ -77,19 +77,12 @@ def read_run(folder: Path) -> dict[str, Any]:
     return {"id": run.run_id, "group": run.run_group, "job_type": run.job_type, "config": config, "history": history}
 
 
-CALLBACKS = [
-    {"class_path": "dico.callbacks.EMA", "init_args": {"decay": 0.9}},
-    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-     "init_args": {"dirpath": "runs/quickstart/checkpoints", "save_last": True}},
-    {"class_path": "dico.callbacks.SampleGrid", "init_args": {"every_n_steps": 2, "per_class": 1,
-                                                              "num_classes_shown": 2}},
-    {"class_path": "dico.callbacks.FIDEvaluation",
-     "init_args": {"reference": "runs/quickstart/digits-reference.npz", "reference_source": "digits",
-                   "feature_extractor": "dico-digits", "weights_path": "runs/quickstart/digits-classifier.pt",
-                   "every_n_steps": 2, "num_samples": 20, "batch_size": 10, "steps": 2, "test_num_samples": 0}},
-]  # fmt: skip
+CALLBACKS = ["--ema.decay", "0.9", "--grid.every_n_steps", "2", "--grid.per_class", "1",
+             "--grid.num_classes_shown", "2", "--fid.at_start", "false", "--fid.every_n_steps", "2",
+             "--fid.num_samples", "20", "--fid.batch_size", "10", "--fid.steps", "2",
+             "--fid.test_num_samples", "0"]  # fmt: skip  # argv: flag/value pairs
 TINY = ["-c", str(QUICKSTART), "--model.model_kwargs", yaml.safe_dump(TINY_MODEL, default_flow_style=True).strip(),
-        "--model.sampling_steps", "2", "--trainer.callbacks", json.dumps(CALLBACKS), "--data.init_args.batch_size",
+        "--model.sampling_steps", "2", *CALLBACKS, "--data.init_args.batch_size",
         "16", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
         "--trainer.enable_progress_bar", "false"]  # fmt: skip
 
@@ -117,9 +110,8 @@ def test_a_resumed_fit_continues_its_wandb_run_and_validate_is_grouped_with_it(i
     # the whole composed config, and what follows from it
     config = runs[0]["config"]
     assert config["trainer"]["max_steps"] == 2 and config["data"]["init_args"]["batch_size"] == 16
-    assert [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]] == [
-        "EMA", "ModelCheckpoint", "SampleGrid", "FIDEvaluation"]  # fmt: skip
-    assert config["trainer"]["callbacks"][0]["init_args"]["decay"] == 0.9
+    assert config["ema"]["init_args"]["decay"] == 0.9 and config["fid"]["init_args"]["num_samples"] == 20
+    assert not config.get("heldout_loss") and config["grid"]["init_args"]["num_classes_shown"] == 2
     summary = config["run"]
     assert summary["global_batch"] == 16 and summary["world_size"] == 1
     assert summary["parameters"] == count_parameters(create_model("DiCo-S", **TINY_MODEL))
