@@ -3,9 +3,10 @@ shape (nodes x GPUs x tasks, CPUs) from the composed trainer config, requeued an
 time limit or preemption; and the job's state as submitit reads it (``sacct``).
 
 A row is submitted once: its ``job.json`` names the job, and a row whose job is still queued or running (asked
-through submitit's job object, i.e. ``sacct``) is reported, not resubmitted, from any table or invocation. Nodes x
-GPUs x tasks are the composed trainer's (``--nodes``/``--gpus-per-node`` set both), CPUs per task default to
-``data.num_workers + 1``. Timeouts and preemption requeue and resume from ``last.ckpt``.
+through submitit's job object, i.e. ``sacct``) is reported, not resubmitted, from any table or invocation. Nor is one
+whose job sacct does not know (just submitted, or forgotten), until ``--forget`` or :data:`GONE_AFTER_HOURS` without
+a sign of life. Nodes x GPUs x tasks are the composed trainer's (``--nodes``/``--gpus-per-node`` set both), CPUs per
+task default to ``data.num_workers + 1``. Timeouts and preemption requeue and resume from ``last.ckpt``.
 """
 
 from __future__ import annotations
