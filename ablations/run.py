@@ -132,6 +132,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.launcher == "local" and any(getattr(args, name) for name in slurm_only):
         options = "/".join("--" + name.replace("_", "-") for name in slurm_only)
         p.error(f"{options} are for --launcher slurm; locally use --devices")
+    if args.forget and command != "run":
+        p.error(
+            f"--forget submits rows again: give it to a run (`run.py --launcher slurm ... --forget`), not {command}"
+        )
     return args
 
 

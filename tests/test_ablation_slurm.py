@@ -196,6 +196,8 @@ def test_a_job_unknown_to_sacct_is_told_and_forgotten_on_request_or_after_a_day(
     )
     assert len(cluster.submitted()) == 4  # `again` resubmitted; the running job still not
     assert status.row_status(rows[1], out).startswith(f"running (job {running} RUNNING;")
+    with pytest.raises(SystemExit):  # status only reads: --forget there would do nothing
+        run.parse(["status", *slurm(out, "4", "DiCo-S", more=("--forget",))])
 
 
 # ------------------------------------------------------------------------------------ inside the job
