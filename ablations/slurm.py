@@ -229,13 +229,6 @@ def row_job(run_dir: Path) -> tuple[dict[str, Any], str, str] | None:
     return record, state, log
 
 
-def active_job(run_dir: Path) -> tuple[dict[str, Any], str, str] | None:
-    """(job record, state, log) of the row's job if it is still queued, running or unknown to sacct (not yet GONE),
-    else None."""
-    job = row_job(run_dir)
-    return job if job is not None and job[1] in ACTIVE_STATES else None
-
-
 @contextlib.contextmanager
 def submission_lock(run_dir: Path) -> Any:
     """Held while a row is checked and submitted: two invocations (e.g. Table 3 and Table 4) never submit it twice.
