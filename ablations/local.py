@@ -46,6 +46,9 @@ def claim(run_dir: Path) -> bool:
 
 
 def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (never true for 0 or a negative pid: those name groups)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError, OverflowError):

@@ -4,7 +4,8 @@
     python ablations/run.py --table 4 --budget structure                 # counts + throughput ratios, no training
     python ablations/run.py --table 3 --budget paper --launcher slurm --out /scratch/$USER/dico-ablations \\
         --partition gpu --time 4320 --account ACC --mem-gb 200          # one SLURM job per row (submitit)
-    python ablations/run.py status --table 4 --budget proxy              # pending / requeued / running / failed
+    python ablations/run.py status --table 4 --budget proxy              # not submitted / queued / running / ...
+    python ablations/run.py --table 4 --budget paper --launcher slurm --rows DiCo-S --forget  # resubmit a lost job
     python ablations/run.py collect --table 4 --budget proxy --seeds 0 1 # rebuild the tables from finished rows
     python ablations/run.py patch-fid --table 4 --budget crops16         # add crops16's patch FID to finished rows
 
@@ -49,7 +50,7 @@ from ablations.compose import placement, prepare_reference, resolve  # noqa: E40
 from ablations.local import run_local  # noqa: E402
 from ablations.patch_fid import score_finished  # noqa: E402
 from ablations.rows import TABLES, rows_of  # noqa: E402
-from ablations.slurm import slurm_param, submit_slurm  # noqa: E402
+from ablations.slurm import GONE_AFTER_HOURS, slurm_param, submit_slurm  # noqa: E402
 from ablations.stages import stage_lines  # noqa: E402
 from ablations.status import collect, row_status  # noqa: E402
 
@@ -99,6 +100,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "(submitit's USR2); more than a step plus the save ('checkpoint ...: written in S s' in the log)",
     )
     p.add_argument("--account", help="slurm account")
+    p.add_argument(
+        "--forget",
+        action="store_true",
+        help="slurm: submit the rows again whose job sacct does not know (status 'unknown'), at once rather than "
+        f"after {GONE_AFTER_HOURS} h without a sign of life; a job sacct shows queued or running is left alone",
+    )
     p.add_argument("--cluster", help="submitit cluster (default: auto; 'local' or 'debug' run the jobs here)")
     p.add_argument("--device", help="device of the throughput measurement (default: cuda if available)")
     p.add_argument("--throughput-batch", type=int, help="forward batch of the throughput ratio")
@@ -121,10 +128,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.command = command
     args.overrides = list(args.extra)  # the user's cli.py options (placement options are added to extra later)
-    slurm_only = ("nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "slurm_param")
+    slurm_only = ("nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "slurm_param", "forget")
     if args.launcher == "local" and any(getattr(args, name) for name in slurm_only):
-        p.error("--nodes/--gpus-per-node/--cpus-per-task/--mem-gb/--slurm-param are for --launcher slurm; locally "
-                "use --devices")  # fmt: skip
+        options = "/".join("--" + name.replace("_", "-") for name in slurm_only)
+        p.error(f"{options} are for --launcher slurm; locally use --devices")
+    if args.forget and command != "run":
+        p.error(
+            f"--forget submits rows again: give it to a run (`run.py --launcher slurm ... --forget`), not {command}"
+        )
     return args
 
 

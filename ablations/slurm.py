@@ -3,9 +3,10 @@ shape (nodes x GPUs x tasks, CPUs) from the composed trainer config, requeued an
 time limit or preemption; and the job's state as submitit reads it (``sacct``).
 
 A row is submitted once: its ``job.json`` names the job, and a row whose job is still queued or running (asked
-through submitit's job object, i.e. ``sacct``) is reported, not resubmitted, from any table or invocation. Nodes x
-GPUs x tasks are the composed trainer's (``--nodes``/``--gpus-per-node`` set both), CPUs per task default to
-``data.num_workers + 1``. Timeouts and preemption requeue and resume from ``last.ckpt``.
+through submitit's job object, i.e. ``sacct``) is reported, not resubmitted, from any table or invocation. Nor is one
+whose job sacct does not know (just submitted, or forgotten), until ``--forget`` or :data:`GONE_AFTER_HOURS` without
+a sign of life. Nodes x GPUs x tasks are the composed trainer's (``--nodes``/``--gpus-per-node`` set both), CPUs per
+task default to ``data.num_workers + 1``. Timeouts and preemption requeue and resume from ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -164,10 +165,16 @@ def slurm_param(text: str) -> tuple[str, Any]:
     return key.lstrip("-"), (True if value == "" else value)
 
 
-#: submitit job states (sacct's, or the local executor's) of a job that is still queued or running; PREEMPTED as
-#: the last state is not among them (a requeued job is PENDING or REQUEUED again)
-ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-                 "RESIZING", "SUSPENDED", "READY", "UNKNOWN")  # fmt: skip
+#: submitit job states (sacct's, or the local executor's) of a job that waits for its (next) start, and of one that
+#: runs; PREEMPTED as the last state is neither (a requeued job is PENDING or REQUEUED again)
+QUEUED_STATES = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "CONFIGURING", "READY")
+RUNNING_STATES = ("RUNNING", "COMPLETING", "RESIZING")
+#: a job sacct does not know (submitit's UNKNOWN) may be one just submitted, or one sacct has forgotten (or lost):
+#: with no sign of life (submission, a write to its submitit folder) for this many hours it counts as GONE, and its
+#: row is submitted again; ``run.py ... --forget`` submits it again at once
+GONE_AFTER_HOURS = 24
+#: a job still queued, running, or unknown to sacct for less than GONE_AFTER_HOURS: its row is not resubmitted
+ACTIVE_STATES = (*QUEUED_STATES, *RUNNING_STATES, "UNKNOWN")
 
 
 def job_record(run_dir: Path) -> dict[str, Any] | None:
@@ -199,13 +206,27 @@ def job_state(record: dict[str, Any]) -> tuple[str, str]:
     return "ENDED", log  # the debug executor runs its jobs inside the submitting process
 
 
-def active_job(run_dir: Path) -> tuple[dict[str, Any], str, str] | None:
-    """(job record, state, log) of the row's job if it is still queued or running, else None."""
+def quiet_hours(record: dict[str, Any]) -> float:
+    """Hours since the job's last sign of life: its submission, or the newest write to its submitit folder (the
+    submitted pickle, the tasks' logs, the result)."""
+    import calendar
+
+    times = [calendar.timegm(time.strptime(record["submitted"], "%Y-%m-%d %H:%M:%S UTC"))]
+    folder = Path(record["folder"].replace("%j", str(record["job_id"])))
+    times += [p.stat().st_mtime for p in folder.glob("*")] if folder.is_dir() else []
+    return (time.time() - max(times)) / 3600
+
+
+def row_job(run_dir: Path) -> tuple[dict[str, Any], str, str] | None:
+    """(job record, state, log) of the row's last job (``job.json``), None if it has none; the state is submitit's,
+    or GONE for a job unknown to sacct with no sign of life for :data:`GONE_AFTER_HOURS`."""
     record = job_record(run_dir)
     if record is None:
         return None
     state, log = job_state(record)
-    return (record, state, log) if state in ACTIVE_STATES else None
+    if state == "UNKNOWN" and quiet_hours(record) > GONE_AFTER_HOURS:
+        state = "GONE"
+    return record, state, log
 
 
 @contextlib.contextmanager
@@ -226,6 +247,40 @@ def submission_lock(run_dir: Path) -> Any:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _may_resubmit(row: Row, record: dict[str, Any], state: str, log: str, *, forget: bool) -> bool:
+    """Whether the row may get a new job, its last one being in ``state``; says why not, or why the old one is
+    dropped. ``forget``: drop a job unknown to sacct at once (never one sacct shows queued or running)."""
+    job, hours = record["job_id"], GONE_AFTER_HOURS
+    if state == "GONE":
+        print(
+            f"[ablations] {row.row} ({row.key}): job {job} unknown to sacct, no sign of life for over {hours} h: "
+            f"counted as gone; submitted again",
+            flush=True,
+        )
+        return True
+    if state == "UNKNOWN" and forget:
+        print(
+            f"[ablations] {row.row} ({row.key}): job {job} unknown to sacct: forgotten (--forget); submitted again",
+            flush=True,
+        )
+        return True
+    if state not in ACTIVE_STATES:
+        return True
+    print(f"[ablations] {row.row} ({row.key}): job {job} is {state}; not resubmitted (log: {log})", flush=True)
+    if state == "UNKNOWN":
+        print(
+            f"[ablations]   sacct does not know job {job}: if it is gone, rerun with --forget to submit the row "
+            f"again (after {hours} h without a sign of life it counts as gone by itself)",
+            flush=True,
+        )
+    elif forget:
+        print(
+            f"[ablations]   --forget leaves a {state} job alone: `scancel {job}` first to submit the row again",
+            flush=True,
+        )
+    return False
+
+
 def submit_slurm(rows: list[Row], out: Path, args: argparse.Namespace) -> list[Any]:
     """One submitit job per row, unless the row's job (``job.json``, any table, any invocation) is still queued or
     running: that one is reported, not resubmitted. Returns the new jobs."""
@@ -240,14 +295,8 @@ def submit_slurm(rows: list[Row], out: Path, args: argparse.Namespace) -> list[A
             if not held:
                 print(f"[ablations] {row.key}: being submitted by another invocation; skipped here", flush=True)
                 continue
-            active = active_job(run_dir)
-            if active is not None:
-                record, state, log = active
-                print(f"[ablations] {row.row} ({row.key}): job {record['job_id']} is {state}; not resubmitted "
-                      f"(log: {log})", flush=True)  # fmt: skip
-                if state == "UNKNOWN":
-                    print(f"[ablations]   sacct does not know job {record['job_id']}: if it is gone, remove "
-                          f"{run_dir / 'job.json'} to submit the row again", flush=True)  # fmt: skip
+            last = row_job(run_dir)
+            if last is not None and not _may_resubmit(row, *last, forget=args.forget):
                 continue
             config = resolve(row, out, args.extra)
             where = placement(config, args.nodes, args.gpus_per_node)

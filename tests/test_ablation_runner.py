@@ -523,8 +523,15 @@ def test_only_rank_0_of_a_job_measures_and_writes_the_result(tmp_path, monkeypat
     assert finalized == ([row] if rank == 0 else [])
 
 
-def test_status_of_pending_running_failed_and_finished_rows(tmp_path):
-    rows = rows_of("4", "smoke", ["DiCo-S", "GELU->ReLU", "3x3->5x5 DWC", "3x3->7x7 DWC"])
+def test_status_of_local_rows_not_submitted_running_interrupted_failed_and_finished(tmp_path):
+    """Local runs: a live process's claim (running.json) is `running`; a claim of a process that is gone, or steps
+    trained with no claim, `interrupted`; a row never started `not submitted`."""
+    import socket
+    import subprocess
+    import sys
+
+    names = ["DiCo-S", "GELU->ReLU", "3x3->5x5 DWC", "3x3->7x7 DWC", "w/o CCA", "CCA->SE module"]
+    rows = rows_of("4", "smoke", names)
     dirs = [r.run_dir(tmp_path) for r in rows]
     for d in dirs[1:]:
         d.mkdir(parents=True)
@@ -532,11 +539,18 @@ def test_status_of_pending_running_failed_and_finished_rows(tmp_path):
     (dirs[1] / "csv" / "metrics.csv").write_text("epoch,step,train/loss\n0,9,0.5\n0,19,0.25\n")
     (dirs[2] / "failed.json").write_text(json.dumps({"stage": "fit", "log": str(dirs[2] / "run.log")}))
     (dirs[3] / "result.json").write_text(json.dumps({"metrics": {"frechet_inception_distance": 12.345}}))
+    host = socket.gethostname()
+    (dirs[4] / "running.json").write_text(json.dumps({"host": host, "pid": os.getpid()}))
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(ended.stdout)  # a process that has exited
+    (dirs[5] / "running.json").write_text(json.dumps({"host": host, "pid": dead}))
     states = [status.row_status(r, tmp_path) for r in rows]
-    assert states[0] == "pending"
-    assert states[1] == "running or interrupted (step 19, loss 0.2500)"
+    assert states[0] == "not submitted"
+    assert states[1] == "interrupted (step 19, loss 0.2500; the next run resumes it)"
     assert states[2] == f"failed (log: {dirs[2] / 'run.log'})"
     assert states[3] == "finished (FID 12.35)"
+    assert states[4] == f"running (pid {os.getpid()} on {host})"
+    assert states[5] == f"interrupted (pid {dead} on {host} is gone; the next run resumes it)"
 
 
 def test_the_score_is_the_test_record_or_the_final_periodic_one(tmp_path):

@@ -11,11 +11,13 @@ import logging
 import os
 import pickle
 import signal
+import time
 from pathlib import Path
 
 import pytest
 from lightning.pytorch import Callback
 from submitit import JobEnvironment
+from submitit.slurm.slurm import SlurmJob
 
 from ablations import run, stages, status
 from ablations import slurm as slurm_jobs
@@ -59,6 +61,7 @@ def cluster(tmp_path, monkeypatch) -> Cluster:
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    SlurmJob.watcher.clear()  # submitit caches the states of ended jobs per process; job ids restart in each test
     return Cluster(bin_dir)
 
 
@@ -142,11 +145,59 @@ def test_status_tells_the_jobs_state_and_its_real_log(tmp_path, cluster):
     (rows[1].run_dir(out) / "csv" / "metrics.csv").write_text("epoch,step,train/loss\n0,99,0.5\n")
     (rows[2].run_dir(out) / "requeued.json").write_text(json.dumps([{"job_id": ids[2]}]))  # requeued once
     states = [status.row_status(r, out) for r in rows]
-    assert states[0] == f"pending (job {ids[0]} PENDING; log: {logs[0]})"
+    assert states[0] == f"queued (job {ids[0]} PENDING; log: {logs[0]})"
     assert states[1] == f"running (job {ids[1]} RUNNING, step 99, loss 0.5000; log: {logs[1]})"
     assert states[2] == f"requeued (job {ids[2]} PENDING, 1 requeue(s), no last.ckpt yet, starts over; log: {logs[2]})"
     assert states[3] == f"failed (job {ids[3]} FAILED without a result; log: {logs[3]})"
     assert states[4] == f"failed (job {ids[4]} TIMEOUT without a result; log: {logs[4]})"
+
+
+def test_a_job_unknown_to_sacct_is_told_and_forgotten_on_request_or_after_a_day(tmp_path, cluster, capsys):
+    """sacct does not list a job (just submitted, or purged): status says `unknown` and the row is not resubmitted;
+    `--forget` submits it again at once (a running job is left alone); with no sign of life for over
+    GONE_AFTER_HOURS (24 h) it is `gone` and the next run submits it again by itself."""
+    out, hours = tmp_path / "runs", slurm_jobs.GONE_AFTER_HOURS
+    rows = rows_of("4", "paper", ["DiCo-S", "w/o CCA"])
+    assert status.row_status(rows[0], out) == "not submitted"
+    assert run.main(slurm(out, "4", *(r.row for r in rows))) == 0
+    unknown, running = (json.loads((r.run_dir(out) / "job.json").read_text())["job_id"] for r in rows)
+    cluster.set(running, "RUNNING")  # sacct lists only this one
+    log = out / "submitit" / unknown / f"{unknown}_0_log.out"
+    assert status.row_status(rows[0], out) == (
+        f"unknown (job {unknown} unknown to sacct, no sign of life for 0.0 h: counted as gone after {hours} h, or "
+        f"submit it again now with --forget; log: {log})"
+    )
+    capsys.readouterr()
+    assert run.main(slurm(out, "4", *(r.row for r in rows))) == 0
+    assert len(cluster.submitted()) == 2  # neither is resubmitted
+    assert f"job {unknown} is UNKNOWN; not resubmitted" in capsys.readouterr().out
+    # --forget: the unknown job's row is submitted again, the running one is not
+    assert run.main(slurm(out, "4", *(r.row for r in rows), more=("--forget",))) == 0
+    printed = capsys.readouterr().out
+    assert f"job {unknown} unknown to sacct: forgotten (--forget)" in printed
+    assert f"`scancel {running}` first" in printed
+    [again] = set(cluster.submitted()) - {unknown, running}
+    assert json.loads((rows[0].run_dir(out) / "job.json").read_text())["job_id"] == again
+    # the age rule: `again` unknown too, submitted an hour more than that ago, no write to its submitit folder since
+    record_path = rows[0].run_dir(out) / "job.json"
+    record = json.loads(record_path.read_text())
+    old = time.time() - (hours + 1) * 3600
+    record["submitted"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(old))
+    record_path.write_text(json.dumps(record))
+    for path in (out / "submitit" / again).iterdir():
+        os.utime(path, (old, old))
+    assert status.row_status(rows[0], out).startswith(
+        f"gone (job {again} unknown to sacct, no sign of life for {hours + 1:.1f} h, over {hours} h: the next run "
+        f"submits it again;"
+    )
+    assert run.main(slurm(out, "4", *(r.row for r in rows))) == 0
+    assert (
+        f"job {again} unknown to sacct, no sign of life for over {hours} h: counted as gone" in capsys.readouterr().out
+    )
+    assert len(cluster.submitted()) == 4  # `again` resubmitted; the running job still not
+    assert status.row_status(rows[1], out).startswith(f"running (job {running} RUNNING;")
+    with pytest.raises(SystemExit):  # status only reads: --forget there would do nothing
+        run.parse(["status", *slurm(out, "4", "DiCo-S", more=("--forget",))])
 
 
 # ------------------------------------------------------------------------------------ inside the job
@@ -279,8 +330,6 @@ def test_a_job_stopped_by_its_time_limit_resumes_from_the_step_it_reached(in_job
 def test_a_preempted_local_job_requeues_resumes_and_finishes(tmp_path, monkeypatch):
     """submitit's local executor (real processes): SIGTERM to a training job -> last.ckpt at the current step ->
     submitit's requeue (same job id) -> the row resumes from that step and finishes; never marked failed."""
-    import time
-
     from dico.checkpoints import read_checkpoint
 
     out = tmp_path / "runs"
