@@ -231,13 +231,17 @@ def reference(argv: list[str]) -> int:
     featurizer = Featurizer(FeatureSpec(args.feature_extractor, args.weights_path), args.device)
     if existing is not None:  # ... and the same weights
         existing.check_made_by(args.source, featurizer.identity, args.image_size, fix)
-        print(f"[dico reference] {args.out} exists, made from {args.source} with the same extractor; reusing it "
-              "(--overwrite to recompute)")  # fmt: skip
+        print(
+            f"[dico reference] {args.out} exists, made from {args.source} with the same extractor; reusing it "
+            "(--overwrite to recompute)"
+        )
         return 0
     ref = compute_reference(args.source, featurizer, args.image_size, args.max_features, args.seed, args.batch_size)
     ref.save(args.out)
-    print(f"[dico reference] {ref.meta['count']} images -> {args.out} ({ref.meta['statistics']}; sha256 "
-          f"{ref.sha256[:12]})")  # fmt: skip
+    print(
+        f"[dico reference] {ref.meta['count']} images -> {args.out} ({ref.meta['statistics']}; sha256 "
+        f"{ref.sha256[:12]})"
+    )
     return 0
 
 
@@ -288,22 +292,37 @@ def model_info(argv: list[str]) -> int:
     from dico.models.info import model_info as info
 
     parser = tool_parser("model-info", "Parameters, Gflops (MACs) and shapes of a model.")
-    parser.add_argument("--model", type=str | None, default=None, choices=[*list_models(), None],
-                        help="registered model name (or the architecture of --ckpt/--pretrained)")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        type=str | None,
+        default=None,
+        choices=[*list_models(), None],
+        help="registered model name (or the architecture of --ckpt/--pretrained)",
+    )
     parser.add_argument("--ckpt", type=str | None, default=None, help="a checkpoint file, any published format")
     parser.add_argument("--pretrained", type=str | None, default=None, help="a release name (hub cache)")
     parser.add_argument("--model_kwargs", type=dict | None, default=None, help="architecture overrides")
     parser.add_argument("--image_size", type=int | None, default=None, help="image resolution (default 256)")
     parser.add_argument("--use_ema", type=bool, default=True, help="EMA weights of a training checkpoint")
-    parser.add_argument("--unsafe_full_unpickle", type=bool, default=False,
-                        help="unpickle --ckpt fully (can run arbitrary code): only for files you trust")  # fmt: skip
+    parser.add_argument(
+        "--unsafe_full_unpickle",
+        type=bool,
+        default=False,
+        help="unpickle --ckpt fully (can run arbitrary code): only for files you trust",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if args.ckpt or args.pretrained:
         from dico.checkpoints import checkpoint_info
 
-        result = checkpoint_info(args.ckpt or args.pretrained, args.model, args.model_kwargs, args.image_size,
-                                 args.use_ema, args.unsafe_full_unpickle)  # fmt: skip
+        result = checkpoint_info(
+            args.ckpt or args.pretrained,
+            args.model,
+            args.model_kwargs,
+            args.image_size,
+            args.use_ema,
+            args.unsafe_full_unpickle,
+        )
     elif args.model:
         result = info(args.model, image_size=args.image_size or 256, **(args.model_kwargs or {}))
     else:

@@ -44,8 +44,14 @@ def placement(config: dict[str, Any], nodes: int | None, devices: int | None) ->
             f"--trainer.accumulate_grad_batches so that nodes x devices x per-device batch x accumulation = "
             f"{global_batch}"
         )
-    return ["--trainer.num_nodes", str(nodes), "--trainer.devices", str(devices),
-            "--data.init_args.batch_size", str(share)]  # fmt: skip
+    return [
+        "--trainer.num_nodes",
+        str(nodes),
+        "--trainer.devices",
+        str(devices),
+        "--data.init_args.batch_size",
+        str(share),
+    ]
 
 
 def fid_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -60,8 +66,9 @@ def prepare_reference(config: dict[str, Any]) -> None:
     fid = fid_settings(config)
     if not fid.get("reference_source") or (ROOT / fid["reference"]).exists():
         return
-    command = [sys.executable, str(ROOT / "cli.py"), "reference", "--source", fid["reference_source"], "--out",
-               fid["reference"], "--feature_extractor", fid["feature_extractor"], "--device", "cpu"]  # fmt: skip
+    command = [sys.executable, str(ROOT / "cli.py"), "reference", "--source", fid["reference_source"],
+               "--out", fid["reference"], "--feature_extractor", fid["feature_extractor"],
+               "--device", "cpu"]  # fmt: skip  # argv: flag/value pairs
     if fid.get("weights_path"):
         command += ["--weights_path", fid["weights_path"]]
     if fid.get("reference_image_size"):

@@ -32,22 +32,46 @@ PAPER_EFFECT_SCORES = ("fid",)
 #: higher-scoring row) by the paper's FID). Table 4: DiCo-S against every swap, in the paper's order.
 CONTRASTS: dict[str, list[tuple[str, list[tuple[str, str]]]]] = {
     "3": [
-        ("U-shape beats isotropic (lower FID)", [("DiT (U-shape)", "DiT (iso.)"), ("DiT (U-shape)", "DiT (iso.&skip)"),
-                                                ("DiCo (U-shape)", "DiCo (iso.)"),
-                                                ("DiCo (U-shape)", "DiCo (iso.&skip)")]),
-        ("DiCo beats DiT at equal budget (lower FID)", [("DiCo (iso.)", "DiT (iso.)"),
-                                                       ("DiCo (iso.&skip)", "DiT (iso.&skip)"),
-                                                       ("DiCo (U-shape)", "DiT (U-shape)")]),
+        (
+            "U-shape beats isotropic (lower FID)",
+            [
+                ("DiT (U-shape)", "DiT (iso.)"),
+                ("DiT (U-shape)", "DiT (iso.&skip)"),
+                ("DiCo (U-shape)", "DiCo (iso.)"),
+                ("DiCo (U-shape)", "DiCo (iso.&skip)"),
+            ],
+        ),
+        (
+            "DiCo beats DiT at equal budget (lower FID)",
+            [
+                ("DiCo (iso.)", "DiT (iso.)"),
+                ("DiCo (iso.&skip)", "DiT (iso.&skip)"),
+                ("DiCo (U-shape)", "DiT (U-shape)"),
+            ],
+        ),
     ],
     "4": [
-        ("DiCo-S's parts against each swap, in the paper's order (lower FID first)", [
-            ("DiCo-S", "GELU->ReLU"), ("3x3->5x5 DWC", "DiCo-S"), ("3x3->7x7 DWC", "DiCo-S"), ("DiCo-S", "w/o CCA"),
-            ("DiCo-S", "CCA->SE module"), ("DiCo-S", "CCA->Channel Self-Attn"), ("DiCo-S", "CM->Self-Attn"),
-            ("DiCo-S", "CM->Window Attn"), ("DiCo-S", "CM->Focused Linear Attn"), ("DiCo-S", "CM->Agent Attn")]),
+        (
+            "DiCo-S's parts against each swap, in the paper's order (lower FID first)",
+            [
+                ("DiCo-S", "GELU->ReLU"),
+                ("3x3->5x5 DWC", "DiCo-S"),
+                ("3x3->7x7 DWC", "DiCo-S"),
+                ("DiCo-S", "w/o CCA"),
+                ("DiCo-S", "CCA->SE module"),
+                ("DiCo-S", "CCA->Channel Self-Attn"),
+                ("DiCo-S", "CM->Self-Attn"),
+                ("DiCo-S", "CM->Window Attn"),
+                ("DiCo-S", "CM->Focused Linear Attn"),
+                ("DiCo-S", "CM->Agent Attn"),
+            ],
+        ),
     ],
-}  # fmt: skip
-SPEED_CLAIM = {"3": ["DiT (U-shape)"], "4": ["CM->Self-Attn", "CM->Window Attn", "CM->Focused Linear Attn",
-                                             "CM->Agent Attn"]}  # fmt: skip
+}
+SPEED_CLAIM = {
+    "3": ["DiT (U-shape)"],
+    "4": ["CM->Self-Attn", "CM->Window Attn", "CM->Focused Linear Attn", "CM->Agent Attn"],
+}
 
 
 def per_seed(rows: list[dict[str, Any]], score: str = "fid") -> dict[str, dict[int, float]]:
@@ -103,17 +127,23 @@ def statistics_lines(table: str, scores: dict[str, dict[int, float]], score: str
                 resolved.append(c)
     lines.append(
         f"- Resolved: {len(resolved)} contrast(s)"
-        + (": " + "; ".join(f"{c.worse} vs {c.better} ({'agrees' if c.agrees else 'disagrees'})" for c in resolved)
-           if resolved else ": none; no ordering of these rows is claimed from these runs.")
-    )  # fmt: skip
+        + (
+            ": " + "; ".join(f"{c.worse} vs {c.better} ({'agrees' if c.agrees else 'disagrees'})" for c in resolved)
+            if resolved
+            else ": none; no ordering of these rows is claimed from these runs."
+        )
+    )
     if tested:
         family = stats.holm(tested)
         lines.append(
             f"- Of {len(tested)} tested contrasts about {stats.ALPHA * len(tested):.1f} would resolve by chance if no "
             f"row differed. Held to {stats.ALPHA:.0%} for the whole family (Holm): "
-            + ("; ".join(f"{c.worse} vs {c.better} (p = {c.p_value:.2g})" for c in family) + " resolved."
-               if family else "none resolves.")
-        )  # fmt: skip
+            + (
+                "; ".join(f"{c.worse} vs {c.better} (p = {c.p_value:.2g})" for c in family) + " resolved."
+                if family
+                else "none resolves."
+            )
+        )
     return lines
 
 
@@ -130,8 +160,9 @@ def findings(table: str, rows: list[dict[str, Any]]) -> list[str]:
                 f"rows: {rho:+.2f} (a description of the means, not a test: it carries the seed noise below)"
             )
         else:
-            lines.append(f"- Spearman rank correlation ({SCORE_NAMES[score]}): needs >= 3 scored rows "
-                         f"({len(scored)} so far)")  # fmt: skip
+            lines.append(
+                f"- Spearman rank correlation ({SCORE_NAMES[score]}): needs >= 3 scored rows ({len(scored)} so far)"
+            )
         lines += statistics_lines(table, per_seed(rows, score), score)
     speed = [(n, by_row[n]["throughput_ratio"]) for n in SPEED_CLAIM[table] if by_row[n]["throughput_ratio"] != ""]
     if speed:

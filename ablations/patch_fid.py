@@ -57,11 +57,12 @@ def prepare_reference(config: dict[str, Any], out: Path, budget: str) -> Path:
     init = config["data"].get("init_args") or {}
     crop_args = inspect.signature(image_crops).parameters  # the data module's crop options are image_crops's
     crops = image_crops(**{k: (tuple(v) if k == "images" else v) for k, v in init.items() if k in crop_args})
-    images = save_npz(out / budget / "patch-fid-train-crops.npz", to_uint8(torch.from_numpy(crops.train_x)),
-                      crops.train_y)  # fmt: skip
+    images = save_npz(
+        out / budget / "patch-fid-train-crops.npz", to_uint8(torch.from_numpy(crops.train_x)), crops.train_y
+    )
     _run([sys.executable, str(ROOT / "cli.py"), "reference", "--source", str(images), "--out", str(path),
           "--feature_extractor", settings_of(budget)["feature_extractor"],
-          "--max_features", str(settings_of(budget)["reference_features_kept"])])  # fmt: skip
+          "--max_features", str(settings_of(budget)["reference_features_kept"])])  # fmt: skip  # argv: flag/value pairs
     return path
 
 
@@ -71,10 +72,10 @@ def score_run(run_dir: Path, budget: str, reference: Path) -> dict[str, Any]:
     folder = run_dir / "patch_fid"
     sample = [f"--{k}={v}" for k, v in settings["sample"].items()]
     _run([sys.executable, str(ROOT / "cli.py"), "sample", "--ckpt", str(run_dir / "checkpoints" / "last.ckpt"),
-          "--out", str(folder), "--devices", "1", *sample])  # fmt: skip
+          "--out", str(folder), "--devices", "1", *sample])  # fmt: skip  # argv: flag/value pairs
     _run([sys.executable, str(ROOT / "cli.py"), "evaluate", "--samples", str(folder / "samples.npz"),
           "--reference", str(reference), "--feature_extractor", settings["feature_extractor"],
-          "--out", str(folder / "record.json")])  # fmt: skip
+          "--out", str(folder / "record.json")])  # fmt: skip  # argv: flag/value pairs
     return json.loads((folder / "record.json").read_text())
 
 
@@ -86,17 +87,22 @@ def add_to_result(result_path: Path, record: dict[str, Any]) -> dict[str, Any]:
     state = code_state()
     result["metrics"] = {**result.get("metrics", {}), **record["metrics"]}
     result["patch_fid"] = {
-        "settings": record["settings"], "samples_sha256": record["samples_sha256"], "count": record["count"],
-        "feature_extractor": record["feature_extractor"], "scored_by": state,
-    }  # fmt: skip
+        "settings": record["settings"],
+        "samples_sha256": record["samples_sha256"],
+        "count": record["count"],
+        "feature_extractor": record["feature_extractor"],
+        "scored_by": state,
+    }
     prov = result.setdefault("provenance", {})
     prov["commits"] = list(dict.fromkeys([*prov.get("commits", []), state["commit"]]))
     prov["commit"] = prov["commits"][0] if len(prov["commits"]) == 1 else "mixed"
     prov["dirty"] = bool(prov.get("dirty")) or bool(state["dirty"])
     prov["changed"] = sorted({*prov.get("changed", []), *state["changed"]})
-    prov.update(feature_extractor=record["feature_extractor"],
-                feature_extractor_sha256=record["reference"]["weights_sha256"],
-                reference_sha256=record["reference_sha256"])  # fmt: skip
+    prov.update(
+        feature_extractor=record["feature_extractor"],
+        feature_extractor_sha256=record["reference"]["weights_sha256"],
+        reference_sha256=record["reference_sha256"],
+    )
     tmp = result_path.with_name("result.json.tmp")
     tmp.write_text(json.dumps(result, indent=1, default=str))
     tmp.replace(result_path)
@@ -121,7 +127,9 @@ def score_finished(run_dirs: list[Path], config: dict[str, Any], out: Path, budg
             add_to_result(run_dir / "result.json", score_run(run_dir, budget, reference))
         except subprocess.CalledProcessError as e:
             fix = f"python ablations/run.py patch-fid --table T --budget {budget} --out {out}"
-            print(f"[ablations] patch FID of {run_dir} failed ({e}); its training is kept: rerun `{fix}` once fixed",
-                  flush=True)  # fmt: skip
+            print(
+                f"[ablations] patch FID of {run_dir} failed ({e}); its training is kept: rerun `{fix}` once fixed",
+                flush=True,
+            )
             failed.append(run_dir)
     return failed

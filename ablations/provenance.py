@@ -57,14 +57,17 @@ def provenance(row: Row, run_dir: Path, overrides: list[str], record: dict[str, 
     }
     if record is not None:
         reference = record.get("reference") or {}
-        out.update(feature_extractor=record.get("feature_extractor"),
-                   feature_extractor_sha256=reference.get("weights_sha256"),
-                   reference_sha256=record.get("reference_sha256"))  # fmt: skip
+        out.update(
+            feature_extractor=record.get("feature_extractor"),
+            feature_extractor_sha256=reference.get("weights_sha256"),
+            reference_sha256=record.get("reference_sha256"),
+        )
     return out
 
 
-def select_runs(results: list[dict[str, Any]], table: str, budget: str, seeds: list[int] | None,
-                overrides: list[str]) -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
+def select_runs(
+    results: list[dict[str, Any]], table: str, budget: str, seeds: list[int] | None, overrides: list[str]
+) -> tuple[list[dict[str, Any]], list[str]]:
     """(the runs a table uses, one line per run left out and why): the requested seeds (all when None), made by the
     config files as they are now (the table overlays aside: they name the wandb group) and the same overrides."""
     rows = {canonical(r.model): r for r in rows_of(table, budget)}

@@ -30,13 +30,42 @@ from dico.models.ablation import paper_row  # noqa: E402
 from dico.shape_search import DIGITS_RULE  # noqa: E402
 
 COLUMNS = [
-    "row", "model", "seeds", "params_M", "params_ratio", "paper_params_ratio", "gflops", "gflops_ratio",
-    "paper_gflops_ratio", "throughput_ratio", "paper_throughput_ratio", "fid", "fid_spread", "fid_per_seed",
-    "fid_seeds", "fid_geomean", "fid_ci_low", "fid_ci_high", "ln_fid_sd", "heldout_mse", "heldout_mse_per_seed",
-    "heldout_mse_seeds", "heldout_mse_geomean", "heldout_mse_ci_low", "heldout_mse_ci_high", "ln_heldout_mse_sd",
-    "paper_fid", "eval_samples", "train_steps", "sdpa_kernel", "commit", "config_sha256", "feature_extractor_sha256",
-    "reference_sha256", "wandb",
-]  # fmt: skip
+    "row",
+    "model",
+    "seeds",
+    "params_M",
+    "params_ratio",
+    "paper_params_ratio",
+    "gflops",
+    "gflops_ratio",
+    "paper_gflops_ratio",
+    "throughput_ratio",
+    "paper_throughput_ratio",
+    "fid",
+    "fid_spread",
+    "fid_per_seed",
+    "fid_seeds",
+    "fid_geomean",
+    "fid_ci_low",
+    "fid_ci_high",
+    "ln_fid_sd",
+    "heldout_mse",
+    "heldout_mse_per_seed",
+    "heldout_mse_seeds",
+    "heldout_mse_geomean",
+    "heldout_mse_ci_low",
+    "heldout_mse_ci_high",
+    "ln_heldout_mse_sd",
+    "paper_fid",
+    "eval_samples",
+    "train_steps",
+    "sdpa_kernel",
+    "commit",
+    "config_sha256",
+    "feature_extractor_sha256",
+    "reference_sha256",
+    "wandb",
+]
 
 #: the digits rule (:data:`dico.shape_search.DIGITS_RULE`), said under the tables of the budgets trained by it
 SCALING_RULE = (
@@ -69,11 +98,14 @@ def table_rows(table: str, budget: str, results: list[dict[str, Any]]) -> list[d
         paper = paper_row(TABLES[table], row.row)
         runs = sorted(by_model.get(canonical(row.model), []), key=lambda r: r["seed"])
         rec: dict[str, Any] = {
-            "row": row.row, "model": row.model, "seeds": len(runs), "paper_fid": paper["fid"],
+            "row": row.row,
+            "model": row.model,
+            "seeds": len(runs),
+            "paper_fid": paper["fid"],
             "paper_params_ratio": round(paper["params_M"] / ref_paper["params_M"], 3),
             "paper_gflops_ratio": round(paper["gflops"] / ref_paper["gflops"], 3),
             "paper_throughput_ratio": round(paper["throughput"] / ref_paper["throughput"], 3),
-        }  # fmt: skip
+        }
         if runs:
             size = runs[0]["trained_size"]
             # the reference's counts at the same size: from its own run, else from the row's interleaved timing run
@@ -83,7 +115,8 @@ def table_rows(table: str, budget: str, results: list[dict[str, Any]]) -> list[d
             lossed = [r for r in runs if SCORES["heldout_mse"] in (r.get("metrics") or {})]
             heldout = [r["metrics"][SCORES["heldout_mse"]] for r in lossed]
             rec.update(
-                params_M=round(size["params"] / 1e6, 3), gflops=round(size["gmacs"], 4),
+                params_M=round(size["params"] / 1e6, 3),
+                gflops=round(size["gmacs"], 4),
                 params_ratio=round(_ratio(size["params"], ref["params"]), 3),
                 gflops_ratio=round(_ratio(size["gmacs"], ref["gmacs"]), 3),
                 throughput_ratio=round(statistics.median(r["throughput_ratio"] for r in runs), 3),
@@ -95,10 +128,11 @@ def table_rows(table: str, budget: str, results: list[dict[str, Any]]) -> list[d
                 heldout_mse=_significant(statistics.mean(heldout)) if heldout else "",
                 heldout_mse_per_seed=" ".join(PER_SEED_FORMAT["heldout_mse"].format(h) for h in heldout),
                 heldout_mse_seeds=" ".join(str(r["seed"]) for r in lossed),
-                eval_samples=runs[0].get("eval_samples", ""), train_steps=runs[0].get("steps", ""),
+                eval_samples=runs[0].get("eval_samples", ""),
+                train_steps=runs[0].get("steps", ""),
                 wandb=" ; ".join(r.get("wandb", "") for r in runs if r.get("wandb")),
                 **provenance_cells(runs),
-            )  # fmt: skip
+            )
         out.append(with_intervals(with_intervals({c: rec.get(c, "") for c in COLUMNS}), "heldout_mse"))
     return out
 
@@ -114,8 +148,12 @@ def provenance_cells(runs: list[dict[str, Any]]) -> dict[str, str]:
     from ablations.provenance import LOGGING_ONLY
 
     provs = [r["provenance"] for r in runs if r.get("provenance")]
-    digest = [hashlib.sha256(json.dumps({k: v for k, v in sorted(p["configs"].items()) if k not in LOGGING_ONLY})
-                             .encode()).hexdigest()[:16] for p in provs]  # fmt: skip
+    digest = [
+        hashlib.sha256(
+            json.dumps({k: v for k, v in sorted(p["configs"].items()) if k not in LOGGING_ONLY}).encode()
+        ).hexdigest()[:16]
+        for p in provs
+    ]
     return {
         "commit": _distinct(c[:12] + ("+dirty" if p["dirty"] else "") for p in provs for c in p["commits"]),
         "config_sha256": _distinct(digest),
@@ -133,17 +171,25 @@ def provenance_lines(results: list[dict[str, Any]], left_out: list[str]) -> list
     if provs:
         commits = dict.fromkeys(c for p in provs for c in p["commits"])
         dirty = sorted({f for p in provs for f in p.get("changed", [])})
-        lines.append(f"- Commit(s): {', '.join(f'`{c}`' for c in commits)}"
-                     + (f"; tracked files differed from the commit in some runs: {', '.join(dirty) or '?'}"
-                        if any(p["dirty"] for p in provs) else "; clean trees"))  # fmt: skip
+        lines.append(
+            f"- Commit(s): {', '.join(f'`{c}`' for c in commits)}"
+            + (
+                f"; tracked files differed from the commit in some runs: {', '.join(dirty) or '?'}"
+                if any(p["dirty"] for p in provs)
+                else "; clean trees"
+            )
+        )
         files: dict[str, set[str]] = {}
         for p in provs:
             for path, digest in p["configs"].items():
                 files.setdefault(path, set()).add(digest)
-        lines.append("- Config files (sha256): " + "; ".join(f"`{f}` {' '.join(sorted(d))}" for f, d in
-                                                              sorted(files.items())))  # fmt: skip
-        for key, label in (("feature_extractor_sha256", "Feature extractor weights"), ("reference_sha256",
-                                                                                       "FID reference")):  # fmt: skip
+        lines.append(
+            "- Config files (sha256): " + "; ".join(f"`{f}` {' '.join(sorted(d))}" for f, d in sorted(files.items()))
+        )
+        for key, label in (
+            ("feature_extractor_sha256", "Feature extractor weights"),
+            ("reference_sha256", "FID reference"),
+        ):
             values = sorted({p.get(key) or "-" for p in provs})
             warn = " (MORE THAN ONE: these FIDs are not comparable)" if len(values) > 1 else ""
             lines.append(f"- {label} (sha256): {', '.join(values)}{warn}")
@@ -165,8 +211,9 @@ def with_intervals(rec: dict[str, Any], score: str = "fid") -> dict[str, Any]:
         rec[f"{score}_geomean"] = shown(r.geomean)
         if r.sd_log is not None:
             low, high = r.interval()  # type: ignore[misc]
-            rec.update({f"{score}_ci_low": shown(low), f"{score}_ci_high": shown(high),
-                        f"ln_{score}_sd": round(r.sd_log, 4)})  # fmt: skip
+            rec.update(
+                {f"{score}_ci_low": shown(low), f"{score}_ci_high": shown(high), f"ln_{score}_sd": round(r.sd_log, 4)}
+            )
     return rec
 
 
@@ -175,8 +222,15 @@ def _significant(value: float) -> float:
     return float(f"{value:.4g}")
 
 
-def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[dict[str, Any]], command: str,
-             left_out: list[str] | None = None, curves: list[str] | None = None) -> str:  # fmt: skip
+def markdown(
+    table: str,
+    budget: str,
+    rows: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    command: str,
+    left_out: list[str] | None = None,
+    curves: list[str] | None = None,
+) -> str:
     missing = [r["row"] for r in rows if not r["seeds"]]
     dates = [r["finished"] for r in results if r.get("finished")]
     title = f"# Table {table} at the `{budget}` budget" + (" (PARTIAL)" if missing else "")
@@ -184,14 +238,22 @@ def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[
     kernel = results[0].get("sdpa_kernel", "?") if results else "?"
     batch = results[0].get("throughput_batch", "?") if results else "?"
     lines = [
-        title, "",
+        title,
+        "",
         f"Tables rebuilt by `{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC from "
-        f"{len(results)} finished run(s).", "",
-        "Rows trained by:", *sorted({f"- `{r.get('launched_by') or '?'}`" for r in results}), "",
-        "Machine(s):", *sorted({f"- {r.get('machine') or '?'}" for r in results}), "",
-        "Finished: " + (f"{min(dates)} to {max(dates)}" if dates else "-"), "",
-        f"> {budget_of(budget).caveat}", "",
-    ]  # fmt: skip
+        f"{len(results)} finished run(s).",
+        "",
+        "Rows trained by:",
+        *sorted({f"- `{r.get('launched_by') or '?'}`" for r in results}),
+        "",
+        "Machine(s):",
+        *sorted({f"- {r.get('machine') or '?'}" for r in results}),
+        "",
+        "Finished: " + (f"{min(dates)} to {max(dates)}" if dates else "-"),
+        "",
+        f"> {budget_of(budget).caveat}",
+        "",
+    ]
     if missing:
         lines += [f"> PARTIAL: not finished yet: {', '.join(missing)}.", ""]
     if budget_of(budget).rule == DIGITS_RULE:
@@ -199,17 +261,20 @@ def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[
     lines += [
         f"Throughput ratio: forward images/s of the row over DiCo-S's at the same size, timed side by side in "
         f"interleaved turns on {device} (batch {batch}, attention kernel `{kernel}`), median of the per-turn ratios; "
-        f"the paper's: its A100 throughputs over DiCo-S's. {SCORE_NOTE}", "",
+        f"the paper's: its A100 throughputs over DiCo-S's. {SCORE_NOTE}",
+        "",
         *table_lines(rows),
-    ]  # fmt: skip
+    ]
     lines += ["", "## What the runs show", "", *findings(table, rows), ""]
     lines += curves or []  # the contrasts along the way (ablations.curves), when scores were recorded at >= 2 steps
     lines += [
         "Open question, not tuned: the adjusted-shape rows are weakly identified (several depth sets tie on both "
         "counts; Channel-SA keeps 13 of 21 blocks because Restormer's MDTA costs about 4C^2 per block). The paper's "
-        "throughput ratios (e.g. 0.926 for Channel-SA) could tell the shapes apart on a GPU.", "",
-        "## Runs", "",
-    ]  # fmt: skip
+        "throughput ratios (e.g. 0.926 for Channel-SA) could tell the shapes apart on a GPU.",
+        "",
+        "## Runs",
+        "",
+    ]
     for res in sorted(results, key=lambda r: (r["model"], r["seed"])):
         link = res.get("wandb") or "no wandb run"
         commit = " ".join(c[:12] for c in (res.get("provenance") or {}).get("commits", [])) or "no provenance"
@@ -217,8 +282,12 @@ def markdown(table: str, budget: str, rows: list[dict[str, Any]], results: list[
         lines.append(f"  - `{res['command']}`")
     shapes = {r["model"]: r for r in results}
     lines += ["", *provenance_lines(results, left_out or []), "## Shapes", ""]
-    lines += [f"- `{m}`: {r['shape']}" + (f" Deviation: {r['deviation']}." if r["deviation"] else "")
-              + f" Trained: {r['model_kwargs'] or 'full size'}." for m, r in sorted(shapes.items())]  # fmt: skip
+    lines += [
+        f"- `{m}`: {r['shape']}"
+        + (f" Deviation: {r['deviation']}." if r["deviation"] else "")
+        + f" Trained: {r['model_kwargs'] or 'full size'}."
+        for m, r in sorted(shapes.items())
+    ]
     # paths inside the checkout as the commands run them (from its root)
     return portable("\n".join(lines), results) + "\n"
 
@@ -287,16 +356,25 @@ def plot(table: str, budget: str, rows: list[dict[str, Any]], path: Path) -> Pat
         if r["throughput_ratio"] != "" and y != "":
             ours.scatter(r["throughput_ratio"], y, color="tab:red")
             ours.annotate(r["row"], (r["throughput_ratio"], y), fontsize=7)
-    ours.set(xlabel="throughput / DiCo-S (ours, interleaved)", ylabel=f"{budget} FID" if trained else "Gflops / DiCo-S",
-             title=f"ours: Table {table}, {budget} budget")  # fmt: skip
+    ours.set(
+        xlabel="throughput / DiCo-S (ours, interleaved)",
+        ylabel=f"{budget} FID" if trained else "Gflops / DiCo-S",
+        title=f"ours: Table {table}, {budget} budget",
+    )
     paper.set(xlabel="throughput / DiCo-S (paper, A100)", ylabel="FID-50K", title="paper")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
 
 
-def write_report(table: str, budget: str, results: list[dict[str, Any]], out_dir: Path, command: str,
-                 left_out: list[str] | None = None) -> list[Path]:  # fmt: skip
+def write_report(
+    table: str,
+    budget: str,
+    results: list[dict[str, Any]],
+    out_dir: Path,
+    command: str,
+    left_out: list[str] | None = None,
+) -> list[Path]:
     """``table<T>-<budget>.csv``, ``.md`` and ``.png`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = table_rows(table, budget, results)

@@ -49,8 +49,9 @@ def restat(table: str, budget: str, results_dir: Path) -> list[Path]:
         writer.writerows(rows)
     head, rest = text.split("\n| row |", 1)
     rest = rest[rest.index("\n\n") :]  # after the table
-    head = re.sub(r"FID: mean over seeds; spread: max - min over seeds\.|FID: geometric mean.*the seeds\.", SCORE_NOTE,
-                  head)  # fmt: skip
+    head = re.sub(
+        r"FID: mean over seeds; spread: max - min over seeds\.|FID: geometric mean.*the seeds\.", SCORE_NOTE, head
+    )
     if LEGACY_NOTE not in head:
         head = head.replace("\n\n> ", f"\n\n{LEGACY_NOTE}\n\n> ", 1)
     before, after = rest.split("## What the runs show", 1)

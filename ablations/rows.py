@@ -79,8 +79,14 @@ class Row:
         """Arguments of ``python cli.py fit|test`` (after the subcommand) that train/score this row: its config
         files relative to the checkout (where the commands run), or ``absolute``."""
         args = [a for c in self.configs() for a in ("-c", str(c if absolute else c.relative_to(ROOT)))]
-        return [*args, "--seed_everything", str(self.seed), "--trainer.default_root_dir", str(self.run_dir(out)),
-                *extra]  # fmt: skip
+        return [
+            *args,
+            "--seed_everything",
+            str(self.seed),
+            "--trainer.default_root_dir",
+            str(self.run_dir(out)),
+            *extra,
+        ]
 
 
 def rows_of(table: str, budget: str, names: list[str] | None = None, seeds: list[int] | None = None) -> list[Row]:

@@ -96,17 +96,38 @@ def finalize(row: Row, out: Path, config: dict[str, Any], args: argparse.Namespa
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     entry = row.entry
     result: dict[str, Any] = {
-        "table": row.table, "row": row.row, "model": model, "budget": row.budget, "seed": row.seed,
-        "model_kwargs": kwargs, "note": entry.note, "shape": VARIANTS[model].shape,
-        "deviation": entry.deviation, "paper": entry.paper, "run_dir": str(run_dir),
+        "table": row.table,
+        "row": row.row,
+        "model": model,
+        "budget": row.budget,
+        "seed": row.seed,
+        "model_kwargs": kwargs,
+        "note": entry.note,
+        "shape": VARIANTS[model].shape,
+        "deviation": entry.deviation,
+        "paper": entry.paper,
+        "run_dir": str(run_dir),
         "command": "python cli.py fit " + " ".join(row.cli_args(out, extra)),
-        "full_size": counts(model, {}), "trained_size": counts(model, kwargs),
+        "full_size": counts(model, {}),
+        "trained_size": counts(model, kwargs),
         "reference_size": counts(REFERENCE_MODEL, reference_kwargs),
-        "launched_by": getattr(args, "command_line", ""), "machine": machine(),
+        "launched_by": getattr(args, "command_line", ""),
+        "machine": machine(),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }  # fmt: skip
-    result.update(throughput_ratio(model, kwargs, REFERENCE_MODEL, reference_kwargs, batch=batch, turns=turns,
-                                   device=device, sdpa=args.sdpa_kernel, seed=row.seed))  # fmt: skip
+    }
+    result.update(
+        throughput_ratio(
+            model,
+            kwargs,
+            REFERENCE_MODEL,
+            reference_kwargs,
+            batch=batch,
+            turns=turns,
+            device=device,
+            sdpa=args.sdpa_kernel,
+            seed=row.seed,
+        )
+    )
     record = None
     if budget.trains:
         record = score_record(run_dir, budget, config["trainer"]["max_steps"])

@@ -112,8 +112,9 @@ class Contrast:
         return f"{self.worse} / {self.better} = {self.ratio:.3f}{interval} (paired seeds {seeds}): {self.verdict()}"
 
 
-def paired_contrast(better: str, a: Mapping[int, float], worse: str, b: Mapping[int, float],
-                    alpha: float = ALPHA) -> Contrast:  # fmt: skip
+def paired_contrast(
+    better: str, a: Mapping[int, float], worse: str, b: Mapping[int, float], alpha: float = ALPHA
+) -> Contrast:
     """Claim "``better`` (scores ``a``) scores lower than ``worse`` (scores ``b``)", on the seeds in both."""
     la, lb = _logs(a), _logs(b)
     seeds = tuple(sorted(set(la) & set(lb)))

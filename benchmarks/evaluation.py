@@ -57,16 +57,21 @@ def sampling_overhead(batch: int, steps: int, repeats: int) -> None:
         s.append(sampler())
         b.append(bare())
     ms, mb = statistics.median(s), statistics.median(b)
-    print(f"\nGuided {steps}-step iDDPM sampling vs the bare model calls (quickstart DiCo, batch {batch}, "
-          f"doubled for guidance; median of {repeats})")  # fmt: skip
-    print(f"{'':24} {'samples/s':>10}\n{'bare model calls':24} {batch / mb:>10.1f}\n{'generate()':24} "
-          f"{batch / ms:>10.1f}\n{'sampler overhead':24} {100 * (ms / mb - 1):>9.1f}%")  # fmt: skip
+    print(
+        f"\nGuided {steps}-step iDDPM sampling vs the bare model calls (quickstart DiCo, batch {batch}, "
+        f"doubled for guidance; median of {repeats})"
+    )
+    print(
+        f"{'':24} {'samples/s':>10}\n{'bare model calls':24} {batch / mb:>10.1f}\n{'generate()':24} "
+        f"{batch / ms:>10.1f}\n{'sampler overhead':24} {100 * (ms / mb - 1):>9.1f}%"
+    )
 
 
 def periodic_evaluation(samples: int, steps: int) -> None:
     torch.manual_seed(0)
-    module = DiffusionModule("DiCo-S", model_kwargs=QUICKSTART_MODEL, cfg_scale=2.0, guidance_mode="all",
-                             clip_denoised=True).eval()  # fmt: skip
+    module = DiffusionModule(
+        "DiCo-S", model_kwargs=QUICKSTART_MODEL, cfg_scale=2.0, guidance_mode="all", clip_denoised=True
+    ).eval()
     with tempfile.TemporaryDirectory() as tmp:
         featurizer = Featurizer(FeatureSpec("dico-digits", str(Path(tmp) / "classifier.pt")))
         reference = compute_reference("digits", featurizer)
@@ -74,10 +79,14 @@ def periodic_evaluation(samples: int, steps: int) -> None:
         start = time.perf_counter()
         record = evaluate(module, sample_set, reference, featurizer)
         elapsed = time.perf_counter() - start
-    print(f"\nOne periodic evaluation: M = {samples} guided samples, {steps}-step iDDPM, quickstart DiCo, "
-          "digits features (CPU)")  # fmt: skip
-    print(f"{'seconds':>10} {'samples/s':>10} {'FID':>8}\n{elapsed:>10.1f} {samples / elapsed:>10.1f} "
-          f"{record['metrics']['frechet_inception_distance']:>8.2f}")  # fmt: skip
+    print(
+        f"\nOne periodic evaluation: M = {samples} guided samples, {steps}-step iDDPM, quickstart DiCo, "
+        "digits features (CPU)"
+    )
+    print(
+        f"{'seconds':>10} {'samples/s':>10} {'FID':>8}\n{elapsed:>10.1f} {samples / elapsed:>10.1f} "
+        f"{record['metrics']['frechet_inception_distance']:>8.2f}"
+    )
 
 
 def main() -> None:

@@ -86,7 +86,7 @@ def composed_config(args: argparse.Namespace) -> dict[str, Any]:
     if not cached.exists():
         argv = [sys.executable, str(ROOT / "cli.py"), "fit", "-c", str(args.base), "-c", str(args.overlay),
                 "--trainer.default_root_dir", RUN_DIR, "--data.init_args.root", str(args.work / "cache"),
-                "--print_config"]  # fmt: skip
+                "--print_config"]  # fmt: skip  # argv: flag/value pairs
         printed = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
         if printed.returncode != 0:
             raise SystemExit(f"could not compose {args.base} + {args.overlay}:\n{printed.stderr[-2000:]}")
@@ -115,13 +115,25 @@ def fit_argv(args: argparse.Namespace, precision: str, run_dir: Path, results: P
     """The ``fit`` command line: the paper config, one device, the synthetic data, the config's callbacks without the
     FID evaluation and with :class:`FitTimer`, the checkpoint writer timed (:class:`TimedCheckpointIO`)."""
     cfg = composed_config(args)
-    timer = {"class_path": "gpu_fit.FitTimer", "init_args": {"warmup": args.warmup, "steps": args.steps,
-             "results": str(results), "phase": f"fit {precision}", "launched": launched}}  # fmt: skip
-    checkpoint_io = {"class_path": "gpu_fit.TimedCheckpointIO",
-                     "init_args": {"results": str(results), "phase": f"fit {precision}"}}  # fmt: skip
+    timer = {
+        "class_path": "gpu_fit.FitTimer",
+        "init_args": {
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "results": str(results),
+            "phase": f"fit {precision}",
+            "launched": launched,
+        },
+    }
+    checkpoint_io = {
+        "class_path": "gpu_fit.TimedCheckpointIO",
+        "init_args": {"results": str(results), "phase": f"fit {precision}"},
+    }
     if precision in args.async_checkpoint:  # Lightning's thread writer around the same atomic writer
-        checkpoint_io = {"class_path": "lightning.pytorch.plugins.io.AsyncCheckpointIO",
-                         "init_args": {"checkpoint_io": checkpoint_io}}  # fmt: skip
+        checkpoint_io = {
+            "class_path": "lightning.pytorch.plugins.io.AsyncCheckpointIO",
+            "init_args": {"checkpoint_io": checkpoint_io},
+        }
     loggers = cfg["trainer"].get("logger") or []
     if not wandb_installed():  # the GPU image has no wandb unless its wheel is carried: keep the CSV logger
         loggers = [lg for lg in loggers if "Wandb" not in lg["class_path"]]
@@ -143,7 +155,7 @@ def fit_argv(args: argparse.Namespace, precision: str, run_dir: Path, results: P
         "--data.init_args.root", str(args.work / "cache"),
         "--data.init_args.vae", str(args.work / "vae"),
         "--data.init_args.batch_size", str(args.batch),
-    ]  # fmt: skip
+    ]  # fmt: skip  # argv: flag/value pairs
     if 2 * (args.warmup + args.steps + LOG_WINDOW // 2 + 1) <= args.warmup + args.steps + LOG_WINDOW + SAVE_WINDOW:
         raise SystemExit("--warmup + --steps must be at least 9: a second logging step would fall inside the windows")
     if args.num_workers is not None:
@@ -228,10 +240,18 @@ class FitTimer(Callback):  # type: ignore[misc,valid-type]
             _sync()
             elapsed = time.perf_counter() - self._t0
             rate = self.steps * batch_size / elapsed
-            log(f"[{self.phase}] steady: {rate:.2f} img/s over {self.steps} steps after {self.warmup} "
-                f"({elapsed / self.steps * 1000:.1f} ms/step), peak memory {_peak_gib():.2f} GiB")  # fmt: skip
-            record(self.results, self.phase, img_per_s=rate, ms_per_step=1000 * elapsed / self.steps,
-                   peak_gib=_peak_gib(), batch=batch_size)  # fmt: skip
+            log(
+                f"[{self.phase}] steady: {rate:.2f} img/s over {self.steps} steps after {self.warmup} "
+                f"({elapsed / self.steps * 1000:.1f} ms/step), peak memory {_peak_gib():.2f} GiB"
+            )
+            record(
+                self.results,
+                self.phase,
+                img_per_s=rate,
+                ms_per_step=1000 * elapsed / self.steps,
+                peak_gib=_peak_gib(),
+                batch=batch_size,
+            )
             self._step_s, self._t0 = elapsed / self.steps, time.perf_counter()
         elif step == self.warmup + self.steps + LOG_WINDOW:
             _sync()
@@ -271,8 +291,10 @@ class TimedCheckpointIO(AtomicCheckpointIO):  # type: ignore[misc,valid-type]
         super().save_checkpoint(checkpoint, path, storage_options)
         seconds = time.perf_counter() - start
         gb = Path(path).stat().st_size / 1e9
-        log(f"[{self.phase}] checkpoint write {Path(path).name}: {seconds:.2f} s, {gb:.3f} GB, "
-            f"{gb / seconds:.2f} GB/s (atomic: temp file, fsync, rename)")  # fmt: skip
+        log(
+            f"[{self.phase}] checkpoint write {Path(path).name}: {seconds:.2f} s, {gb:.3f} GB, "
+            f"{gb / seconds:.2f} GB/s (atomic: temp file, fsync, rename)"
+        )
         record(self.results, self.phase, ckpt_s=seconds, ckpt_gb=gb, ckpt_gb_per_s=gb / seconds)
 
 
@@ -296,14 +318,22 @@ def phase_setup(args: argparse.Namespace, results: Path) -> None:
     synthetic_cache(args.work / "cache", count, shard_size=4096, shape=(4, latent, latent))
     torch.manual_seed(0)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8), sample_size=8 * latent,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        sample_size=8 * latent,
+    )
     vae.save_pretrained(args.work / "vae")
     seconds = time.perf_counter() - start
-    log(f"[setup] {count} synthetic latents 4x{latent}x{latent} and a tiny random VAE in {seconds:.1f} s; model "
-        f"{cfg['model']['model']}{' ' + json.dumps(args.model_kwargs) if args.model_kwargs else ''}")  # fmt: skip
+    log(
+        f"[setup] {count} synthetic latents 4x{latent}x{latent} and a tiny random VAE in {seconds:.1f} s; model "
+        f"{cfg['model']['model']}{' ' + json.dumps(args.model_kwargs) if args.model_kwargs else ''}"
+    )
     record(results, "setup", seconds=seconds, latents=count)
 
 
@@ -361,11 +391,20 @@ def phase_bare(args: argparse.Namespace, results: Path, precision: str) -> None:
         elapsed = time.perf_counter() - start
         rate = args.steps * args.batch / elapsed
         what = "step + EMA" if with_ema else "step"
-        log(f"[{phase}] {what}: {rate:.2f} img/s over {args.steps} steps after {args.warmup} "
-            f"({elapsed / args.steps * 1000:.1f} ms/step), peak memory {_peak_gib():.2f} GiB")  # fmt: skip
+        log(
+            f"[{phase}] {what}: {rate:.2f} img/s over {args.steps} steps after {args.warmup} "
+            f"({elapsed / args.steps * 1000:.1f} ms/step), peak memory {_peak_gib():.2f} GiB"
+        )
         key = "ema_" if with_ema else ""
-        record(results, phase, **{f"{key}img_per_s": rate, f"{key}ms_per_step": 1000 * elapsed / args.steps,
-                                  f"{key}peak_gib": _peak_gib()})  # fmt: skip
+        record(
+            results,
+            phase,
+            **{
+                f"{key}img_per_s": rate,
+                f"{key}ms_per_step": 1000 * elapsed / args.steps,
+                f"{key}peak_gib": _peak_gib(),
+            },
+        )
 
 
 def phase_fit(args: argparse.Namespace, results: Path, precision: str, launched: float) -> None:
@@ -429,8 +468,10 @@ def phase_sampling(args: argparse.Namespace, results: Path, ckpt: str | None) ->
     warm = min(10, steps)
     bare(warm), sample(warm)  # warm-up: kernels chosen, allocator filled, the sampler's tables on the device
     tb, ts = bare(steps), sample(steps)
-    log(f"[{phase}] {steps}-step iDDPM, {b} samples, {guided}: bare model calls {b / tb:.2f} samples/s, "
-        f"DiffusionModule.sample {b / ts:.2f} samples/s: overhead {100 * (ts / tb - 1):.1f}%")  # fmt: skip
+    log(
+        f"[{phase}] {steps}-step iDDPM, {b} samples, {guided}: bare model calls {b / tb:.2f} samples/s, "
+        f"DiffusionModule.sample {b / ts:.2f} samples/s: overhead {100 * (ts / tb - 1):.1f}%"
+    )
     record(results, phase, bare_samples_per_s=b / tb, module_samples_per_s=b / ts, overhead_pct=100 * (ts / tb - 1))
     if ckpt is None:
         return
@@ -453,16 +494,17 @@ def phase_sampling(args: argparse.Namespace, results: Path, ckpt: str | None) ->
     sys.argv = ["cli.py"]
     status = cli.main(["sample", "--ckpt", ckpt, "--out", str(out), "--num_samples", str(b), "--batch_size", str(b),
                        "--steps", str(steps), "--sampler", "iddpm", "--vae", str(args.work / "vae"),
-                       "--accelerator", args.accelerator])  # fmt: skip
+                       "--accelerator", args.accelerator])  # fmt: skip  # argv: flag/value pairs
     total = time.perf_counter() - start
     if status != 0:
         raise SystemExit(status)
     predict = timed.get("predict", float("nan"))
-    log(f"[{phase}] cli.py sample ({b} samples): {total:.1f} s in all, of which the predict loop {predict:.1f} s "
+    log(
+        f"[{phase}] cli.py sample ({b} samples): {total:.1f} s in all, of which the predict loop {predict:.1f} s "
         f"({b / predict:.2f} samples/s, {100 * (predict / tb - 1):.1f}% over the bare calls; it includes loading "
-        "and running the tiny VAE); the rest is loading the checkpoint and writing the files")  # fmt: skip
-    record(results, phase, sample_cli_s=total, sample_predict_s=predict,
-           sample_cli_samples_per_s=b / predict)  # fmt: skip
+        "and running the tiny VAE); the rest is loading the checkpoint and writing the files"
+    )
+    record(results, phase, sample_cli_s=total, sample_predict_s=predict, sample_cli_samples_per_s=b / predict)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -518,8 +560,11 @@ def run_phase(args: argparse.Namespace, results: Path, phase: str, limit: float,
         return False
     log(f"== {label} (at most {limit:.0f} s)")
     start = time.perf_counter()
-    spec = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "results": str(results), "extra": list(extra)}  # fmt: skip
+    spec = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "results": str(results),
+        "extra": list(extra),
+    }
     if args.fork:
         proc = multiprocessing.get_context("fork").Process(
             target=_own_group, args=(child_main, [phase, json.dumps(spec)])
@@ -570,18 +615,23 @@ def table(found: dict[str, dict[str, Any]], precisions: list[str], async_io: lis
             (f"fit {p}", "img/s", fit.get("img_per_s")),
             (f"fit {p}", "peak GiB, steady steps", fit.get("peak_gib")),
             (f"fit {p}", "peak GiB, with logging and save", fit.get("peak_with_save_gib")),
-            (f"fit {p}", "fit / bare step", fit["img_per_s"] / bare["img_per_s"] if "img_per_s" in fit and
-             "img_per_s" in bare else None),
-            (f"fit {p}", "fit / bare step + EMA", fit["img_per_s"] / bare["ema_img_per_s"] if "img_per_s" in fit and
-             "ema_img_per_s" in bare else None),
+            (
+                f"fit {p}",
+                "fit / bare step",
+                fit["img_per_s"] / bare["img_per_s"] if "img_per_s" in fit and "img_per_s" in bare else None,
+            ),
+            (
+                f"fit {p}",
+                "fit / bare step + EMA",
+                fit["img_per_s"] / bare["ema_img_per_s"] if "img_per_s" in fit and "ema_img_per_s" in bare else None,
+            ),
             (f"fit {p}", "logging step, s over a steady step", fit.get("log_step_s")),
-            (f"fit {p}", "save stall on training, s" + (" (async)" if p in async_io else ""),
-             fit.get("save_stall_s")),
+            (f"fit {p}", "save stall on training, s" + (" (async)" if p in async_io else ""), fit.get("save_stall_s")),
             (f"fit {p}", "last.ckpt write, s", fit.get("ckpt_s")),
             (f"fit {p}", "last.ckpt, GB", fit.get("ckpt_gb")),
             (f"fit {p}", "last.ckpt write, GB/s", fit.get("ckpt_gb_per_s")),
             (f"fit {p}", "end of fit after the last step, s", fit.get("end_of_fit_s")),
-        ]  # fmt: skip
+        ]
     s = found.get("sampling", {})
     rows += [
         ("sampling", "bare model calls, samples/s", s.get("bare_samples_per_s")),
@@ -671,8 +721,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _cut)
-    log(f"[gpu_fit] {args.base.name} + {args.overlay.name}, batch {args.batch}, precisions {args.precisions}, "
-        f"{args.steps} timed steps after {args.warmup}; work folder {args.work}")  # fmt: skip
+    log(
+        f"[gpu_fit] {args.base.name} + {args.overlay.name}, batch {args.batch}, precisions {args.precisions}, "
+        f"{args.steps} timed steps after {args.warmup}; work folder {args.work}"
+    )
     try:
         ckpt = None
         if run_phase(args, results, "setup", limits["setup"]):

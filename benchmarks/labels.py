@@ -46,13 +46,18 @@ def main() -> None:
                 metrics = evaluate(module, sample_set, reference, featurizer)["metrics"]
                 scores[layout]["fid"].append(metrics["frechet_inception_distance"])
                 scores[layout]["is"].append(metrics["inception_score_mean"])
-            print(f"seed {seed}: " + ", ".join(f"{k} FID {v['fid'][-1]:.2f} IS {v['is'][-1]:.3f}"
-                                               for k, v in scores.items()), flush=True)  # fmt: skip
+            print(
+                f"seed {seed}: "
+                + ", ".join(f"{k} FID {v['fid'][-1]:.2f} IS {v['is'][-1]:.3f}" for k, v in scores.items()),
+                flush=True,
+            )
     print("\n| labels | FID mean | FID std | FID min-max | IS mean | IS std |\n| --- | --- | --- | --- | --- | --- |")
     for layout, s in scores.items():
         fid, isc = s["fid"], s["is"]
-        print(f"| {layout} | {statistics.mean(fid):.2f} | {statistics.stdev(fid):.2f} | {min(fid):.2f}-{max(fid):.2f} "
-              f"| {statistics.mean(isc):.3f} | {statistics.stdev(isc):.3f} |")  # fmt: skip
+        print(
+            f"| {layout} | {statistics.mean(fid):.2f} | {statistics.stdev(fid):.2f} | {min(fid):.2f}-{max(fid):.2f} "
+            f"| {statistics.mean(isc):.3f} | {statistics.stdev(isc):.3f} |"
+        )
     wins = sum(b < u for u, b in zip(scores["uniform"]["fid"], scores["balanced"]["fid"], strict=True))
     print(f"\nbalanced FID below uniform on {wins} of {args.seeds} seeds")
 

@@ -518,12 +518,16 @@ class Bench:
             for name, fn in fns.items():
                 memory[name] = self.dev.peak_memory(fn)
         row = {
-            "size": size, "mode": mode, "dtype": dtype, "compile": compiled, "batch": batch,
+            "size": size,
+            "mode": mode,
+            "dtype": dtype,
+            "compile": compiled,
+            "batch": batch,
             "images_per_s": {k: batch / v for k, v in med.items()},
             "seconds": {k: v for k, v in times.items()},
             "warmup_seconds": first_call,
             "peak_mib": memory,
-        }  # fmt: skip
+        }
         row["ratio"] = paired_speedup(times[dit], times[dico])
         row["ratio_of_fastest"] = min(times[dit]) / min(times[dico])
         if f"published {dico}" in times:
@@ -643,13 +647,14 @@ class Bench:
         print(f"# device: {self.dev.name()}", flush=True)
         extra = ""
         if self.dev.cuda:
-            extra = (f", tf32 matmul={torch.backends.cuda.matmul.allow_tf32} "
-                     f"cudnn={torch.backends.cudnn.allow_tf32}")  # fmt: skip
+            extra = f", tf32 matmul={torch.backends.cuda.matmul.allow_tf32} cudnn={torch.backends.cudnn.allow_tf32}"
         if not self.dev.cuda and hasattr(os, "getloadavg"):
             extra = f", load average at start {os.getloadavg()[0]:.2f}"
         print(f"# torch {torch.__version__}, python {platform.python_version()}{extra}")
-        print(f"# reps {args.reps} (median), warm-up {args.warmup}, image {args.image_size}px (latent {self.latent}), "
-              f"{args.clock} clock")  # fmt: skip
+        print(
+            f"# reps {args.reps} (median), warm-up {args.warmup}, image {args.image_size}px (latent {self.latent}), "
+            f"{args.clock} clock"
+        )
         cols = ["size", "mode", "dtype", "compile", "batch", "DiT img/s", "DiCo img/s", "DiCo/DiT", "paper"]
         if self.published is not None:
             cols += ["published img/s", "ours/published"]
@@ -666,10 +671,16 @@ class Bench:
             return "-" if v is None else f"{v:.0f}"
 
         cells = [
-            row["size"], row["mode"], row["dtype"], "yes" if row["compile"] else "no", str(row["batch"]),
-            f"{ips[dit]:.2f}", f"{ips[dico]:.2f}", f"{row['ratio']:.2f}x ({row['ratio_of_fastest']:.2f}x)",
+            row["size"],
+            row["mode"],
+            row["dtype"],
+            "yes" if row["compile"] else "no",
+            str(row["batch"]),
+            f"{ips[dit]:.2f}",
+            f"{ips[dico]:.2f}",
+            f"{row['ratio']:.2f}x ({row['ratio_of_fastest']:.2f}x)",
             f"{row['paper_ratio']:.2f}x" if "paper_ratio" in row else "-",
-        ]  # fmt: skip
+        ]
         if self.published is not None:
             pub = ips.get(f"published {dico}")
             if pub is None:  # published code: eager rows only
@@ -683,26 +694,38 @@ class Bench:
         print("| " + " | ".join(cells) + " |", flush=True)
         if "ours_over_baseline" in row:
             b = f"baseline {dit}", f"baseline {dico}"
-            print(f"|   baseline tree: {dit} {ips[b[0]]:.2f} img/s, {dico} {ips[b[1]]:.2f} img/s, DiCo/DiT "
-                  f"{row['baseline_ratio']:.2f}x; this tree / baseline: {dit} {row['ours_over_baseline'][dit]:.2f}x, "
-                  f"{dico} {row['ours_over_baseline'][dico]:.2f}x", flush=True)  # fmt: skip
+            print(
+                f"|   baseline tree: {dit} {ips[b[0]]:.2f} img/s, {dico} {ips[b[1]]:.2f} img/s, DiCo/DiT "
+                f"{row['baseline_ratio']:.2f}x; this tree / baseline: {dit} {row['ours_over_baseline'][dit]:.2f}x, "
+                f"{dico} {row['ours_over_baseline'][dico]:.2f}x",
+                flush=True,
+            )
 
     def print_sampling(self, s: dict[str, Any]) -> None:
-        print(f"\nguided sampling ({s['steps']} steps, cfg {self.args.cfg_scale}, {s['batch']} samples, model batch "
-              f"{2 * s['batch']}, {s['dtype']}, eager):")  # fmt: skip
+        print(
+            f"\nguided sampling ({s['steps']} steps, cfg {self.args.cfg_scale}, {s['batch']} samples, model batch "
+            f"{2 * s['batch']}, {s['dtype']}, eager):"
+        )
         for name in SIZES[s["size"]]:
             r = s[name]
-            print(f"  {name}: {r['sampling_samples_per_s']:.3f} samples/s sampling vs {r['bare_samples_per_s']:.3f} "
-                  f"with bare model calls: overhead {100 * r['overhead']:+.1f}%", flush=True)  # fmt: skip
+            print(
+                f"  {name}: {r['sampling_samples_per_s']:.3f} samples/s sampling vs {r['bare_samples_per_s']:.3f} "
+                f"with bare model calls: overhead {100 * r['overhead']:+.1f}%",
+                flush=True,
+            )
 
     def footer(self) -> None:
         comp = [(r["size"], r["mode"], r["warmup_seconds"]) for r in self.results if r.get("compile")]
         for size, mode, w in comp:
-            print(f"# compile + {self.args.warmup} warm-up call(s), {size} {mode}: "
-                  + ", ".join(f"{k} {v:.0f}s" for k, v in w.items()))  # fmt: skip
-        print("# ratios: median over turns of the per-turn time ratio (in brackets: ratio of the fastest turns); "
-              "paper: Table 1 forward throughput ratio (A100, fp32, batch 64); peak MiB: a training step's peak "
-              "above resident memory (CUDA allocator peak; CPU peak RSS)")  # fmt: skip
+            print(
+                f"# compile + {self.args.warmup} warm-up call(s), {size} {mode}: "
+                + ", ".join(f"{k} {v:.0f}s" for k, v in w.items())
+            )
+        print(
+            "# ratios: median over turns of the per-turn time ratio (in brackets: ratio of the fastest turns); "
+            "paper: Table 1 forward throughput ratio (A100, fp32, batch 64); peak MiB: a training step's peak "
+            "above resident memory (CUDA allocator peak; CPU peak RSS)"
+        )
         if not self.dev.cuda and hasattr(os, "getloadavg"):
             print(f"# load average at end {os.getloadavg()[0]:.2f} ({os.cpu_count()} logical CPUs)")
 

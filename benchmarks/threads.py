@@ -53,8 +53,9 @@ def busy(stop: mp.Event) -> None:  # type: ignore[valid-type]
 def its(setting: dict[str, str], steps: int) -> float:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     env.update(setting, DICO_CPU_TUNING="0", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", PROBE.replace("STEPS", str(steps))], env=env, check=True,
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.replace("STEPS", str(steps))], env=env, check=True, capture_output=True, text=True
+    )
     return float(out.stdout.split()[-1])
 
 

@@ -28,10 +28,13 @@ from dico.data.manifest import Manifest, ShardRecord, sha256_file, shard_stem
 from dico.module import DiffusionModule
 
 MODELS = {
-    "quickstart (DiCo 32, 1x8x8)": ("DiCo-S", {"hidden_size": 32, "depth": [2, 2, 2, 2, 2], "in_channels": 1,
-                                                "input_size": 8, "num_classes": 10}, 128),
+    "quickstart (DiCo 32, 1x8x8)": (
+        "DiCo-S",
+        {"hidden_size": 32, "depth": [2, 2, 2, 2, 2], "in_channels": 1, "input_size": 8, "num_classes": 10},
+        128,
+    ),
     "DiCo-S (4x32x32)": ("DiCo-S", {"num_classes": 10}, 8),
-}  # fmt: skip
+}
 
 
 class _Timer(Callback):
@@ -51,18 +54,27 @@ class _Timer(Callback):
 def _batches(model_kwargs: dict, batch_size: int, n: int) -> list[dict[str, torch.Tensor]]:
     c, s, k = model_kwargs.get("in_channels", 4), model_kwargs.get("input_size", 32), model_kwargs["num_classes"]
     g = torch.Generator().manual_seed(0)
-    return [{"x": torch.randn(batch_size, c, s, s, generator=g), "y": torch.randint(0, k, (batch_size,), generator=g)}
-            for _ in range(n)]  # fmt: skip
+    return [
+        {"x": torch.randn(batch_size, c, s, s, generator=g), "y": torch.randint(0, k, (batch_size,), generator=g)}
+        for _ in range(n)
+    ]
 
 
 def lightning_rate(name: str, kwargs: dict, batch_size: int, steps: int, warmup: int) -> float:
     module = DiffusionModule(name, model_kwargs=kwargs)
     timer = _Timer(warmup)
     trainer = Trainer(
-        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer],
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
         log_every_n_steps=50,
-    )  # fmt: skip
+    )
     # batch_size=None: the loader yields the prepared dicts as they are (a bare list would read as many loaders)
     trainer.fit(module, train_dataloaders=DataLoader(_batches(kwargs, batch_size, steps), batch_size=None))
     return (steps - warmup) * batch_size / (timer.end - timer.start)
@@ -84,8 +96,10 @@ def bare_rate(name: str, kwargs: dict, batch_size: int, steps: int, warmup: int)
 
 
 def overhead_table(steps: int, warmup: int, repeats: int) -> None:
-    print(f"\nLightning loop vs bare PyTorch loop (same module loss, AdamW, batches; {steps - warmup} timed steps,"
-          f" median of {repeats} interleaved runs)")  # fmt: skip
+    print(
+        f"\nLightning loop vs bare PyTorch loop (same module loss, AdamW, batches; {steps - warmup} timed steps,"
+        f" median of {repeats} interleaved runs)"
+    )
     print(f"{'model':30} {'batch':>5} {'bare img/s':>11} {'Lightning img/s':>16} {'overhead':>9}")
     for label, (name, kwargs, batch_size) in MODELS.items():
         bare, light = [], []
@@ -109,8 +123,10 @@ def synthetic_cache(root: Path, count: int, shard_size: int, shape: tuple[int, .
         np.save(lat, moments)
         np.save(lab, rng.integers(0, 1000, n))
         records.append(ShardRecord(s, n, sha256_file(lat), sha256_file(lab), [], list(shape)))
-    Manifest("synthetic", 0.18215, 256, list(shape), 1000, [str(i) for i in range(1000)], 2, "float32",
-             records).save(root)  # fmt: skip
+    manifest = Manifest(
+        "synthetic", 0.18215, 256, list(shape), 1000, [str(i) for i in range(1000)], 2, "float32", records
+    )
+    manifest.save(root)
 
 
 def read_table(count: int, batch_size: int, workers: list[int], epochs: int) -> None:

@@ -260,10 +260,18 @@ def inspect_checkpoint(
     fmt = checkpoint_format(checkpoint)
     if fmt == LIGHTNING:
         hp = dict(checkpoint.get("hyper_parameters", {}))
-        return LoadedWeights(path, release or find_release(hp.get("pretrained")), fmt, "ours",
-                             "the weights in its state_dict (EMA when trained with the EMA callback)",
-                             hp.get("model", "?"), dict(hp.get("model_kwargs") or {}), checkpoint["state_dict"],
-                             ema="current_model_state" in checkpoint, pixels=makes_pixels(hp))  # fmt: skip
+        return LoadedWeights(
+            path,
+            release or find_release(hp.get("pretrained")),
+            fmt,
+            "ours",
+            "the weights in its state_dict (EMA when trained with the EMA callback)",
+            hp.get("model", "?"),
+            dict(hp.get("model_kwargs") or {}),
+            checkpoint["state_dict"],
+            ema="current_model_state" in checkpoint,
+            pixels=makes_pixels(hp),
+        )
     args, ema = None, True  # a bare state dict: the released (EMA) weights
     if fmt == TRAINING:
         args = checkpoint.get("args")  # the published scripts' argparse options (image_size, model)
@@ -377,8 +385,12 @@ def checkpoint_info(
     if loaded.release is not None:
         r = loaded.release
         info["release"] = r.name
-        info["published"] = {"cfg_scale": r.cfg_scale, "fid": r.fid, "inception_score": r.inception_score,
-                             "source": r.source}  # fmt: skip
+        info["published"] = {
+            "cfg_scale": r.cfg_scale,
+            "fid": r.fid,
+            "inception_score": r.inception_score,
+            "source": r.source,
+        }
     return info
 
 

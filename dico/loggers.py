@@ -163,9 +163,16 @@ class AutoWandbLogger(WandbLogger):
             name = f"{name} ({job_type})" if name else None
             self._run_record = None
         super().__init__(
-            project=project, name=name, save_dir=save_dir, group=group, tags=tags, offline=offline,
-            log_model=log_model, job_type=job_type, **kwargs,
-        )  # fmt: skip
+            project=project,
+            name=name,
+            save_dir=save_dir,
+            group=group,
+            tags=tags,
+            offline=offline,
+            log_model=log_model,
+            job_type=job_type,
+            **kwargs,
+        )
         self._run_file = run_file
 
     @property
@@ -273,7 +280,9 @@ class LoggedConfig(SaveConfigCallback):
             return
         config = self.config.clone()
         config.pop("config", None)  # the -c file paths; their content is the rest
-        logged = {**json.loads(self.parser.dump(config, format="json", skip_validation=True)),
-                  "run": run_summary(trainer, pl_module)}  # fmt: skip
+        logged = {
+            **json.loads(self.parser.dump(config, format="json", skip_validation=True)),
+            "run": run_summary(trainer, pl_module),
+        }
         for logger in wandb_loggers:
             logger.experiment.config.update(logged, allow_val_change=True)

@@ -103,8 +103,9 @@ class DiffusionModule(LightningModule):
                 raise
         if compile:
             self.model.compile(**(compile if isinstance(compile, dict) else {}))
-        self.diffusion = create_diffusion("", noise_schedule, diffusion_steps=diffusion_steps,
-                                          learn_sigma=self.model.learn_sigma)  # fmt: skip
+        self.diffusion = create_diffusion(
+            "", noise_schedule, diffusion_steps=diffusion_steps, learn_sigma=self.model.learn_sigma
+        )
         self.decoder_spec = decoder or {"kind": "pixels"}
         self._vae: Any = None
         self._divergence = DivergenceRecord()
@@ -237,8 +238,9 @@ class DiffusionModule(LightningModule):
         limit = self.hparams.max_abs_weight
         if not found.loss_is_finite:
             values = ", ".join(f"{k}={v:.4g}" for k, v in found.terms.items())
-            self._raise_diverged(NonFiniteLossError, f"non-finite training loss at step {found.step} ({values})"
-                                 + suffix)  # fmt: skip
+            self._raise_diverged(
+                NonFiniteLossError, f"non-finite training loss at step {found.step} ({values})" + suffix
+            )
         self._raise_diverged(
             DivergedWeightsError,
             f"diverged weights at step {found.step}: max |w| = {found.largest_abs_weight:.4g}"
@@ -260,8 +262,10 @@ class DiffusionModule(LightningModule):
         good = newest_sound_checkpoint(sorted(candidates), self.hparams.max_abs_weight)
         fix = "lowering model.lr or setting trainer.gradient_clip_val (or try precision 32 if you trained in bf16)"
         if good:
-            raise error(f"{what}. The newest checkpoint with sound weights is {good}; resume from it with "
-                        f"`fit --ckpt_path {good}` after {fix}.")  # fmt: skip
+            raise error(
+                f"{what}. The newest checkpoint with sound weights is {good}; resume from it with "
+                f"`fit --ckpt_path {good}` after {fix}."
+            )
         raise error(f"{what}. No checkpoint with sound weights was saved before it: start the run again after {fix}.")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -276,8 +280,9 @@ class DiffusionModule(LightningModule):
         hp = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
         fused = bool(params) and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
-                                      fused=fused or None)  # fmt: skip
+        optimizer = torch.optim.AdamW(
+            params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay, fused=fused or None
+        )
         if hp.warmup_steps <= 0:
             return optimizer
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / hp.warmup_steps))
@@ -374,11 +379,18 @@ class DiffusionModule(LightningModule):
         try:
             with ema_weights(self):
                 z = generate(
-                    m, labels, shape, m.null_label, **options.as_kwargs(), seed=seed, clip_denoised=hp.clip_denoised,
-                    diffusion=sampling_diffusion(options.sampler, options.steps, hp.diffusion_steps, hp.noise_schedule,
-                                                 m.learn_sigma),
+                    m,
+                    labels,
+                    shape,
+                    m.null_label,
+                    **options.as_kwargs(),
+                    seed=seed,
+                    clip_denoised=hp.clip_denoised,
+                    diffusion=sampling_diffusion(
+                        options.sampler, options.steps, hp.diffusion_steps, hp.noise_schedule, m.learn_sigma
+                    ),
                     progress=progress,
-                )  # fmt: skip
+                )
         finally:
             self.train(was_training)
         return self.decode(z) if decode else z

@@ -60,7 +60,7 @@ CATALOGUE: dict[str, Release] = {
         Release("DiT-XL-2-512", "DiT-XL/2", 512, "DiT-XL-2-512x512.pt", None,
                 "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt", 1.5, 3.04, 240.82, _DIT_PAPER),
     ]
-}  # fmt: skip
+}  # fmt: skip  # table: one release per entry, fields in Release's order
 
 
 class WeightsNotFoundError(FileNotFoundError):

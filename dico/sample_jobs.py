@@ -121,8 +121,13 @@ def weights_record(module: DiffusionModule) -> dict[str, Any]:
     source = module.weights_source
     released = source.released
     checkpoint = {"path": str(source.path), "format": source.format, "sha256": file_sha256(source.path)}
-    return {"model": module.hparams.model, "pretrained": released.name if released else None,
-            "checkpoint": checkpoint, "ema": source.ema, "decoder": dict(module.decoder_spec)}  # fmt: skip
+    return {
+        "model": module.hparams.model,
+        "pretrained": released.name if released else None,
+        "checkpoint": checkpoint,
+        "ema": source.ema,
+        "decoder": dict(module.decoder_spec),
+    }
 
 
 def run_sample_job(job: SampleJob) -> Path:
@@ -130,8 +135,15 @@ def run_sample_job(job: SampleJob) -> Path:
     if (job.ckpt is None) == (job.pretrained is None):
         raise ValueError("give exactly one of --ckpt PATH and --pretrained NAME")
     job.sample_set(1)  # bad counts or options fail here, before anything is loaded or written
-    module = load_for_sampling(job.ckpt or job.pretrained, job.model, job.model_kwargs, job.image_size,  # type: ignore[arg-type]
-                               job.vae, job.use_ema, job.unsafe_full_unpickle)  # fmt: skip
+    module = load_for_sampling(
+        job.ckpt or job.pretrained,  # type: ignore[arg-type]
+        job.model,
+        job.model_kwargs,
+        job.image_size,
+        job.vae,
+        job.use_ema,
+        job.unsafe_full_unpickle,
+    )
     source = module.weights_source
     print(f"[dico sample] {source.describe()}")
     sample_set = job.sample_set(module.model.num_classes)
@@ -154,10 +166,13 @@ def run_sample_job(job: SampleJob) -> Path:
     pending = sample_set.dataset(skip=sample_set.finished(out, key))
     if len(pending):
         trainer = Trainer(
-            accelerator=job.accelerator, devices=job.devices, precision=job.precision, logger=False,
+            accelerator=job.accelerator,
+            devices=job.devices,
+            precision=job.precision,
+            logger=False,
             callbacks=[SampleWriter(str(out), source=json.dumps(record, sort_keys=True))],
             enable_model_summary=False,
-        )  # fmt: skip
+        )
         trainer.predict(module, DataLoader(pending, batch_size=None), return_predictions=False)
         return out / "samples.npz"
     return sample_set.merge(out, key)

@@ -111,8 +111,13 @@ def _rank(base_hidden: int, base_ratio: float, base_depth: Sequence[int] | int) 
         pairs = [(c.depth, base_depth)] if isinstance(base_depth, int) else zip(c.depth, base_depth, strict=True)
         moves = [abs(a - b) for a, b in pairs]  # type: ignore[operator]
         # then spread the moves (sum of squares) rather than piling them on one stage
-        return (abs(c.mlp_ratio - base_ratio), abs(c.hidden_size - base_hidden), sum(moves), c.max_err,
-                sum(m * m for m in moves))  # fmt: skip
+        return (
+            abs(c.mlp_ratio - base_ratio),
+            abs(c.hidden_size - base_hidden),
+            sum(moves),
+            c.max_err,
+            sum(m * m for m in moves),
+        )
 
     return key
 
@@ -166,11 +171,25 @@ def search_ushape(
 
     def totals() -> Iterable[tuple[int, tuple[int, ...], float, int, int]]:
         for d, r in itertools.product(widths, ratios):
-            p0, m0 = exact_counts(DiCo, input_size, hidden_size=d, depth=(1,) * 5, mlp_ratio=r, mixer=mixer,
-                                  mixer_kwargs=mk, ffn_act=ffn_act, **fixed)  # fmt: skip
+            p0, m0 = exact_counts(
+                DiCo,
+                input_size,
+                hidden_size=d,
+                depth=(1,) * 5,
+                mlp_ratio=r,
+                mixer=mixer,
+                mixer_kwargs=mk,
+                ffn_act=ffn_act,
+                **fixed,
+            )
             per_stage = []
-            for dim, size in ((d, input_size), (2 * d, input_size // 2), (4 * d, input_size // 4),
-                              (2 * d, input_size // 2), (2 * d, input_size)):  # fmt: skip
+            for dim, size in (
+                (d, input_size),
+                (2 * d, input_size // 2),
+                (4 * d, input_size // 4),
+                (2 * d, input_size // 2),
+                (2 * d, input_size),
+            ):
                 with torch.device("meta"):
                     block = DiCoBlock(
                         dim, build_mixer(mixer, dim, 0, resolution=(size, size), **mk), ConvFFN(dim, r, ffn_act)
@@ -215,8 +234,7 @@ def search_isotropic(
             common = dict(hidden_size=d, mlp_ratio=r, patch_size=patch_size, mixer=mixer, mixer_kwargs=mk)
             # the skips are part of the skeleton: count them with 2 * long_skips blocks (at least one), then add
             base_depth = max(1, 2 * long_skips)
-            p0, m0 = exact_counts(IsotropicDiCo, input_size, depth=base_depth, long_skips=long_skips, **common,
-                                  **fixed)  # fmt: skip
+            p0, m0 = exact_counts(IsotropicDiCo, input_size, depth=base_depth, long_skips=long_skips, **common, **fixed)
             with torch.device("meta"):
                 block = DiCoBlock(d, build_mixer(mixer, d, 0, resolution=(grid, grid), **mk), ConvFFN(d, r))
             bp, bm = block_counts(block.to_empty(device="cpu"), d, grid)
@@ -245,8 +263,15 @@ SEARCHES: dict[str, Callable[[], SearchResult]] = {
         search_ushape, TABLE4, "CCA->Channel Self-Attn", mixer_kwargs={"channel_attention": "channel_self_attention"}
     ),
     # heads do not change the counts: head_dim 16 lets every width of the grid split into heads
-    "DiT-U": _paper_search(search_ushape, TABLE4, "CM->Self-Attn", mixer="self_attention",
-                           mixer_kwargs={"head_dim": 16}, widths=range(64, 193, 16), depth_range=range(1, 13)),
+    "DiT-U": _paper_search(
+        search_ushape,
+        TABLE4,
+        "CM->Self-Attn",
+        mixer="self_attention",
+        mixer_kwargs={"head_dim": 16},
+        widths=range(64, 193, 16),
+        depth_range=range(1, 13),
+    ),
     "DiCo-S-WindowAttn": _paper_search(
         search_ushape, TABLE4, "CM->Window Attn", mixer="window_attention", mixer_kwargs={"window_size": 8}
     ),
@@ -258,7 +283,7 @@ SEARCHES: dict[str, Callable[[], SearchResult]] = {
     "DiCo-iso-skip": _paper_search(
         search_isotropic, TABLE3, "DiCo (iso.&skip)", long_skips=5, widths=(384,), ratios=_ISO_RATIOS
     ),
-}  # fmt: skip
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,8 +317,12 @@ DIGITS_RULE = ProxyRule(4, {"in_channels": 1, "input_size": 8, "num_classes": 10
 CROPS16_RULE = ProxyRule(4, {"in_channels": 1, "input_size": 16, "num_classes": 10}, "16x16 image crops")
 REFERENCE_ROW = (TABLE4, "DiCo-S")
 #: head_dim defaults of the attention mixers (their constructors') when a variant does not set one
-_HEAD_DIM_DEFAULTS = {"self_attention": 64, "window_attention": 32, "focused_linear_attention": 32,
-                      "agent_attention": 32}  # fmt: skip
+_HEAD_DIM_DEFAULTS = {
+    "self_attention": 64,
+    "window_attention": 32,
+    "focused_linear_attention": 32,
+    "agent_attention": 32,
+}
 
 
 def _scaled_mixer_kwargs(mixer: str, mixer_kwargs: Mapping[str, Any], rule: ProxyRule = DIGITS_RULE) -> dict[str, Any]:
@@ -363,17 +392,36 @@ def proxy_shape(name: str, tol: float = 0.03, rule: ProxyRule = DIGITS_RULE) -> 
     target_p, target_m = ref_p * row["params_M"] / ref["params_M"], ref_m * row["gflops"] / ref["gflops"]
     kw, width = dict(v.kwargs), overrides["hidden_size"]
     fixed = {"in_channels": rule.data["in_channels"], "num_classes": rule.data["num_classes"]}
-    common = dict(mixer=kw.get("mixer", "conv"), mixer_kwargs=overrides.get("mixer_kwargs"), widths=(width,),
-                  input_size=rule.data["input_size"], tol=tol, **fixed)  # fmt: skip
+    common = dict(
+        mixer=kw.get("mixer", "conv"),
+        mixer_kwargs=overrides.get("mixer_kwargs"),
+        widths=(width,),
+        input_size=rule.data["input_size"],
+        tol=tol,
+        **fixed,
+    )
     if v.arch == "IsotropicDiCo":
         ratio = kw.get("mlp_ratio", 2.0)
-        result = search_isotropic(target_p / 1e6, target_m / 1e9, long_skips=kw.get("long_skips", 0),
-                                  ratios=_ISO_RATIOS, depth_range=range(1, 41), patch_size=kw.get("patch_size", 2),
-                                  base=(width, ratio, kw["depth"]), **common)  # fmt: skip
+        result = search_isotropic(
+            target_p / 1e6,
+            target_m / 1e9,
+            long_skips=kw.get("long_skips", 0),
+            ratios=_ISO_RATIOS,
+            depth_range=range(1, 41),
+            patch_size=kw.get("patch_size", 2),
+            base=(width, ratio, kw["depth"]),
+            **common,
+        )
     else:
-        result = search_ushape(target_p / 1e6, target_m / 1e9, ffn_act=kw.get("ffn_act", "gelu"),
-                               ratios=(kw.get("mlp_ratio", 2.0),), depth_range=range(1, 11),
-                               base=(width, kw.get("mlp_ratio", 2.0), tuple(kw["depth"])), **common)  # fmt: skip
+        result = search_ushape(
+            target_p / 1e6,
+            target_m / 1e9,
+            ffn_act=kw.get("ffn_act", "gelu"),
+            ratios=(kw.get("mlp_ratio", 2.0),),
+            depth_range=range(1, 11),
+            base=(width, kw.get("mlp_ratio", 2.0), tuple(kw["depth"])),
+            **common,
+        )
     best = result.best or result.closest
     assert best is not None
     overrides.update(depth=best.kwargs()["depth"], mlp_ratio=best.mlp_ratio)

@@ -4,6 +4,7 @@ each floor imports only the floors below it, and the release catalogue builds no
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -141,3 +142,34 @@ def test_no_module_writes_another_objects_private_attribute(tmp_path):
     assert private_attributes_written(example) == ["example.py:2 module._weights"]
     written = [s for p in sorted(PACKAGE.rglob("*.py")) if p.name != "compat.py" for s in private_attributes_written(p)]
     assert written == []
+
+
+# The formatter's skip markers outside tests/: kept only where ruff's layout reads worse (a table, an argv of flag/value
+# pairs), each followed on its line by a second comment with the reason (a form ruff still honours). 171 before issue
+# 29, 27 after.
+FMT_SKIP_CEILING = 27
+FMT_MARKER = re.compile(r"#\s*fmt:\s*(?:skip|off)\b(.*)$")
+# bare markers of the ablation runner's files, rewritten on another branch when these were given reasons
+FMT_SKIP_REASONS_PENDING = {"ablations/run.py", "ablations/slurm.py", "ablations/local.py", "ablations/status.py"}
+
+
+def fmt_skip_markers(paths: list[Path], root: Path = ROOT) -> list[tuple[str, bool]]:
+    """(``file:line``, whether the marker gives a reason) for each ``# fmt: skip`` / ``# fmt: off`` in the files."""
+    return [
+        (f"{p.relative_to(root).as_posix()}:{n}", bool(re.match(r"\s+#\s*\S", m.group(1))))
+        for p in paths
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if (m := FMT_MARKER.search(line))
+    ]
+
+
+def test_each_fmt_skip_outside_tests_gives_its_reason_and_they_stay_few(tmp_path):
+    example = tmp_path / "example.py"
+    example.write_text("A = [1,  2]  # fmt: skip\nB = [1,  2]  # fmt: skip  # aligned\nC = 1\n")
+    assert [ok for _, ok in fmt_skip_markers([example], tmp_path)] == [False, True]
+    folders = ("dico", "ablations", "benchmarks")
+    files = [ROOT / "cli.py", *(p for d in folders for p in sorted((ROOT / d).rglob("*.py")))]
+    markers = fmt_skip_markers(files)
+    assert len(markers) <= FMT_SKIP_CEILING, f"{len(markers)} markers: let ruff format the code instead"
+    bare = [where for where, ok in markers if not ok and where.split(":")[0] not in FMT_SKIP_REASONS_PENDING]
+    assert bare == [], "give each its reason: `# fmt: skip  # why ruff's layout reads worse here`"

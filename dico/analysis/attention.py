@@ -39,8 +39,9 @@ def attention_probabilities(attn: SelfAttention2d, x: Tensor) -> Tensor:
 def attention_modules(model: nn.Module) -> list[SelfAttention2d]:
     """Every DiT block's attention, in order (``model.blocks[i].mixer``)."""
     blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList) or not all(isinstance(getattr(b, "mixer", None), SelfAttention2d)
-                                                        for b in blocks):  # fmt: skip
+    if not isinstance(blocks, nn.ModuleList) or not all(
+        isinstance(getattr(b, "mixer", None), SelfAttention2d) for b in blocks
+    ):
         raise TypeError(f"expected a DiT (blocks[i].mixer = SelfAttention2d), got {type(model).__name__}")
     return [block.mixer for block in blocks]
 
@@ -209,10 +210,17 @@ def attention_along_sampling(
     model.eval()
     try:
         samples = generate(
-            net, labels, (model.in_channels, model.input_size, model.input_size), model.null_label,
-            sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed, clip_denoised=clip_denoised,
+            net,
+            labels,
+            (model.in_channels, model.input_size, model.input_size),
+            model.null_label,
+            sampler=sampler,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            clip_denoised=clip_denoised,
             diffusion=sampling_diffusion(sampler, steps, learn_sigma=model.learn_sigma),
-        )  # fmt: skip
+        )
     finally:
         model.train(was_training)
     return AttentionRecord(maps=maps, samples=samples, grid=token_grid(model), timesteps=order)
@@ -248,8 +256,9 @@ def summarise_locality(record: AttentionRecord, radius: float, metric: str = "eu
     maps = record.stacked()  # (T, L, B, [heads,] N, N)
     scores = locality_score(maps, record.grid, radius, metric)  # (T, L, B[, heads])
     per = scores.flatten(2).mean(-1)
-    return LocalitySummary(radius, metric, record.grid, list(record.timesteps), per,
-                           uniform_locality(record.grid, radius, metric))  # fmt: skip
+    return LocalitySummary(
+        radius, metric, record.grid, list(record.timesteps), per, uniform_locality(record.grid, radius, metric)
+    )
 
 
 def locality_curve(

@@ -139,8 +139,11 @@ def clear_outputs(path: str | Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dico.analysis.notebook", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m dico.analysis.notebook",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("notebooks", nargs="+", type=Path)
     p.add_argument("--size", choices=SIZES, default="full")
     p.add_argument("--out", type=Path, help="folder for the executed copies (default: not saved)")

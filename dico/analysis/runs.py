@@ -90,13 +90,20 @@ def quickstart_args(steps: int | None = None, eval_every: int | None = None) -> 
     args = ["-c", str(quickstart_config())]
     if steps is not None:
         every = eval_every or max(1, steps // 2)
-        args += ["-c", str(TINY_QUICKSTART), "--trainer.max_steps", str(steps), "--trainer.val_check_interval",
-                 str(every)]  # fmt: skip
+        args += [
+            "-c",
+            str(TINY_QUICKSTART),
+            "--trainer.max_steps",
+            str(steps),
+            "--trainer.val_check_interval",
+            str(every),
+        ]
     return args
 
 
-def train_quickstart(workdir: str | Path, steps: int | None = None, eval_every: int | None = None,
-                     timeout: float | None = None) -> Path:  # fmt: skip
+def train_quickstart(
+    workdir: str | Path, steps: int | None = None, eval_every: int | None = None, timeout: float | None = None
+) -> Path:
     """Run ``python cli.py fit`` on the quickstart (``steps``: the CI-sized overlay, see :func:`quickstart_args`) in
     ``workdir``; returns the run folder.
 
@@ -147,8 +154,9 @@ def train_or_load_quickstart(
 
 
 @torch.no_grad()
-def class_grid(module: DiffusionModule, per_class: int, seed: int = 0, steps: int | None = None,
-               num_classes: int | None = None) -> np.ndarray:  # fmt: skip
+def class_grid(
+    module: DiffusionModule, per_class: int, seed: int = 0, steps: int | None = None, num_classes: int | None = None
+) -> np.ndarray:
     """Samples of every class as one image: row ``c`` holds ``per_class`` samples of class ``c``.
 
     Returns (classes * H, per_class * W, C) floats in [0, 1] (module's sampler, CFG and EMA weights).

@@ -56,14 +56,28 @@ def train_on_digits(
     from dico.module import DiffusionModule
 
     seed_everything(seed, verbose=False)
-    module = DiffusionModule(model, model_kwargs={**DIGITS, **(model_kwargs or {})}, lr=lr, seed=seed,
-                             clip_denoised=True, sampling_steps=50, sampler="ddim")  # fmt: skip
+    module = DiffusionModule(
+        model,
+        model_kwargs={**DIGITS, **(model_kwargs or {})},
+        lr=lr,
+        seed=seed,
+        clip_denoised=True,
+        sampling_steps=50,
+        sampler="ddim",
+    )
     with quiet_lightning():
         trainer = Trainer(
-            accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+            accelerator="cpu",
+            devices=1,
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
             callbacks=[EMA(decay=ema_decay, warmup=True)],
-        )  # fmt: skip
+        )
         trainer.fit(module, DigitsDataModule(batch_size=batch_size, seed=seed))
     return module.eval()
 

@@ -78,10 +78,15 @@ class EMA(WeightAveraging):
         average = averaged_model(self)
         assert average is not None
         if self._pairs is None:
-            pairs = [(a.detach(), c.detach())
-                     for a, c in zip(itertools.chain(average.module.parameters(), average.module.buffers()),
-                                     itertools.chain(pl_module.parameters(), pl_module.buffers()), strict=True)
-                     if a.is_floating_point()]  # fmt: skip
+            pairs = [
+                (a.detach(), c.detach())
+                for a, c in zip(
+                    itertools.chain(average.module.parameters(), average.module.buffers()),
+                    itertools.chain(pl_module.parameters(), pl_module.buffers()),
+                    strict=True,
+                )
+                if a.is_floating_point()
+            ]
             self._pairs = ([a for a, _ in pairs], [c for _, c in pairs])
         averaged, current = self._pairs
         if averaged and averaged[0].device != current[0].device:  # EMA(device=...): copied over every update

@@ -165,8 +165,14 @@ class FIDEvaluation(Callback):
         return self._reference
 
     # -- one evaluation -----------------------------------------------------------------------------
-    def _run(self, trainer: Trainer, pl_module: LightningModule, sample_set: SampleSet, name: str,
-             samples_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    def _run(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        sample_set: SampleSet,
+        name: str,
+        samples_dir: Path | None = None,
+    ) -> dict[str, Any]:
         reference = self.reference(trainer, pl_module)
         assert self._featurizer is not None
         self._featurizer.extractor.to(pl_module.device)
@@ -174,8 +180,9 @@ class FIDEvaluation(Callback):
         step = self._step(trainer)
         source = json.dumps({"checkpoint": str(trainer.ckpt_path), "step": step})
         with ema_weights(pl_module), torch.no_grad():
-            record = evaluate(pl_module, sample_set, reference, self._featurizer, self.metric_options, trainer,
-                              samples_dir, source)  # fmt: skip
+            record = evaluate(
+                pl_module, sample_set, reference, self._featurizer, self.metric_options, trainer, samples_dir, source
+            )
         record["step"] = step
         record["checkpoint"] = trainer.ckpt_path
         record["sample_job"] = self._sample_job(trainer, pl_module)
@@ -208,8 +215,13 @@ class FIDEvaluation(Callback):
             ema = self._checkpoint_ema
         else:
             ema = source.ema if source is not None else None
-        return {"pretrained": release.name if release else None, "checkpoint": trainer.ckpt_path, "ema": ema,
-                "precision": str(trainer.precision), "decoder": dict(pl_module.decoder_spec)}  # fmt: skip
+        return {
+            "pretrained": release.name if release else None,
+            "checkpoint": trainer.ckpt_path,
+            "ema": ema,
+            "precision": str(trainer.precision),
+            "decoder": dict(pl_module.decoder_spec),
+        }
 
     def _step(self, trainer: Trainer) -> int:
         """The optimizer step of the weights: the trainer's during fit, the checkpoint's during test."""
@@ -219,10 +231,13 @@ class FIDEvaluation(Callback):
 
     def _log(self, trainer: Trainer, pl_module: LightningModule, record: dict[str, Any]) -> None:
         short = {
-            "frechet_inception_distance": "fid", "spatial_frechet_inception_distance": "sfid",
-            "inception_score_mean": "is", "precision": "precision", "recall": "recall",
+            "frechet_inception_distance": "fid",
+            "spatial_frechet_inception_distance": "sfid",
+            "inception_score_mean": "is",
+            "precision": "precision",
+            "recall": "recall",
             "kernel_inception_distance_mean": "kid",
-        }  # fmt: skip
+        }
         suffix = weights_suffix(pl_module)
         metrics = {f"eval/{short[k]}{suffix}": v for k, v in record["metrics"].items() if k in short}
         if trainer.is_global_zero:
@@ -230,14 +245,20 @@ class FIDEvaluation(Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
             labels = torch.arange(min(16, pl_module.model.num_classes))
             with ema_weights(pl_module):
-                grid = save_grid(run_dir(trainer) / "eval" / f"step_{trainer.global_step:07d}.png",
-                                 pl_module.sample(labels, seed=self.sample_set.seed), nrow=8)  # fmt: skip
+                grid = save_grid(
+                    run_dir(trainer) / "eval" / f"step_{trainer.global_step:07d}.png",
+                    pl_module.sample(labels, seed=self.sample_set.seed),
+                    nrow=8,
+                )
             for logger in trainer.loggers:
                 if hasattr(logger, "log_image"):
                     logger.log_image(key=f"eval/samples{suffix}", images=[str(grid)], step=trainer.global_step)
         settings = record["settings"]
-        rank_zero_info(f"step {trainer.global_step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-                       + f" ({settings['num_samples']} samples, {settings['labels']} labels)")  # fmt: skip
+        rank_zero_info(
+            f"step {trainer.global_step}: "
+            + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            + f" ({settings['num_samples']} samples, {settings['labels']} labels)"
+        )
 
     def _periodic(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step

@@ -37,8 +37,14 @@ class HeldOutLoss(Callback):
             a fixed list shared by every row of an ablation, so that their scores pair step by step.
     """
 
-    def __init__(self, timesteps_per_sample: int = 8, seed: int = 0, batch_size: int = 256,
-                 every_n_steps: int = 0, steps: Sequence[int] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        timesteps_per_sample: int = 8,
+        seed: int = 0,
+        batch_size: int = 256,
+        every_n_steps: int = 0,
+        steps: Sequence[int] = (),
+    ) -> None:
         if timesteps_per_sample < 1:
             raise ValueError(f"timesteps_per_sample must be >= 1, got {timesteps_per_sample}")
         if any(s < 1 for s in steps):
@@ -64,20 +70,31 @@ class HeldOutLoss(Callback):
         pl_module.eval()
         try:
             with ema_weights(pl_module):
-                losses = heldout_losses(pl_module.diffusion, pl_module.model, batch["x"].to(pl_module.device),
-                                        batch["y"].to(pl_module.device), self.timesteps_per_sample, self.seed,
-                                        self.batch_size)  # fmt: skip
+                losses = heldout_losses(
+                    pl_module.diffusion,
+                    pl_module.model,
+                    batch["x"].to(pl_module.device),
+                    batch["y"].to(pl_module.device),
+                    self.timesteps_per_sample,
+                    self.seed,
+                    self.batch_size,
+                )
         finally:
             pl_module.train(was_training)
         fit = trainer.state.fn == "fit" or self._checkpoint_step is None
         return {
             "metrics": {f"heldout_{k}": v for k, v in losses.items()},
-            "settings": {"num_samples": len(index), "timesteps_per_sample": self.timesteps_per_sample,
-                         "seed": self.seed, "timesteps": "stratified", "weights": "ema"},
+            "settings": {
+                "num_samples": len(index),
+                "timesteps_per_sample": self.timesteps_per_sample,
+                "seed": self.seed,
+                "timesteps": "stratified",
+                "weights": "ema",
+            },
             "feature_extractor": None,
             "step": trainer.global_step if fit else self._checkpoint_step,
             "checkpoint": trainer.ckpt_path,
-        }  # fmt: skip
+        }
 
     def _run(self, trainer: Trainer, pl_module: LightningModule, name: str) -> None:
         if not trainer.is_global_zero:
@@ -91,8 +108,9 @@ class HeldOutLoss(Callback):
         metrics = {f"eval/{k}": v for k, v in record["metrics"].items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=record["step"])
-        rank_zero_info(f"held-out loss at step {record['step']}: " + ", ".join(f"{k}={v:.5f}" for k, v in
-                                                                                metrics.items()))  # fmt: skip
+        rank_zero_info(
+            f"held-out loss at step {record['step']}: " + ", ".join(f"{k}={v:.5f}" for k, v in metrics.items())
+        )
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
         step = trainer.global_step

@@ -26,16 +26,18 @@ class Throughput(Callback):
         if self._t0 is None:  # first batch after (re)start: begin a window
             self._t0, self._step0 = time.perf_counter(), trainer.global_step
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         every = trainer.log_every_n_steps
         steps = trainer.global_step - self._step0
         if self._t0 is None or steps <= 0 or trainer.global_step % every or accumulating(trainer):
             return
         elapsed = time.perf_counter() - self._t0
         images = steps * batch["y"].shape[0] * trainer.accumulate_grad_batches * trainer.world_size
-        pl_module.log_dict({"train/images_per_sec": images / elapsed, "train/sec_per_step": elapsed / steps},
-                           rank_zero_only=True)  # fmt: skip
+        pl_module.log_dict(
+            {"train/images_per_sec": images / elapsed, "train/sec_per_step": elapsed / steps}, rank_zero_only=True
+        )
         self._t0, self._step0 = time.perf_counter(), trainer.global_step
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

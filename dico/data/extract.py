@@ -178,9 +178,13 @@ def extract_latents(cfg: ExtractConfig) -> Manifest | None:
     device = _device(cfg)
     vae = load_vae(cfg.vae, device)  # also to check finished shards against its weights
     made_with = {
-        "vae": vae_location(cfg.vae), "vae_sha256": vae_weights_sha256(vae), "image_size": cfg.image_size,
-        "flips": 2 if cfg.flips else 1, "dtype": cfg.dtype, "scale_factor": vae_scale_factor(vae),
-    }  # fmt: skip
+        "vae": vae_location(cfg.vae),
+        "vae_sha256": vae_weights_sha256(vae),
+        "image_size": cfg.image_size,
+        "flips": 2 if cfg.flips else 1,
+        "dtype": cfg.dtype,
+        "scale_factor": vae_scale_factor(vae),
+    }
     todo = []
     for s in range(rank, n_shards, world):
         shard_items = items[s * cfg.shard_size : (s + 1) * cfg.shard_size]
@@ -245,9 +249,15 @@ def _encode_shard(
         os.replace(tmp, path)
     shape = list(lat.shape[3:]) if len(lab) else []  # an all-unreadable shard has no latent shape
     record = ShardRecord(
-        index, len(lab), sha256_file(lat_path), sha256_file(lab_path), skipped, shape,
-        made_with=made_with, images_sha256=images_sha256(list(items), cfg.data_path),
-    )  # fmt: skip
+        index,
+        len(lab),
+        sha256_file(lat_path),
+        sha256_file(lab_path),
+        skipped,
+        shape,
+        made_with=made_with,
+        images_sha256=images_sha256(list(items), cfg.data_path),
+    )
     atomic_write_text(out / f"{stem}.json", json.dumps(asdict(record)))
     for bad in skipped:
         print(f"[dico extract] skipped unreadable image {bad['path']}: {bad['error']}")

@@ -92,9 +92,13 @@ def image_crops(
         parts["hc"].append(corners)
         parts["hy"].append(np.full(heldout_per_image, label))
     return CropSplit(
-        _to_pixels(parts["tx"]), np.concatenate(parts["ty"]).astype(np.int64), np.concatenate(parts["tc"]),
-        _to_pixels(parts["hx"]), np.concatenate(parts["hy"]).astype(np.int64), np.concatenate(parts["hc"]),
-    )  # fmt: skip
+        _to_pixels(parts["tx"]),
+        np.concatenate(parts["ty"]).astype(np.int64),
+        np.concatenate(parts["tc"]),
+        _to_pixels(parts["hx"]),
+        np.concatenate(parts["hy"]).astype(np.int64),
+        np.concatenate(parts["hc"]),
+    )
 
 
 class ImageCropsDataModule(ArrayDataModule):
@@ -117,9 +121,14 @@ class ImageCropsDataModule(ArrayDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.crop_args = dict(images=tuple(images), crop_size=crop_size, train_per_image=train_per_image,
-                              heldout_per_image=heldout_per_image, heldout_fraction=heldout_fraction,
-                              crop_seed=crop_seed)  # fmt: skip
+        self.crop_args = dict(
+            images=tuple(images),
+            crop_size=crop_size,
+            train_per_image=train_per_image,
+            heldout_per_image=heldout_per_image,
+            heldout_fraction=heldout_fraction,
+            crop_seed=crop_seed,
+        )
         self._num_train = len(images) * train_per_image
 
     def build_dataset(self) -> LatentArrays:

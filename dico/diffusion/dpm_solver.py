@@ -38,9 +38,13 @@ def dpm_solver_sample(
     if steps < 1 or steps > diffusion.num_timesteps:
         raise ValueError(f"DPM-Solver++ steps must be in 1..{diffusion.num_timesteps}, got {steps}")
     scheduler = DPMSolverMultistepScheduler(
-        num_train_timesteps=diffusion.num_timesteps, trained_betas=diffusion.betas.tolist(),
-        algorithm_type="dpmsolver++", solver_order=order, prediction_type="sample", lower_order_final=True,
-    )  # fmt: skip
+        num_train_timesteps=diffusion.num_timesteps,
+        trained_betas=diffusion.betas.tolist(),
+        algorithm_type="dpmsolver++",
+        solver_order=order,
+        prediction_type="sample",
+        lower_order_final=True,
+    )
     scheduler.set_timesteps(steps, device=noise.device)
     abar = torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float64, device=noise.device)
     x = noise

@@ -308,9 +308,17 @@ class GaussianDiffusion:
     ) -> Iterator[dict[str, Tensor]]:
         """Yield every step of ancestral sampling from x_T = ``noise`` (or fresh noise)."""
         yield from self._loop(
-            self.p_sample, model, shape, noise, device, progress, generator,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs,
-        )  # fmt: skip
+            self.p_sample,
+            model,
+            shape,
+            noise,
+            device,
+            progress,
+            generator,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+        )
 
     def p_sample_loop(self, model: Model, shape: Sequence[int], **kwargs: Any) -> Tensor:
         """Ancestral (iDDPM) sampling; returns x_0. Keyword arguments as :meth:`p_sample_loop_progressive`."""
@@ -331,9 +339,18 @@ class GaussianDiffusion:
     ) -> Iterator[dict[str, Tensor]]:
         """Yield every step of DDIM sampling."""
         yield from self._loop(
-            self.ddim_sample, model, shape, noise, device, progress, generator,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs, eta=eta,
-        )  # fmt: skip
+            self.ddim_sample,
+            model,
+            shape,
+            noise,
+            device,
+            progress,
+            generator,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+            eta=eta,
+        )
 
     def ddim_sample_loop(self, model: Model, shape: Sequence[int], **kwargs: Any) -> Tensor:
         """DDIM sampling; returns x_0. Keyword arguments as :meth:`ddim_sample_loop_progressive`."""

@@ -17,8 +17,9 @@ from torch import Tensor
 Model = Callable[..., Tensor]
 
 
-def fixed_draws(num_samples: int, shape: tuple[int, ...], num_timesteps: int, timesteps_per_sample: int,
-                seed: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+def fixed_draws(
+    num_samples: int, shape: tuple[int, ...], num_timesteps: int, timesteps_per_sample: int, seed: int
+) -> tuple[Tensor, Tensor]:
     """(t (N*K,) int64, noise (N*K, *shape) float32) on the CPU; row ``i*K + j`` is sample i at slot j."""
     g = torch.Generator().manual_seed(seed)
     k = timesteps_per_sample
@@ -49,8 +50,13 @@ def heldout_losses(
     sums: dict[str, Tensor] = {}
     for start in range(0, len(xs), batch_size):
         sl = slice(start, start + batch_size)
-        terms = diffusion.training_losses(model, xs[sl], t[sl].to(device), model_kwargs={"y": ys[sl]},
-                                          noise=noise[sl].to(device=device, dtype=x.dtype))  # fmt: skip
+        terms = diffusion.training_losses(
+            model,
+            xs[sl],
+            t[sl].to(device),
+            model_kwargs={"y": ys[sl]},
+            noise=noise[sl].to(device=device, dtype=x.dtype),
+        )
         for name, value in terms.items():
             sums[name] = sums.get(name, 0) + value.double().sum().cpu()
     return {name: float(total / len(xs)) for name, total in sums.items()}

@@ -7,6 +7,16 @@ from .reference import Reference, compute_reference
 from .sample_set import SampleSet, SamplingOptions
 
 __all__ = [
-    "FeatureSpec", "Featurizer", "MetricOptions", "Reference", "SampleSet", "SamplingOptions", "compute_metrics",
-    "compute_reference", "load_npz", "save_grid", "save_npz", "to_uint8",
-]  # fmt: skip
+    "FeatureSpec",
+    "Featurizer",
+    "MetricOptions",
+    "Reference",
+    "SampleSet",
+    "SamplingOptions",
+    "compute_metrics",
+    "compute_reference",
+    "load_npz",
+    "save_grid",
+    "save_npz",
+    "to_uint8",
+]

@@ -41,5 +41,12 @@ def load_or_train_classifier(path: str | None = None) -> SmallClassifier:
     return load_committed(NAME, path)
 
 
-__all__ = ["COMMITTED", "COMMITTED_SHA256", "DigitsClassifier", "class_accuracy", "file_sha256",
-           "load_or_train_classifier", "train_digits_classifier"]  # fmt: skip
+__all__ = [
+    "COMMITTED",
+    "COMMITTED_SHA256",
+    "DigitsClassifier",
+    "class_accuracy",
+    "file_sha256",
+    "load_or_train_classifier",
+    "train_digits_classifier",
+]

@@ -240,8 +240,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     def f64(a: np.ndarray) -> np.ndarray:
         return np.asarray(a, dtype=np.float64)
 
-    out = fid_statistics_to_metric({"mu": f64(mu1), "sigma": f64(sigma1)}, {"mu": f64(mu2), "sigma": f64(sigma2)},
-                                   verbose=False)  # fmt: skip
+    out = fid_statistics_to_metric(
+        {"mu": f64(mu1), "sigma": f64(sigma1)}, {"mu": f64(mu2), "sigma": f64(sigma2)}, verbose=False
+    )
     return float(out[KEY_METRIC_FID])
 
 

@@ -107,7 +107,7 @@ def evaluate(
             "metrics": scores,
             "seconds": round(time.perf_counter() - start, 1),
             "world_size": world,
-        }  # fmt: skip
+        }
     if trainer is not None and world > 1:
         record = trainer.strategy.broadcast(record, src=0)
     if samples_dir is not None:
@@ -186,7 +186,11 @@ def score_npz(
     scores = compute_metrics(feats, reference, metrics)
     job = sample_job_of(samples, int(shape[0]))
     return {
-        "samples": str(samples), "samples_sha256": file_sha256(samples), "count": int(shape[0]),
+        "samples": str(samples),
+        "samples_sha256": file_sha256(samples),
+        "count": int(shape[0]),
         "settings": settings_of(job) if job else None,  # None: no samples.json of this file beside it
-        "sample_job": job, **_reference_record(reference, featurizer, metrics, shape[0]), "metrics": scores,
-    }  # fmt: skip
+        "sample_job": job,
+        **_reference_record(reference, featurizer, metrics, shape[0]),
+        "metrics": scores,
+    }

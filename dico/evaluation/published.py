@@ -25,8 +25,13 @@ ADM_REFERENCE_BATCHES = {256: "VIRTUAL_imagenet256_labeled.npz", 512: "VIRTUAL_i
 ADM_REFERENCE_COUNT = 10_000  # ADM: "statistics over the whole dataset, as well as 10,000 images" (its arr_0)
 PUBLISHED_PRECISION = ("32-true", "32")  # sample_ddp.py samples in float32
 ADM_OWN_STATISTICS = "the batch's own mu/sigma and mu_s/sigma_s (ADM)"
-PUBLISHED_SETTINGS = {"num_samples": 50_000, "sampler": "iddpm", "steps": 250, "labels": "uniform",
-                      "guidance_mode": "official"}  # fmt: skip
+PUBLISHED_SETTINGS = {
+    "num_samples": 50_000,
+    "sampler": "iddpm",
+    "steps": 250,
+    "labels": "uniform",
+    "guidance_mode": "official",
+}
 
 
 def find_release(name: str | None) -> Any:
@@ -71,8 +76,10 @@ def _reference_differences(release: Any, ref: Mapping[str, Any]) -> list[str]:
     batch = ADM_REFERENCE_BATCHES.get(size, f"ADM's {size}x{size} batch")
     out = []
     if Path(str(ref.get("source"))).name != batch or ref.get("statistics") != ADM_OWN_STATISTICS:
-        out.append(f"reference {ref.get('source')} ({ref.get('statistics')}; published: {batch} with its own "
-                   f"{'/'.join(ADM_STATISTICS)})")  # fmt: skip
+        out.append(
+            f"reference {ref.get('source')} ({ref.get('statistics')}; published: {batch} with its own "
+            f"{'/'.join(ADM_STATISTICS)})"
+        )
     if ref.get("count") != ADM_REFERENCE_COUNT:
         out.append(f"reference of {ref.get('count')} images (published: {batch}'s {ADM_REFERENCE_COUNT})")
     if list(ref.get("image_size") or []) != [size, size]:
@@ -98,8 +105,9 @@ def _sample_job_differences(release: Any, job: Mapping[str, Any] | None) -> list
     vae = str(decoder.get("vae"))
     hub_copy = "models--" + SD_VAE.replace("/", "--") in Path(vae).parts  # its Hugging Face cache folder
     if (vae != SD_VAE and not hub_copy) or decoder.get("scale_factor") != SD_SCALE_FACTOR:
-        out.append(f"VAE {decoder.get('vae')} x {decoder.get('scale_factor')} (published: {SD_VAE} x "
-                   f"{SD_SCALE_FACTOR})")  # fmt: skip
+        out.append(
+            f"VAE {decoder.get('vae')} x {decoder.get('scale_factor')} (published: {SD_VAE} x {SD_SCALE_FACTOR})"
+        )
     return out
 
 
@@ -122,8 +130,13 @@ def comparison(release: Any, record: Mapping[str, Any]) -> dict[str, Any] | None
         if score is not None and release.inception_score is not None:
             parts.append(f"IS {score:.2f} (published {release.inception_score:.2f})")
         line = f"{release.name}: {', '.join(parts)}; the published protocol [{release.source}]"
-    return {"release": release.name, "published": published, "comparable": not differ, "differences": differ,
-            "line": line}  # fmt: skip
+    return {
+        "release": release.name,
+        "published": published,
+        "comparable": not differ,
+        "differences": differ,
+        "line": line,
+    }
 
 
 def release_of_samples(record: Mapping[str, Any], named: str | None = None) -> str | None:

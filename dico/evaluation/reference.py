@@ -99,8 +99,15 @@ class Reference:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "wb") as f:
-            np.savez(f, mu=self.mu, sigma=self.sigma, mu_s=self.mu_s, sigma_s=self.sigma_s, features=self.features,
-                     meta=np.array(json.dumps(self.meta)))  # fmt: skip
+            np.savez(
+                f,
+                mu=self.mu,
+                sigma=self.sigma,
+                mu_s=self.mu_s,
+                sigma_s=self.sigma_s,
+                features=self.features,
+                meta=np.array(json.dumps(self.meta)),
+            )
         os.replace(tmp, path)
         return path
 
@@ -201,9 +208,15 @@ def compute_reference(
         statistics = "the batch's own mu/sigma and mu_s/sigma_s (ADM)" if len(mu_s) else NO_SFID
     kept, _ = subsample(feats["pool"], max_features, seed)
     meta = {
-        "format": FORMAT, "source": str(source), **featurizer.identity, "image_size": list(size),
-        "count": len(feats["pool"]), "statistics": statistics, "features_kept": len(kept), "subsample_seed": seed,
-    }  # fmt: skip
+        "format": FORMAT,
+        "source": str(source),
+        **featurizer.identity,
+        "image_size": list(size),
+        "count": len(feats["pool"]),
+        "statistics": statistics,
+        "features_kept": len(kept),
+        "subsample_seed": seed,
+    }
     return Reference(mu, sigma, mu_s, sigma_s, kept, meta)
 
 
@@ -213,8 +226,10 @@ def _adm_statistics(
     """An ADM batch's ``mu``/``sigma`` and ``mu_s``/``sigma_s`` checked against the features; without the spatial
     pair, empty ``mu_s``/``sigma_s`` (no sFID)."""
     if not {"mu", "sigma"} <= set(stats):
-        raise ValueError(f"{source} holds {sorted(stats)} without mu/sigma: an ADM reference batch has mu and sigma "
-                         "(and mu_s/sigma_s for sFID); pass the batch as published, or its images alone")  # fmt: skip
+        raise ValueError(
+            f"{source} holds {sorted(stats)} without mu/sigma: an ADM reference batch has mu and sigma "
+            "(and mu_s/sigma_s for sFID); pass the batch as published, or its images alone"
+        )
     mu, sigma = stats["mu"], stats["sigma"]
     mu_s, sigma_s = stats.get("mu_s", np.zeros(0)), stats.get("sigma_s", np.zeros((0, 0)))
     if mu.shape != (feats["pool"].shape[1],) or (len(mu_s) and mu_s.shape != (feats["spatial"].shape[1],)):

@@ -91,8 +91,10 @@ class SampleSet(LabelBatches):
             with np.load(self.part_path(out_dir, key, b), allow_pickle=False) as data:
                 images, labels = data["arr_0"], data["arr_1"]
             if len(images) != len(self.batch_index(b)) or len(labels) != len(images):
-                raise ValueError(f"part {b} of {self.parts_dir(out_dir, key)} holds {len(images)} samples, "
-                                 f"expected {len(self.batch_index(b))}: delete it and rerun")  # fmt: skip
+                raise ValueError(
+                    f"part {b} of {self.parts_dir(out_dir, key)} holds {len(images)} samples, "
+                    f"expected {len(self.batch_index(b))}: delete it and rerun"
+                )
             yield images, labels
 
     def merge(self, out_dir: str | Path, key: str, grid_size: int = 100) -> Path:

@@ -37,9 +37,15 @@ class SmallClassifier(nn.Module):
         super().__init__()
         self.image_size = image_size
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * (image_size // 2) ** 2, self.feature_dim), nn.ReLU(),
-        )  # fmt: skip
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * (image_size // 2) ** 2, self.feature_dim),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(self.feature_dim, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
@@ -67,16 +73,24 @@ _HERE = Path(__file__).parent
 COMMITTED = {
     c.name: c
     for c in (
-        CommittedClassifier("dico-digits", 8, _HERE / "digits_classifier.pt",
-                            "628d13bd9342ea4a9ae2e7dab3c85d995f1600d191da47e0ac3c921232c3fae4",
-                            "dico.evaluation.digits.train_digits_classifier() (seed 0, 15 epochs, one thread, "
-                            "ATEN_CPU_CAPABILITY=default)"),
-        CommittedClassifier("dico-crops16", 16, _HERE / "crops16_classifier.pt",
-                            "850cc496c2e69f3ffd5045790c15d708874b305cae8a2a4231d292af1cf246cf",
-                            "dico.evaluation.crops.train_crops16_classifier() (seed 0, 5 epochs, one thread, "
-                            "ATEN_CPU_CAPABILITY=default; held-out accuracy 85.5%)"),
+        CommittedClassifier(
+            "dico-digits",
+            8,
+            _HERE / "digits_classifier.pt",
+            "628d13bd9342ea4a9ae2e7dab3c85d995f1600d191da47e0ac3c921232c3fae4",
+            "dico.evaluation.digits.train_digits_classifier() (seed 0, 15 epochs, one thread, "
+            "ATEN_CPU_CAPABILITY=default)",
+        ),
+        CommittedClassifier(
+            "dico-crops16",
+            16,
+            _HERE / "crops16_classifier.pt",
+            "850cc496c2e69f3ffd5045790c15d708874b305cae8a2a4231d292af1cf246cf",
+            "dico.evaluation.crops.train_crops16_classifier() (seed 0, 5 epochs, one thread, "
+            "ATEN_CPU_CAPABILITY=default; held-out accuracy 85.5%)",
+        ),
     )
-}  # fmt: skip
+}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -87,8 +101,16 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def fit_classifier(x: Tensor, y: Tensor, image_size: int, epochs: int, seed: int, generator: torch.Generator,
-                   batch_size: int = 64, lr: float = 3e-3) -> SmallClassifier:  # fmt: skip
+def fit_classifier(
+    x: Tensor,
+    y: Tensor,
+    image_size: int,
+    epochs: int,
+    seed: int,
+    generator: torch.Generator,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+) -> SmallClassifier:
     """A :class:`SmallClassifier` fitted by Adam on (x, y): initialised from ``seed``, batches drawn from
     ``generator``; single-threaded, so that the weights do not depend on the thread count (the caller's thread count
     and RNG state are restored). Returned in eval mode without gradients."""
@@ -143,8 +165,9 @@ class SmallClassifierFeatureExtractor(FeatureExtractorBase):
     """torch-fidelity feature extractor for every :data:`COMMITTED` classifier (by ``name``): uint8 (B, 1, S, S)
     images -> 64-d features and logits."""
 
-    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
-                 **kwargs: object) -> None:  # fmt: skip
+    def __init__(
+        self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None, **kwargs: object
+    ) -> None:
         super().__init__(name, features_list)
         self.classifier = load_committed(name, feature_extractor_weights_path)
 
