@@ -85,8 +85,14 @@ def _run_claimed(row: Row, out: Path, args: argparse.Namespace) -> bool:
         with open(log, "a") as f:
             f.write(f"\n$ python cli.py {' '.join(stage)}\n")
             f.flush()
-            code = subprocess.call([sys.executable, str(ROOT / "cli.py"), *stage], cwd=ROOT, env=env, stdout=f,
-                                   stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)  # fmt: skip
+            code = subprocess.call(
+                [sys.executable, str(ROOT / "cli.py"), *stage],
+                cwd=ROOT,
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
         if code != 0:
             (run_dir / "failed.json").write_text(json.dumps({"stage": stage[0], "returncode": code, "log": str(log)}))
             print(f"[ablations] {row.key}: {stage[0]} failed ({code}); see {log}", flush=True)

@@ -61,10 +61,13 @@ def warn_if_inside_checkout(out: Path, args: argparse.Namespace) -> None:
     """A loud note when full-size rows would write their run folders inside the checkout."""
     if budget_of(args.budget).large and out.resolve().is_relative_to(ROOT):
         bar = "!" * 100
-        print(f"{bar}\n[ablations] the run folders go to {out}, INSIDE the checkout: at the {args.budget} budget a row "
-              f"writes its checkpoints there (several GB a row, ~15 GB at the paper budget with its milestones).\n"
-              f"[ablations] pass --out on a scratch file system, e.g. --out /scratch/$USER/dico-ablations\n{bar}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"{bar}\n[ablations] the run folders go to {out}, INSIDE the checkout: at the {args.budget} budget a row "
+            f"writes its checkpoints there (several GB a row, ~15 GB at the paper budget with its milestones).\n"
+            f"[ablations] pass --out on a scratch file system, e.g. --out /scratch/$USER/dico-ablations\n{bar}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,22 +77,41 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--table", choices=sorted(TABLES), required=True)
     p.add_argument("--budget", choices=list(BUDGETS), default=DEFAULT_BUDGET)
     p.add_argument("--rows", nargs="+", help="paper row names (default: every row of the table)")
-    p.add_argument("--seeds", nargs="+", type=int, help="seeds (seed_everything) of every row (default: the budget's, "
-                   "ablations/budgets.py; collect: every seed found)")  # fmt: skip
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        help="seeds (seed_everything) of every row (default: the budget's, "
+        "ablations/budgets.py; collect: every seed found)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="run folders: <out>/<budget>/<model>/seed<k>")
-    p.add_argument("--results", type=Path, help="tables and plots (default: <out>/results; the committed ones: "
-                   "--results ablations/results)")  # fmt: skip
+    p.add_argument(
+        "--results",
+        type=Path,
+        help="tables and plots (default: <out>/results; the committed ones: --results ablations/results)",
+    )
     p.add_argument("--launcher", choices=["local", "slurm"], default="local")
     p.add_argument("--devices", type=int, help="local: devices per row (the global batch is kept)")
-    p.add_argument("--nodes", type=int, help="slurm: nodes per row (default: the config's trainer.num_nodes; the "
-                   "trainer is set to match)")  # fmt: skip
-    p.add_argument("--gpus-per-node", type=int, help="slurm: GPUs (= tasks) per node (default: the config's "
-                   "trainer.devices; the trainer is set to match)")  # fmt: skip
+    p.add_argument(
+        "--nodes",
+        type=int,
+        help="slurm: nodes per row (default: the config's trainer.num_nodes; the trainer is set to match)",
+    )
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        help="slurm: GPUs (= tasks) per node (default: the config's trainer.devices; the trainer is set to match)",
+    )
     p.add_argument("--cpus-per-task", type=int, help="slurm: CPUs per task (default: data.num_workers + 1)")
     p.add_argument("--mem-gb", type=float, help="slurm: memory per node in GB (default: the partition's)")
-    p.add_argument("--slurm-param", action="append", type=slurm_param, metavar="KEY=VALUE",
-                   help="slurm: one more sbatch option, e.g. --slurm-param qos=high --slurm-param constraint=a100 "
-                   "(submitit's slurm_additional_parameters; repeatable)")  # fmt: skip
+    p.add_argument(
+        "--slurm-param",
+        action="append",
+        type=slurm_param,
+        metavar="KEY=VALUE",
+        help="slurm: one more sbatch option, e.g. --slurm-param qos=high --slurm-param constraint=a100 "
+        "(submitit's slurm_additional_parameters; repeatable)",
+    )
     p.add_argument("--partition", help="slurm partition")
     p.add_argument("--time", type=int, default=4320, help="slurm time limit per job (minutes); jobs requeue")
     p.add_argument(
@@ -123,8 +145,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "(<run>/test/samples.npz: 50,000 images at the paper budget); removed once scored by default",
     )
     p.add_argument("--dry-run", action="store_true", help="print each row's commands and exit")
-    p.add_argument("extra", nargs="*", help="after --: more cli.py options for every row, e.g. -- --trainer.precision "
-                   "bf16-mixed")  # fmt: skip
+    p.add_argument(
+        "extra", nargs="*", help="after --: more cli.py options for every row, e.g. -- --trainer.precision bf16-mixed"
+    )
     args = p.parse_args(argv)
     args.command = command
     args.overrides = list(args.extra)  # the user's cli.py options (placement options are added to extra later)
@@ -183,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         args.extra = [*args.extra, *placement(resolve(todo[0], out, args.extra), None, args.devices)]
     failed = [row for row in todo if not run_local(row, out, args)]
     if budget.patch_fid:  # the budget's second score, from the finished rows' checkpoints
-        unscored = score_finished([r.run_dir(out) for r in dict.fromkeys(rows)], resolve(rows[0], out, args.extra),
-                                  out, args.budget)  # fmt: skip
+        unscored = score_finished(
+            [r.run_dir(out) for r in dict.fromkeys(rows)], resolve(rows[0], out, args.extra), out, args.budget
+        )
         failed += [row for row in rows if row.run_dir(out) in unscored]
     collect(args.table, args.budget, out, args.results, command, None, args.overrides)
     if failed:

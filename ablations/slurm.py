@@ -87,9 +87,14 @@ class RowJob:
                 os.kill(os.getpid(), env._usr_sig())  # submitit's checkpoint-and-requeue handler, with its job state
                 time.sleep(5)  # the handler exits the process; this line is not reached when it does
             except Exception as e:  # requeue refused (e.g. the job was cancelled): resumable by a new submission
-                record_failure(run_dir, stage=stage, rank=0, log=_task_log(env),
-                               error=f"SIGTERM: last.ckpt saved, but the requeue failed ({e!r}); rerun `run.py` to "
-                               f"resubmit: the row resumes from last.ckpt")  # fmt: skip
+                record_failure(
+                    run_dir,
+                    stage=stage,
+                    rank=0,
+                    log=_task_log(env),
+                    error=f"SIGTERM: last.ckpt saved, but the requeue failed ({e!r}); rerun `run.py` to "
+                    f"resubmit: the row resumes from last.ckpt",
+                )
                 raise
         return f"{run_dir}: stopped by SIGTERM at a saved last.ckpt; requeued by rank 0"
 
@@ -102,9 +107,13 @@ class RowJob:
         run_dir.mkdir(parents=True, exist_ok=True)
         log = run_dir / "requeued.json"
         history = json.loads(log.read_text()) if log.exists() else []
-        history.append({"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                        "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID", ""),
-                        "resumes_from_step": checkpoint_step(run_dir)})  # fmt: skip
+        history.append(
+            {
+                "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID", ""),
+                "resumes_from_step": checkpoint_step(run_dir),
+            }
+        )
         atomic_write(log, json.dumps(history, indent=1))
         return submitit.helpers.DelayedSubmission(RowJob(self.row, self.out, self.args, self.extra))
 
@@ -148,12 +157,22 @@ def slurm_parameters(config: dict[str, Any], args: argparse.Namespace) -> dict[s
     gpus = devices if str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") else 0
     cpus = args.cpus_per_task or int(data.get("num_workers") or 0) + 1
     extra = {"requeue": True, **dict(args.slurm_param or [])}
-    params: dict[str, Any] = {"nodes": int(nodes), "tasks_per_node": devices, "gpus_per_node": gpus,
-                              "cpus_per_task": cpus, "mem_gb": args.mem_gb, "timeout_min": args.time,
-                              "name": "dico-ablation"}  # fmt: skip
+    params: dict[str, Any] = {
+        "nodes": int(nodes),
+        "tasks_per_node": devices,
+        "gpus_per_node": gpus,
+        "cpus_per_task": cpus,
+        "mem_gb": args.mem_gb,
+        "timeout_min": args.time,
+        "name": "dico-ablation",
+    }
     if args.cluster in (None, "slurm"):
-        slurm = {"slurm_partition": args.partition, "slurm_account": args.account,
-                 "slurm_signal_delay_s": args.signal_delay, "slurm_additional_parameters": extra}  # fmt: skip
+        slurm = {
+            "slurm_partition": args.partition,
+            "slurm_account": args.account,
+            "slurm_signal_delay_s": args.signal_delay,
+            "slurm_additional_parameters": extra,
+        }
         params.update(slurm)
     return {k: v for k, v in params.items() if v is not None}
 
@@ -306,9 +325,16 @@ def submit_slurm(rows: list[Row], out: Path, args: argparse.Namespace) -> list[A
             for stale in ("failed.json", "requeued.json"):
                 (run_dir / stale).unlink(missing_ok=True)
             job = executor.submit(RowJob(row, out, args, [*args.extra, *where]))
-            record = {"job_id": job.job_id, "cluster": executor.cluster, "folder": str(out / "submitit" / "%j"),
-                      "host": socket.gethostname(), "submitted": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                      "table": row.table, "row": row.row, "log": str(job.paths.stdout)}  # fmt: skip
+            record = {
+                "job_id": job.job_id,
+                "cluster": executor.cluster,
+                "folder": str(out / "submitit" / "%j"),
+                "host": socket.gethostname(),
+                "submitted": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                "table": row.table,
+                "row": row.row,
+                "log": str(job.paths.stdout),
+            }
             atomic_write(run_dir / "job.json", json.dumps(record, indent=1))
             print(f"[ablations] {row.key}: job {job.job_id}\n[ablations]   log: {job.paths.stdout}", flush=True)
             jobs.append(job)

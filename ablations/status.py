@@ -109,8 +109,15 @@ def finished_results(table: str, budget: str, out: Path) -> list[dict[str, Any]]
     return results
 
 
-def collect(table: str, budget: str, out: Path, results_dir: Path, command: str, seeds: list[int] | None = None,
-            overrides: list[str] | tuple[str, ...] = ()) -> list[Path]:  # fmt: skip
+def collect(
+    table: str,
+    budget: str,
+    out: Path,
+    results_dir: Path,
+    command: str,
+    seeds: list[int] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> list[Path]:
     """Rebuild the table from the finished runs of the requested ``seeds`` (all when None) made by the configs as
     they are now with the same ``overrides`` (:func:`ablations.provenance.select_runs`); the others are listed."""
     from ablations.provenance import select_runs
