@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -93,3 +94,81 @@ def select_runs(
             continue
         kept.append(res)
     return kept, left
+
+
+def _distinct(values: Any) -> str:
+    return " ".join(dict.fromkeys(v for v in values if v))
+
+
+def provenance_cells(runs: list[dict[str, Any]]) -> dict[str, str]:
+    """The row's provenance columns over its runs (distinct values, space-separated; empty for runs without it):
+    commits (``+dirty`` when tracked files differed), a digest of the config files' sha256s, and the first 16 hex
+    digits of the feature extractor's weights and of the FID reference."""
+    provs = [r["provenance"] for r in runs if r.get("provenance")]
+    digest = [
+        hashlib.sha256(
+            json.dumps({k: v for k, v in sorted(p["configs"].items()) if k not in LOGGING_ONLY}).encode()
+        ).hexdigest()[:16]
+        for p in provs
+    ]
+    return {
+        "commit": _distinct(c[:12] + ("+dirty" if p["dirty"] else "") for p in provs for c in p["commits"]),
+        "config_sha256": _distinct(digest),
+        "feature_extractor_sha256": _distinct((p.get("feature_extractor_sha256") or "")[:16] for p in provs),
+        "reference_sha256": _distinct((p.get("reference_sha256") or "")[:16] for p in provs),
+    }
+
+
+def provenance_lines(results: list[dict[str, Any]], left_out: list[str]) -> list[str]:
+    """What made the runs of the table, and what ``collect`` left out."""
+    provs = [r["provenance"] for r in results if r.get("provenance")]
+    lines = ["## Provenance", ""]
+    if len(provs) < len(results):
+        lines.append(f"- {len(results) - len(provs)} run(s) carry no provenance (made by an older runner).")
+    if provs:
+        commits = dict.fromkeys(c for p in provs for c in p["commits"])
+        dirty = sorted({f for p in provs for f in p.get("changed", [])})
+        lines.append(
+            f"- Commit(s): {', '.join(f'`{c}`' for c in commits)}"
+            + (
+                f"; tracked files differed from the commit in some runs: {', '.join(dirty) or '?'}"
+                if any(p["dirty"] for p in provs)
+                else "; clean trees"
+            )
+        )
+        files: dict[str, set[str]] = {}
+        for p in provs:
+            for path, digest in p["configs"].items():
+                files.setdefault(path, set()).add(digest)
+        lines.append(
+            "- Config files (sha256): " + "; ".join(f"`{f}` {' '.join(sorted(d))}" for f, d in sorted(files.items()))
+        )
+        for key, label in (
+            ("feature_extractor_sha256", "Feature extractor weights"),
+            ("reference_sha256", "FID reference"),
+        ):
+            values = sorted({p.get(key) or "-" for p in provs})
+            warn = " (MORE THAN ONE: these FIDs are not comparable)" if len(values) > 1 else ""
+            lines.append(f"- {label} (sha256): {', '.join(values)}{warn}")
+        overrides = sorted({" ".join(p.get("overrides", [])) for p in provs})
+        lines.append("- Command-line overrides: " + ("; ".join(f"`{o}`" for o in overrides if o) or "none"))
+    if left_out:
+        lines += ["- Left out by `collect`:", *(f"  - {line}" for line in left_out)]
+    return [*lines, ""]
+
+
+#: an absolute path of two or more parts, not inside a word, a URL or a relative path (``w/o``, ``https://a/b``)
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~<>-])/[\w.+~-]+(?:/[\w.+~-]*)+")
+_OPTION_PATH = re.compile(r"(--(\w[\w-]*)[ =])" + _ABSOLUTE_PATH.pattern)
+
+
+def portable(text: str, results: list[dict[str, Any]]) -> str:
+    """``text`` without this machine's paths: the checkout's prefix dropped, each run folder's ``--out`` as
+    ``<out>`` (a run folder is ``<out>/<budget>/<model>/seed<k>``), then any other absolute path as the option that
+    names it (``--results /scratch/x`` -> ``--results <results>``) or ``<path>``."""
+    outs = {str(Path(r["run_dir"]).parents[2]) for r in results if Path(r.get("run_dir", "")).is_absolute()}
+    for out in sorted(outs, key=len, reverse=True):
+        if out != str(ROOT / "ablations" / "runs"):
+            text = re.sub(re.escape(out) + r"(?=/|\s|[`'\")]|$)", "<out>", text, flags=re.M)
+    text = text.replace(f"{ROOT}/", "")
+    return _ABSOLUTE_PATH.sub("<path>", _OPTION_PATH.sub(r"\1<\2>", text))

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import csv
 import datetime
-import hashlib
-import json
 import math
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -25,6 +22,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from ablations.budgets import budget_of  # noqa: E402
 from ablations.findings import PER_SEED_FORMAT, SCORES, findings, per_seed  # noqa: E402
+from ablations.provenance import portable, provenance_cells, provenance_lines  # noqa: E402
 from ablations.rows import TABLES, canonical, rows_of  # noqa: E402
 from dico.models.ablation import paper_row  # noqa: E402
 from dico.shape_search import DIGITS_RULE  # noqa: E402
@@ -135,69 +133,6 @@ def table_rows(table: str, budget: str, results: list[dict[str, Any]]) -> list[d
             )
         out.append(with_intervals(with_intervals({c: rec.get(c, "") for c in COLUMNS}), "heldout_mse"))
     return out
-
-
-def _distinct(values: Any) -> str:
-    return " ".join(dict.fromkeys(v for v in values if v))
-
-
-def provenance_cells(runs: list[dict[str, Any]]) -> dict[str, str]:
-    """The row's provenance columns over its runs (distinct values, space-separated; empty for runs without it):
-    commits (``+dirty`` when tracked files differed), a digest of the config files' sha256s, and the first 16 hex
-    digits of the feature extractor's weights and of the FID reference."""
-    from ablations.provenance import LOGGING_ONLY
-
-    provs = [r["provenance"] for r in runs if r.get("provenance")]
-    digest = [
-        hashlib.sha256(
-            json.dumps({k: v for k, v in sorted(p["configs"].items()) if k not in LOGGING_ONLY}).encode()
-        ).hexdigest()[:16]
-        for p in provs
-    ]
-    return {
-        "commit": _distinct(c[:12] + ("+dirty" if p["dirty"] else "") for p in provs for c in p["commits"]),
-        "config_sha256": _distinct(digest),
-        "feature_extractor_sha256": _distinct((p.get("feature_extractor_sha256") or "")[:16] for p in provs),
-        "reference_sha256": _distinct((p.get("reference_sha256") or "")[:16] for p in provs),
-    }
-
-
-def provenance_lines(results: list[dict[str, Any]], left_out: list[str]) -> list[str]:
-    """What made the runs of the table, and what ``collect`` left out."""
-    provs = [r["provenance"] for r in results if r.get("provenance")]
-    lines = ["## Provenance", ""]
-    if len(provs) < len(results):
-        lines.append(f"- {len(results) - len(provs)} run(s) carry no provenance (made by an older runner).")
-    if provs:
-        commits = dict.fromkeys(c for p in provs for c in p["commits"])
-        dirty = sorted({f for p in provs for f in p.get("changed", [])})
-        lines.append(
-            f"- Commit(s): {', '.join(f'`{c}`' for c in commits)}"
-            + (
-                f"; tracked files differed from the commit in some runs: {', '.join(dirty) or '?'}"
-                if any(p["dirty"] for p in provs)
-                else "; clean trees"
-            )
-        )
-        files: dict[str, set[str]] = {}
-        for p in provs:
-            for path, digest in p["configs"].items():
-                files.setdefault(path, set()).add(digest)
-        lines.append(
-            "- Config files (sha256): " + "; ".join(f"`{f}` {' '.join(sorted(d))}" for f, d in sorted(files.items()))
-        )
-        for key, label in (
-            ("feature_extractor_sha256", "Feature extractor weights"),
-            ("reference_sha256", "FID reference"),
-        ):
-            values = sorted({p.get(key) or "-" for p in provs})
-            warn = " (MORE THAN ONE: these FIDs are not comparable)" if len(values) > 1 else ""
-            lines.append(f"- {label} (sha256): {', '.join(values)}{warn}")
-        overrides = sorted({" ".join(p.get("overrides", [])) for p in provs})
-        lines.append("- Command-line overrides: " + ("; ".join(f"`{o}`" for o in overrides if o) or "none"))
-    if left_out:
-        lines += ["- Left out by `collect`:", *(f"  - {line}" for line in left_out)]
-    return [*lines, ""]
 
 
 def with_intervals(rec: dict[str, Any], score: str = "fid") -> dict[str, Any]:
@@ -317,54 +252,12 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-#: an absolute path of two or more parts, not inside a word, a URL or a relative path (``w/o``, ``https://a/b``)
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~<>-])/[\w.+~-]+(?:/[\w.+~-]*)+")
-_OPTION_PATH = re.compile(r"(--(\w[\w-]*)[ =])" + _ABSOLUTE_PATH.pattern)
-
-
-def portable(text: str, results: list[dict[str, Any]]) -> str:
-    """``text`` without this machine's paths: the checkout's prefix dropped, each run folder's ``--out`` as
-    ``<out>`` (a run folder is ``<out>/<budget>/<model>/seed<k>``), then any other absolute path as the option that
-    names it (``--results /scratch/x`` -> ``--results <results>``) or ``<path>``."""
-    outs = {str(Path(r["run_dir"]).parents[2]) for r in results if Path(r.get("run_dir", "")).is_absolute()}
-    for out in sorted(outs, key=len, reverse=True):
-        if out != str(ROOT / "ablations" / "runs"):
-            text = re.sub(re.escape(out) + r"(?=/|\s|[`'\")]|$)", "<out>", text, flags=re.M)
-    text = text.replace(f"{ROOT}/", "")
-    return _ABSOLUTE_PATH.sub("<path>", _OPTION_PATH.sub(r"\1<\2>", text))
-
-
 def score_cell(r: dict[str, Any], score: str = "fid") -> str:
     """``56.19 [46.05-66.33] (0 1)``: geometric mean, interval over seeds (none for one seed), seed numbers."""
     if r.get(f"{score}_geomean", "") == "":
         return "-"
     ci = f" [{r[f'{score}_ci_low']}-{r[f'{score}_ci_high']}]" if r.get(f"{score}_ci_low", "") != "" else ""
     return f"{r[f'{score}_geomean']}{ci} ({r[f'{score}_seeds']})"
-
-
-def plot(table: str, budget: str, rows: list[dict[str, Any]], path: Path) -> Path:
-    """Ours (FID, or Gflops ratio without training, vs throughput ratio) beside the paper's."""
-    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
-
-    trained = any(r["fid"] != "" for r in rows)
-    fig = Figure(figsize=(11, 4.5))
-    ours, paper = fig.subplots(1, 2)
-    for r in rows:
-        paper.scatter(r["paper_throughput_ratio"], r["paper_fid"], color="tab:gray")
-        paper.annotate(r["row"], (r["paper_throughput_ratio"], r["paper_fid"]), fontsize=7)
-        y = r["fid"] if trained else r["gflops_ratio"]
-        if r["throughput_ratio"] != "" and y != "":
-            ours.scatter(r["throughput_ratio"], y, color="tab:red")
-            ours.annotate(r["row"], (r["throughput_ratio"], y), fontsize=7)
-    ours.set(
-        xlabel="throughput / DiCo-S (ours, interleaved)",
-        ylabel=f"{budget} FID" if trained else "Gflops / DiCo-S",
-        title=f"ours: Table {table}, {budget} budget",
-    )
-    paper.set(xlabel="throughput / DiCo-S (paper, A100)", ylabel="FID-50K", title="paper")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
 
 
 def write_report(
@@ -385,11 +278,12 @@ def write_report(
         writer.writeheader()
         writer.writerows({k: portable(str(v), results) for k, v in r.items()} for r in rows)
     from ablations.curves import write_curves
+    from ablations.plots import plot_table
 
     curve_paths, curve_lines = write_curves(table, budget, results, out_dir)
     md_path = out_dir / f"{name}.md"
     md_path.write_text(markdown(table, budget, rows, results, command, left_out, curve_lines))
-    return [csv_path, md_path, plot(table, budget, rows, out_dir / f"{name}.png"), *curve_paths]
+    return [csv_path, md_path, plot_table(table, budget, rows, out_dir / f"{name}.png"), *curve_paths]
 
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin command line over restat

@@ -47,10 +47,11 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from ablations.budgets import BUDGETS, DEFAULT_BUDGET, budget_of  # noqa: E402
 from ablations.compose import placement, prepare_reference, resolve  # noqa: E402
+from ablations.jobs import GONE_AFTER_HOURS  # noqa: E402
 from ablations.local import run_local  # noqa: E402
 from ablations.patch_fid import score_finished  # noqa: E402
 from ablations.rows import TABLES, rows_of  # noqa: E402
-from ablations.slurm import GONE_AFTER_HOURS, slurm_param, submit_slurm  # noqa: E402
+from ablations.slurm import slurm_param, submit_slurm  # noqa: E402
 from ablations.stages import stage_lines  # noqa: E402
 from ablations.status import collect, row_status  # noqa: E402
 

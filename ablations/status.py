@@ -8,9 +8,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from ablations.jobs import GONE_AFTER_HOURS, QUEUED_STATES, RUNNING_STATES, quiet_hours, row_job
 from ablations.local import alive
 from ablations.rows import Row, canonical, rows_of
-from ablations.slurm import GONE_AFTER_HOURS, QUEUED_STATES, RUNNING_STATES, quiet_hours, row_job
 from ablations.stages import checkpoint_step
 
 
@@ -40,7 +40,7 @@ def row_status(row: Row, out: Path) -> str:
     - ``finished``: ``result.json`` is written (with its score);
     - ``failed``: a stage failed, or the job ended without a result: the next run submits it again;
     - ``unknown``: sacct does not know its job (just submitted, or forgotten by sacct): not resubmitted, unless
-      ``--forget`` or after :data:`ablations.slurm.GONE_AFTER_HOURS` without a sign of life;
+      ``--forget`` or after :data:`ablations.jobs.GONE_AFTER_HOURS` without a sign of life;
     - ``gone``: unknown to sacct for longer than that: the next run submits it again.
 
     then the job, step and real log (``<out>/submitit/<jobid>/...``) in brackets."""

@@ -19,7 +19,7 @@ from lightning.pytorch import Callback
 from submitit import JobEnvironment
 from submitit.slurm.slurm import SlurmJob
 
-from ablations import run, stages, status
+from ablations import jobs, run, stages, status
 from ablations import slurm as slurm_jobs
 from ablations.rows import rows_of
 
@@ -156,7 +156,7 @@ def test_a_job_unknown_to_sacct_is_told_and_forgotten_on_request_or_after_a_day(
     """sacct does not list a job (just submitted, or purged): status says `unknown` and the row is not resubmitted;
     `--forget` submits it again at once (a running job is left alone); with no sign of life for over
     GONE_AFTER_HOURS (24 h) it is `gone` and the next run submits it again by itself."""
-    out, hours = tmp_path / "runs", slurm_jobs.GONE_AFTER_HOURS
+    out, hours = tmp_path / "runs", jobs.GONE_AFTER_HOURS
     rows = rows_of("4", "paper", ["DiCo-S", "w/o CCA"])
     assert status.row_status(rows[0], out) == "not submitted"
     assert run.main(slurm(out, "4", *(r.row for r in rows))) == 0
@@ -343,7 +343,7 @@ def test_a_preempted_local_job_requeues_resumes_and_finishes(tmp_path, monkeypat
     log = out / "submitit" / job_id / f"{job_id}_0_log.out"
     deadline = time.time() + 600
     while not (run_dir / "checkpoints" / "last.ckpt").exists():  # training, with Lightning's signal handlers on
-        state = slurm_jobs.job_state(slurm_jobs.job_record(run_dir))[0]
+        state = jobs.job_state(jobs.job_record(run_dir))[0]
         assert time.time() < deadline and state == "RUNNING", log.read_text()
         time.sleep(0.5)
     os.kill(int(job_id), signal.SIGTERM)  # the local controller forwards it to the task, as SLURM does
