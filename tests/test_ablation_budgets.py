@@ -23,7 +23,7 @@ RECORD = ROOT / "ablations" / "budgets.py"
 #: string literals equal to a budget name that are not budgets: (file, name) -> how many, and what they are
 NOT_BUDGETS = {
     ("ablations/stages.py", "paper"): 1,  # result.json's "paper" field: the paper's numbers of the row
-    ("ablations/report.py", "paper"): 1,  # the title of the plot's panel of the paper's numbers
+    ("ablations/plots.py", "paper"): 1,  # the title of the plot's panel of the paper's numbers
 }
 
 
