@@ -26,12 +26,7 @@ at several steps, each contrast also as a curve over the steps (``curves-table<T
 On SLURM (:class:`ablations.slurm.RowJob`, submitit) a row is submitted once and requeues on a time limit or
 preemption, resuming from ``last.ckpt``.
 
-The runner is one module per job: :mod:`ablations.budgets` (the budgets), :mod:`ablations.rows` (a row's config
-files), :mod:`ablations.compose` (its composed config, placement, the FID reference), :mod:`ablations.stages` (its
-``cli.py`` stages and ``result.json``), :mod:`ablations.local` and :mod:`ablations.slurm` (the launchers),
-:mod:`ablations.status` (status and ``collect``), :mod:`ablations.patch_fid` (crops16's second score),
-:mod:`ablations.report` with :mod:`ablations.findings` and :mod:`ablations.stats` (the tables), :mod:`ablations.measure`
-and :mod:`ablations.provenance` (what ``result.json`` records); this file is the command line.
+The runner is one module per job (the list: ``docs/architecture.md``); this file is the command line.
 """
 
 from __future__ import annotations
