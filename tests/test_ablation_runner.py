@@ -647,7 +647,7 @@ def test_crops16_rows_get_a_patch_fid_beside_the_heldout_loss(tmp_path, capsys, 
     out, results = tmp_path / "runs", tmp_path / "results"
     common = ["--table", "4", "--budget", "crops16", "--rows", "DiCo-S", "--out", str(out), "--results", str(results)]
     extra = ["--", "--trainer.max_steps", "3", "--data.init_args.train_per_image", "64",
-             "--data.init_args.heldout_per_image", "8", "--heldout_loss.steps", "[1, 2]"]  # fmt: skip
+             "--data.init_args.heldout_per_image", "8", "--heldout_loss.steps", "[1, 2]"]  # fmt: skip  # argv
     assert run.main([*common, "--throughput-batch", "4", "--throughput-turns", "2", *extra]) == 0
     run_dir = out / "crops16" / "dico-s" / "seed0"
     result = json.loads((run_dir / "result.json").read_text())

@@ -109,7 +109,7 @@ def test_the_job_asks_slurm_for_what_the_trainer_uses(tmp_path, cluster):
                                                     "--slurm-param", "constraint=a100"))) == 0  # fmt: skip
     [script] = cluster.submitted().values()
     for line in ("--nodes=1", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=9", "--mem=64GB",
-                 "--requeue", "--qos=high", "--constraint=a100", "--signal=USR2@300"):  # fmt: skip
+                 "--requeue", "--qos=high", "--constraint=a100", "--signal=USR2@300"):  # fmt: skip  # argv
         assert f"#SBATCH {line}\n" in script, line
     # 2 nodes x 4 GPUs: the trainer is moved there too (global batch 256 kept: 32 a device), and 3 CPUs a task
     assert (

@@ -133,7 +133,7 @@ def test_a_release_file_through_sample_npz_and_evaluate(standins, golden, tiny_v
     assert cli.main(["reference", "--source", str(batch), "--out", str(reference), *spec]) == 0
     # a stand-in of another architecture named as the release is not the release: compared only when asked
     assert cli.main(["evaluate", "--samples", str(out / "samples.npz"), "--reference", str(reference), *spec,
-                     "--out", str(tmp_path / "record.json"), "--pretrained", "DiCo-XL-3750K"]) == 0  # fmt: skip
+                     "--out", str(tmp_path / "record.json"), "--pretrained", "DiCo-XL-3750K"]) == 0  # fmt: skip  # argv
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["count"] == COUNT
     assert record["metrics"]["frechet_inception_distance"] == pytest.approx(0.0, abs=1e-2)  # the same images
@@ -362,8 +362,13 @@ def test_the_test_protocol_on_a_released_file(golden, image_folder, tiny_vae_dir
     assert "DiCo-S-400K: FID" in said and "not comparable with the published figures" in said
     assert "num_samples 4 (published: 50000); steps 3 (published: 250)" in said and "49.97" not in said
     job = json.loads((tmp_path / "run" / "test" / "record.json").read_text())["sample_job"]
-    assert job == {"pretrained": "DiCo-S-400K", "checkpoint": None, "ema": True, "precision": "32-true",
-                   "decoder": {"kind": "vae", "vae": str(tiny_vae_dir), "scale_factor": 0.18215}}  # fmt: skip
+    assert job == {
+        "pretrained": "DiCo-S-400K",
+        "checkpoint": None,
+        "ema": True,
+        "precision": "32-true",
+        "decoder": {"kind": "vae", "vae": str(tiny_vae_dir), "scale_factor": 0.18215},
+    }
 
     model = load_official(two_classes, "dico", input_size=8).eval()
     vae, want = load_vae(str(tiny_vae_dir)), []

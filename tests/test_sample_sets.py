@@ -164,8 +164,13 @@ def test_periodic_evaluation_schedule_with_accumulation_resume_and_test(tmp_path
     table = dict(row.split() for row in rows[: len(record["metrics"])])
     assert table == {name: f"{value:.6g}" for name, value in record["metrics"].items()} and "record.json" in title
     # what sampled: the checkpoint's EMA weights (it holds the live ones beside them), no release, in float32
-    assert record["sample_job"] == {"pretrained": None, "checkpoint": str(tmp_path / "ckpt" / "last.ckpt"),
-                                    "ema": True, "precision": "32-true", "decoder": {"kind": "pixels"}}  # fmt: skip
+    assert record["sample_job"] == {
+        "pretrained": None,
+        "checkpoint": str(tmp_path / "ckpt" / "last.ckpt"),
+        "ema": True,
+        "precision": "32-true",
+        "decoder": {"kind": "pixels"},
+    }
     periodic = json.loads((tmp_path / "eval" / "step_0000004.json").read_text())["sample_job"]
     assert periodic["ema"] is True and periodic["pretrained"] is None  # during fit: the EMA callback's average
     with np.load(tmp_path / "test" / "samples.npz") as data:

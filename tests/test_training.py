@@ -334,7 +334,7 @@ def run_cli(*args: str, cwd: Path) -> None:
 OFF = ("grid", "fid", "preemption", "throughput", "lr_monitor")
 LIGHT_CALLBACKS = ["--ema.decay", "0.9", *(arg for key in OFF for arg in (f"--{key}", "null"))]
 TINY_CLI = ["--model.model_kwargs", yaml.safe_dump(TINY_MODEL, default_flow_style=True).strip(),
-            "--model.sampling_steps", "10", *LIGHT_CALLBACKS]  # fmt: skip
+            "--model.sampling_steps", "10", *LIGHT_CALLBACKS]  # fmt: skip  # argv
 
 
 def test_fit_fast_dev_run_through_the_cli(tmp_path):
@@ -378,7 +378,7 @@ def test_preempted_cli_run_exits_non_zero_and_resumes_in_place(tmp_path, monkeyp
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", spy)
     callbacks = ["--preemption", "PreemptionCheckpoint", "--checkpoint.every_n_train_steps", "100"]
     args = ["fit", "-c", str(QUICKSTART), *TINY_CLI, *callbacks, "--trainer.max_steps", "4",
-            "--trainer.log_every_n_steps", "1", "--data.init_args.batch_size", "16"]  # fmt: skip
+            "--trainer.log_every_n_steps", "1", "--data.init_args.batch_size", "16"]  # fmt: skip  # argv
     preempt = [{"class_path": "tests.test_training.SigtermAfter", "init_args": {"batches": 2}}]
     assert cli_status(*args, "--trainer.callbacks", json.dumps(preempt), cwd=tmp_path) == PREEMPTED_EXIT_CODE
     checkpoints = tmp_path / "runs" / "quickstart" / "checkpoints"
