@@ -658,8 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         help="precisions whose fit writes checkpoints through Lightning's AsyncCheckpointIO",
     )
     parser.add_argument("--batch", type=int, default=32, help="per-device batch (the paper's: 32 on each of 8 GPUs)")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=50, help="timed steps after the warm-up")
+    parser.add_argument("--warmup", type=int, default=None, help="steps before the timed ones (10; --dry-run: 2)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up (50; --dry-run: 7)")
     parser.add_argument("--sample-batch", type=int, default=16)
     parser.add_argument("--sample-steps", type=int, default=250)
     parser.add_argument("--latent-size", type=int, default=32)
@@ -697,8 +697,11 @@ def main(argv: list[str] | None = None) -> int:
     args.accelerator, args.model_kwargs = "auto", None
     if args.dry_run:
         args.accelerator, args.model_kwargs, args.latent_size = "cpu", TINY_MODEL, 8
-        args.batch, args.warmup, args.steps, args.sample_batch, args.sample_steps = 4, 2, 7, 2, 4
+        args.batch, args.sample_batch, args.sample_steps = 4, 2, 4
         args.num_workers = 0 if args.num_workers is None else args.num_workers
+    warmup, steps = (2, 7) if args.dry_run else (10, 50)
+    args.warmup = warmup if args.warmup is None else args.warmup
+    args.steps = steps if args.steps is None else args.steps
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     keep = args.work is not None
