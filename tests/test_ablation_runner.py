@@ -437,7 +437,7 @@ def test_collect_draws_each_contrast_along_the_recorded_steps(tmp_path):
     c = stats.paired_contrast("DiCo-S", at["DiCo-S"], "CM->Self-Attn", at["CM->Self-Attn"])
     assert float(self_attn[1]["ratio"]) == pytest.approx(c.ratio, rel=1e-5)
     assert float(self_attn[1]["ci_low"]) == pytest.approx(c.low, rel=1e-5)
-    assert self_attn[1]["resolved"] == str(c.resolved) and self_attn[1]["paired_seeds"] == "0 1 2"
+    assert self_attn[1]["resolved"] == str(c.resolved) and self_attn[1]["paired_seed_ids"] == "0 1 2"
     table_part, md = paths[1].read_text().split("## Along the way: each contrast at every recorded step")
     [nocca] = [line for line in md.splitlines() if line.strip().startswith("- w/o CCA / DiCo-S")]
     assert "sign stable over the last half, steps 500-800 (4 steps): agrees at each" in nocca
