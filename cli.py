@@ -67,6 +67,7 @@ def build_lightning_cli(argv: list[str], run: bool = True, instantiate: bool = T
     from dico.trainer import Trainer
 
     csv_loggers = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger")
+    named_callbacks.refuse_former_settings(argv)
 
     class DicoCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]

@@ -279,6 +279,47 @@ def test_a_callback_is_turned_off_and_on_by_name(monkeypatch):
         cli.build_lightning_cli([*base, "--fidd", "null"], run=False)
 
 
+# the deleted relay's fid_* names
+FORMER_FID_SETTINGS = [
+    "reference",
+    "reference_source",
+    "feature_extractor",
+    "weights_path",
+    "at_start",
+    "every_n_steps",
+    "num_samples",
+    "batch_size",
+    "sampler",
+    "steps",
+    "test_num_samples",
+    "test_sampler",
+    "test_steps",
+    "test_save_samples",
+]
+
+
+def test_a_former_callback_settings_block_is_refused_naming_where_each_value_goes(tmp_path, capsys):
+    """A config (or option) from before the named callbacks, with ``callback_settings:``, gets one line naming each
+    value's new key, and every new key the message names is an argument of that key's callback."""
+    import inspect
+
+    from dico.callbacks.named import RENAMED
+
+    old = tmp_path / "old.yaml"
+    old.write_text("callback_settings:\n  ema_decay: 0.999\n  fid_num_samples: 100\n  grid_classes_shown: 4\n")
+    assert cli.entry(["fit", "-c", str(QUICKSTART), "-c", str(old), "--print_config"]) == 1
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "callback_settings is gone" in line
+    assert "ema_decay -> ema.decay" in line and "fid_num_samples -> fid.num_samples" in line
+    assert "grid_classes_shown -> grid.num_classes_shown" in line
+    assert cli.entry(["fit", "-c", str(QUICKSTART), "--callback_settings.ema_warmup", "true"]) == 1
+    assert "ema_warmup -> ema.warmup" in capsys.readouterr().err
+    moved = [v for k, v in RENAMED.items() if k != "disabled"] + [f"fid.{k}" for k in FORMER_FID_SETTINGS]
+    for target in moved:
+        key, _, argument = target.partition(".")
+        assert argument in inspect.signature(CALLBACKS[key]).parameters, target
+
+
 PREFIXES = [
     (["sample", "--cfg", "2"], "--cfg"),
     (["model-info", "--model", "DiCo-S", "--js"], "--js"),

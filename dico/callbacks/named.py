@@ -9,6 +9,7 @@ callbacks; they run before these.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback
@@ -51,3 +52,47 @@ def class_path(cls: type) -> str:
     package = cls.__module__.rpartition(".")[0]
     exported = getattr(importlib.import_module(package), cls.__name__, None) is cls
     return f"{package if exported else cls.__module__}.{cls.__name__}"
+
+
+RENAMED = {
+    "ema_decay": "ema.decay",
+    "ema_warmup": "ema.warmup",
+    "checkpoint_every_n_steps": "checkpoint.every_n_train_steps",
+    "milestone_every_n_steps": "milestones.every_n_train_steps",
+    "grid_every_n_steps": "grid.every_n_steps",
+    "grid_per_class": "grid.per_class",
+    "grid_classes_shown": "grid.num_classes_shown",
+    "grid_final_per_class": "grid.final_per_class",
+    "disabled": "KEY: null, for each callback it named",
+}
+"""The keys of the former ``callback_settings:`` block -> where each value goes now (``fid_X`` -> ``fid.X``)."""
+
+
+def _new_home(old_key: str) -> str:
+    if old_key in RENAMED:
+        return RENAMED[old_key]
+    return "fid." + old_key.removeprefix("fid_") if old_key.startswith("fid_") else "see docs/callbacks.md"
+
+
+def refuse_former_settings(argv: list[str]) -> None:
+    """A ``callback_settings`` block in a ``-c`` file or on the command line (the relay these keys replaced) is
+    refused with where each of its values goes now, instead of jsonargparse's bare "not accepted"."""
+    import yaml
+
+    old: list[str] = []
+    for i, token in enumerate(argv):
+        path = argv[i + 1] if token in ("-c", "--config") and i + 1 < len(argv) else None
+        path = token.partition("=")[2] if token.startswith("--config=") else path
+        if path and Path(path).is_file():
+            loaded = yaml.safe_load(Path(path).read_text())
+            block = loaded.get("callback_settings") if isinstance(loaded, dict) else None
+            old += [str(k) for k in block] if isinstance(block, dict) else ["callback_settings"] * (block is not None)
+        elif token.startswith("--callback_settings"):
+            old.append(token.split("=")[0].removeprefix("--callback_settings").lstrip(".") or "callback_settings")
+    if old:
+        moves = [f"{k} -> {_new_home(k)}" for k in dict.fromkeys(old)]
+        raise ValueError(
+            "callback_settings is gone: each callback is a config key of its own (docs/callbacks.md); move "
+            f"{'; '.join(moves)} (in a config file under the key's init_args:, e.g. `ema: {{init_args: {{decay: "
+            "0.999}}`; on the command line --ema.decay 0.999)"
+        )
