@@ -4,7 +4,7 @@ sample sets with seeded labels, reproducible on any number of devices, resumable
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from dico.callbacks.sample_writer import SampleWriter
 from dico.checkpoints import LIGHTNING, checkpoint_format, inspect_checkpoint, load_weights, read_checkpoint
+from dico.data.vae import vae_location
 from dico.diffusion import SamplingOptions
 from dico.evaluation.sample_set import SampleSet
 from dico.module import DiffusionModule
@@ -135,6 +136,8 @@ def run_sample_job(job: SampleJob) -> Path:
     if (job.ckpt is None) == (job.pretrained is None):
         raise ValueError("give exactly one of --ckpt PATH and --pretrained NAME")
     job.sample_set(1)  # bad counts or options fail here, before anything is loaded or written
+    if job.vae is not None:  # a local folder by its absolute path: the job resumes from any working folder
+        job = replace(job, vae=vae_location(job.vae))
     module = load_for_sampling(
         job.ckpt or job.pretrained,  # type: ignore[arg-type]
         job.model,

@@ -116,6 +116,20 @@ def test_sample_from_each_published_format(fmt, standins, golden, tiny_vae_dir, 
     assert_same_images(images, expected_samples(golden, arch, tiny_vae_dir, CFG))
 
 
+def test_a_relative_vae_is_recorded_absolute_and_the_job_resumes_from_another_folder(
+    standins, tiny_vae_dir, tmp_path, monkeypatch
+):
+    """``sample --vae`` relative to the working folder: ``samples.json`` records the folder's absolute path, so the
+    same job run again from elsewhere (by the absolute path) is recognised as the same one, not refused as another."""
+    out = tmp_path / "samples"
+    monkeypatch.chdir(tiny_vae_dir.parent)
+    first = sample(standins["lightning"], out, Path(tiny_vae_dir.name))
+    record = json.loads((out / "samples.json").read_text())
+    assert record["vae"] == record["decoder"]["vae"] == str(tiny_vae_dir.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert np.array_equal(sample(standins["lightning"], out, tiny_vae_dir.resolve()), first)
+
+
 def test_a_release_file_through_sample_npz_and_evaluate(standins, golden, tiny_vae_dir, inception_weights, tmp_path,
                                                         capsys):  # fmt: skip
     """A training checkpoint named as a release: the release's guidance scale by default, samples equal to
