@@ -133,9 +133,12 @@ def test_tiny_variant_trains_and_samples(name):
     assert dead_per_pass[2] == set()
 
     samples = create_diffusion("4").p_sample_loop(
-        model.eval(), (2, 4, size, size), model_kwargs={"y": torch.tensor([3, 4])}, clip_denoised=False,
+        model.eval(),
+        (2, 4, size, size),
+        model_kwargs={"y": torch.tensor([3, 4])},
+        clip_denoised=False,
         generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
+    )
     assert samples.shape == (2, 4, size, size) and torch.isfinite(samples).all()
 
 
@@ -154,8 +157,13 @@ def test_se_squeezes_by_16_and_only_rescales_channels():
     torch.testing.assert_close(gate, gate[:, :1, :1].expand_as(gate))
     with torch.no_grad():
         gap = x.mean((1, 2))
-        manual = torch.sigmoid(F.linear(F.relu(F.linear(gap, se.reduce.weight.flatten(1), se.reduce.bias)),
-                                        se.expand.weight.flatten(1), se.expand.bias))  # fmt: skip
+        manual = torch.sigmoid(
+            F.linear(
+                F.relu(F.linear(gap, se.reduce.weight.flatten(1), se.reduce.bias)),
+                se.expand.weight.flatten(1),
+                se.expand.bias,
+            )
+        )
     torch.testing.assert_close(gate[:, 0, 0], manual)
 
 
@@ -348,8 +356,14 @@ def test_mixers_and_channel_attentions_are_registered():
 def test_window_attention_model_on_a_tiny_input():
     """Stages at 8, 4 and 2 with 4x4 windows: shifted windows at 8x8, one (clamped, unshifted) window below."""
     torch.manual_seed(0)
-    model = DiCo(hidden_size=16, depth=(2, 1, 1, 1, 2), input_size=8, num_classes=10, mixer="window_attention",
-                 mixer_kwargs={"window_size": 4})  # fmt: skip
+    model = DiCo(
+        hidden_size=16,
+        depth=(2, 1, 1, 1, 2),
+        input_size=8,
+        num_classes=10,
+        mixer="window_attention",
+        mixer_kwargs={"window_size": 4},
+    )
     assert [b.mixer.shift_size for b in model.encoder1] == [0, 2]
     for p in model.head.parameters():
         torch.nn.init.normal_(p, std=0.1)

@@ -22,7 +22,7 @@ def test_a_result_names_its_commit_configs_seed_and_fid_hashes(tmp_path):
     prov = provenance.provenance(row, run_dir, ["--trainer.max_steps", "30"], RECORD)
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     porcelain = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout  # fmt: skip
+                               capture_output=True, text=True).stdout  # fmt: skip  # argv: flag/value pairs
     assert prov["commit"] == head and prov["commits"] == [head] and prov["dirty"] == bool(porcelain.strip())
     expected = {str(p.relative_to(ROOT)): hashlib.sha256(p.read_bytes()).hexdigest() for p in row.configs()}
     assert prov["configs"] == expected and len(expected) == 4
@@ -37,12 +37,25 @@ def test_a_result_names_its_commit_configs_seed_and_fid_hashes(tmp_path):
 
 
 def result(row: Row, out, prov: dict | None, fid: float = 50.0) -> dict:
-    return {"table": row.table, "row": row.row, "model": row.model, "budget": row.budget, "seed": row.seed,
-            "model_kwargs": {}, "note": "", "shape": "s", "deviation": "", "run_dir": str(row.run_dir(out)),
-            "command": f"python cli.py fit --trainer.default_root_dir {row.run_dir(out)}",
-            "trained_size": {"params": 1000, "gmacs": 0.01}, "throughput_ratio": 1.0, "device": "cpu",
-            "metrics": {"frechet_inception_distance": fid}, "wandb": f"wandb sync {row.run_dir(out)}/wandb/x",
-            "provenance": prov}  # fmt: skip
+    return {
+        "table": row.table,
+        "row": row.row,
+        "model": row.model,
+        "budget": row.budget,
+        "seed": row.seed,
+        "model_kwargs": {},
+        "note": "",
+        "shape": "s",
+        "deviation": "",
+        "run_dir": str(row.run_dir(out)),
+        "command": f"python cli.py fit --trainer.default_root_dir {row.run_dir(out)}",
+        "trained_size": {"params": 1000, "gmacs": 0.01},
+        "throughput_ratio": 1.0,
+        "device": "cpu",
+        "metrics": {"frechet_inception_distance": fid},
+        "wandb": f"wandb sync {row.run_dir(out)}/wandb/x",
+        "provenance": prov,
+    }
 
 
 def test_collect_keeps_the_requested_seeds_made_by_todays_configs_and_says_what_it_left_out(tmp_path, capsys):
@@ -51,12 +64,16 @@ def test_collect_keeps_the_requested_seeds_made_by_todays_configs_and_says_what_
     here = {"commits": ["a" * 40], "dirty": False, "overrides": [], **RECORD_HASHES}
     results = []
     for seed, (dico, nocca) in rows.items():
-        results += [result(dico, out, {**here, "configs": provenance.config_hashes(dico)}, 50 + seed),
-                    result(nocca, out, {**here, "configs": provenance.config_hashes(nocca)}, 55 + seed)]  # fmt: skip
+        results += [
+            result(dico, out, {**here, "configs": provenance.config_hashes(dico)}, 50 + seed),
+            result(nocca, out, {**here, "configs": provenance.config_hashes(nocca)}, 55 + seed),
+        ]
     # seed 1 of w/o CCA: its row overlay has changed since; seed 2 of DiCo-S: no provenance; seed 0 of w/o CCA was
     # trained for Table 3's wandb group (table3.yaml): the same training, kept
-    results[3]["provenance"]["configs"] = {**results[3]["provenance"]["configs"],
-                                           "ablations/configs/rows/digits/dico-s-nocca.yaml": "0" * 64}  # fmt: skip
+    results[3]["provenance"]["configs"] = {
+        **results[3]["provenance"]["configs"],
+        "ablations/configs/rows/digits/dico-s-nocca.yaml": "0" * 64,
+    }
     results[4]["provenance"] = None
     results[1]["provenance"]["configs"] = provenance.config_hashes(Row("3", "x", "DiCo-S-noCCA", "proxy", 0))
     for r in results:
@@ -65,10 +82,12 @@ def test_collect_keeps_the_requested_seeds_made_by_todays_configs_and_says_what_
         (d / "result.json").write_text(json.dumps(r))
     capsys.readouterr()
     assert run.main(["collect", "--table", "4", "--budget", "proxy", "--seeds", "0", "1", "2", "--out", str(out),
-                     "--results", str(tmp_path / "res")]) == 0  # fmt: skip
+                     "--results", str(tmp_path / "res")]) == 0  # fmt: skip  # argv: flag/value pairs
     printed = capsys.readouterr().out
-    assert "left out: DiCo-S-noCCA seed 1: made by other versions of ablations/configs/rows/digits/dico-s-nocca.yaml" \
-        in printed  # fmt: skip
+    assert (
+        "left out: DiCo-S-noCCA seed 1: made by other versions of ablations/configs/rows/digits/dico-s-nocca.yaml"
+        in printed
+    )
     assert "left out: DiCo-S seed 2: no provenance" in printed
     with open(tmp_path / "res" / "table4-proxy.csv") as f:
         table = {r["row"]: r for r in csv.DictReader(f)}
@@ -79,11 +98,28 @@ def test_collect_keeps_the_requested_seeds_made_by_todays_configs_and_says_what_
     assert f"Feature extractor weights (sha256): {'f' * 64}" in md
     # only the requested seeds
     assert run.main(["collect", "--table", "4", "--budget", "proxy", "--seeds", "2", "--out", str(out),
-                     "--results", str(tmp_path / "res")]) == 0  # fmt: skip
+                     "--results", str(tmp_path / "res")]) == 0  # fmt: skip  # argv: flag/value pairs
     assert "DiCo-S seed 0: seed not requested (2)" in capsys.readouterr().out
     # and overrides: runs made with `-- --trainer.max_steps 30` are not the budget's
-    assert run.main(["collect", "--table", "4", "--budget", "proxy", "--out", str(out), "--results",
-                     str(tmp_path / "res"), "--", "--trainer.max_steps", "30"]) == 0  # fmt: skip
+    assert (
+        run.main(
+            [
+                "collect",
+                "--table",
+                "4",
+                "--budget",
+                "proxy",
+                "--out",
+                str(out),
+                "--results",
+                str(tmp_path / "res"),
+                "--",
+                "--trainer.max_steps",
+                "30",
+            ]
+        )
+        == 0
+    )
     assert "made with the overrides [] (asked: ['--trainer.max_steps', '30'])" in capsys.readouterr().out
 
 

@@ -116,10 +116,16 @@ def test_crops16_budget_composes_every_table4_row(tmp_path, monkeypatch):
         built = cli.build_lightning_cli([*args, "--trainer.logger", "false"], run=False)
         net, dm = built.model.model, built.datamodule
         assert built.model.hparams.model == row.model and (net.input_size, net.in_channels, net.num_classes) == (
-            16, 1, 10)  # fmt: skip
+            16,
+            1,
+            10,
+        )
         assert isinstance(dm, ImageCropsDataModule) and dm.sample_shape == (1, 16, 16) and dm.num_classes == 10
-        assert built.model.hparams.seed == 3 and dm.seed == 3 and built.trainer.default_root_dir == str(row.run_dir(
-            tmp_path))  # fmt: skip
+        assert (
+            built.model.hparams.seed == 3
+            and dm.seed == 3
+            and built.trainer.default_root_dir == str(row.run_dir(tmp_path))
+        )
         assert [type(c) for c in built.trainer.callbacks if isinstance(c, HeldOutLoss | FIDEvaluation)] == [HeldOutLoss]
         [heldout] = [c for c in built.trainer.callbacks if isinstance(c, HeldOutLoss)]
         assert heldout.steps == set(range(100, 1601, 100))  # every row scored along the way at the same steps
@@ -169,18 +175,21 @@ def test_smoke_rows_validate_on_one_batch_not_the_whole_split(tmp_path, monkeypa
 
     monkeypatch.chdir(ROOT)
     [row] = rows_of("4", "smoke", ["w/o CCA"])
-    built = cli.build_lightning_cli([*[a for a in row.cli_args(tmp_path) if a != "fit"], "--trainer.logger", "false"],
-                                    run=False)  # fmt: skip
+    built = cli.build_lightning_cli(
+        [*[a for a in row.cli_args(tmp_path) if a != "fit"], "--trainer.logger", "false"], run=False
+    )
     # the YAML's 1 is one batch; read as the float 1.0 it would mean 100% of them
     assert built.trainer.limit_val_batches == 1 and isinstance(built.trainer.limit_val_batches, int)
     assert built.trainer.max_steps == 4
 
 
 def test_global_batch_is_kept_or_rejected():
-    config = {"trainer": {"num_nodes": 1, "devices": 8, "accumulate_grad_batches": 1},
-              "data": {"init_args": {"batch_size": 32}}}  # fmt: skip
+    config = {
+        "trainer": {"num_nodes": 1, "devices": 8, "accumulate_grad_batches": 1},
+        "data": {"init_args": {"batch_size": 32}},
+    }
     assert compose.placement(config, 2, 8) == ["--trainer.num_nodes", "2", "--trainer.devices", "8",
-                                            "--data.init_args.batch_size", "16"]  # fmt: skip
+                                            "--data.init_args.batch_size", "16"]  # fmt: skip  # argv: flag/value pairs
     assert compose.placement(config, None, None) == []
     with pytest.raises(SystemExit, match="does not divide over 1 node"):
         compose.placement(config, 1, 3)
@@ -199,15 +208,40 @@ def test_slurm_job_parameters_and_requeue(tmp_path, monkeypatch):
     fake_srun.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_srun.parent}{os.pathsep}{os.environ['PATH']}")
 
-    args = run.parse(["--table", "4", "--budget", "paper", "--launcher", "slurm", "--nodes", "2", "--gpus-per-node",
-                      "8", "--partition", "gpu", "--time", "600", "--account", "acc"])  # fmt: skip
+    args = run.parse(
+        [
+            "--table",
+            "4",
+            "--budget",
+            "paper",
+            "--launcher",
+            "slurm",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "8",
+            "--partition",
+            "gpu",
+            "--time",
+            "600",
+            "--account",
+            "acc",
+        ]
+    )
     executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm")
     # the job's shape comes from the composed trainer config after --nodes/--gpus-per-node moved it (one source)
     placed = {"trainer": {"num_nodes": 2, "devices": 8, "accelerator": "auto"}, "data": {"init_args": {}}}
     executor.update_parameters(**slurm.slurm_parameters(placed, args))
     text = executor._executor._make_submission_file_text("python -c pass", "UID")
-    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--time=600",
-                 "--account=acc", "--requeue"):  # fmt: skip
+    for line in (
+        "--nodes=2",
+        "--ntasks-per-node=8",
+        "--gpus-per-node=8",
+        "--partition=gpu",
+        "--time=600",
+        "--account=acc",
+        "--requeue",
+    ):
         assert f"#SBATCH {line}" in text
     row = rows_of("4", "paper", ["w/o CCA"])[0]
     job = slurm.RowJob(row, tmp_path / "out", args, ["--trainer.devices", "8"])
@@ -225,7 +259,7 @@ def runner(*argv: str) -> list[str]:
 def test_local_runner_trains_like_the_cli_resumes_a_killed_row_and_skips_finished_ones(tmp_path, capsys, monkeypatch):
     out, results = tmp_path / "runs", tmp_path / "results"
     argv = ["--table", "4", "--budget", "smoke", "--rows", "w/o CCA", "--out", str(out), "--results", str(results),
-            "--", "--trainer.max_steps", "30"]  # fmt: skip
+            "--", "--trainer.max_steps", "30"]  # fmt: skip  # argv: flag/value pairs
     run_dir = out / "smoke" / "dico-s-nocca" / "seed0"
     # the row's fit command as `--dry-run` prints it for a researcher to run by hand
     [fit, _] = stages.stage_lines(rows_of("4", "smoke", ["w/o CCA"]), out, argv[-2:])
@@ -277,7 +311,7 @@ def test_slurm_launcher_through_submitits_local_executor(tmp_path, capsys, monke
     out = tmp_path / "runs"
     argv = ["--table", "4", "--budget", "smoke", "--rows", "DiCo-S", "CCA->SE module", "--launcher", "slurm",
             "--nodes", "1", "--gpus-per-node", "1", "--cluster", "local", "--out", str(out),
-            "--results", str(tmp_path / "results")]  # fmt: skip
+            "--results", str(tmp_path / "results")]  # fmt: skip  # argv: flag/value pairs
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the jobs inherit this process's environment
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert run.main(argv) == 0
@@ -305,13 +339,30 @@ def fake_result(table: str, row: str, model: str, seed: int, fid: float, ratio: 
 
     entry = ABLATION_ROWS[TABLE3 if table == "3" else TABLE4, row]
     size = {"params": 2_000_000 + 1000 * len(model), "gmacs": 0.018}
-    return {"table": table, "row": row, "model": model, "budget": "proxy", "seed": seed, "model_kwargs": {"x": 1},
-            "note": entry.note, "shape": entry.variant.shape, "deviation": entry.deviation,
-            "paper": paper_row(entry.table, row), "run_dir": f"runs/{model}/seed{seed}", "command": "python cli.py fit",
-            "trained_size": size, "reference_size": {"params": 2_000_000, "gmacs": 0.018},
-            "throughput_ratio": ratio, "throughput_batch": 64, "sdpa_kernel": "math", "device": "cpu",
-            "metrics": {"frechet_inception_distance": fid}, "eval_samples": 1000, "steps": 600,
-            "wandb": f"wandb sync runs/{model}"}  # fmt: skip
+    return {
+        "table": table,
+        "row": row,
+        "model": model,
+        "budget": "proxy",
+        "seed": seed,
+        "model_kwargs": {"x": 1},
+        "note": entry.note,
+        "shape": entry.variant.shape,
+        "deviation": entry.deviation,
+        "paper": paper_row(entry.table, row),
+        "run_dir": f"runs/{model}/seed{seed}",
+        "command": "python cli.py fit",
+        "trained_size": size,
+        "reference_size": {"params": 2_000_000, "gmacs": 0.018},
+        "throughput_ratio": ratio,
+        "throughput_batch": 64,
+        "sdpa_kernel": "math",
+        "device": "cpu",
+        "metrics": {"frechet_inception_distance": fid},
+        "eval_samples": 1000,
+        "steps": 600,
+        "wandb": f"wandb sync runs/{model}",
+    }
 
 
 def write_results(out: Path, results: list[dict]) -> None:
@@ -326,8 +377,9 @@ def test_report_from_every_finished_run_without_the_reference_row(tmp_path):
     throughput ratios, the paper's ratios, FID spreads, Spearman and the CCA claim come out right."""
     fids = {"w/o CCA": (60.0, 64.0), "CCA->SE module": (55.0, 57.0), "CM->Self-Attn": (70.0, 71.0)}
     models = {"w/o CCA": "DiCo-S-noCCA", "CCA->SE module": "DiCo-S-SE", "CM->Self-Attn": "DiCo-S-SelfAttn"}
-    write_results(tmp_path, [fake_result("4", row, models[row], s, fids[row][s], 0.8 + 0.1 * s) for row in fids
-                             for s in (0, 1)])  # fmt: skip
+    write_results(
+        tmp_path, [fake_result("4", row, models[row], s, fids[row][s], 0.8 + 0.1 * s) for row in fids for s in (0, 1)]
+    )
     rows_t3 = [fake_result("3", "DiT (iso.)", "DiT-S/2", 0, 99.0, 1.2)]
     write_results(tmp_path, rows_t3)  # another table's run in the same folder: not in Table 4
     results = status.finished_results("4", "proxy", tmp_path)
@@ -363,8 +415,14 @@ def test_the_runner_process_waits_passively_as_cli_does():
     code = "import os, ablations.run; print(os.environ['OMP_WAIT_POLICY'])"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["PASSIVE"]
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.split() == ["ACTIVE"]
 
 
@@ -579,12 +637,15 @@ def test_the_score_is_the_test_record_or_the_final_periodic_one(tmp_path):
 def test_structure_budget_counts_full_size_rows_beside_the_paper(tmp_path):
     argv = ["--table", "4", "--budget", "structure", "--rows", "DiCo-S", "w/o CCA", "--out", str(tmp_path / "runs"),
             "--results", str(tmp_path / "results"), "--device", "cpu", "--throughput-batch", "1",
-            "--throughput-turns", "1"]  # fmt: skip
+            "--throughput-turns", "1"]  # fmt: skip  # argv: flag/value pairs
     assert run.main(argv) == 0
     rows = {r["row"]: r for r in read_csv(tmp_path / "results" / "table4-structure.csv")}
     for name in ("DiCo-S", "w/o CCA"):
-        result = json.loads((tmp_path / "runs" / "structure" / slug(ABLATION_ROWS[TABLE4, name].model) / "seed0" /
-                             "result.json").read_text())  # fmt: skip
+        result = json.loads(
+            (
+                tmp_path / "runs" / "structure" / slug(ABLATION_ROWS[TABLE4, name].model) / "seed0" / "result.json"
+            ).read_text()
+        )
         paper = ABLATION_ROWS[TABLE4, name].paper
         assert result["trained_size"] == result["full_size"]
         assert result["full_size"]["params"] / 1e6 == pytest.approx(paper["params_M"], rel=0.01)
@@ -624,8 +685,11 @@ def test_test_samples_are_removed_once_scored_unless_kept(tmp_path):
 
 
 def test_large_runs_inside_the_checkout_get_a_loud_note(tmp_path, capsys):
-    for budget, out, loud in (("paper", ROOT / "ablations" / "runs", True), ("paper", tmp_path, False),
-                              ("proxy", ROOT / "ablations" / "runs", False)):  # fmt: skip
+    for budget, out, loud in (
+        ("paper", ROOT / "ablations" / "runs", True),
+        ("paper", tmp_path, False),
+        ("proxy", ROOT / "ablations" / "runs", False),
+    ):
         run.warn_if_inside_checkout(out, run.parse(["--table", "4", "--budget", budget]))
         assert ("INSIDE the checkout" in capsys.readouterr().err) == loud
 
@@ -657,7 +721,11 @@ def test_crops16_rows_get_a_patch_fid_beside_the_heldout_loss(tmp_path, capsys, 
     assert [p["step"] for p in result["curve"]] == [1, 2, 3]
     assert result["curve"][-1]["metrics"]["heldout_mse"] == result["metrics"]["heldout_mse"]
     assert {k: result["patch_fid"]["settings"][k] for k in ("num_samples", "steps", "labels", "seed")} == {
-        "num_samples": 20, "steps": 3, "labels": "balanced", "seed": 0}  # fmt: skip
+        "num_samples": 20,
+        "steps": 3,
+        "labels": "balanced",
+        "seed": 0,
+    }
     prov = result["provenance"]
     assert prov["feature_extractor"] == "dico-crops16"
     featurizer = Featurizer(FeatureSpec("dico-crops16"))  # the committed classifier

@@ -67,7 +67,7 @@ def cluster(tmp_path, monkeypatch) -> Cluster:
 
 def slurm(out: Path, table: str, *rows: str, more: tuple[str, ...] = ()) -> list[str]:
     return ["--table", table, "--budget", "paper", "--launcher", "slurm", "--cluster", "slurm", "--out", str(out),
-            "--results", str(out / "results"), *more, "--rows", *rows]  # fmt: skip
+            "--results", str(out / "results"), *more, "--rows", *rows]  # fmt: skip  # argv: flag/value pairs
 
 
 def test_a_row_is_submitted_once_across_invocations_and_tables(tmp_path, cluster, capsys):
@@ -105,8 +105,17 @@ def test_the_job_asks_slurm_for_what_the_trainer_uses(tmp_path, cluster):
     --nodes/--gpus-per-node; CPUs per task default to num_workers + 1; memory and extra sbatch options pass through;
     submitit's time-limit signal comes --signal-delay (300) s ahead of the limit."""
     out = tmp_path / "runs"
-    assert run.main(slurm(out, "4", "DiCo-S", more=("--mem-gb", "64", "--slurm-param", "qos=high",
-                                                    "--slurm-param", "constraint=a100"))) == 0  # fmt: skip
+    assert (
+        run.main(
+            slurm(
+                out,
+                "4",
+                "DiCo-S",
+                more=("--mem-gb", "64", "--slurm-param", "qos=high", "--slurm-param", "constraint=a100"),
+            )
+        )
+        == 0
+    )
     [script] = cluster.submitted().values()
     for line in ("--nodes=1", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=9", "--mem=64GB",
                  "--requeue", "--qos=high", "--constraint=a100", "--signal=USR2@300"):  # fmt: skip  # argv
@@ -213,10 +222,16 @@ def in_job(tmp_path, monkeypatch):
 
     folder = tmp_path / "submitit" / "4242"
     folder.mkdir(parents=True)
-    for name, value in (("SUBMITIT_EXECUTOR", "local"), ("SUBMITIT_LOCAL_JOB_ID", "4242"),
-                        ("SUBMITIT_LOCAL_GLOBALID", "0"), ("SUBMITIT_LOCAL_LOCALID", "0"),
-                        ("SUBMITIT_LOCAL_NTASKS", "1"), ("SUBMITIT_FOLDER", str(folder)),
-                        ("WANDB_RUN_ID", ""), ("WANDB_RESUME", "")):  # fmt: skip
+    for name, value in (
+        ("SUBMITIT_EXECUTOR", "local"),
+        ("SUBMITIT_LOCAL_JOB_ID", "4242"),
+        ("SUBMITIT_LOCAL_GLOBALID", "0"),
+        ("SUBMITIT_LOCAL_LOCALID", "0"),
+        ("SUBMITIT_LOCAL_NTASKS", "1"),
+        ("SUBMITIT_FOLDER", str(folder)),
+        ("WANDB_RUN_ID", ""),
+        ("WANDB_RESUME", ""),
+    ):
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(slurm_jobs, "resolve", lambda *a: SMOKE)
     monkeypatch.setattr(slurm_jobs, "finalize", lambda *a: None)
@@ -335,8 +350,25 @@ def test_a_preempted_local_job_requeues_resumes_and_finishes(tmp_path, monkeypat
     out = tmp_path / "runs"
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the jobs inherit this process's environment
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    argv = ["--table", "4", "--budget", "smoke", "--rows", "w/o CCA", "--launcher", "slurm", "--cluster", "local",
-            "--out", str(out), "--results", str(tmp_path / "results"), "--", "--trainer.max_steps", "60"]  # fmt: skip
+    argv = [
+        "--table",
+        "4",
+        "--budget",
+        "smoke",
+        "--rows",
+        "w/o CCA",
+        "--launcher",
+        "slurm",
+        "--cluster",
+        "local",
+        "--out",
+        str(out),
+        "--results",
+        str(tmp_path / "results"),
+        "--",
+        "--trainer.max_steps",
+        "60",
+    ]
     assert run.main(argv) == 0
     run_dir = out / "smoke" / "dico-s-nocca" / "seed0"
     job_id = json.loads((run_dir / "job.json").read_text())["job_id"]

@@ -101,8 +101,12 @@ def test_pooled_sd_weights_rows_by_degrees_of_freedom():
 
 
 def test_report_declares_each_contrast_with_seeds_interval_verdict_and_seeds_needed():
-    scores = {"DiCo-S": {0: 50.0, 1: 60.0, 2: 55.0}, "w/o CCA": {0: 55.0, 1: 66.0, 2: 60.5},
-              "CCA->SE module": {0: 48.0, 1: 70.0}, "GELU->ReLU": {5: 40.0}}  # fmt: skip
+    scores = {
+        "DiCo-S": {0: 50.0, 1: 60.0, 2: 55.0},
+        "w/o CCA": {0: 55.0, 1: 66.0, 2: 60.5},
+        "CCA->SE module": {0: 48.0, 1: 70.0},
+        "GELU->ReLU": {5: 40.0},
+    }
     lines = findings.statistics_lines("4", scores)
     text = "\n".join(lines)
     sd, _ = stats.pooled_sd(scores)

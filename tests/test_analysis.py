@@ -46,14 +46,18 @@ def small_dit(**kw) -> torch.nn.Module:
 
 
 def small_dico(name: str = "DiCo-S") -> torch.nn.Module:
-    return randomise(create_model(name, hidden_size=16, depth=[2, 1, 1, 1, 2], in_channels=1, input_size=8,
-                                  num_classes=10))  # fmt: skip
+    return randomise(
+        create_model(name, hidden_size=16, depth=[2, 1, 1, 1, 2], in_channels=1, input_size=8, num_classes=10)
+    )
 
 
 def inputs(b: int = 3, c: int = 1, s: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, c, s, s, generator=g), torch.randint(0, 1000, (b,), generator=g),
-            torch.randint(0, 10, (b,), generator=g))  # fmt: skip
+    return (
+        torch.randn(b, c, s, s, generator=g),
+        torch.randint(0, 1000, (b,), generator=g),
+        torch.randint(0, 10, (b,), generator=g),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- attention capture
@@ -175,8 +179,9 @@ def test_attention_along_sampling_records_without_changing_the_samples():
     labels = [0, 3, 7]
     record = A.attention_along_sampling(model, labels, steps=6, num_records=3, seed=5)
     diffusion = sampling_diffusion("ddim", 6)
-    plain = generate(model, torch.tensor(labels), (1, 8, 8), model.null_label, sampler="ddim", steps=6, seed=5,
-                     diffusion=diffusion)  # fmt: skip
+    plain = generate(
+        model, torch.tensor(labels), (1, 8, 8), model.null_label, sampler="ddim", steps=6, seed=5, diffusion=diffusion
+    )
     assert torch.equal(record.samples, plain)
     assert len(record.timesteps) == 3 and record.timesteps == sorted(record.timesteps, reverse=True)
     # from the first step (purest noise) to the last
@@ -282,8 +287,14 @@ def test_noised_digits_are_balanced_and_share_their_noise():
 # ---------------------------------------------------------------------------------------------- runs
 def test_read_metrics_reads_sparse_lightning_csv(tmp_path):
     path = tmp_path / "metrics.csv"
-    lines = ["epoch,eval/fid,step,train/loss,val/loss", ",700.5,0,,", "0,,4,1.5,", "0,,9,1.25,", "0,,9,,1.4",
-             ",300.25,9,,"]  # fmt: skip
+    lines = [
+        "epoch,eval/fid,step,train/loss,val/loss",
+        ",700.5,0,,",
+        "0,,4,1.5,",
+        "0,,9,1.25,",
+        "0,,9,,1.4",
+        ",300.25,9,,",
+    ]
     path.write_text("\n".join(lines) + "\n")
     m = read_metrics(path)
     assert set(m) == {"eval/fid", "train/loss", "val/loss"}
@@ -362,8 +373,15 @@ def test_train_or_load_quickstart_loads_an_existing_checkpoint(tmp_path, monkeyp
 
     model_kwargs = {"hidden_size": 8, "depth": [1, 1, 1, 1, 1], "in_channels": 1, "input_size": 8, "num_classes": 10}
     module = DiffusionModule("DiCo-S", model_kwargs=model_kwargs, sampling_steps=2, clip_denoised=True)
-    trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, DigitsDataModule(batch_size=8))
     run_dir = runs.run_dir_of(tmp_path)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
@@ -384,10 +402,24 @@ def test_read_results_parses_the_runner_csv(tmp_path):
     for key, ratio, fid in [((TABLE4, "DiCo-S"), 1.0, 50.0), ((TABLE4, "w/o CCA"), 1.2, None)]:
         row = ABLATION_ROWS[key]
         size = {"params": 33_000_000, "gmacs": 4.2}
-        r = {"row": row.row, "model": row.model, "seed": 0, "note": row.note, "shape": row.variant.shape,
-             "deviation": row.deviation, "paper": row.paper, "model_kwargs": {}, "trained_size": size,
-             "reference_size": size, "throughput_ratio": ratio, "throughput_batch": 2, "sdpa_kernel": "math",
-             "device": "cpu", "run_dir": "runs/x", "command": "python cli.py fit ..."}  # fmt: skip
+        r = {
+            "row": row.row,
+            "model": row.model,
+            "seed": 0,
+            "note": row.note,
+            "shape": row.variant.shape,
+            "deviation": row.deviation,
+            "paper": row.paper,
+            "model_kwargs": {},
+            "trained_size": size,
+            "reference_size": size,
+            "throughput_ratio": ratio,
+            "throughput_batch": 2,
+            "sdpa_kernel": "math",
+            "device": "cpu",
+            "run_dir": "runs/x",
+            "command": "python cli.py fit ...",
+        }
         if fid is not None:
             r["metrics"] = {"frechet_inception_distance": fid}
         results.append(r)

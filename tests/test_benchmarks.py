@@ -48,13 +48,26 @@ def test_gpu_fit_dry_run_prints_every_phase_with_positive_numbers(tmp_path):
     rows = table(run.stdout)
     expected = [
         "setup seconds",
-        *(f"{kind} {p} {q}" for p in ("32-true", "bf16-mixed") for kind, q in [
-            ("bare", "img/s"), ("bare", "img/s with EMA"), ("fit", "start-up to the first step, s"),
-            ("fit", "img/s"), ("fit", "fit / bare step"), ("fit", "last.ckpt write, s"), ("fit", "last.ckpt, GB"),
-            ("fit", "last.ckpt write, GB/s"), ("fit", "end of fit after the last step, s")]),
-        "sampling bare model calls, samples/s", "sampling DiffusionModule.sample, samples/s",
-        "sampling cli.py sample predict loop, samples/s", "sampling cli.py sample in all, s",
-    ]  # fmt: skip
+        *(
+            f"{kind} {p} {q}"
+            for p in ("32-true", "bf16-mixed")
+            for kind, q in [
+                ("bare", "img/s"),
+                ("bare", "img/s with EMA"),
+                ("fit", "start-up to the first step, s"),
+                ("fit", "img/s"),
+                ("fit", "fit / bare step"),
+                ("fit", "last.ckpt write, s"),
+                ("fit", "last.ckpt, GB"),
+                ("fit", "last.ckpt write, GB/s"),
+                ("fit", "end of fit after the last step, s"),
+            ]
+        ),
+        "sampling bare model calls, samples/s",
+        "sampling DiffusionModule.sample, samples/s",
+        "sampling cli.py sample predict loop, samples/s",
+        "sampling cli.py sample in all, s",
+    ]
     for name in expected:
         assert float(rows[name]) > 0, (name, rows.get(name))
     for p in ("32-true", "bf16-mixed"):  # excesses over steady steps: a sign either way on a noisy CPU

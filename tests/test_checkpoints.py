@@ -48,8 +48,13 @@ print("not killed")
 
 def killed_save(run_dir: Path, tmpdir: Path, io_class: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", KILLED_SAVE, str(run_dir / "last.ckpt"), io_class],
-                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", KILLED_SAVE, str(run_dir / "last.ckpt"), io_class],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm (tmpfs)")

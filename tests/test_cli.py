@@ -51,7 +51,7 @@ def test_model_info_at_512_as_a_script():
     out = subprocess.run(
         [sys.executable, "cli.py", "model-info", "--model", "DiT-S/2", "--image-size", "512", "--json"],
         cwd=ROOT, capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    )  # fmt: skip  # argv: flag/value pairs
     assert json.loads(out.stdout)["input_shape"] == [4, 64, 64]
 
 
@@ -96,7 +96,7 @@ def test_batch_limits_read_a_whole_number_as_a_count_and_a_decimal_as_a_fraction
          "--trainer.limit_train_batches", "1.0", "--trainer.limit_test_batches", "0.25",
          "--trainer.limit_predict_batches", "3"],
         run=False,
-    )  # fmt: skip
+    )  # fmt: skip  # argv: flag/value pairs
     trainer = built.trainer
     assert (trainer.limit_val_batches, trainer.limit_train_batches) == (1, 1.0)
     assert type(trainer.limit_val_batches) is int and type(trainer.limit_train_batches) is float
@@ -106,8 +106,23 @@ def test_batch_limits_read_a_whole_number_as_a_count_and_a_decimal_as_a_fraction
 
 def test_extract_command_with_the_documented_options(tmp_path, image_folder, tiny_vae_dir, capsys):
     out = tmp_path / "latents"
-    args = ["extract", "--data-path", str(image_folder), "--out", str(out), "--image-size", "16",
-            "--vae", str(tiny_vae_dir), "--num-workers", "0", "--shard-size", "5", "--progress", "false"]  # fmt: skip
+    args = [
+        "extract",
+        "--data-path",
+        str(image_folder),
+        "--out",
+        str(out),
+        "--image-size",
+        "16",
+        "--vae",
+        str(tiny_vae_dir),
+        "--num-workers",
+        "0",
+        "--shard-size",
+        "5",
+        "--progress",
+        "false",
+    ]
     assert cli.main(args) == 0
     assert "12 images" in capsys.readouterr().out and (out / "manifest.json").exists()
     assert cli.main(args) == 0  # a second run finds every shard done
@@ -146,9 +161,11 @@ CONFIGS = {
     "paper": ["-c", "experiments/base.yaml", "-c", "experiments/dico-s-256.yaml"],
     "quickstart": ["-c", "experiments/quickstart.yaml"],
     "quickstart-tiny": ["-c", "experiments/quickstart.yaml", "-c", "dico/analysis/quickstart-tiny.yaml"],
-    **{f"budget-{p.stem}": ["-c", "experiments/base.yaml", "-c", str(p.relative_to(ROOT))]
-       for p in sorted((ROOT / "ablations" / "configs" / "budgets").glob("*.yaml"))},
-}  # fmt: skip
+    **{
+        f"budget-{p.stem}": ["-c", "experiments/base.yaml", "-c", str(p.relative_to(ROOT))]
+        for p in sorted((ROOT / "ablations" / "configs" / "budgets").glob("*.yaml"))
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -185,9 +202,12 @@ def test_every_config_composes_the_one_callback_list(composed):
         assert {key: (c[key] or {"class_path": classes[key]})["class_path"] for key in CALLBACKS} == classes, name
     decays = {name: c["ema"]["init_args"]["decay"] for name, c in composed.items()}
     assert decays["paper"] == 0.9999 and decays["quickstart"] == 0.995 and decays["quickstart-tiny"] == 0.999
-    for path in [ROOT / "experiments" / "base.yaml", ROOT / "experiments" / "quickstart.yaml",
-                 *(ROOT / "ablations" / "configs" / "budgets").glob("*.yaml"),
-                 ROOT / "dico" / "analysis" / "quickstart-tiny.yaml"]:  # fmt: skip
+    for path in [
+        ROOT / "experiments" / "base.yaml",
+        ROOT / "experiments" / "quickstart.yaml",
+        *(ROOT / "ablations" / "configs" / "budgets").glob("*.yaml"),
+        ROOT / "dico" / "analysis" / "quickstart-tiny.yaml",
+    ]:
         assert "callbacks" not in (yaml.safe_load(path.read_text()).get("trainer") or {}), path
 
 

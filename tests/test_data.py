@@ -91,8 +91,12 @@ def test_extract_refuses_to_mix_vaes_or_settings_in_one_cache(cache, tmp_path, i
     for f in out.iterdir():
         (resumed / f.name).write_bytes(f.read_bytes())
     (resumed / "manifest.json").unlink()
-    for change, match in (({"vae": str(other_vae_dir)}, "vae_sha256"), ({"image_size": 24}, "image_size: 16"),
-                          ({"flips": False}, "flips: 2"), ({"dtype": "float16"}, "dtype")):  # fmt: skip
+    for change, match in (
+        ({"vae": str(other_vae_dir)}, "vae_sha256"),
+        ({"image_size": 24}, "image_size: 16"),
+        ({"flips": False}, "flips: 2"),
+        ({"dtype": "float16"}, "dtype"),
+    ):
         with pytest.raises(ValueError, match=rf"shard-00000\.json was made with other settings .*{match}.*new --out"):
             extract_latents(config(image_folder, resumed, change.pop("vae", manifest.vae), **change))
     assert not (resumed / "manifest.json").exists()
@@ -253,8 +257,10 @@ def test_latent_datamodule_reads_the_cache(cache):
     assert dm.sample_shape == (4, 8, 8) and dm.num_classes == 2
     assert dm.decoder["kind"] == "vae" and dm.decoder["scale_factor"] == 0.18215
     local = LatentDataModule(str(out), vae="/models/sd-vae-ft-ema")  # a local copy of the cache's VAE
-    assert local.decoder["vae"] == "/models/sd-vae-ft-ema" and dm.decoder["vae"] == json.loads(
-        (out / "manifest.json").read_text())["vae"]  # fmt: skip
+    assert (
+        local.decoder["vae"] == "/models/sd-vae-ft-ema"
+        and dm.decoder["vae"] == json.loads((out / "manifest.json").read_text())["vae"]
+    )
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"x", "std", "y"} and batch["x"].shape == (4, 4, 8, 8)
     record = json.loads((out / "manifest.json").read_text())
@@ -313,8 +319,10 @@ def test_image_crops_are_the_images_pixels_one_class_each_and_heldout_regions_no
         np.bincount(crops.heldout_y), [8] * 10
     )
     assert crops.train_x.min() >= -1 and crops.train_x.max() <= 1
-    for x, y, corners in [(crops.train_x, crops.train_y, crops.train_corners),
-                          (crops.heldout_x, crops.heldout_y, crops.heldout_corners)]:  # fmt: skip
+    for x, y, corners in [
+        (crops.train_x, crops.train_y, crops.train_corners),
+        (crops.heldout_x, crops.heldout_y, crops.heldout_corners),
+    ]:
         for i in range(0, len(y), 7):  # every crop is its class's image at its corner
             image = getattr(skimage.data, IMAGES[y[i]])()
             r, c = corners[i]

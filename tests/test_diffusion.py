@@ -228,8 +228,11 @@ def test_guided_sampling_makes_no_host_device_sync(sampler, eta):
 def test_input_check_does_not_sync_off_cpu():
     """On a non-CPU device (meta stands in for an accelerator) the label-range check is an asynchronous assert."""
     model = DiCo(hidden_size=16, depth=(1, 1, 1, 1, 1), num_classes=10, input_size=8)
-    x, t, y = (torch.empty(2, 4, 8, 8, device="meta"), torch.zeros(2, dtype=torch.long, device="meta"),
-               torch.zeros(2, dtype=torch.long, device="meta"))  # fmt: skip
+    x, t, y = (
+        torch.empty(2, 4, 8, 8, device="meta"),
+        torch.zeros(2, dtype=torch.long, device="meta"),
+        torch.zeros(2, dtype=torch.long, device="meta"),
+    )
     with HostSyncRecorder() as recorder:
         model.check_inputs(x, t, y)
     assert recorder.calls == []

@@ -118,13 +118,26 @@ def compute_reference_from(featurizer: Featurizer, images: torch.Tensor, batch_s
 def test_metrics_equal_torch_fidelity_calculate_metrics(digits_u8, digits_spec, featurizer):
     gen, real = digits_u8[1000:1600], digits_u8[:1000]
     # batches of 64 as torch-fidelity's, so that the float32 features are the same to the bit
-    ours = compute_metrics(featurizer.run(gen.split(64)), compute_reference_from(featurizer, real, 64),
-                           MetricOptions("torch-fidelity", kid_subset_size=600))  # fmt: skip
+    ours = compute_metrics(
+        featurizer.run(gen.split(64)),
+        compute_reference_from(featurizer, real, 64),
+        MetricOptions("torch-fidelity", kid_subset_size=600),
+    )
     theirs = torch_fidelity.calculate_metrics(
-        input1=Images(gen), input2=Images(real), cuda=False, fid=True, isc=True, kid=True, prc=True,
-        feature_extractor="dico-digits", feature_extractor_weights_path=digits_spec.weights_path,
-        kid_subset_size=600, verbose=False, cache=False, datasets_root=None,
-    )  # fmt: skip
+        input1=Images(gen),
+        input2=Images(real),
+        cuda=False,
+        fid=True,
+        isc=True,
+        kid=True,
+        prc=True,
+        feature_extractor="dico-digits",
+        feature_extractor_weights_path=digits_spec.weights_path,
+        kid_subset_size=600,
+        verbose=False,
+        cache=False,
+        datasets_root=None,
+    )
     for key, value in theirs.items():  # torch-fidelity subtracts the means in float32, ADM in float64
         assert ours[key] == pytest.approx(value, rel=1e-6 if "frechet" in key else 1e-12, abs=1e-12), key
 
@@ -216,8 +229,7 @@ def test_bad_references_are_refused_before_any_sample_is_featurised(tmp_path, di
     np.savez(tmp_path / "keys.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
     np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((2, 1, 8, 8), np.uint8))
     (tmp_path / "cut.npz").write_bytes((tmp_path / "nchw.npz").read_bytes()[:50])
-    for name, why in (("keys.npz", r"holds \['images'\], no arr_0"), ("nchw.npz", "channels go last"),
-                      ("cut.npz", "")):  # fmt: skip
+    for name, why in (("keys.npz", r"holds \['images'\], no arr_0"), ("nchw.npz", "channels go last"), ("cut.npz", "")):
         with pytest.raises(ValueError, match=rf"{name} is not an ADM-format sample file.*{why}"):
             score_npz(tmp_path / name, Reference.load(tmp_path / "ref.npz"), featurizer)
     with pytest.raises(ValueError, match="metric convention"):
@@ -428,8 +440,9 @@ def test_the_crops16_patch_fid_classifier_is_committed_and_sees_structure(tmp_pa
         featurizer(u8(crops.heldout_x[:, :, :8, :8]))
 
 
-def test_a_reference_made_from_another_source_or_extractor_is_refused(tmp_path, digits_u8, digits_spec, featurizer,
-                                                                      capsys):  # fmt: skip
+def test_a_reference_made_from_another_source_or_extractor_is_refused(
+    tmp_path, digits_u8, digits_spec, featurizer, capsys
+):
     """`reference --out` holding statistics of another source or extractor is not reused: the fix is named."""
     ref = tmp_path / "ref.npz"
     digits = ["--feature_extractor", "dico-digits", "--weights_path", digits_spec.weights_path]
@@ -472,8 +485,9 @@ def test_an_adm_batch_without_spatial_statistics_scores_fid_from_its_mu_sigma(tm
     assert "spatial_frechet_inception_distance" not in metrics
 
 
-def test_small_sets_state_the_k_and_subset_sizes_used_and_one_sample_is_refused(tmp_path, digits_u8, featurizer,
-                                                                                monkeypatch):  # fmt: skip
+def test_small_sets_state_the_k_and_subset_sizes_used_and_one_sample_is_refused(
+    tmp_path, digits_u8, featurizer, monkeypatch
+):
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
 
@@ -489,8 +503,14 @@ def test_small_sets_state_the_k_and_subset_sizes_used_and_one_sample_is_refused(
     assert record["metrics"]["kernel_inception_distance_mean"] == pytest.approx(float(kid), rel=1e-9)
     assert record["metrics"]["precision"] == pytest.approx(float(prc["precision"]), abs=1e-12)
     assert score_npz(save_npz(tmp_path / "many.npz", nhwc(digits_u8[300:800])), ref, featurizer)["conventions"][
-        "used"] == {"num_samples": 500, "num_reference_features": 300, "prc_neighborhood": 3, "kid_subset_size": 300,
-                    "inception_score_splits": 1}  # fmt: skip
+        "used"
+    ] == {
+        "num_samples": 500,
+        "num_reference_features": 300,
+        "prc_neighborhood": 3,
+        "kid_subset_size": 300,
+        "inception_score_splits": 1,
+    }
     one = save_npz(tmp_path / "one.npz", nhwc(digits_u8[:1]))
     monkeypatch.setattr(Featurizer, "__call__", lambda *a, **k: pytest.fail("featurised before the check"))
     with pytest.raises(ValueError, match=r"at least 2 samples .* got 1 samples: score more samples"):

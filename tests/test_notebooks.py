@@ -23,8 +23,11 @@ def outputs(nb) -> list:
 
 def test_every_analysis_notebook_is_here():
     assert [p.stem for p in NOTEBOOKS] == [
-        "01_quickstart", "02_attention_locality", "03_channel_activation", "04_ablation_report",
-    ]  # fmt: skip
+        "01_quickstart",
+        "02_attention_locality",
+        "03_channel_activation",
+        "04_ablation_report",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -58,15 +58,28 @@ def standins(tmp_path_factory, golden) -> dict[str, Path]:
         opt = torch.optim.AdamW([param])
         param.grad = torch.ones(3)
         opt.step()
-        args = argparse.Namespace(model="DiCo-S" if arch == "dico" else "DiT-S/2", image_size=128, global_seed=0,
-                                  results_dir="results", ckpt=None, tf32=False)  # fmt: skip
+        args = argparse.Namespace(
+            model="DiCo-S" if arch == "dico" else "DiT-S/2",
+            image_size=128,
+            global_seed=0,
+            results_dir="results",
+            ckpt=None,
+            tf32=False,
+        )
         files[f"{arch}-training"] = root / f"{arch}-training.pt"
-        torch.save({"model": shifted(sd, 0.05), "ema": sd, "opt": opt.state_dict(), "args": args},
-                   files[f"{arch}-training"])  # fmt: skip
+        torch.save(
+            {"model": shifted(sd, 0.05), "ema": sd, "opt": opt.state_dict(), "args": args}, files[f"{arch}-training"]
+        )
     module = load_for_sampling(str(files["dico-state-dict"]), image_size=128)
     files["lightning"] = root / "ours.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": "2.6.0"}, files["lightning"])  # fmt: skip
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": "2.6.0",
+        },
+        files["lightning"],
+    )
     return files
 
 
@@ -80,9 +93,18 @@ def expected_samples(golden, arch: str, vae_dir: Path, cfg_scale: float) -> np.n
     out = []
     for start in range(0, COUNT, BATCH):
         labels = torch.arange(start, start + BATCH) % model.num_classes
-        z = generate(model, labels, (4, size, size), model.null_label, sampler="iddpm", steps=STEPS,
-                     cfg_scale=cfg_scale, guidance_mode="official", seed=start,
-                     diffusion=sampling_diffusion("iddpm", STEPS))  # fmt: skip
+        z = generate(
+            model,
+            labels,
+            (4, size, size),
+            model.null_label,
+            sampler="iddpm",
+            steps=STEPS,
+            cfg_scale=cfg_scale,
+            guidance_mode="official",
+            seed=start,
+            diffusion=sampling_diffusion("iddpm", STEPS),
+        )
         out.append(to_uint8(decode_latents(vae, z)))
     return np.concatenate(out)
 
@@ -90,7 +112,7 @@ def expected_samples(golden, arch: str, vae_dir: Path, cfg_scale: float) -> np.n
 def sample(ckpt: Path, out: Path, vae_dir: Path, *extra: str) -> np.ndarray:
     assert cli.main(["sample", "--ckpt", str(ckpt), "--out", str(out), "--num_samples", str(COUNT), "--batch_size",
                      str(BATCH), "--steps", str(STEPS), "--vae", str(vae_dir), "--accelerator", "cpu", "--devices", "1",
-                     "--labels", "balanced", *extra]) == 0  # fmt: skip
+                     "--labels", "balanced", *extra]) == 0  # fmt: skip  # argv: flag/value pairs
     images, labels = load_npz(out / "samples.npz")
     assert labels.tolist() == [i % 10 for i in range(COUNT)]
     return images
@@ -108,9 +130,13 @@ def test_sample_from_each_published_format(fmt, standins, golden, tiny_vae_dir, 
     extra = ["--model_kwargs", '{"num_heads": 4}'] if arch == "dit" else ["--image_size", "128"]
     images = sample(standins[fmt], tmp_path / "samples", tiny_vae_dir, "--cfg_scale", str(CFG), *extra)
     said = capsys.readouterr().out
-    kind = {"dico-state-dict": "published DiCo state dict", "dit-state-dict": "published DiT state dict",
-            "dico-training": "published DiCo training checkpoint", "dit-training": "published DiT training checkpoint",
-            "lightning": "dico Lightning checkpoint"}[fmt]  # fmt: skip
+    kind = {
+        "dico-state-dict": "published DiCo state dict",
+        "dit-state-dict": "published DiT state dict",
+        "dico-training": "published DiCo training checkpoint",
+        "dit-training": "published DiT training checkpoint",
+        "lightning": "dico Lightning checkpoint",
+    }[fmt]
     assert kind in said
     assert ("EMA weights" in said) == fmt.endswith("training")
     assert_same_images(images, expected_samples(golden, arch, tiny_vae_dir, CFG))
@@ -130,8 +156,9 @@ def test_a_relative_vae_is_recorded_absolute_and_the_job_resumes_from_another_fo
     assert np.array_equal(sample(standins["lightning"], out, tiny_vae_dir.resolve()), first)
 
 
-def test_a_release_file_through_sample_npz_and_evaluate(standins, golden, tiny_vae_dir, inception_weights, tmp_path,
-                                                        capsys):  # fmt: skip
+def test_a_release_file_through_sample_npz_and_evaluate(
+    standins, golden, tiny_vae_dir, inception_weights, tmp_path, capsys
+):
     """A training checkpoint named as a release: the release's guidance scale by default, samples equal to
     ``load_official`` + our sampler, evaluated against an ADM reference batch, with the published figure beside."""
     released = tmp_path / "DiCo-XL-3750K-256x256.pt"
@@ -179,7 +206,12 @@ def test_training_checkpoint_weights_and_args(standins, golden):
     assert torch.equal(raw.state_dict[key], golden["dico"]["state_dict"][key] + 0.05)
     assert ema.model_kwargs["input_size"] == 128 // 8  # DiCo's latent size from the checkpoint's args.image_size
     assert [checkpoint_format(read_checkpoint(standins[f])) for f in FORMATS] == [
-        STATE_DICT, TRAINING, STATE_DICT, TRAINING, LIGHTNING]  # fmt: skip
+        STATE_DICT,
+        TRAINING,
+        STATE_DICT,
+        TRAINING,
+        LIGHTNING,
+    ]
     with pytest.raises(ValueError, match="not a checkpoint"):
         checkpoint_format({"epoch": 3, "note": "hello"})
 
@@ -230,11 +262,27 @@ def test_unreadable_checkpoint_files_are_named_as_such(tmp_path, monkeypatch):
 
 
 def test_architecture_is_inferred_as_the_registered_size():
-    published_xl = {"hidden_size": 416, "depth": [9, 9, 10, 9, 9], "mlp_ratio": 2.0, "in_channels": 4,
-                    "learn_sigma": True, "num_classes": 1000, "input_size": 32}  # fmt: skip
+    published_xl = {
+        "hidden_size": 416,
+        "depth": [9, 9, 10, 9, 9],
+        "mlp_ratio": 2.0,
+        "in_channels": 4,
+        "learn_sigma": True,
+        "num_classes": 1000,
+        "input_size": 32,
+    }
     assert registered_name("dico", published_xl) == ("DiCo-XL", {})
-    dit_512 = {"hidden_size": 1152, "depth": 28, "patch_size": 2, "in_channels": 4, "mlp_ratio": 4.0,
-               "learn_sigma": True, "num_classes": 1000, "input_size": 64, "num_heads": 16}  # fmt: skip
+    dit_512 = {
+        "hidden_size": 1152,
+        "depth": 28,
+        "patch_size": 2,
+        "in_channels": 4,
+        "mlp_ratio": 4.0,
+        "learn_sigma": True,
+        "num_classes": 1000,
+        "input_size": 64,
+        "num_heads": 16,
+    }
     assert registered_name("dit", dit_512) == ("DiT-XL/2", {"mlp_ratio": 4.0, "input_size": 64})
     name, overrides = registered_name("dico", {**published_xl, "hidden_size": 32})
     assert name == "DiCo-S" and overrides["hidden_size"] == 32 and overrides["depth"] == [9, 9, 10, 9, 9]
@@ -245,7 +293,10 @@ def test_catalogue_figures_are_the_published_ones(paper):
     for size in "SBL":
         release = CATALOGUE[f"DiCo-{size}-400K"]
         assert (release.fid, release.inception_score, release.cfg_scale) == (
-            rows[f"DiCo-{size}"]["fid"], rows[f"DiCo-{size}"]["is"], 1.0)  # fmt: skip
+            rows[f"DiCo-{size}"]["fid"],
+            rows[f"DiCo-{size}"]["is"],
+            1.0,
+        )
     assert CATALOGUE["DiCo-XL-400K"].fid == rows["DiCo-XL"]["fid"] == 11.67
     xl = CATALOGUE["DiCo-XL-3750K"]
     assert (xl.fid, xl.inception_score, xl.cfg_scale) == (2.05, 282.17, 1.4)
@@ -330,9 +381,16 @@ def test_fine_tuning_starts_from_the_released_model_and_ema(standins, golden, tm
             seen["ema"] = ema._average_model.module.model.state_dict()[key].clone()
 
     batches = [{"x": torch.randn(2, 4, 16, 16), "y": torch.tensor([1, 2])}]
-    trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
-                      default_root_dir=tmp_path, enable_model_summary=False, enable_checkpointing=False,
-                      callbacks=[EMA(decay=0.9), Look()])  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[EMA(decay=0.9), Look()],
+    )
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
     torch.testing.assert_close(seen["model"], sd["x_embedder.proj.weight"] + 0.05, rtol=0, atol=0)
     torch.testing.assert_close(seen["ema"], sd["x_embedder.proj.weight"], rtol=0, atol=0)
@@ -346,8 +404,11 @@ def test_the_test_protocol_on_a_released_file(golden, image_folder, tiny_vae_dir
     from dico.data import ExtractConfig, extract_latents
 
     latents = tmp_path / "latents"  # 4-channel 8x8 latents of 2 classes (the tiny VAE halves 16x16 images)
-    extract_latents(ExtractConfig(str(image_folder), str(latents), image_size=16, vae=str(tiny_vae_dir),
-                                  num_workers=0, progress=False))  # fmt: skip
+    extract_latents(
+        ExtractConfig(
+            str(image_folder), str(latents), image_size=16, vae=str(tiny_vae_dir), num_workers=0, progress=False
+        )
+    )
     two_classes = dict(golden["dico"]["state_dict"])  # the golden DiCo cut to classes 0, 1 and the null label
     for i in range(3):
         key = f"y_embedder.embedding_table_{i}.weight"
@@ -359,15 +420,33 @@ def test_the_test_protocol_on_a_released_file(golden, image_folder, tiny_vae_dir
     batch = save_npz(tmp_path / "batch.npz", np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
     assert cli.main(["reference", "--source", str(batch), "--out", str(reference), *spec]) == 0
     config = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "default_root_dir": str(tmp_path / "run"),
-                    "enable_progress_bar": False},
-        "fid": {"init_args": {"reference": str(reference), "weights_path": str(inception_weights),
-                              "test_num_samples": 4, "batch_size": 2, "test_steps": STEPS, "labels": "balanced"}},
-        "model": {"model": "DiCo-S", "cfg_scale": 1.0,
-                  "model_kwargs": {"hidden_size": 32, "depth": [1] * 5, "num_classes": 2, "input_size": 8}},
-        "data": {"class_path": "dico.data.LatentDataModule",
-                 "init_args": {"root": str(latents), "batch_size": 4, "val_fraction": 0.5}},
-    }  # fmt: skip
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "logger": False,
+            "default_root_dir": str(tmp_path / "run"),
+            "enable_progress_bar": False,
+        },
+        "fid": {
+            "init_args": {
+                "reference": str(reference),
+                "weights_path": str(inception_weights),
+                "test_num_samples": 4,
+                "batch_size": 2,
+                "test_steps": STEPS,
+                "labels": "balanced",
+            }
+        },
+        "model": {
+            "model": "DiCo-S",
+            "cfg_scale": 1.0,
+            "model_kwargs": {"hidden_size": 32, "depth": [1] * 5, "num_classes": 2, "input_size": 8},
+        },
+        "data": {
+            "class_path": "dico.data.LatentDataModule",
+            "init_args": {"root": str(latents), "batch_size": 4, "val_fraction": 0.5},
+        },
+    }
     (tmp_path / "config.yaml").write_text(json.dumps(config))
     capsys.readouterr()
     assert cli.main(["test", "-c", str(tmp_path / "config.yaml"), "--ckpt_path", str(released)]) == 0
@@ -387,8 +466,15 @@ def test_the_test_protocol_on_a_released_file(golden, image_folder, tiny_vae_dir
     model = load_official(two_classes, "dico", input_size=8).eval()
     vae, want = load_vae(str(tiny_vae_dir)), []
     for start in (0, 2):
-        z = generate(model, torch.tensor([0, 1]), (4, 8, 8), model.null_label, steps=STEPS, seed=start,
-                     diffusion=sampling_diffusion("iddpm", STEPS))  # fmt: skip
+        z = generate(
+            model,
+            torch.tensor([0, 1]),
+            (4, 8, 8),
+            model.null_label,
+            steps=STEPS,
+            seed=start,
+            diffusion=sampling_diffusion("iddpm", STEPS),
+        )
         want.append(to_uint8(decode_latents(vae, z)))
     images, _ = load_npz(tmp_path / "run" / "test" / "samples.npz")
     assert_same_images(images, np.concatenate(want))

@@ -20,15 +20,32 @@ def published_protocol_record(cfg_scale: float = 1.4, size: int = 256, release: 
     return {
         "feature_extractor": "inception-v3-compat",
         "feature_weights_file_sha256": INCEPTION_SHA256,
-        "reference": {"source": f"/data/adm/{batch}", "statistics": ADM_OWN_STATISTICS, "image_size": [size, size],
-                      "count": 10_000},
+        "reference": {
+            "source": f"/data/adm/{batch}",
+            "statistics": ADM_OWN_STATISTICS,
+            "image_size": [size, size],
+            "count": 10_000,
+        },
         "conventions": {"convention": "adm"},
-        "settings": {"sampler": "iddpm", "steps": 250, "cfg_scale": cfg_scale, "guidance_mode": "official",
-                     "eta": 0.0, "num_samples": 50_000, "batch_size": 125, "seed": 0, "labels": "uniform"},
-        "sample_job": {"pretrained": release, "ema": True, "precision": "32-true",
-                       "decoder": {"kind": "vae", "vae": SD_VAE_EMA, "scale_factor": 0.18215}},
+        "settings": {
+            "sampler": "iddpm",
+            "steps": 250,
+            "cfg_scale": cfg_scale,
+            "guidance_mode": "official",
+            "eta": 0.0,
+            "num_samples": 50_000,
+            "batch_size": 125,
+            "seed": 0,
+            "labels": "uniform",
+        },
+        "sample_job": {
+            "pretrained": release,
+            "ema": True,
+            "precision": "32-true",
+            "decoder": {"kind": "vae", "vae": SD_VAE_EMA, "scale_factor": 0.18215},
+        },
         "metrics": {"frechet_inception_distance": 2.1, "inception_score_mean": 280.0},
-    }  # fmt: skip
+    }
 
 
 def test_the_published_protocol_is_compared_with_the_published_figures():

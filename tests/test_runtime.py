@@ -78,16 +78,23 @@ print(json.dumps(seen))
 
 def test_hf_hub_offline_means_what_it_means_to_huggingface_hub():
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    out = subprocess.run([sys.executable, "-c", HUB_OWN_READING, *HUB_OFFLINE_VALUES], env=env, capture_output=True,
-                         text=True, check=True, timeout=120).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", HUB_OWN_READING, *HUB_OFFLINE_VALUES],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
     hubs = json.loads(out.strip().splitlines()[-1])
     assert {v: hub_offline({"HF_HUB_OFFLINE": v}) for v in HUB_OFFLINE_VALUES} == hubs
     assert hubs["no"] is False and hubs["1"] and hubs["true"] and hubs["yes"]  # the cases that used to differ
     assert hub_offline({"TRANSFORMERS_OFFLINE": "1"}) and not hub_offline({})
 
 
-@pytest.mark.parametrize(("value", "offline"), [("no", False), ("0", False), ("1", True), ("true", True),
-                                                ("yes", True)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("value", "offline"), [("no", False), ("0", False), ("1", True), ("true", True), ("yes", True)]
+)
 def test_dico_goes_offline_exactly_when_huggingface_hub_does(value, offline, monkeypatch):
     """The VAE check before sampling: online it leaves the hub to huggingface_hub; offline it names the cache."""
     from dico.pretrained import WeightsNotFoundError, check_vae_available

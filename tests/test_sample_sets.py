@@ -55,9 +55,12 @@ def test_sample_set_layout_seeds_and_rank_split():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"num_samples": 0}, "num_samples must be >= 1"), ({"batch_size": 0}, "batch_size must be >= 1"),
-     ({"labels": "random"}, "labels must be one of")],
-)  # fmt: skip
+    [
+        ({"num_samples": 0}, "num_samples must be >= 1"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"labels": "random"}, "labels must be one of"),
+    ],
+)
 def test_bad_sample_sets_name_the_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SampleSet(**{"num_samples": 10, "num_classes": 4, "batch_size": 3, **kwargs})
@@ -112,8 +115,13 @@ def test_protocol_scores_once_and_records_the_conventions(tmp_path, digits_featu
     record = evaluate(module, SampleSet(20, 10, 8), digits_reference, digits_featurizer)
     assert record["conventions"]["convention"] == "adm" and record["conventions"]["isc_split_size"] == 5000
     assert record["settings"]["steps"] == 3 and record["settings"]["labels"] == "uniform"
-    assert set(record["metrics"]) >= {"frechet_inception_distance", "spatial_frechet_inception_distance",
-                                      "inception_score_mean", "precision", "recall"}  # fmt: skip
+    assert set(record["metrics"]) >= {
+        "frechet_inception_distance",
+        "spatial_frechet_inception_distance",
+        "inception_score_mean",
+        "precision",
+        "recall",
+    }
     with pytest.raises(ValueError, match="cannot feed 4 devices"):
 
         class FourRanks:
@@ -124,9 +132,14 @@ def test_protocol_scores_once_and_records_the_conventions(tmp_path, digits_featu
 
 def fid_callback(tmp_path: Path, spec: FeatureSpec, **kwargs) -> FIDEvaluation:
     return FIDEvaluation(
-        reference=str(tmp_path / "ref.npz"), reference_source="digits", feature_extractor="dico-digits",
-        weights_path=spec.weights_path, num_samples=20, batch_size=10, **kwargs,
-    )  # fmt: skip
+        reference=str(tmp_path / "ref.npz"),
+        reference_source="digits",
+        feature_extractor="dico-digits",
+        weights_path=spec.weights_path,
+        num_samples=20,
+        batch_size=10,
+        **kwargs,
+    )
 
 
 def evaluated_steps(root: Path) -> list[int]:
@@ -141,9 +154,18 @@ def test_periodic_evaluation_schedule_with_accumulation_resume_and_test(tmp_path
     def trainer(max_steps: int, **kwargs) -> Trainer:
         fid = fid_callback(tmp_path, spec, every_n_steps=2, save_best=True, test_num_samples=20, test_steps=2)
         callbacks = [EMA(decay=0.9), fid, ModelCheckpoint(tmp_path / "ckpt", save_last=True, every_n_train_steps=2)]
-        return Trainer(accelerator="cpu", max_steps=max_steps, default_root_dir=tmp_path, logger=False,
-                       enable_progress_bar=False, limit_val_batches=0, accumulate_grad_batches=2,
-                       enable_model_summary=False, callbacks=callbacks, **kwargs)  # fmt: skip
+        return Trainer(
+            accelerator="cpu",
+            max_steps=max_steps,
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_progress_bar=False,
+            limit_val_batches=0,
+            accumulate_grad_batches=2,
+            enable_model_summary=False,
+            callbacks=callbacks,
+            **kwargs,
+        )
 
     module = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, lr=1e-3, sampling_steps=2, clip_denoised=True)
     trainer(2).fit(module, DigitsDataModule(batch_size=64))
@@ -155,8 +177,9 @@ def test_periodic_evaluation_schedule_with_accumulation_resume_and_test(tmp_path
     assert (tmp_path / "checkpoints" / "best_fid.ckpt").exists()
     test_module = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, sampling_steps=2, clip_denoised=True)
     capsys.readouterr()
-    trainer(4, limit_test_batches=1).test(test_module, DigitsDataModule(batch_size=64),
-                                          ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))  # fmt: skip
+    trainer(4, limit_test_batches=1).test(
+        test_module, DigitsDataModule(batch_size=64), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
     record = json.loads((tmp_path / "test" / "record.json").read_text())
     assert record["step"] == 4 and record["settings"]["num_samples"] == 20
     assert record["feature_extractor"] == "dico-digits" and len(record["reference"]["weights_sha256"]) == 64
@@ -183,8 +206,15 @@ def test_a_reference_of_other_weights_fails_at_setup(tmp_path, digits_featurizer
     state = digits_featurizer.extractor.classifier.state_dict()
     torch.save({**state, "head.bias": state["head.bias"] + 1}, other)
     callback = fid_callback(tmp_path, FeatureSpec("dico-digits", str(other)), every_n_steps=1)
-    trainer = Trainer(accelerator="cpu", max_steps=1, default_root_dir=tmp_path, logger=False, callbacks=[callback],
-                      enable_progress_bar=False, limit_val_batches=0)  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
     module = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, sampling_steps=2)
     with pytest.raises(ValueError, match=r"weights_sha256.*--overwrite"):
         trainer.fit(module, DigitsDataModule(batch_size=64))
@@ -195,8 +225,16 @@ def test_a_reference_of_other_weights_fails_at_setup(tmp_path, digits_featurizer
 def tiny_ckpt(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ckpt")
     module = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, sampling_steps=2, clip_denoised=True)
-    trainer = Trainer(accelerator="cpu", max_steps=1, default_root_dir=root, logger=False, enable_progress_bar=False,
-                      limit_val_batches=0, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(module, DigitsDataModule(batch_size=64))
     trainer.save_checkpoint(root / "model.ckpt")
     return root / "model.ckpt"
@@ -204,13 +242,16 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     ("bad", "message"),
-    [(["--num_samples", "0"], "num_samples must be >= 1"), (["--batch_size", "0"], "batch_size must be >= 1"),
-     (["--cfg_scale", "-1"], "cfg_scale must be >= 0"),
-     (["--steps", "5000"], "steps must be <= the model's 1000 diffusion steps")],
-)  # fmt: skip
+    [
+        (["--num_samples", "0"], "num_samples must be >= 1"),
+        (["--batch_size", "0"], "batch_size must be >= 1"),
+        (["--cfg_scale", "-1"], "cfg_scale must be >= 0"),
+        (["--steps", "5000"], "steps must be <= the model's 1000 diffusion steps"),
+    ],
+)
 def test_sample_tool_rejects_bad_input_before_writing_and_the_rerun_works(tmp_path, tiny_ckpt, bad, message):
     args = ["sample", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "s"), "--num_samples", "6",
-            "--batch_size", "4", "--accelerator", "cpu", "--devices", "1"]  # fmt: skip
+            "--batch_size", "4", "--accelerator", "cpu", "--devices", "1"]  # fmt: skip  # argv: flag/value pairs
     with pytest.raises(ValueError, match=message):
         cli.main(args + bad)
     assert not (tmp_path / "s").exists()
@@ -259,8 +300,15 @@ def test_dpm_solver_clips_the_denoised_prediction():
     torch.testing.assert_close(free, x0, rtol=0, atol=1e-3)
     assert clipped.max() <= 1.0 + 1e-5
     with pytest.raises(ValueError, match="respaced"):
-        generate(oracle, torch.tensor([0]), (1, 2, 2), None, sampler="dpm++", steps=10,
-                 diffusion=sampling_diffusion("iddpm", 10))  # fmt: skip
+        generate(
+            oracle,
+            torch.tensor([0]),
+            (1, 2, 2),
+            None,
+            sampler="dpm++",
+            steps=10,
+            diffusion=sampling_diffusion("iddpm", 10),
+        )
 
 
 class GlooTrainer:
@@ -282,13 +330,21 @@ class GlooTrainer:
 
 
 def _evaluate_on_rank(rank: int, world_size: int, port: int, weights: str, out: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world_size)  # fmt: skip
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
     torch.set_num_threads(1)
     featurizer = Featurizer(FeatureSpec("dico-digits", weights))
     reference = compute_reference("digits", featurizer, max_features=300)
-    record = evaluate(tiny_module(), SampleSet(20, 10, 6, seed=2), reference, featurizer,
-                      trainer=GlooTrainer(rank, world_size), samples_dir=out, source="ddp")  # fmt: skip
+    record = evaluate(
+        tiny_module(),
+        SampleSet(20, 10, 6, seed=2),
+        reference,
+        featurizer,
+        trainer=GlooTrainer(rank, world_size),
+        samples_dir=out,
+        source="ddp",
+    )
     Path(out, f"record{rank}.json").write_text(json.dumps(record["metrics"]))
     torch.distributed.destroy_process_group()
 
@@ -305,8 +361,14 @@ def test_protocol_gives_the_same_metrics_and_samples_on_two_processes(tmp_path, 
     args = (2, port, weights, str(tmp_path / "two"))  # fork: the children need not import torch again
     torch.multiprocessing.start_processes(_evaluate_on_rank, args=args, nprocs=2, start_method="fork")
     reference = compute_reference("digits", digits_featurizer, max_features=300)
-    one = evaluate(tiny_module(), SampleSet(20, 10, 6, seed=2), reference,
-                   digits_featurizer, samples_dir=tmp_path / "one", source="ddp")  # fmt: skip
+    one = evaluate(
+        tiny_module(),
+        SampleSet(20, 10, 6, seed=2),
+        reference,
+        digits_featurizer,
+        samples_dir=tmp_path / "one",
+        source="ddp",
+    )
     two = [json.loads((tmp_path / "two" / f"record{r}.json").read_text()) for r in (0, 1)]
     assert two[0] == two[1]  # scored once on rank 0 and broadcast: bit-equal
     # The featurizer runs in float32 on other batch splits and thread counts in the two settings (a forked child
@@ -336,7 +398,7 @@ def test_scored_samples_have_random_labels_by_default_and_the_records_say_so(tmp
     callback = FIDEvaluation(reference=str(tmp_path / "ref.npz"))
     assert callback.sample_set.labels == callback.test_set.labels == SampleJob().labels == "uniform"
     args = ["sample", "--ckpt", str(tiny_ckpt), "--num_samples", "40", "--batch_size", "8", "--accelerator", "cpu",
-            "--devices", "1"]  # fmt: skip
+            "--devices", "1"]  # fmt: skip  # argv: flag/value pairs
     assert cli.main([*args, "--out", str(tmp_path / "u")]) == 0
     with np.load(tmp_path / "u" / "samples.npz") as data:
         labels = data["arr_1"]
@@ -355,30 +417,43 @@ def test_a_cached_reference_of_another_source_is_refused_at_setup(tmp_path, digi
     digits_reference.save(tmp_path / "ref.npz")
     batch = save_npz(tmp_path / "batch.npz", np.zeros((4, 8, 8, 1), np.uint8))
     spec = digits_featurizer.spec
-    callback = FIDEvaluation(reference=str(tmp_path / "ref.npz"), reference_source=str(batch),
-                             feature_extractor="dico-digits", weights_path=spec.weights_path)  # fmt: skip
+    callback = FIDEvaluation(
+        reference=str(tmp_path / "ref.npz"),
+        reference_source=str(batch),
+        feature_extractor="dico-digits",
+        weights_path=spec.weights_path,
+    )
     trainer = Trainer(accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path)
     with pytest.raises(ValueError, match=r"made with source digits .*delete .*ref\.npz to recompute it from .*batch"):
         callback.reference(trainer, DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL))
 
 
-def test_the_evaluate_record_carries_the_sample_job_and_the_samples_hash(tmp_path, tiny_ckpt, digits_reference,
-                                                                          digits_featurizer):  # fmt: skip
+def test_the_evaluate_record_carries_the_sample_job_and_the_samples_hash(
+    tmp_path, tiny_ckpt, digits_reference, digits_featurizer
+):
     import hashlib
 
     assert cli.main(["sample", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "s"), "--num_samples", "6",
                      "--batch_size", "4", "--cfg_scale", "1.5", "--accelerator", "cpu",
-                     "--devices", "1"]) == 0  # fmt: skip
+                     "--devices", "1"]) == 0  # fmt: skip  # argv: flag/value pairs
     digits_reference.save(tmp_path / "ref.npz")
     samples = tmp_path / "s" / "samples.npz"
     assert cli.main(["evaluate", "--samples", str(samples), "--reference", str(tmp_path / "ref.npz"),
                      "--feature_extractor", "dico-digits", "--weights_path", digits_featurizer.spec.weights_path,
-                     "--out", str(tmp_path / "record.json")]) == 0  # fmt: skip
+                     "--out", str(tmp_path / "record.json")]) == 0  # fmt: skip  # argv: flag/value pairs
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["samples_sha256"] == hashlib.sha256(samples.read_bytes()).hexdigest()
-    assert record["settings"] == {"sampler": "iddpm", "steps": 2, "cfg_scale": 1.5, "guidance_mode": "official",
-                                  "eta": 0.0, "num_samples": 6, "batch_size": 4, "seed": 0,
-                                  "labels": "uniform"}  # fmt: skip
+    assert record["settings"] == {
+        "sampler": "iddpm",
+        "steps": 2,
+        "cfg_scale": 1.5,
+        "guidance_mode": "official",
+        "eta": 0.0,
+        "num_samples": 6,
+        "batch_size": 4,
+        "seed": 0,
+        "labels": "uniform",
+    }
     assert record["sample_job"]["ckpt"] == str(tiny_ckpt) and record["sample_job"]["pretrained"] is None
     assert record["sample_job"]["checkpoint"] == {
         "path": str(tiny_ckpt),
@@ -398,8 +473,14 @@ def test_predict_with_the_sample_writer_gives_the_balanced_set(tmp_path):
     from dico.callbacks import SampleWriter
 
     writer = SampleWriter(str(tmp_path), source="tiny")
-    trainer = Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        callbacks=[writer],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     data = DigitsDataModule(predict_samples=12, val_batch_size=5, seed=3)
     trainer.predict(tiny_module(), data, return_predictions=False)
     with np.load(tmp_path / "samples.npz") as saved:

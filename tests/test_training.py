@@ -36,9 +36,17 @@ def tiny_module(**kw) -> DiffusionModule:
 
 def trainer(tmp_path: Path, max_steps: int, callbacks: list, **kw) -> Trainer:
     return Trainer(
-        accelerator="cpu", max_steps=max_steps, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks, **kw,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=max_steps,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        **kw,
+    )
 
 
 def digits(batch_size: int = 512, num_workers: int = 0) -> DigitsDataModule:
@@ -339,7 +347,7 @@ TINY_CLI = ["--model.model_kwargs", yaml.safe_dump(TINY_MODEL, default_flow_styl
 
 def test_fit_fast_dev_run_through_the_cli(tmp_path):
     run_cli("fit", "-c", str(QUICKSTART), *TINY_CLI, "--trainer.fast_dev_run", "2", "--data.init_args.batch_size", "16",
-            cwd=tmp_path)  # fmt: skip
+            cwd=tmp_path)  # fmt: skip  # argv: flag/value pairs
 
 
 def test_fit_without_a_logger_runs_the_callbacks_that_need_none(tmp_path):
@@ -421,8 +429,9 @@ def test_cli_rejects_unknown_keys(tmp_path):
         run_cli("fit", "-c", str(bad), cwd=tmp_path)
 
 
-@pytest.mark.parametrize("config", sorted(p for p in (ROOT / "experiments").glob("*.yaml") if p.stem != "base"),
-                         ids=lambda p: p.stem)  # fmt: skip
+@pytest.mark.parametrize(
+    "config", sorted(p for p in (ROOT / "experiments").glob("*.yaml") if p.stem != "base"), ids=lambda p: p.stem
+)
 def test_experiment_configs_parse_and_keep_the_paper_batch(config, capsys, paper):
     # the paper setups are overlays of experiments/base.yaml; the quickstart stands alone
     configs = [config] if config.stem == "quickstart" else [ROOT / "experiments" / "base.yaml", config]
@@ -458,7 +467,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
          "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "3",
          "--trainer.val_check_interval", "3", "--data.init_args.batch_size", "16"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    )  # fmt: skip  # argv: flag/value pairs
     assert out.returncode == 0, out.stderr[-3000:]
     saved = read_checkpoint(tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == 3
@@ -514,8 +523,16 @@ def test_wandb_with_credentials_but_no_network_trains_offline_within_seconds(tmp
     start = time.monotonic()
     logger = AutoWandbLogger(save_dir=str(tmp_path), probe_timeout=5.0)
     assert logger._offline
-    t = Trainer(accelerator="cpu", max_steps=1, default_root_dir=tmp_path, logger=logger, enable_progress_bar=False,
-                enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)  # fmt: skip
+    t = Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        default_root_dir=tmp_path,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+    )
     t.fit(tiny_module(), digits(64))
     assert t.global_step == 1 and time.monotonic() - start < 15
     assert list((tmp_path / "wandb").glob("offline-run-*")) and logger.experiment.settings._offline
@@ -532,7 +549,7 @@ def test_each_cli_run_in_one_process_has_its_own_wandb_run(tmp_path, monkeypatch
     for name in ("first", "second"):
         (tmp_path / name).mkdir()
         run_cli("fit", "-c", str(QUICKSTART), *TINY_CLI, "--trainer.max_steps", "1", "--trainer.val_check_interval",
-                "1", "--data.init_args.batch_size", "16", cwd=tmp_path / name)  # fmt: skip
+                "1", "--data.init_args.batch_size", "16", cwd=tmp_path / name)  # fmt: skip  # argv: flag/value pairs
         assert wandb.run is None
     runs = [
         list((tmp_path / name / "runs" / "quickstart" / "wandb").glob("offline-run-*")) for name in ("first", "second")
@@ -543,7 +560,7 @@ def test_each_cli_run_in_one_process_has_its_own_wandb_run(tmp_path, monkeypatch
     mine = wandb.init(mode="offline", dir=tmp_path / "mine", project="mine")
     try:
         run_cli("fit", "-c", str(QUICKSTART), *TINY_CLI, "--trainer.max_steps", "1", "--trainer.val_check_interval",
-                "1", "--data.init_args.batch_size", "16", cwd=tmp_path / "mine")  # fmt: skip
+                "1", "--data.init_args.batch_size", "16", cwd=tmp_path / "mine")  # fmt: skip  # argv: flag/value pairs
         assert wandb.run is mine
     finally:
         wandb.finish()
@@ -554,7 +571,7 @@ def test_no_credentials_in_run_files(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", secret)
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_cli("fit", "-c", str(QUICKSTART), *TINY_CLI, "--trainer.max_steps", "2", "--data.init_args.batch_size", "16",
-            "--trainer.val_check_interval", "2", cwd=tmp_path)  # fmt: skip
+            "--trainer.val_check_interval", "2", cwd=tmp_path)  # fmt: skip  # argv: flag/value pairs
     files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
     assert any(p.name == "config.yaml" for p in files) and any(p.suffix == ".ckpt" for p in files)
     assert not [p for p in files if secret.encode() in p.read_bytes()]
@@ -565,9 +582,16 @@ def test_resuming_with_another_models_optimizer_state_says_so(tmp_path):
     code) is refused with the fix, not crashed on inside AdamW."""
 
     def make(max_steps: int) -> Trainer:
-        return Trainer(accelerator="cpu", max_steps=max_steps, default_root_dir=tmp_path, logger=False,
-                       enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False,
-                       callbacks=[ModelCheckpoint(tmp_path / "ckpt", save_last=True)])  # fmt: skip
+        return Trainer(
+            accelerator="cpu",
+            max_steps=max_steps,
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_progress_bar=False,
+            limit_val_batches=0,
+            enable_model_summary=False,
+            callbacks=[ModelCheckpoint(tmp_path / "ckpt", save_last=True)],
+        )
 
     make(1).fit(tiny_module(), DigitsDataModule(batch_size=16))
     checkpoint = read_checkpoint(tmp_path / "ckpt" / "last.ckpt")
@@ -583,12 +607,17 @@ def test_resuming_with_another_models_optimizer_state_says_so(tmp_path):
 # What each parameter of a DiT block was called before DiT's blocks became the shared adaLN block (the dico
 # version before PRE_SHARED_BLOCK_KEY_MAP), and what it is called now: written out, not derived from the map.
 OLD_DIT_BLOCK_KEYS = {
-    "attn.qkv.weight": "mixer.qkv.weight", "attn.qkv.bias": "mixer.qkv.bias",
-    "attn.proj.weight": "mixer.proj.weight", "attn.proj.bias": "mixer.proj.bias",
-    "mlp.fc1.weight": "ffn.fc1.weight", "mlp.fc1.bias": "ffn.fc1.bias",
-    "mlp.fc2.weight": "ffn.fc2.weight", "mlp.fc2.bias": "ffn.fc2.bias",
-    "modulation.1.weight": "modulation.1.weight", "modulation.1.bias": "modulation.1.bias",
-}  # fmt: skip
+    "attn.qkv.weight": "mixer.qkv.weight",
+    "attn.qkv.bias": "mixer.qkv.bias",
+    "attn.proj.weight": "mixer.proj.weight",
+    "attn.proj.bias": "mixer.proj.bias",
+    "mlp.fc1.weight": "ffn.fc1.weight",
+    "mlp.fc1.bias": "ffn.fc1.bias",
+    "mlp.fc2.weight": "ffn.fc2.weight",
+    "mlp.fc2.bias": "ffn.fc2.bias",
+    "modulation.1.weight": "modulation.1.weight",
+    "modulation.1.bias": "modulation.1.bias",
+}
 
 
 def test_dit_checkpoints_of_the_old_block_layout_load_and_resume(tmp_path):
@@ -604,9 +633,16 @@ def test_dit_checkpoints_of_the_old_block_layout_load_and_resume(tmp_path):
         return DiffusionModule("DiT-S/2", model_kwargs=kwargs, lr=1e-3)
 
     def make(max_steps: int) -> Trainer:
-        return Trainer(accelerator="cpu", max_steps=max_steps, default_root_dir=tmp_path, logger=False,
-                       enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False,
-                       callbacks=[EMA(decay=0.5), ModelCheckpoint(tmp_path / "ckpt", save_last=True)])  # fmt: skip
+        return Trainer(
+            accelerator="cpu",
+            max_steps=max_steps,
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_progress_bar=False,
+            limit_val_batches=0,
+            enable_model_summary=False,
+            callbacks=[EMA(decay=0.5), ModelCheckpoint(tmp_path / "ckpt", save_last=True)],
+        )
 
     make(2).fit(dit(), DigitsDataModule(batch_size=16))
     new = read_checkpoint(tmp_path / "ckpt" / "last.ckpt")
@@ -652,15 +688,21 @@ def test_heldout_loss_scores_the_ema_weights_the_same_in_fit_and_test_and_moves_
         return json.loads((root / "eval" / "heldout_step_0000002.json").read_text())
 
     first = fit(tmp_path / "a", 0)
-    assert first["settings"]["num_samples"] == 40 and first["step"] == 2 and set(first["metrics"]) == {
-        "heldout_loss", "heldout_mse", "heldout_vb"}  # fmt: skip
+    assert (
+        first["settings"]["num_samples"] == 40
+        and first["step"] == 2
+        and set(first["metrics"]) == {"heldout_loss", "heldout_mse", "heldout_vb"}
+    )
     assert fit(tmp_path / "b", 0, every=1)["metrics"] == first["metrics"]  # scoring on the way changes nothing
     assert (tmp_path / "b" / "eval" / "heldout_step_0000001.json").exists()
     assert fit(tmp_path / "c", 1)["metrics"]["heldout_mse"] != first["metrics"]["heldout_mse"]
     t = trainer(tmp_path / "a", 2, [HeldOutLoss(timesteps_per_sample=2, batch_size=32)])
-    t.test(DiffusionModule("DiCo-S", model_kwargs={**TINY_MODEL, "input_size": 16}),
-           ImageCropsDataModule(train_per_image=8, heldout_per_image=4, batch_size=16),
-           ckpt_path=str(tmp_path / "a" / "checkpoints" / "last.ckpt"), verbose=False)  # fmt: skip
+    t.test(
+        DiffusionModule("DiCo-S", model_kwargs={**TINY_MODEL, "input_size": 16}),
+        ImageCropsDataModule(train_per_image=8, heldout_per_image=4, batch_size=16),
+        ckpt_path=str(tmp_path / "a" / "checkpoints" / "last.ckpt"),
+        verbose=False,
+    )
     tested = json.loads((tmp_path / "a" / "test" / "heldout.json").read_text())
     assert tested["metrics"] == first["metrics"] and tested["step"] == 2
 

@@ -241,10 +241,17 @@ def test_async_checkpoints_still_refuse_diverged_weights(tmp_path):
 
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, save_last=True)
     trainer = Trainer(
-        accelerator="cpu", max_steps=10, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, plugins=[async_atomic_io()],
+        accelerator="cpu",
+        max_steps=10,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        plugins=[async_atomic_io()],
         callbacks=[EMA(decay=0.9), ckpt, LambdaCallback(on_train_batch_start=blow_up)],
-    )  # fmt: skip
+    )
     module = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, lr=1e-3, max_abs_weight=1e3)
     # the loss/weight check of step 3 (every step) is read when step 4's checkpoint is assembled
     with pytest.raises(DivergedWeightsError, match=r"step 3: max \|w\| = 5\d\d\d.*step 4 was not written"):
@@ -288,16 +295,28 @@ def test_compiled_model_trains_checkpoints_resumes_and_samples_like_the_eager_on
     def fit(module: DiffusionModule, root: Path, steps: int, ckpt_path: str | None = None) -> Path:
         keeper = ModelCheckpoint(dirpath=root, save_last=True)
         Trainer(
-            accelerator="cpu", max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+            accelerator="cpu",
+            max_steps=steps,
+            default_root_dir=root,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
             callbacks=[EMA(decay=0.9), keeper],
-        ).fit(module, DigitsDataModule(batch_size=64, val_fraction=0.1), ckpt_path=ckpt_path)  # fmt: skip
+        ).fit(module, DigitsDataModule(batch_size=64, val_fraction=0.1), ckpt_path=ckpt_path)
         return root / "last.ckpt"
 
     def module(compile_: bool) -> DiffusionModule:
         torch.manual_seed(0)
-        return DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, lr=1e-3, sampling_steps=5, cfg_scale=2.0,
-                               compile=CAPTURE_ONLY if compile_ else False)  # fmt: skip
+        return DiffusionModule(
+            "DiCo-S",
+            model_kwargs=TINY_MODEL,
+            lr=1e-3,
+            sampling_steps=5,
+            cfg_scale=2.0,
+            compile=CAPTURE_ONLY if compile_ else False,
+        )
 
     from_compiled = fit(module(True), tmp_path / "c", 2)
     saved = read_checkpoint(from_compiled)
@@ -335,10 +354,18 @@ def test_the_step_where_training_stops_logs_its_own_loss(tmp_path):
 
     stop = StopAfter()
     trainer = Trainer(
-        accelerator="cpu", max_steps=20, log_every_n_steps=4, default_root_dir=tmp_path, enable_progress_bar=False,
-        logger=CSVLogger(tmp_path, name="csv", version=""), enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, enable_checkpointing=False, callbacks=[stop],
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=20,
+        log_every_n_steps=4,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        logger=CSVLogger(tmp_path, name="csv", version=""),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        callbacks=[stop],
+    )
     torch.manual_seed(0)
     trainer.fit(DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, lr=1e-3), DigitsDataModule(batch_size=64))
     with open(tmp_path / "csv" / "metrics.csv") as f:
