@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin comma
 
     from ablations.restat import restat
 
-    p = argparse.ArgumentParser(description="`restat`: " + (restat.__doc__ or ""))
+    p = argparse.ArgumentParser(allow_abbrev=False, description="`restat`: " + (restat.__doc__ or ""))
     p.add_argument("command", choices=["restat"])
     p.add_argument("--table", choices=sorted(TABLES), required=True)
     p.add_argument("--budget", required=True)

@@ -69,7 +69,9 @@ def warn_if_inside_checkout(out: Path, args: argparse.Namespace) -> None:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("run", "status", "collect", "patch-fid") else "run"
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--table", choices=sorted(TABLES), required=True)
     p.add_argument("--budget", choices=list(BUDGETS), default=DEFAULT_BUDGET)
     p.add_argument("--rows", nargs="+", help="paper row names (default: every row of the table)")

@@ -647,7 +647,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         child_main(argv[1:])
         return 0
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base", type=Path, default=ROOT / "experiments" / "base.yaml")
     parser.add_argument("--overlay", type=Path, default=ROOT / "experiments" / "dico-xl-256.yaml")
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])

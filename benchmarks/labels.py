@@ -24,7 +24,9 @@ LAYOUTS = ("uniform", "balanced")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ckpt", default="runs/quickstart/checkpoints/last.ckpt")
     parser.add_argument("--classifier", default="runs/digits-classifier.pt", help="dico-digits weights")
     parser.add_argument("--samples", type=int, default=500)

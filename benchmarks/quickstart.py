@@ -97,7 +97,9 @@ def classify(npz: Path) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--keep", help="run in this folder and keep it (default: a temporary folder)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help="extra options for `fit` (after --)")

@@ -47,7 +47,9 @@ PUBLISHED_BUILDERS = {"DiCo-S": "DiCo_S", "DiCo-B": "DiCo_B", "DiCo-L": "DiCo_L"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--models", nargs="+", default=["S", "B", "L", "XL"], choices=list(SIZES), help="sizes to compare")
     p.add_argument(
         "--modes",

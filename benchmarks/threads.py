@@ -60,7 +60,9 @@ def its(setting: dict[str, str], steps: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--load", type=int, nargs="+", default=[0, 2], help="competing busy processes")
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--steps", type=int, default=15)

@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - a report,
     """Print the search behind every adjusted shape (``--proxy``: the reduced-size rows instead)."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=main.__doc__)
     parser.add_argument("--proxy", action="store_true", help="print the reduced-size rows of the digits rule")
     if parser.parse_args(argv).proxy:
         for name in VARIANTS:

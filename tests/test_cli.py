@@ -355,6 +355,32 @@ def test_options_are_taken_whole_not_as_prefixes(argv, prefix, capsys):
     assert stop.value.code == 2 and f"unrecognized arguments: {prefix}" in capsys.readouterr().err
 
 
+def test_every_parser_of_the_project_takes_options_whole():
+    """Every ``ArgumentParser`` of the project (the CLI, the ablation runner, benchmarks, notebooks' runner) refuses
+    a prefix: ``--row`` is not ``--rows`` (argparse's default would take it)."""
+    import ast
+
+    files = [
+        ROOT / "cli.py",
+        *(p for d in ("dico", "ablations", "benchmarks") for p in sorted((ROOT / d).rglob("*.py"))),
+    ]
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", getattr(node.func, "id", "")) == "ArgumentParser"
+            ):
+                kwargs = {k.arg: k.value for k in node.keywords}
+                whole = isinstance(kwargs.get("allow_abbrev"), ast.Constant) and kwargs["allow_abbrev"].value is False
+                found.append((path.relative_to(ROOT).as_posix(), whole or None in kwargs))  # None: **PARSER_KWARGS
+    assert len(found) >= 12 and [f for f, ok in found if not ok] == []
+    from ablations import run
+
+    with pytest.raises(SystemExit):
+        run.parse(["--table", "4", "--row", "DiCo-S"])
+
+
 BAD_SIZES = [
     ("--image-size", "0", "--image-size must be a positive multiple of 8"),
     ("--image-size", "-16", "--image-size must be a positive multiple of 8"),

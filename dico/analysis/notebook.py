@@ -140,6 +140,7 @@ def clear_outputs(path: str | Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="python -m dico.analysis.notebook",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
