@@ -12,20 +12,15 @@ import csv
 import datetime
 import math
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
-from ablations.budgets import budget_of  # noqa: E402
-from ablations.findings import PER_SEED_FORMAT, SCORES, findings, per_seed  # noqa: E402
-from ablations.provenance import portable, provenance_cells, provenance_lines  # noqa: E402
-from ablations.rows import TABLES, canonical, rows_of  # noqa: E402
-from dico.models.ablation import paper_row  # noqa: E402
-from dico.shape_search import DIGITS_RULE  # noqa: E402
+from ablations.budgets import budget_of
+from ablations.findings import PER_SEED_FORMAT, SCORES, findings, per_seed
+from ablations.provenance import portable, provenance_cells, provenance_lines
+from ablations.rows import TABLES, canonical, rows_of
+from dico.models.ablation import paper_row
+from dico.shape_search import DIGITS_RULE
 
 COLUMNS = [
     "row",
@@ -284,22 +279,3 @@ def write_report(
     md_path = out_dir / f"{name}.md"
     md_path.write_text(markdown(table, budget, rows, results, command, left_out, curve_lines))
     return [csv_path, md_path, plot_table(table, budget, rows, out_dir / f"{name}.png"), *curve_paths]
-
-
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin command line over restat
-    import argparse
-
-    from ablations.restat import restat
-
-    p = argparse.ArgumentParser(allow_abbrev=False, description="`restat`: " + (restat.__doc__ or ""))
-    p.add_argument("command", choices=["restat"])
-    p.add_argument("--table", choices=sorted(TABLES), required=True)
-    p.add_argument("--budget", required=True)
-    p.add_argument("--results", type=Path, default=ROOT / "ablations" / "results")
-    args = p.parse_args(argv)
-    print("wrote " + ", ".join(str(x) for x in restat(args.table, args.budget, args.results)))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

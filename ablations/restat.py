@@ -1,4 +1,4 @@
-"""``python ablations/report.py restat``: a table written by an older runner, rewritten with today's statistics."""
+"""``python ablations/run.py restat``: a table written by an older runner, rewritten with today's statistics."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from ablations.report import COLUMNS, SCORE_NOTE, table_lines, with_intervals
 from ablations.rows import canonical
 
 LEGACY_NOTE = (
-    "> Rebuilt from the committed CSV and Markdown of an older runner (`python ablations/report.py restat`): the "
+    "> Rebuilt from the committed CSV and Markdown of an older runner (`python ablations/run.py restat`): the "
     "runs' folders are gone, and these rows LACK PROVENANCE: no commit, config hashes, feature-extractor or reference "
     "hashes were recorded (the digits classifier behind this FID was trained at run time, with weights that depended "
     "on the thread count). The per-seed FIDs and the seed numbers are the recorded ones; the statistics are "
     "recomputed from them."
 )
 _RUN_LINE = re.compile(r"^- `(?P<model>[^`]+)` seed (?P<seed>\d+) \(")
+_LEGACY_PARAGRAPH = re.compile(r"\n\n> Rebuilt from the committed CSV and Markdown of an older runner[^\n]*(?=\n\n)")
 _ABSOLUTE_RUNS = re.compile(r"/[^\s()`]*/ablations/runs/")
 
 
@@ -52,8 +53,8 @@ def restat(table: str, budget: str, results_dir: Path) -> list[Path]:
     head = re.sub(
         r"FID: mean over seeds; spread: max - min over seeds\.|FID: geometric mean.*the seeds\.", SCORE_NOTE, head
     )
-    if LEGACY_NOTE not in head:
-        head = head.replace("\n\n> ", f"\n\n{LEGACY_NOTE}\n\n> ", 1)
+    head = _LEGACY_PARAGRAPH.sub("", head)  # the note as an earlier restat wrote it
+    head = head.replace("\n\n> ", f"\n\n{LEGACY_NOTE}\n\n> ", 1)
     before, after = rest.split("## What the runs show", 1)
     after = after[after.index("\nOpen question") :] if "\nOpen question" in after else after[after.index("\n## ") :]
     body = "\n".join(["", *table_lines(rows)]) + before + "## What the runs show\n\n" + "\n".join(findings(table, rows))

@@ -8,6 +8,7 @@
     python ablations/run.py --table 4 --budget paper --launcher slurm --rows DiCo-S --forget  # resubmit a lost job
     python ablations/run.py collect --table 4 --budget proxy --seeds 0 1 # rebuild the tables from finished rows
     python ablations/run.py patch-fid --table 4 --budget crops16         # add crops16's patch FID to finished rows
+    python ablations/run.py restat --table 4 --budget proxy --results ablations/results  # an older runner's table
 
 A row is ``python cli.py fit -c experiments/base.yaml -c ablations/configs/table<T>.yaml -c
 ablations/configs/budgets/<budget>.yaml -c ablations/configs/rows/[digits/]<model>.yaml`` (``--dry-run`` prints
@@ -45,6 +46,7 @@ from ablations.compose import placement, prepare_reference, resolve  # noqa: E40
 from ablations.jobs import GONE_AFTER_HOURS  # noqa: E402
 from ablations.local import run_local  # noqa: E402
 from ablations.patch_fid import score_finished  # noqa: E402
+from ablations.restat import restat  # noqa: E402
 from ablations.rows import TABLES, rows_of  # noqa: E402
 from ablations.slurm import slurm_param, submit_slurm  # noqa: E402
 from ablations.stages import stage_lines  # noqa: E402
@@ -68,7 +70,7 @@ def warn_if_inside_checkout(out: Path, args: argparse.Namespace) -> None:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("run", "status", "collect", "patch-fid") else "run"
+    command = argv.pop(0) if argv and argv[0] in ("run", "status", "collect", "patch-fid", "restat") else "run"
     p = argparse.ArgumentParser(
         allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -171,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         for row in rows:
             print(f"{row.row:<26} {row.key:<40} {row_status(row, out)}")
+        return 0
+    if args.command == "restat":  # a table an older runner wrote, with today's statistics (no run folders needed)
+        print("wrote " + ", ".join(str(x) for x in restat(args.table, args.budget, args.results)))
         return 0
     if args.command == "collect":
         collect(args.table, args.budget, out, args.results, command, args.seeds, args.overrides)

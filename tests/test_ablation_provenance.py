@@ -134,3 +134,18 @@ def test_reports_hold_no_machine_paths(tmp_path):
         text = path.read_text()
         assert str(tmp_path) not in text and str(ROOT) not in text
     assert "<out>/proxy/dico-s/seed0" in paths[1].read_text()
+
+
+def test_restat_of_the_committed_proxy_tables_is_what_is_committed(tmp_path, capsys):
+    """``run.py restat`` rewrites an older runner's table with today's statistics: run on the committed proxy tables
+    (twice) it gives them back byte for byte, with its note once, so the committed ones are today's statistics."""
+    import shutil
+
+    for name in ("table3-proxy.csv", "table3-proxy.md", "table4-proxy.csv", "table4-proxy.md"):
+        shutil.copy(ROOT / "ablations" / "results" / name, tmp_path / name)
+    for _ in range(2):
+        for table in ("3", "4"):
+            assert run.main(["restat", "--table", table, "--budget", "proxy", "--results", str(tmp_path)]) == 0
+    for name in ("table3-proxy.csv", "table3-proxy.md", "table4-proxy.csv", "table4-proxy.md"):
+        assert (tmp_path / name).read_text() == (ROOT / "ablations" / "results" / name).read_text(), name
+    assert (tmp_path / "table4-proxy.md").read_text().count("older runner (`python ablations/run.py restat`)") == 1
