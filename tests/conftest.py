@@ -125,3 +125,13 @@ def inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "inception.pth"
     torch.save(net.state_dict(), path)
     return path
+
+
+def cpu_trainer(root: Path, max_steps: int, callbacks: list, **kwargs):  # type: ignore[no-untyped-def]
+    """A quiet one-process CPU ``Trainer`` of the tests: no logger, bar, summary or validation; ``kwargs`` add to
+    (or override) these."""
+    from lightning.pytorch import Trainer
+
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    settings = {**quiet, "limit_val_batches": 0, **kwargs}
+    return Trainer(accelerator="cpu", max_steps=max_steps, default_root_dir=root, callbacks=callbacks, **settings)

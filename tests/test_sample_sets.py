@@ -20,7 +20,7 @@ from dico.evaluation.images import iter_npz_images
 from dico.evaluation.protocol import evaluate, sample_batch
 from dico.evaluation.small_classifier import COMMITTED
 from dico.module import DiffusionModule
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, cpu_trainer
 
 
 def tiny_module(**kwargs) -> DiffusionModule:
@@ -154,18 +154,7 @@ def test_periodic_evaluation_schedule_with_accumulation_resume_and_test(tmp_path
     def trainer(max_steps: int, **kwargs) -> Trainer:
         fid = fid_callback(tmp_path, spec, every_n_steps=2, save_best=True, test_num_samples=20, test_steps=2)
         callbacks = [EMA(decay=0.9), fid, ModelCheckpoint(tmp_path / "ckpt", save_last=True, every_n_train_steps=2)]
-        return Trainer(
-            accelerator="cpu",
-            max_steps=max_steps,
-            default_root_dir=tmp_path,
-            logger=False,
-            enable_progress_bar=False,
-            limit_val_batches=0,
-            accumulate_grad_batches=2,
-            enable_model_summary=False,
-            callbacks=callbacks,
-            **kwargs,
-        )
+        return cpu_trainer(tmp_path, max_steps, callbacks, accumulate_grad_batches=2, **kwargs)
 
     module = DiffusionModule("DiCo-S", model_kwargs=TINY_MODEL, lr=1e-3, sampling_steps=2, clip_denoised=True)
     trainer(2).fit(module, DigitsDataModule(batch_size=64))

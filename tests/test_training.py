@@ -26,7 +26,7 @@ from dico.callbacks.named import CALLBACKS
 from dico.checkpoints import AtomicCheckpointIO, read_checkpoint
 from dico.data import DigitsDataModule
 from dico.module import DiffusionModule, DivergedWeightsError, NonFiniteLossError
-from tests.conftest import QUICKSTART, ROOT, TINY_MODEL
+from tests.conftest import QUICKSTART, ROOT, TINY_MODEL, cpu_trainer
 from tests.numerics import assert_close
 
 
@@ -35,18 +35,7 @@ def tiny_module(**kw) -> DiffusionModule:
 
 
 def trainer(tmp_path: Path, max_steps: int, callbacks: list, **kw) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=callbacks,
-        **kw,
-    )
+    return cpu_trainer(tmp_path, max_steps, callbacks, **kw)
 
 
 def digits(batch_size: int = 512, num_workers: int = 0) -> DigitsDataModule:
@@ -582,16 +571,7 @@ def test_resuming_with_another_models_optimizer_state_says_so(tmp_path):
     code) is refused with the fix, not crashed on inside AdamW."""
 
     def make(max_steps: int) -> Trainer:
-        return Trainer(
-            accelerator="cpu",
-            max_steps=max_steps,
-            default_root_dir=tmp_path,
-            logger=False,
-            enable_progress_bar=False,
-            limit_val_batches=0,
-            enable_model_summary=False,
-            callbacks=[ModelCheckpoint(tmp_path / "ckpt", save_last=True)],
-        )
+        return cpu_trainer(tmp_path, max_steps, [ModelCheckpoint(tmp_path / "ckpt", save_last=True)])
 
     make(1).fit(tiny_module(), DigitsDataModule(batch_size=16))
     checkpoint = read_checkpoint(tmp_path / "ckpt" / "last.ckpt")
@@ -633,16 +613,7 @@ def test_dit_checkpoints_of_the_old_block_layout_load_and_resume(tmp_path):
         return DiffusionModule("DiT-S/2", model_kwargs=kwargs, lr=1e-3)
 
     def make(max_steps: int) -> Trainer:
-        return Trainer(
-            accelerator="cpu",
-            max_steps=max_steps,
-            default_root_dir=tmp_path,
-            logger=False,
-            enable_progress_bar=False,
-            limit_val_batches=0,
-            enable_model_summary=False,
-            callbacks=[EMA(decay=0.5), ModelCheckpoint(tmp_path / "ckpt", save_last=True)],
-        )
+        return cpu_trainer(tmp_path, max_steps, [EMA(decay=0.5), ModelCheckpoint(tmp_path / "ckpt", save_last=True)])
 
     make(2).fit(dit(), DigitsDataModule(batch_size=16))
     new = read_checkpoint(tmp_path / "ckpt" / "last.ckpt")

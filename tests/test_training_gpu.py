@@ -18,7 +18,7 @@ from dico.callbacks import EMA
 from dico.checkpoints import read_checkpoint
 from dico.data import DigitsDataModule
 from dico.module import DiffusionModule
-from tests.conftest import ROOT, TINY_MODEL
+from tests.conftest import ROOT, TINY_MODEL, cpu_trainer
 
 # Tensor calls that copy a value to the host: on an accelerator each waits for every kernel queued before it.
 HOST_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"}
@@ -294,17 +294,9 @@ def test_compiled_model_trains_checkpoints_resumes_and_samples_like_the_eager_on
 
     def fit(module: DiffusionModule, root: Path, steps: int, ckpt_path: str | None = None) -> Path:
         keeper = ModelCheckpoint(dirpath=root, save_last=True)
-        Trainer(
-            accelerator="cpu",
-            max_steps=steps,
-            default_root_dir=root,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            callbacks=[EMA(decay=0.9), keeper],
-        ).fit(module, DigitsDataModule(batch_size=64, val_fraction=0.1), ckpt_path=ckpt_path)
+        cpu_trainer(root, steps, [EMA(decay=0.9), keeper]).fit(
+            module, DigitsDataModule(batch_size=64, val_fraction=0.1), ckpt_path=ckpt_path
+        )
         return root / "last.ckpt"
 
     def module(compile_: bool) -> DiffusionModule:
