@@ -25,10 +25,20 @@ ROOT = Path(__file__).resolve().parents[1]
 # file to one worker; pyproject's --no-loadscope-reorder), so that the short ones fill in at the end and the workers
 # finish together. Files not listed come last.
 LONGEST_FIRST = (
-    "test_ablation_runner.py", "test_quickstart.py", "test_notebooks.py", "test_models.py", "test_benchmarks.py",
-    "test_training.py", "test_ablation_slurm.py", "test_pretrained.py", "test_training_gpu.py",
-    "test_ablation_models.py", "test_evaluation.py", "test_cli.py", "test_run_folder.py",
-)  # fmt: skip  # the names as a packed list, by time
+    "test_ablation_runner.py",
+    "test_quickstart.py",
+    "test_notebooks.py",
+    "test_models.py",
+    "test_benchmarks.py",
+    "test_training.py",
+    "test_ablation_slurm.py",
+    "test_pretrained.py",
+    "test_training_gpu.py",
+    "test_ablation_models.py",
+    "test_evaluation.py",
+    "test_cli.py",
+    "test_run_folder.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -21,8 +21,9 @@ def test_a_result_names_its_commit_configs_seed_and_fid_hashes(tmp_path):
     provenance.record_start(run_dir)
     prov = provenance.provenance(row, run_dir, ["--trainer.max_steps", "30"], RECORD)
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    porcelain = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout  # fmt: skip  # argv: flag/value pairs
+    porcelain = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout
     assert prov["commit"] == head and prov["commits"] == [head] and prov["dirty"] == bool(porcelain.strip())
     expected = {str(p.relative_to(ROOT)): hashlib.sha256(p.read_bytes()).hexdigest() for p in row.configs()}
     assert prov["configs"] == expected and len(expected) == 4
@@ -81,8 +82,26 @@ def test_collect_keeps_the_requested_seeds_made_by_todays_configs_and_says_what_
         d.mkdir(parents=True)
         (d / "result.json").write_text(json.dumps(r))
     capsys.readouterr()
-    assert run.main(["collect", "--table", "4", "--budget", "proxy", "--seeds", "0", "1", "2", "--out", str(out),
-                     "--results", str(tmp_path / "res")]) == 0  # fmt: skip  # argv: flag/value pairs
+    assert (
+        run.main(
+            [
+                "collect",
+                "--table",
+                "4",
+                "--budget",
+                "proxy",
+                "--seeds",
+                "0",
+                "1",
+                "2",
+                "--out",
+                str(out),
+                "--results",
+                str(tmp_path / "res"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert (
         "left out: DiCo-S-noCCA seed 1: made by other versions of ablations/configs/rows/digits/dico-s-nocca.yaml"
@@ -97,8 +116,24 @@ def test_collect_keeps_the_requested_seeds_made_by_todays_configs_and_says_what_
     assert "- Left out by `collect`:" in md and "DiCo-S seed 2: no provenance" in md
     assert f"Feature extractor weights (sha256): {'f' * 64}" in md
     # only the requested seeds
-    assert run.main(["collect", "--table", "4", "--budget", "proxy", "--seeds", "2", "--out", str(out),
-                     "--results", str(tmp_path / "res")]) == 0  # fmt: skip  # argv: flag/value pairs
+    assert (
+        run.main(
+            [
+                "collect",
+                "--table",
+                "4",
+                "--budget",
+                "proxy",
+                "--seeds",
+                "2",
+                "--out",
+                str(out),
+                "--results",
+                str(tmp_path / "res"),
+            ]
+        )
+        == 0
+    )
     assert "DiCo-S seed 0: seed not requested (2)" in capsys.readouterr().out
     # and overrides: runs made with `-- --trainer.max_steps 30` are not the budget's
     assert (

@@ -188,8 +188,14 @@ def test_global_batch_is_kept_or_rejected():
         "trainer": {"num_nodes": 1, "devices": 8, "accumulate_grad_batches": 1},
         "data": {"init_args": {"batch_size": 32}},
     }
-    assert compose.placement(config, 2, 8) == ["--trainer.num_nodes", "2", "--trainer.devices", "8",
-                                            "--data.init_args.batch_size", "16"]  # fmt: skip  # argv: flag/value pairs
+    assert compose.placement(config, 2, 8) == [
+        "--trainer.num_nodes",
+        "2",
+        "--trainer.devices",
+        "8",
+        "--data.init_args.batch_size",
+        "16",
+    ]
     assert compose.placement(config, None, None) == []
     with pytest.raises(SystemExit, match="does not divide over 1 node"):
         compose.placement(config, 1, 3)
@@ -258,8 +264,21 @@ def runner(*argv: str) -> list[str]:
 @pytest.mark.slow
 def test_local_runner_trains_like_the_cli_resumes_a_killed_row_and_skips_finished_ones(tmp_path, capsys, monkeypatch):
     out, results = tmp_path / "runs", tmp_path / "results"
-    argv = ["--table", "4", "--budget", "smoke", "--rows", "w/o CCA", "--out", str(out), "--results", str(results),
-            "--", "--trainer.max_steps", "30"]  # fmt: skip  # argv: flag/value pairs
+    argv = [
+        "--table",
+        "4",
+        "--budget",
+        "smoke",
+        "--rows",
+        "w/o CCA",
+        "--out",
+        str(out),
+        "--results",
+        str(results),
+        "--",
+        "--trainer.max_steps",
+        "30",
+    ]
     run_dir = out / "smoke" / "dico-s-nocca" / "seed0"
     # the row's fit command as `--dry-run` prints it for a researcher to run by hand
     [fit, _] = stages.stage_lines(rows_of("4", "smoke", ["w/o CCA"]), out, argv[-2:])
@@ -309,9 +328,27 @@ def test_local_runner_trains_like_the_cli_resumes_a_killed_row_and_skips_finishe
 def test_slurm_launcher_through_submitits_local_executor(tmp_path, capsys, monkeypatch):
     """Two rows as two real submitit jobs (local executor: real subprocesses), running at once."""
     out = tmp_path / "runs"
-    argv = ["--table", "4", "--budget", "smoke", "--rows", "DiCo-S", "CCA->SE module", "--launcher", "slurm",
-            "--nodes", "1", "--gpus-per-node", "1", "--cluster", "local", "--out", str(out),
-            "--results", str(tmp_path / "results")]  # fmt: skip  # argv: flag/value pairs
+    argv = [
+        "--table",
+        "4",
+        "--budget",
+        "smoke",
+        "--rows",
+        "DiCo-S",
+        "CCA->SE module",
+        "--launcher",
+        "slurm",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "1",
+        "--cluster",
+        "local",
+        "--out",
+        str(out),
+        "--results",
+        str(tmp_path / "results"),
+    ]
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the jobs inherit this process's environment
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert run.main(argv) == 0
@@ -635,9 +672,25 @@ def test_the_score_is_the_test_record_or_the_final_periodic_one(tmp_path):
 
 
 def test_structure_budget_counts_full_size_rows_beside_the_paper(tmp_path):
-    argv = ["--table", "4", "--budget", "structure", "--rows", "DiCo-S", "w/o CCA", "--out", str(tmp_path / "runs"),
-            "--results", str(tmp_path / "results"), "--device", "cpu", "--throughput-batch", "1",
-            "--throughput-turns", "1"]  # fmt: skip  # argv: flag/value pairs
+    argv = [
+        "--table",
+        "4",
+        "--budget",
+        "structure",
+        "--rows",
+        "DiCo-S",
+        "w/o CCA",
+        "--out",
+        str(tmp_path / "runs"),
+        "--results",
+        str(tmp_path / "results"),
+        "--device",
+        "cpu",
+        "--throughput-batch",
+        "1",
+        "--throughput-turns",
+        "1",
+    ]
     assert run.main(argv) == 0
     rows = {r["row"]: r for r in read_csv(tmp_path / "results" / "table4-structure.csv")}
     for name in ("DiCo-S", "w/o CCA"):
@@ -710,8 +763,17 @@ def test_crops16_rows_get_a_patch_fid_beside_the_heldout_loss(tmp_path, capsys, 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out, results = tmp_path / "runs", tmp_path / "results"
     common = ["--table", "4", "--budget", "crops16", "--rows", "DiCo-S", "--out", str(out), "--results", str(results)]
-    extra = ["--", "--trainer.max_steps", "3", "--data.init_args.train_per_image", "64",
-             "--data.init_args.heldout_per_image", "8", "--heldout_loss.steps", "[1, 2]"]  # fmt: skip  # argv
+    extra = [
+        "--",
+        "--trainer.max_steps",
+        "3",
+        "--data.init_args.train_per_image",
+        "64",
+        "--data.init_args.heldout_per_image",
+        "8",
+        "--heldout_loss.steps",
+        "[1, 2]",
+    ]
     assert run.main([*common, "--throughput-batch", "4", "--throughput-turns", "2", *extra]) == 0
     run_dir = out / "crops16" / "dico-s" / "seed0"
     result = json.loads((run_dir / "result.json").read_text())

@@ -66,8 +66,23 @@ def cluster(tmp_path, monkeypatch) -> Cluster:
 
 
 def slurm(out: Path, table: str, *rows: str, more: tuple[str, ...] = ()) -> list[str]:
-    return ["--table", table, "--budget", "paper", "--launcher", "slurm", "--cluster", "slurm", "--out", str(out),
-            "--results", str(out / "results"), *more, "--rows", *rows]  # fmt: skip  # argv: flag/value pairs
+    return [
+        "--table",
+        table,
+        "--budget",
+        "paper",
+        "--launcher",
+        "slurm",
+        "--cluster",
+        "slurm",
+        "--out",
+        str(out),
+        "--results",
+        str(out / "results"),
+        *more,
+        "--rows",
+        *rows,
+    ]
 
 
 def test_a_row_is_submitted_once_across_invocations_and_tables(tmp_path, cluster, capsys):
@@ -117,8 +132,17 @@ def test_the_job_asks_slurm_for_what_the_trainer_uses(tmp_path, cluster):
         == 0
     )
     [script] = cluster.submitted().values()
-    for line in ("--nodes=1", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=9", "--mem=64GB",
-                 "--requeue", "--qos=high", "--constraint=a100", "--signal=USR2@300"):  # fmt: skip  # argv
+    for line in (
+        "--nodes=1",
+        "--ntasks-per-node=8",
+        "--gpus-per-node=8",
+        "--cpus-per-task=9",
+        "--mem=64GB",
+        "--requeue",
+        "--qos=high",
+        "--constraint=a100",
+        "--signal=USR2@300",
+    ):
         assert f"#SBATCH {line}\n" in script, line
     # 2 nodes x 4 GPUs: the trainer is moved there too (global batch 256 kept: 32 a device), and 3 CPUs a task
     assert (

@@ -50,8 +50,11 @@ def test_model_info_of_a_checkpoint_gives_the_image_size_of_pixels_or_latents(tm
 def test_model_info_at_512_as_a_script():
     out = subprocess.run(
         [sys.executable, "cli.py", "model-info", "--model", "DiT-S/2", "--image-size", "512", "--json"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    )  # fmt: skip  # argv: flag/value pairs
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(out.stdout)["input_shape"] == [4, 64, 64]
 
 
@@ -92,11 +95,22 @@ def test_batch_limits_read_a_whole_number_as_a_count_and_a_decimal_as_a_fraction
     ``float | int``, so LightningCLI used to read ``1`` as ``1.0``: every batch."""
     monkeypatch.chdir(ROOT)
     built = cli.build_lightning_cli(
-        ["-c", "experiments/quickstart.yaml", "--trainer.logger", "false", "--trainer.limit_val_batches", "1",
-         "--trainer.limit_train_batches", "1.0", "--trainer.limit_test_batches", "0.25",
-         "--trainer.limit_predict_batches", "3"],
+        [
+            "-c",
+            "experiments/quickstart.yaml",
+            "--trainer.logger",
+            "false",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.limit_train_batches",
+            "1.0",
+            "--trainer.limit_test_batches",
+            "0.25",
+            "--trainer.limit_predict_batches",
+            "3",
+        ],
         run=False,
-    )  # fmt: skip  # argv: flag/value pairs
+    )
     trainer = built.trainer
     assert (trainer.limit_val_batches, trainer.limit_train_batches) == (1, 1.0)
     assert type(trainer.limit_val_batches) is int and type(trainer.limit_train_batches) is float

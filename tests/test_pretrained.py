@@ -110,9 +110,33 @@ def expected_samples(golden, arch: str, vae_dir: Path, cfg_scale: float) -> np.n
 
 
 def sample(ckpt: Path, out: Path, vae_dir: Path, *extra: str) -> np.ndarray:
-    assert cli.main(["sample", "--ckpt", str(ckpt), "--out", str(out), "--num_samples", str(COUNT), "--batch_size",
-                     str(BATCH), "--steps", str(STEPS), "--vae", str(vae_dir), "--accelerator", "cpu", "--devices", "1",
-                     "--labels", "balanced", *extra]) == 0  # fmt: skip  # argv: flag/value pairs
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--ckpt",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--num_samples",
+                str(COUNT),
+                "--batch_size",
+                str(BATCH),
+                "--steps",
+                str(STEPS),
+                "--vae",
+                str(vae_dir),
+                "--accelerator",
+                "cpu",
+                "--devices",
+                "1",
+                "--labels",
+                "balanced",
+                *extra,
+            ]
+        )
+        == 0
+    )
     images, labels = load_npz(out / "samples.npz")
     assert labels.tolist() == [i % 10 for i in range(COUNT)]
     return images
@@ -173,8 +197,23 @@ def test_a_release_file_through_sample_npz_and_evaluate(
     batch = save_npz(tmp_path / "reference_batch.npz", want)  # the ADM reference batch of this test
     assert cli.main(["reference", "--source", str(batch), "--out", str(reference), *spec]) == 0
     # a stand-in of another architecture named as the release is not the release: compared only when asked
-    assert cli.main(["evaluate", "--samples", str(out / "samples.npz"), "--reference", str(reference), *spec,
-                     "--out", str(tmp_path / "record.json"), "--pretrained", "DiCo-XL-3750K"]) == 0  # fmt: skip  # argv
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--samples",
+                str(out / "samples.npz"),
+                "--reference",
+                str(reference),
+                *spec,
+                "--out",
+                str(tmp_path / "record.json"),
+                "--pretrained",
+                "DiCo-XL-3750K",
+            ]
+        )
+        == 0
+    )
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["count"] == COUNT
     assert record["metrics"]["frechet_inception_distance"] == pytest.approx(0.0, abs=1e-2)  # the same images

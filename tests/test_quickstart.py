@@ -122,8 +122,18 @@ def test_test_protocol_writes_its_record_and_samples(quickstart, tmp_path):
     (tmp_path / "out").mkdir()
     for cache in ("digits-reference.npz", "digits-classifier.pt"):  # the run's digits FID reference and classifier
         shutil.copy(quickstart / cache, tmp_path / "out" / cache)
-    run(tmp_path, "test", "-c", "quickstart.yaml", "--ckpt_path", "model.ckpt", "--trainer.logger", "false",
-        "--trainer.default_root_dir", "out")  # fmt: skip  # argv: flag/value pairs
+    run(
+        tmp_path,
+        "test",
+        "-c",
+        "quickstart.yaml",
+        "--ckpt_path",
+        "model.ckpt",
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        "out",
+    )
     record = json.loads((tmp_path / "out" / "test" / "record.json").read_text())
     settings = record["settings"]
     assert settings["num_samples"] == 60 and settings["sampler"] == "iddpm" and settings["steps"] == 10
@@ -137,8 +147,21 @@ def test_test_protocol_writes_its_record_and_samples(quickstart, tmp_path):
 
 def test_sample_tool_is_reproducible_and_resumable(quickstart, tmp_path):
     ckpt = str(quickstart / "checkpoints" / "last.ckpt")
-    args = ["sample", "--ckpt", ckpt, "--num_samples", "30", "--batch_size", "8", "--steps", "20",
-            "--accelerator", "cpu", "--devices", "1"]  # fmt: skip  # argv: flag/value pairs
+    args = [
+        "sample",
+        "--ckpt",
+        ckpt,
+        "--num_samples",
+        "30",
+        "--batch_size",
+        "8",
+        "--steps",
+        "20",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "1",
+    ]
     run(tmp_path, *args, "--out", "a")
     with np.load(tmp_path / "a" / "samples.npz") as data:
         first, labels = data["arr_0"], data["arr_1"]
@@ -157,9 +180,24 @@ def test_sample_tool_is_reproducible_and_resumable(quickstart, tmp_path):
 
 def test_predict_writes_an_adm_npz(quickstart, tmp_path):
     shutil.copy(quickstart / "checkpoints" / "last.ckpt", tmp_path / "model.ckpt")
-    run(tmp_path, "predict", "-c", str(QUICKSTART), "--ckpt_path", "model.ckpt", "--model.sampling_steps", "10",
-        "--data.init_args.predict_samples", "12", "--data.init_args.val_batch_size", "5",
-        "--trainer.callbacks+=dico.callbacks.SampleWriter", "--trainer.callbacks.out_dir", "predicted",
-        "--trainer.logger", "false")  # fmt: skip  # argv: flag/value pairs
+    run(
+        tmp_path,
+        "predict",
+        "-c",
+        str(QUICKSTART),
+        "--ckpt_path",
+        "model.ckpt",
+        "--model.sampling_steps",
+        "10",
+        "--data.init_args.predict_samples",
+        "12",
+        "--data.init_args.val_batch_size",
+        "5",
+        "--trainer.callbacks+=dico.callbacks.SampleWriter",
+        "--trainer.callbacks.out_dir",
+        "predicted",
+        "--trainer.logger",
+        "false",
+    )
     with np.load(tmp_path / "predicted" / "samples.npz") as data:
         assert data["arr_0"].shape == (12, 8, 8, 1) and data["arr_1"].tolist() == [i % 10 for i in range(12)]

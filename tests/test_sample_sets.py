@@ -239,8 +239,21 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     ],
 )
 def test_sample_tool_rejects_bad_input_before_writing_and_the_rerun_works(tmp_path, tiny_ckpt, bad, message):
-    args = ["sample", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "s"), "--num_samples", "6",
-            "--batch_size", "4", "--accelerator", "cpu", "--devices", "1"]  # fmt: skip  # argv: flag/value pairs
+    args = [
+        "sample",
+        "--ckpt",
+        str(tiny_ckpt),
+        "--out",
+        str(tmp_path / "s"),
+        "--num_samples",
+        "6",
+        "--batch_size",
+        "4",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "1",
+    ]
     with pytest.raises(ValueError, match=message):
         cli.main(args + bad)
     assert not (tmp_path / "s").exists()
@@ -386,8 +399,19 @@ def test_scored_samples_have_random_labels_by_default_and_the_records_say_so(tmp
 
     callback = FIDEvaluation(reference=str(tmp_path / "ref.npz"))
     assert callback.sample_set.labels == callback.test_set.labels == SampleJob().labels == "uniform"
-    args = ["sample", "--ckpt", str(tiny_ckpt), "--num_samples", "40", "--batch_size", "8", "--accelerator", "cpu",
-            "--devices", "1"]  # fmt: skip  # argv: flag/value pairs
+    args = [
+        "sample",
+        "--ckpt",
+        str(tiny_ckpt),
+        "--num_samples",
+        "40",
+        "--batch_size",
+        "8",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "1",
+    ]
     assert cli.main([*args, "--out", str(tmp_path / "u")]) == 0
     with np.load(tmp_path / "u" / "samples.npz") as data:
         labels = data["arr_1"]
@@ -422,14 +446,48 @@ def test_the_evaluate_record_carries_the_sample_job_and_the_samples_hash(
 ):
     import hashlib
 
-    assert cli.main(["sample", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "s"), "--num_samples", "6",
-                     "--batch_size", "4", "--cfg_scale", "1.5", "--accelerator", "cpu",
-                     "--devices", "1"]) == 0  # fmt: skip  # argv: flag/value pairs
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--ckpt",
+                str(tiny_ckpt),
+                "--out",
+                str(tmp_path / "s"),
+                "--num_samples",
+                "6",
+                "--batch_size",
+                "4",
+                "--cfg_scale",
+                "1.5",
+                "--accelerator",
+                "cpu",
+                "--devices",
+                "1",
+            ]
+        )
+        == 0
+    )
     digits_reference.save(tmp_path / "ref.npz")
     samples = tmp_path / "s" / "samples.npz"
-    assert cli.main(["evaluate", "--samples", str(samples), "--reference", str(tmp_path / "ref.npz"),
-                     "--feature_extractor", "dico-digits", "--weights_path", digits_featurizer.spec.weights_path,
-                     "--out", str(tmp_path / "record.json")]) == 0  # fmt: skip  # argv: flag/value pairs
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--samples",
+                str(samples),
+                "--reference",
+                str(tmp_path / "ref.npz"),
+                "--feature_extractor",
+                "dico-digits",
+                "--weights_path",
+                digits_featurizer.spec.weights_path,
+                "--out",
+                str(tmp_path / "record.json"),
+            ]
+        )
+        == 0
+    )
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["samples_sha256"] == hashlib.sha256(samples.read_bytes()).hexdigest()
     assert record["settings"] == {

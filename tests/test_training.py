@@ -330,13 +330,27 @@ def run_cli(*args: str, cwd: Path) -> None:
 # quickstart's end-to-end test runs all of them).
 OFF = ("grid", "fid", "preemption", "throughput", "lr_monitor")
 LIGHT_CALLBACKS = ["--ema.decay", "0.9", *(arg for key in OFF for arg in (f"--{key}", "null"))]
-TINY_CLI = ["--model.model_kwargs", yaml.safe_dump(TINY_MODEL, default_flow_style=True).strip(),
-            "--model.sampling_steps", "10", *LIGHT_CALLBACKS]  # fmt: skip  # argv
+TINY_CLI = [
+    "--model.model_kwargs",
+    yaml.safe_dump(TINY_MODEL, default_flow_style=True).strip(),
+    "--model.sampling_steps",
+    "10",
+    *LIGHT_CALLBACKS,
+]
 
 
 def test_fit_fast_dev_run_through_the_cli(tmp_path):
-    run_cli("fit", "-c", str(QUICKSTART), *TINY_CLI, "--trainer.fast_dev_run", "2", "--data.init_args.batch_size", "16",
-            cwd=tmp_path)  # fmt: skip  # argv: flag/value pairs
+    run_cli(
+        "fit",
+        "-c",
+        str(QUICKSTART),
+        *TINY_CLI,
+        "--trainer.fast_dev_run",
+        "2",
+        "--data.init_args.batch_size",
+        "16",
+        cwd=tmp_path,
+    )
 
 
 def test_fit_without_a_logger_runs_the_callbacks_that_need_none(tmp_path):
@@ -374,8 +388,19 @@ def test_preempted_cli_run_exits_non_zero_and_resumes_in_place(tmp_path, monkeyp
 
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", spy)
     callbacks = ["--preemption", "PreemptionCheckpoint", "--checkpoint.every_n_train_steps", "100"]
-    args = ["fit", "-c", str(QUICKSTART), *TINY_CLI, *callbacks, "--trainer.max_steps", "4",
-            "--trainer.log_every_n_steps", "1", "--data.init_args.batch_size", "16"]  # fmt: skip  # argv
+    args = [
+        "fit",
+        "-c",
+        str(QUICKSTART),
+        *TINY_CLI,
+        *callbacks,
+        "--trainer.max_steps",
+        "4",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--data.init_args.batch_size",
+        "16",
+    ]
     preempt = [{"class_path": "tests.test_training.SigtermAfter", "init_args": {"batches": 2}}]
     assert cli_status(*args, "--trainer.callbacks", json.dumps(preempt), cwd=tmp_path) == PREEMPTED_EXIT_CODE
     checkpoints = tmp_path / "runs" / "quickstart" / "checkpoints"
@@ -452,11 +477,30 @@ def test_experiment_configs_parse_and_keep_the_paper_batch(config, capsys, paper
 def test_ddp_on_two_cpu_processes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), "fit", "-c", str(QUICKSTART), *TINY_CLI,
-         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "3",
-         "--trainer.val_check_interval", "3", "--data.init_args.batch_size", "16"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip  # argv: flag/value pairs
+        [
+            sys.executable,
+            str(ROOT / "cli.py"),
+            "fit",
+            "-c",
+            str(QUICKSTART),
+            *TINY_CLI,
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.val_check_interval",
+            "3",
+            "--data.init_args.batch_size",
+            "16",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     saved = read_checkpoint(tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == 3
@@ -537,8 +581,19 @@ def test_each_cli_run_in_one_process_has_its_own_wandb_run(tmp_path, monkeypatch
     wandb.finish()  # a run an earlier test left open
     for name in ("first", "second"):
         (tmp_path / name).mkdir()
-        run_cli("fit", "-c", str(QUICKSTART), *TINY_CLI, "--trainer.max_steps", "1", "--trainer.val_check_interval",
-                "1", "--data.init_args.batch_size", "16", cwd=tmp_path / name)  # fmt: skip  # argv: flag/value pairs
+        run_cli(
+            "fit",
+            "-c",
+            str(QUICKSTART),
+            *TINY_CLI,
+            "--trainer.max_steps",
+            "1",
+            "--trainer.val_check_interval",
+            "1",
+            "--data.init_args.batch_size",
+            "16",
+            cwd=tmp_path / name,
+        )
         assert wandb.run is None
     runs = [
         list((tmp_path / name / "runs" / "quickstart" / "wandb").glob("offline-run-*")) for name in ("first", "second")
@@ -548,8 +603,19 @@ def test_each_cli_run_in_one_process_has_its_own_wandb_run(tmp_path, monkeypatch
     (tmp_path / "mine").mkdir()
     mine = wandb.init(mode="offline", dir=tmp_path / "mine", project="mine")
     try:
-        run_cli("fit", "-c", str(QUICKSTART), *TINY_CLI, "--trainer.max_steps", "1", "--trainer.val_check_interval",
-                "1", "--data.init_args.batch_size", "16", cwd=tmp_path / "mine")  # fmt: skip  # argv: flag/value pairs
+        run_cli(
+            "fit",
+            "-c",
+            str(QUICKSTART),
+            *TINY_CLI,
+            "--trainer.max_steps",
+            "1",
+            "--trainer.val_check_interval",
+            "1",
+            "--data.init_args.batch_size",
+            "16",
+            cwd=tmp_path / "mine",
+        )
         assert wandb.run is mine
     finally:
         wandb.finish()
@@ -559,8 +625,19 @@ def test_no_credentials_in_run_files(tmp_path, monkeypatch):
     secret = "s3cr3t" * 7
     monkeypatch.setenv("WANDB_API_KEY", secret)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    run_cli("fit", "-c", str(QUICKSTART), *TINY_CLI, "--trainer.max_steps", "2", "--data.init_args.batch_size", "16",
-            "--trainer.val_check_interval", "2", cwd=tmp_path)  # fmt: skip  # argv: flag/value pairs
+    run_cli(
+        "fit",
+        "-c",
+        str(QUICKSTART),
+        *TINY_CLI,
+        "--trainer.max_steps",
+        "2",
+        "--data.init_args.batch_size",
+        "16",
+        "--trainer.val_check_interval",
+        "2",
+        cwd=tmp_path,
+    )
     files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
     assert any(p.name == "config.yaml" for p in files) and any(p.suffix == ".ckpt" for p in files)
     assert not [p for p in files if secret.encode() in p.read_bytes()]

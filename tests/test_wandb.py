@@ -77,14 +77,45 @@ def read_run(folder: Path) -> dict[str, Any]:
     return {"id": run.run_id, "group": run.run_group, "job_type": run.job_type, "config": config, "history": history}
 
 
-CALLBACKS = ["--ema.decay", "0.9", "--grid.every_n_steps", "2", "--grid.per_class", "1",
-             "--grid.num_classes_shown", "2", "--fid.at_start", "false", "--fid.every_n_steps", "2",
-             "--fid.num_samples", "20", "--fid.batch_size", "10", "--fid.steps", "2",
-             "--fid.test_num_samples", "0"]  # fmt: skip  # argv
-TINY = ["-c", str(QUICKSTART), "--model.model_kwargs", yaml.safe_dump(TINY_MODEL, default_flow_style=True).strip(),
-        "--model.sampling_steps", "2", *CALLBACKS, "--data.init_args.batch_size",
-        "16", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-        "--trainer.enable_progress_bar", "false"]  # fmt: skip  # argv
+CALLBACKS = [
+    "--ema.decay",
+    "0.9",
+    "--grid.every_n_steps",
+    "2",
+    "--grid.per_class",
+    "1",
+    "--grid.num_classes_shown",
+    "2",
+    "--fid.at_start",
+    "false",
+    "--fid.every_n_steps",
+    "2",
+    "--fid.num_samples",
+    "20",
+    "--fid.batch_size",
+    "10",
+    "--fid.steps",
+    "2",
+    "--fid.test_num_samples",
+    "0",
+]
+TINY = [
+    "-c",
+    str(QUICKSTART),
+    "--model.model_kwargs",
+    yaml.safe_dump(TINY_MODEL, default_flow_style=True).strip(),
+    "--model.sampling_steps",
+    "2",
+    *CALLBACKS,
+    "--data.init_args.batch_size",
+    "16",
+    "--trainer.val_check_interval",
+    "2",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 @pytest.fixture
