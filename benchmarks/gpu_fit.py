@@ -60,6 +60,7 @@ SAVE_WINDOW = 10  # steps after those, with one last.ckpt save in the middle: th
 LIMITS = {"setup": 25, "bare": 50, "fit": 120, "sampling": 70}  # seconds per phase (bare and fit: per precision)
 TIME_LIMIT = 450  # seconds for the whole script (gpu.sh stage 5 gives it this, plus its table's margin)
 DRY_RUN_LIMITS, DRY_RUN_TIME_LIMIT = {"setup": 120, "bare": 120, "fit": 240, "sampling": 120}, 1000  # a 2-core CPU
+STEPS, DRY_RUN_STEPS = (10, 50), (2, 7)  # (warm-up, timed) steps of the bare step and of fit
 RESERVE = 10  # seconds of the time limit kept for ending a phase's process group and printing the table
 # The dry run: a DiCo of the same stages at tiny width on 4x8x8 latents
 TINY_MODEL = {"hidden_size": 16, "depth": [1, 1, 1, 1, 1], "input_size": 8}
@@ -660,8 +661,18 @@ def main(argv: list[str] | None = None) -> int:
         help="precisions whose fit writes checkpoints through Lightning's AsyncCheckpointIO",
     )
     parser.add_argument("--batch", type=int, default=32, help="per-device batch (the paper's: 32 on each of 8 GPUs)")
-    parser.add_argument("--warmup", type=int, default=None, help="steps before the timed ones (10; --dry-run: 2)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up (50; --dry-run: 7)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help=f"steps before the timed ones ({STEPS[0]}; --dry-run: {DRY_RUN_STEPS[0]})",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"timed steps after the warm-up ({STEPS[1]}; --dry-run: {DRY_RUN_STEPS[1]})",
+    )
     parser.add_argument("--sample-batch", type=int, default=16)
     parser.add_argument("--sample-steps", type=int, default=250)
     parser.add_argument("--latent-size", type=int, default=32)
@@ -701,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
         args.accelerator, args.model_kwargs, args.latent_size = "cpu", TINY_MODEL, 8
         args.batch, args.sample_batch, args.sample_steps = 4, 2, 4
         args.num_workers = 0 if args.num_workers is None else args.num_workers
-    warmup, steps = (2, 7) if args.dry_run else (10, 50)
+    warmup, steps = DRY_RUN_STEPS if args.dry_run else STEPS
     args.warmup = warmup if args.warmup is None else args.warmup
     args.steps = steps if args.steps is None else args.steps
     os.environ.setdefault("WANDB_MODE", "offline")

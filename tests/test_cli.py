@@ -348,6 +348,11 @@ def test_a_former_callback_settings_block_is_refused_naming_where_each_value_goe
     assert "grid_classes_shown -> grid.num_classes_shown" in line
     assert cli.entry(["fit", "-c", str(QUICKSTART), "--callback_settings.ema_warmup", "true"]) == 1
     assert "ema_warmup -> ema.warmup" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"  # a config that is not YAML is jsonargparse's to name, as before
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(SystemExit):
+        cli.entry(["fit", "-c", str(QUICKSTART), "-c", str(broken), "--print_config"])
+    assert "expected ',' or ']'" in capsys.readouterr().err
     moved = [v for k, v in RENAMED.items() if k != "disabled"] + [f"fid.{k}" for k in FORMER_FID_SETTINGS]
     for target in moved:
         key, _, argument = target.partition(".")

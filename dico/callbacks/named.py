@@ -84,9 +84,15 @@ def refuse_former_settings(argv: list[str]) -> None:
         path = argv[i + 1] if token in ("-c", "--config") and i + 1 < len(argv) else None
         path = token.partition("=")[2] if token.startswith("--config=") else path
         if path and Path(path).is_file():
-            loaded = yaml.safe_load(Path(path).read_text())
+            try:
+                loaded = yaml.safe_load(Path(path).read_text())
+            except (yaml.YAMLError, UnicodeDecodeError):  # jsonargparse names what is wrong with the file
+                continue
             block = loaded.get("callback_settings") if isinstance(loaded, dict) else None
-            old += [str(k) for k in block] if isinstance(block, dict) else ["callback_settings"] * (block is not None)
+            if isinstance(block, dict):
+                old += [str(k) for k in block]
+            elif block is not None:
+                old.append("callback_settings")
         elif token.startswith("--callback_settings"):
             old.append(token.split("=")[0].removeprefix("--callback_settings").lstrip(".") or "callback_settings")
     if old:
