@@ -147,9 +147,11 @@ def provenance_lines(results: list[dict[str, Any]], left_out: list[str]) -> list
             ("feature_extractor_sha256", "Feature extractor weights"),
             ("reference_sha256", "FID reference"),
         ):
-            values = sorted({p.get(key) or "-" for p in provs})
+            values = sorted({p[key] for p in provs if p.get(key)})
             warn = " (MORE THAN ONE: these FIDs are not comparable)" if len(values) > 1 else ""
-            lines.append(f"- {label} (sha256): {', '.join(values)}{warn}")
+            unscored = sum(not p.get(key) for p in provs)
+            missing = f" ({unscored} run(s) without an FID)" if unscored and values else ""
+            lines.append(f"- {label} (sha256): {', '.join(values) or '-'}{warn}{missing}")
         overrides = sorted({" ".join(p.get("overrides", [])) for p in provs})
         lines.append("- Command-line overrides: " + ("; ".join(f"`{o}`" for o in overrides if o) or "none"))
     if left_out:

@@ -184,3 +184,21 @@ def test_restat_of_the_committed_proxy_tables_is_what_is_committed(tmp_path, cap
     for name in ("table3-proxy.csv", "table3-proxy.md", "table4-proxy.csv", "table4-proxy.md"):
         assert (tmp_path / name).read_text() == (ROOT / "ablations" / "results" / name).read_text(), name
     assert (tmp_path / "table4-proxy.md").read_text().count("older runner (`python ablations/run.py restat`)") == 1
+
+
+def test_fid_hashes_differ_only_between_runs_that_have_an_fid():
+    """A run not yet scored (crops16's patch FID comes after training) is counted, not taken for a second hash."""
+
+    def prov(extractor: str | None) -> dict:
+        return {"commits": ["a" * 40], "dirty": False, "configs": {}, "feature_extractor_sha256": extractor}
+
+    def extractor_line(*extractors: str | None) -> str:
+        lines = provenance.provenance_lines([{"provenance": prov(e)} for e in extractors], [])
+        return next(line for line in lines if line.startswith("- Feature extractor weights"))
+
+    assert (
+        extractor_line("e" * 64, None, "e" * 64)
+        == f"- Feature extractor weights (sha256): {'e' * 64} (1 run(s) without an FID)"
+    )
+    assert "MORE THAN ONE" in extractor_line("e" * 64, None, "d" * 64)
+    assert extractor_line(None, None) == "- Feature extractor weights (sha256): -"
