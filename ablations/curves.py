@@ -150,23 +150,44 @@ def table_curves(
     table: str, budget: str, results: list[dict[str, Any]]
 ) -> tuple[list[ContrastCurve], dict[str, dict[str, Any]]]:
     """Every pre-declared contrast of the table for every score, and ``{score: {row: {step: {seed: score}}}}``."""
-    from ablations.findings import CONTRASTS, PER_SEED_FORMAT, SCORES
-    from ablations.rows import TABLES, canonical, rows_of
-    from dico.models.ablation import paper_row
+    from ablations.findings import PER_SEED_FORMAT, SCORES
+    from ablations.rows import canonical, rows_of
 
     names = {canonical(r.model): r.row for r in rows_of(table, budget)}
-    curves, rows = [], {}
+    rows = {}
     for score, metric in SCORES.items():
         by_row = row_scores(results, metric, lambda r: names.get(canonical(r["model"])), PER_SEED_FORMAT[score])
         by_row.pop(None, None)
         rows[score] = by_row
+    return contrast_curves(table, rows), rows
+
+
+def contrast_curves(table: str, rows: Mapping[str, Mapping[str, Any]]) -> list[ContrastCurve]:
+    """Every pre-declared contrast of the table with >= 2 steps, for every score of ``rows`` (``{score: {row: {step:
+    {seed: score}}}}``: :func:`table_curves`'s, or :func:`read_row_curves`' from a committed ``-rows.csv``)."""
+    from ablations.findings import CONTRASTS
+    from ablations.rows import TABLES
+    from dico.models.ablation import paper_row
+
+    curves = []
+    for score, by_row in rows.items():
         for _, pairs in CONTRASTS.get(table, []):
             for better, worse in pairs:
                 paper = paper_row(TABLES[table], worse)["fid"] / paper_row(TABLES[table], better)["fid"]
                 curve = contrast_curve(score, better, by_row.get(better, {}), worse, by_row.get(worse, {}), paper)
                 if len(curve.points) >= 2:
                     curves.append(curve)
-    return curves, rows
+    return curves
+
+
+def read_row_curves(path: Path) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
+    """``{score: {row: {step: {seed: score}}}}`` back from a ``curves-table<T>-<budget>-rows.csv``."""
+    rows: dict[str, dict[str, dict[int, dict[int, float]]]] = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            seeds = dict(zip(map(int, r["seeds"].split()), map(float, r["per_seed"].split()), strict=True))
+            rows.setdefault(r["score"], {}).setdefault(r["row"], {})[int(r["step"])] = seeds
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -183,7 +204,7 @@ CURVE_COLUMNS = [
     "resolved",
     "paper_ratio",
 ]
-ROW_COLUMNS = ["score", "row", "step", "seeds", "geomean", "ci_low", "ci_high"]
+ROW_COLUMNS = ["score", "row", "step", "seeds", "per_seed", "geomean", "ci_low", "ci_high"]
 
 
 def _g(value: float | None) -> str:
@@ -223,6 +244,7 @@ def row_curve_rows(rows: dict[str, dict[str, dict[int, dict[int, float]]]]) -> l
                         "row": row,
                         "step": str(step),
                         "seeds": " ".join(map(str, r.seeds)),
+                        "per_seed": " ".join(repr(seeds[k]) for k in r.seeds),  # exact: read back as is
                         "geomean": _g(r.geomean),
                         "ci_low": _g(low),
                         "ci_high": _g(high),
@@ -281,6 +303,14 @@ def row_change(steps: Mapping[int, Mapping[int, float]]) -> str:
     )
 
 
+def write_csv(path: Path, columns: Sequence[str], records: list[dict[str, str]]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+    return path
+
+
 def write_curves(table: str, budget: str, results: list[dict[str, Any]], out_dir: Path) -> tuple[list[Path], list[str]]:
     """``curves-table<T>-<budget>.csv`` (contrasts), ``-rows.csv`` and ``-<score>.png`` in ``out_dir`` and the
     report's section, when some contrast or row has scores at >= 2 steps; else nothing. (Not named ``table<T>-*``:
@@ -294,14 +324,8 @@ def write_curves(table: str, budget: str, results: list[dict[str, Any]], out_dir
         return [], []
     name = f"table{table}-{budget}"
     paths = [out_dir / f"curves-{name}.csv", out_dir / f"curves-{name}-rows.csv"]
-    for path, columns, records in (
-        (paths[0], CURVE_COLUMNS, curve_rows(curves)),
-        (paths[1], ROW_COLUMNS, row_curve_rows(rows)),
-    ):
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(records)
+    write_csv(paths[0], CURVE_COLUMNS, curve_rows(curves))
+    write_csv(paths[1], ROW_COLUMNS, row_curve_rows(rows))
     for score in sorted(rows.keys() | {c.score for c in curves}):
         mine = [c for c in curves if c.score == score]
         paths.append(

@@ -211,3 +211,44 @@ def test_a_contrast_that_crosses_1_is_unstable_and_one_resolved_on_one_side_is_s
     # one seed a step: no interval, so no step is tested
     one = curves.contrast_curve("x", "A", {s: {0: 1.0} for s in STEPS}, "B", {s: {0: 1.1} for s in STEPS})
     assert one.stability().verdict == "too few steps" and len(one.points) == len(STEPS)
+
+
+def test_the_committed_crops16_curves_follow_from_their_per_seed_scores(tmp_path):
+    """``ablations/results/crops16-1600steps`` (issue 31's runs) is today's statistics of the scores it records: the
+    contrast CSV and the report's "Along the way" section recomputed from the rows CSV's per-seed scores are the
+    committed ones byte for byte, the rows' last step is the table's per-seed column (and step 400 the 400-step
+    table's), and the verdicts are the ones ablations/README.md states (attention: sign stable against the paper;
+    w/o CCA not established; SE crossing 1)."""
+    import csv
+
+    from ablations import curves
+    from ablations.findings import SCORE_NAMES
+    from ablations.rows import ROOT
+
+    folder = ROOT / "ablations" / "results" / "crops16-1600steps"
+    rows = curves.read_row_curves(folder / "curves-table4-crops16-rows.csv")
+    computed = curves.contrast_curves("4", rows)
+    written = curves.write_csv(tmp_path / "contrasts.csv", curves.CURVE_COLUMNS, curves.curve_rows(computed))
+    assert written.read_text() == (folder / "curves-table4-crops16.csv").read_text()
+    files = [f"curves-table4-crops16{s}" for s in (".csv", "-rows.csv", "-heldout_mse.png")]
+    section = "\n".join(curves.curve_lines(computed, rows, SCORE_NAMES, files))
+    assert section.strip() in (folder / "table4-crops16.md").read_text()
+    with open(folder / "table4-crops16.csv", newline="") as f:
+        table = {r["row"]: r for r in csv.DictReader(f)}
+    for row, steps in rows["heldout_mse"].items():
+        last = steps[max(steps)]
+        assert [f"{last[s]:.6f}" for s in sorted(last)] == table[row]["heldout_mse_per_seed"].split(), row
+    with open(ROOT / "ablations" / "results" / "table4-crops16.csv", newline="") as f:  # the 400-step table
+        at_400 = {r["row"]: r for r in csv.DictReader(f)}
+    for row, steps in rows["heldout_mse"].items():  # its seeds 0-2 are these runs' first 400 steps
+        recorded = at_400[row]["heldout_mse_seeds"].split(), at_400[row]["heldout_mse_per_seed"].split()
+        seeds = dict(zip(*recorded, strict=True))
+        assert [f"{steps[400][s]:.6f}" for s in (0, 1, 2)] == [seeds[s] for s in ("0", "1", "2")], row
+    verdicts = {c.worse: (c.stability().verdict, c.stability().agrees) for c in computed}
+    assert verdicts == {
+        "w/o CCA": ("not established", False),
+        "CCA->SE module": ("unstable", None),
+        "CM->Self-Attn": ("stable", False),
+        "CM->Window Attn": ("stable", False),
+    }
+    assert max(rows["heldout_mse"]["DiCo-S"]) == 1600 and all(len(s) == 16 for s in rows["heldout_mse"].values())
