@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -303,7 +303,8 @@ def row_change(steps: Mapping[int, Mapping[int, float]]) -> str:
     )
 
 
-def write_csv(path: Path, columns: Sequence[str], records: list[dict[str, str]]) -> Path:
+def write_csv(path: Path, columns: Sequence[str], records: Iterable[Mapping[str, Any]]) -> Path:
+    """The ablation suite's CSV files (tables and curves): ``columns`` in order, one line a record."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()

@@ -8,7 +8,6 @@ neither needs the DiCo-S row to be among the finished ones.
 
 from __future__ import annotations
 
-import csv
 import datetime
 import math
 import statistics
@@ -267,13 +266,11 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = table_rows(table, budget, results)
     name = f"table{table}-{budget}"
-    csv_path = out_dir / f"{name}.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: portable(str(v), results) for k, v in r.items()} for r in rows)
-    from ablations.curves import write_curves
+    from ablations.curves import write_csv, write_curves
     from ablations.plots import plot_table
+
+    portable_rows = [{k: portable(str(v), results) for k, v in r.items()} for r in rows]
+    csv_path = write_csv(out_dir / f"{name}.csv", COLUMNS, portable_rows)
 
     curve_paths, curve_lines = write_curves(table, budget, results, out_dir)
     md_path = out_dir / f"{name}.md"

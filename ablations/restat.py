@@ -6,6 +6,7 @@ import csv
 import re
 from pathlib import Path
 
+from ablations.curves import write_csv
 from ablations.findings import findings
 from ablations.report import COLUMNS, SCORE_NOTE, table_lines, with_intervals
 from ablations.rows import canonical
@@ -44,10 +45,7 @@ def restat(table: str, budget: str, results_dir: Path) -> list[Path]:
             rec["fid_seeds"] = " ".join(map(str, known))
         rec["wandb"] = _ABSOLUTE_RUNS.sub("ablations/runs/", rec["wandb"])
         rows.append(with_intervals(rec))
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(csv_path, COLUMNS, rows)
     head, rest = text.split("\n| row |", 1)
     rest = rest[rest.index("\n\n") :]  # after the table
     head = re.sub(
