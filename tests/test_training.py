@@ -578,22 +578,12 @@ def test_each_cli_run_in_one_process_has_its_own_wandb_run(tmp_path, monkeypatch
     import wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
+    one_step = ("fit", "-c", str(QUICKSTART), *TINY_CLI, "--trainer.max_steps", "1")
+    one_step += ("--trainer.val_check_interval", "1", "--data.init_args.batch_size", "16")
     wandb.finish()  # a run an earlier test left open
     for name in ("first", "second"):
         (tmp_path / name).mkdir()
-        run_cli(
-            "fit",
-            "-c",
-            str(QUICKSTART),
-            *TINY_CLI,
-            "--trainer.max_steps",
-            "1",
-            "--trainer.val_check_interval",
-            "1",
-            "--data.init_args.batch_size",
-            "16",
-            cwd=tmp_path / name,
-        )
+        run_cli(*one_step, cwd=tmp_path / name)
         assert wandb.run is None
     runs = [
         list((tmp_path / name / "runs" / "quickstart" / "wandb").glob("offline-run-*")) for name in ("first", "second")
@@ -603,19 +593,7 @@ def test_each_cli_run_in_one_process_has_its_own_wandb_run(tmp_path, monkeypatch
     (tmp_path / "mine").mkdir()
     mine = wandb.init(mode="offline", dir=tmp_path / "mine", project="mine")
     try:
-        run_cli(
-            "fit",
-            "-c",
-            str(QUICKSTART),
-            *TINY_CLI,
-            "--trainer.max_steps",
-            "1",
-            "--trainer.val_check_interval",
-            "1",
-            "--data.init_args.batch_size",
-            "16",
-            cwd=tmp_path / "mine",
-        )
+        run_cli(*one_step, cwd=tmp_path / "mine")
         assert wandb.run is mine
     finally:
         wandb.finish()
